@@ -1,0 +1,39 @@
+# loraswap: `make serve` and `make test` work on a fresh Linux machine with Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PACKAGES := basemodel service adapters training
+
+.PHONY: install serve test lint typecheck pytest clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# No GPU here: take torch's CPU build (a plain `torch` would pull a multi-GB CUDA build).
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
+	else $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/loraswap model init-tiny --if-missing
+	$(VENV)/bin/loraswap serve
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .loraswap .pytest_cache .mypy_cache .ruff_cache *.egg-info

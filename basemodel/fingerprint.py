@@ -1,0 +1,121 @@
+"""Base-model identity: a content fingerprint and an architecture descriptor.
+
+* ``fingerprint``: sha256 over the weight files. For a single-file checkpoint it is the plain
+  sha256 of the file (what A1111 and kohya's ``ss_new_sd_model_hash`` record); for a diffusers
+  folder it is sha256 over ``relative path\\0sha256(file)\\n`` for every ``*.safetensors`` weight
+  file, sorted by path. Computed once and cached beside the model, keyed by size and mtime.
+* ``architecture``: every LoRA-targetable module (``nn.Linear`` / ``nn.Conv2d``) of the UNet and
+  text encoder, as ``"unet.<path>" / "text_encoder.<path>"`` → weight shape, plus its own sha256
+  (``architecture_id``) so two models can be compared in O(1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+CACHE_NAME = ".loraswap-fingerprint.json"
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weight_files(model_path: Path) -> list[Path]:
+    if model_path.is_file():
+        return [model_path]
+    return sorted(p for p in model_path.rglob("*.safetensors") if p.is_file())
+
+
+def _stamp(files: list[Path]) -> list[list[Any]]:
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _cache_path(model_path: Path) -> Path:
+    if model_path.is_file():
+        return model_path.with_name(model_path.name + ".loraswap.json")
+    return model_path / CACHE_NAME
+
+
+def fingerprint(model_path: Path) -> str:
+    """sha256 identity of a base model's weights (cached; recomputed when a file changes)."""
+    model_path = Path(model_path).resolve()
+    files = _weight_files(model_path)
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights under {model_path}")
+    stamp = _stamp(files)
+    cache = _cache_path(model_path)
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("stamp") == stamp:
+            return str(cached["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    if model_path.is_file():
+        value = sha256_file(model_path)
+    else:
+        manifest = hashlib.sha256()
+        for path in files:
+            manifest.update(f"{path.relative_to(model_path).as_posix()}\0{sha256_file(path)}\n".encode())
+        value = manifest.hexdigest()
+    try:
+        cache.write_text(json.dumps({"sha256": value, "stamp": stamp}))
+    except OSError:
+        pass  # read-only model folder: correct, just not cached
+    return value
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """LoRA-targetable modules of a base model and their weight shapes."""
+
+    modules: dict[str, tuple[int, ...]] = field(repr=False)
+    family: str = "sd1"
+
+    @property
+    def architecture_id(self) -> str:
+        blob = json.dumps(sorted((k, list(v)) for k, v in self.modules.items())).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def shape_of(self, module: str) -> tuple[int, ...] | None:
+        return self.modules.get(module)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "architecture_id": self.architecture_id,
+            "modules": {k: list(v) for k, v in self.modules.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        return cls(
+            modules={k: tuple(v) for k, v in data["modules"].items()},
+            family=str(data.get("family", "sd1")),
+        )
+
+
+TARGETABLE = (nn.Linear, nn.Conv2d)
+
+
+def describe_modules(prefix: str, model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.{name}": tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, TARGETABLE)
+    }
+
+
+def architecture_of(unet: nn.Module, text_encoder: nn.Module, family: str = "sd1") -> Architecture:
+    modules = describe_modules("unet", unet) | describe_modules("text_encoder", text_encoder)
+    return Architecture(modules=modules, family=family)

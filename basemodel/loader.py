@@ -1,0 +1,155 @@
+"""Resolve a ``--base-model`` spec to files and load it as a resident pipeline.
+
+Specs: ``tiny-sd`` (embedded; built on first use under ``$LORASWAP_HOME/models``), a local diffusers
+folder (has ``model_index.json``), or a single-file SD1.x ``.safetensors`` checkpoint. Nothing is
+ever downloaded, and pickle checkpoints (``.ckpt``/``.pt``/``.bin``/``.pth``) are refused unopened.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
+from basemodel.fingerprint import Architecture, architecture_of, fingerprint
+from basemodel.tiny import TINY_NAME, ensure_tiny
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Where a base model lives: ``kind`` is 'tiny', 'diffusers' or 'single_file'."""
+
+    name: str
+    path: Path
+    kind: Literal["tiny", "diffusers", "single_file"]
+
+
+def resolve_base_model(spec: str, models_dir: Path) -> BaseModelRef:
+    if spec == TINY_NAME:
+        return BaseModelRef(TINY_NAME, ensure_tiny(models_dir), "tiny")
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeFormat(
+            f"refusing to load pickle checkpoint {path.name}",
+            detail={"path": str(path)},
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BaseModelError(
+                f"{path} is not a diffusers folder (no model_index.json)",
+                hint="Pass 'tiny-sd', a diffusers folder saved with save_pretrained, or a .safetensors file.",
+            )
+        return BaseModelRef(path.resolve().name, path.resolve(), "diffusers")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise UnsafeFormat(f"unsupported checkpoint format {path.suffix!r}", detail={"path": str(path)})
+        return BaseModelRef(path.stem, path.resolve(), "single_file")
+    raise BaseModelError(
+        f"base model {spec!r} not found",
+        detail={"spec": spec},
+        hint="Use 'tiny-sd' (embedded) or a path to a local diffusers folder or .safetensors file.",
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available", hint="Use --device cpu.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype == "fp16" and device.type == "cpu":
+        raise ConfigError("fp16 is not supported on CPU", hint="Use --dtype fp32 or --dtype bf16 on CPU.")
+    return DTYPES[dtype]
+
+
+def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a pipeline from local files only; never touches the network."""
+    if ref.kind == "single_file":
+        from basemodel.single_file import load_single_file
+
+        pipe = load_single_file(ref.path, torch_dtype=dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            ref.path,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def apply_attention(pipe: StableDiffusionPipeline, attention: str, device: torch.device) -> str:
+    """Select the attention backend; returns the one in use ('sdpa' or 'xformers')."""
+    if attention in ("auto", "sdpa"):
+        return "sdpa"  # diffusers' default processor is SDPA (AttnProcessor2_0)
+    if device.type != "cuda":
+        raise ConfigError("xformers attention needs a CUDA device", hint="Use --attention sdpa.")
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # xformers missing or incompatible build
+        raise ConfigError(
+            f"xformers is unavailable: {exc}", hint="pip install 'loraswap[xformers]' or use --attention sdpa."
+        ) from exc
+    return "xformers"
+
+
+def family_of(pipe: StableDiffusionPipeline) -> str:
+    dim = int(pipe.unet.config.cross_attention_dim)
+    return "sd1" if dim == 768 else f"custom-{dim}"
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with its identity, ready for the server or the trainer."""
+
+    ref: BaseModelRef
+    pipe: StableDiffusionPipeline
+    fingerprint: str
+    architecture: Architecture
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def native_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+
+def load_base_model(
+    spec: str,
+    models_dir: Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    attention: str = "auto",
+) -> BaseModel:
+    ref = resolve_base_model(spec, models_dir)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    log.info("loading base model %s (%s) on %s/%s", ref.name, ref.kind, torch_device, torch_dtype)
+    pipe = load_pipeline(ref, torch_dtype)
+    pipe.to(torch_device)
+    apply_attention(pipe, attention, torch_device)
+    arch = architecture_of(pipe.unet, pipe.text_encoder, family=family_of(pipe))
+    return BaseModel(ref, pipe, fingerprint(ref.path), arch, torch_device, torch_dtype)

@@ -1,0 +1,107 @@
+"""The one settings object: pydantic-settings with the ``LORASWAP_`` prefix; CLI flags override."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from basemodel.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "fp32", "fp16", "bf16"]
+Attention = Literal["auto", "sdpa", "xformers"]
+
+TokenList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every tunable of loraswap. Env: ``LORASWAP_<FIELD>``; lists are comma-separated."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASWAP_", extra="forbid", validate_default=True)
+
+    home: Path = Field(Path(".loraswap"), description="State directory: models, adapters, caches.")
+    base_model: str = Field("tiny-sd", description="'tiny-sd', a diffusers folder or a .safetensors file.")
+    device: Device = "auto"
+    dtype: DType = "auto"
+    attention: Attention = "auto"
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    allow_unauthenticated: bool = Field(False, description="Allow a non-loopback bind without tokens.")
+    generate_tokens: TokenList = Field(default_factory=list, description="Bearer tokens, scope 'generate'.")
+    admin_tokens: TokenList = Field(default_factory=list, description="Bearer tokens, scope 'admin' (+generate).")
+
+    max_queue: int = Field(16, ge=1, le=10_000, description="Requests waiting for the worker before 429.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Queue wait + generation, then 504.")
+    max_width: int = Field(1024, ge=8, le=4096)
+    max_height: int = Field(1024, ge=8, le=4096)
+    max_steps: int = Field(150, ge=1, le=1000)
+    max_images: int = Field(8, ge=1, le=64)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="JSON request body limit (413 above).")
+    warmup: bool = Field(True, description="Run one tiny generation before reporting ready.")
+    graceful_timeout_s: float = Field(30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("generate_tokens", "admin_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("generate_tokens", "admin_tokens")
+    @classmethod
+    def _tokens_long_enough(cls, value: list[str]) -> list[str]:
+        short = [t for t in value if len(t) < 16]
+        if short:
+            raise ValueError("bearer tokens must be at least 16 characters long")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_bind(self) -> Settings:
+        if not self.auth_enabled and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host!r} without bearer tokens: set "
+                "LORASWAP_GENERATE_TOKENS / LORASWAP_ADMIN_TOKENS or pass --allow-unauthenticated"
+            )
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.generate_tokens or self.admin_tokens)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from env + overrides (CLI flags; ``None`` means 'not given').
+
+    Raises ``ConfigError`` with every problem listed instead of pydantic's traceback.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError(
+            "invalid settings: " + "; ".join(problems),
+            detail={"problems": problems},
+            hint="Check the LORASWAP_* environment variables and command-line flags.",
+        ) from None
