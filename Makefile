@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# No GPU here: take torch's CPU build (a plain `torch` would pull a multi-GB CUDA build).
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
-	else $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
+	else $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,0 +1,57 @@
+"""``loraswap model …``: build the embedded model and inspect base models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from basemodel.settings import load_settings
+from basemodel.tiny import DEFAULT_SEED, TINY_NAME, save_tiny
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    model = subparsers.add_parser("model", help="build or inspect base models")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+
+    init = model_sub.add_parser("init-tiny", help="build the embedded tiny-sd pipeline (diffusers format)")
+    init.add_argument("--output", type=Path, help="target folder (default: $LORASWAP_HOME/models/tiny-sd)")
+    init.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weights seed (same seed, same bytes)")
+    init.add_argument("--if-missing", action="store_true", help="do nothing when the folder already exists")
+    init.set_defaults(func=_init_tiny)
+
+    info = model_sub.add_parser("info", help="print a base model's fingerprint and architecture summary")
+    info.add_argument("--base-model", help="'tiny-sd', a diffusers folder or a .safetensors file")
+    info.add_argument("--modules", action="store_true", help="also list every LoRA-targetable module")
+    info.set_defaults(func=_info)
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    output = args.output or load_settings().models_dir / TINY_NAME
+    if args.if_missing and (output / "model_index.json").is_file():
+        print(f"{TINY_NAME} already at {output}")
+        return 0
+    save_tiny(output, seed=args.seed)
+    print(f"built {TINY_NAME} (seed {args.seed}) at {output}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from basemodel.loader import load_base_model
+
+    settings = load_settings(base_model=args.base_model)
+    base = load_base_model(settings.base_model, settings.models_dir, device="cpu", dtype="fp32")
+    summary = {
+        "name": base.name,
+        "kind": base.ref.kind,
+        "path": str(base.ref.path),
+        "fingerprint": base.fingerprint,
+        "family": base.architecture.family,
+        "architecture_id": base.architecture.architecture_id,
+        "targetable_modules": len(base.architecture.modules),
+        "native_size": base.native_size,
+    }
+    if args.modules:
+        summary["modules"] = {k: list(v) for k, v in base.architecture.modules.items()}
+    print(json.dumps(summary, indent=2))
+    return 0
