@@ -1,0 +1,1 @@
+"""LoRA adapters as artifacts: safe reading, validation, normalisation, metadata and the registry."""

@@ -1,0 +1,272 @@
+"""Reading and writing adapter files: safetensors only, header checked by hand, never unpickled.
+
+``read_adapter`` checks the container before any library parses it: pickle / zip (``torch.save``)
+magic is refused unopened, the 8-byte little-endian header length is bounded before the header is
+read, the header JSON must describe contiguous, in-bounds tensors of an accepted dtype, and only then
+does ``safetensors`` (Rust, no code execution) materialise the tensors.
+
+``write_adapter`` writes canonical-layout tensors (see ``adapters.normalise``) with the ``loraswap``
+metadata entry and the kohya/modelspec keys, atomically when given a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import safetensors.torch
+import torch
+
+from adapters.errors import AdapterInvalid, AdapterTooLarge, AdapterUnsafeFormat
+from adapters.metadata import METADATA_KEY, AdapterMetadata, interop_keys
+from adapters.normalise import NormaliseInfo, normalise
+from adapters.validate import check_canonical, dominant
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Limits",
+    "NormaliseInfo",
+    "data_sha256",
+    "normalise",
+    "read_adapter",
+    "read_header",
+    "read_limited",
+    "serialise",
+    "write_adapter",
+    "write_bytes_atomic",
+]
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
+SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+MAX_TENSORS = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits applied before anything is parsed."""
+
+    max_bytes: int = 512 << 20
+    max_header_bytes: int = 1 << 20
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def read_limited(stream: IO[bytes], max_bytes: int, chunk: int = 1 << 20) -> bytes:
+    """Read a whole upload, refusing (AdapterTooLarge) as soon as it exceeds ``max_bytes``."""
+    parts: list[bytes] = []
+    total = 0
+    while block := stream.read(chunk):
+        total += len(block)
+        if total > max_bytes:
+            raise AdapterTooLarge(
+                f"adapter exceeds the {max_bytes}-byte limit",
+                reason="file_too_large",
+                detail={"limit": max_bytes},
+            )
+        parts.append(block)
+    return b"".join(parts)
+
+
+def load_source(source: bytes | Path, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The bytes of an adapter given as bytes or a path, with suffix and size checks first."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise AdapterUnsafeFormat(
+                f"refusing pickle file {path.name}: only .safetensors adapters are accepted",
+                reason="pickle",
+                detail={"path": str(path)},
+            )
+        if not path.is_file():
+            raise AdapterInvalid(f"adapter file {path} does not exist", reason="missing_file")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise _too_large(size, limits)
+        with open(path, "rb") as fh:
+            data = read_limited(fh, limits.max_bytes)
+    if len(data) > limits.max_bytes:
+        raise _too_large(len(data), limits)
+    return data
+
+
+def _too_large(size: int, limits: Limits) -> AdapterTooLarge:
+    return AdapterTooLarge(
+        f"adapter is {size} bytes, over the {limits.max_bytes}-byte limit",
+        reason="file_too_large",
+        detail={"size": size, "limit": limits.max_bytes},
+    )
+
+
+def _refuse_known_containers(data: bytes) -> None:
+    if data[:4] == b"PK\x03\x04":
+        raise AdapterUnsafeFormat(
+            "this is a zip/torch.save checkpoint (pickle inside); it is refused without being opened",
+            reason="pickle",
+        )
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        raise AdapterUnsafeFormat(
+            "this is a pickle file; it is refused without being opened", reason="pickle"
+        )
+
+
+def read_header(
+    data: bytes, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Parse and check a safetensors header: (tensor entries, ``__metadata__``). No tensor is read."""
+    _refuse_known_containers(data)
+    if len(data) < 8:
+        raise AdapterInvalid("file is too short to be safetensors (truncated)", reason="truncated")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > limits.max_header_bytes:
+        raise AdapterTooLarge(
+            f"safetensors header declares {header_len} bytes, over the {limits.max_header_bytes}-byte limit",
+            reason="header_too_large",
+            detail={"header_bytes": header_len, "limit": limits.max_header_bytes},
+        )
+    if 8 + header_len > len(data):
+        raise AdapterInvalid(
+            f"header declares {header_len} bytes, the file has {len(data) - 8} after the length (truncated)",
+            reason="truncated",
+        )
+    raw = data[8 : 8 + header_len]
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise AdapterInvalid("safetensors header is not valid JSON", reason="malformed_header") from None
+    if not isinstance(header, dict):
+        raise AdapterInvalid("safetensors header is not a JSON object", reason="malformed_header")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise AdapterInvalid(
+            "safetensors __metadata__ must map strings to strings", reason="malformed_header"
+        )
+    _check_entries(header, len(data) - 8 - header_len)
+    return header, metadata
+
+
+def _check_entries(entries: dict[str, Any], data_len: int) -> None:
+    if len(entries) > MAX_TENSORS:
+        raise AdapterInvalid(f"too many tensors ({len(entries)})", reason="malformed_header")
+    spans: list[tuple[int, int]] = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise AdapterInvalid(f"malformed header entry for tensor {name!r}", reason="malformed_header")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise AdapterInvalid(
+                f"unsupported tensor dtype {dtype} (in {name}); fp32, fp16 and bf16 are accepted",
+                reason="unsupported_dtype",
+                detail={"keys": [name], "dtypes": [str(dtype)]},
+            )
+        if not (
+            isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+        ):
+            raise AdapterInvalid(f"malformed shape/offsets for tensor {name!r}", reason="malformed_header")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+            raise AdapterInvalid(
+                f"tensor {name!r} has offsets {offsets} inconsistent with its shape or the file size",
+                reason="truncated" if end > data_len else "malformed_header",
+            )
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise AdapterInvalid("tensor data regions overlap or leave gaps", reason="malformed_header")
+        position = end
+    if position != data_len:
+        raise AdapterInvalid(
+            "tensor data does not cover the file exactly (truncated or trailing bytes)",
+            reason="truncated" if position > data_len else "malformed_header",
+        )
+
+
+def read_adapter(
+    data: bytes | Path, *, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Safely read an adapter file: (tensors, header metadata). Never unpickles anything."""
+    raw = load_source(data, limits)
+    entries, metadata = read_header(raw, limits)
+    if not entries:
+        raise AdapterInvalid("the file contains no tensors", reason="empty")
+    try:
+        tensors = safetensors.torch.load(raw)
+    except Exception as exc:  # safetensors raises its own SafetensorError / ValueError variants
+        raise AdapterInvalid(f"unreadable safetensors data: {exc}", reason="malformed_header") from None
+    return tensors, metadata
+
+
+def data_sha256(data: bytes) -> str:
+    """kohya's ``sshs_model_hash``: sha256 of everything after the safetensors header."""
+    header_len = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(memoryview(data)[8 + header_len :]).hexdigest()
+
+
+def serialise(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> bytes:
+    """safetensors bytes for ``tensors`` with ``header`` (+ ``sshs_model_hash``) as metadata."""
+    contiguous = {k: v.detach().contiguous() for k, v in sorted(tensors.items())}
+    draft = safetensors.torch.save(contiguous, metadata={"format": "pt", **header})
+    final = {"format": "pt", **header, "sshs_model_hash": data_sha256(draft)}
+    return safetensors.torch.save(contiguous, metadata=final)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (readers never see a part)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def complete_metadata(tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> AdapterMetadata:
+    """Validate canonical tensors and fill the tensor summary fields ``metadata`` leaves empty."""
+    summary = check_canonical(tensors)
+    rank, rank_pattern = dominant(summary.ranks)
+    update: dict[str, Any] = {"dtype": summary.dtype}
+    if not metadata.target_modules:
+        update["target_modules"] = summary.target_modules
+    if metadata.rank is None:
+        update["rank"] = int(rank)
+        update["rank_pattern"] = {k: int(v) for k, v in rank_pattern.items()}
+    if metadata.alpha is None:
+        update["alpha"] = float(metadata.rank or rank)
+    if metadata.created_at is None:
+        update["created_at"] = datetime.now(UTC)
+    return metadata.model_copy(update=update)
+
+
+def write_adapter(path: Path | None, tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> bytes:
+    """Validate canonical-layout tensors and write .safetensors.
+
+    Returns the bytes; also writes them atomically to ``path`` when given.
+    """
+    metadata = complete_metadata(tensors, metadata)
+    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
+    data = serialise(tensors, header)
+    if path is not None:
+        write_bytes_atomic(Path(path), data)
+    return data

@@ -1,0 +1,230 @@
+"""Adapter metadata (schema 1): the ``loraswap`` JSON header entry and the kohya/modelspec keys.
+
+A normalised adapter file carries, in its safetensors header (all values are strings):
+
+* ``loraswap``: ``AdapterMetadata.model_dump_json()`` — the full record below;
+* the keys other tools read: ``ss_network_dim``, ``ss_network_alpha``, ``ss_base_model_version``,
+  ``ss_new_sd_model_hash``, ``ss_training_started_at``, ``ss_steps``, ``sshs_model_hash`` and
+  ``modelspec.*`` (see ``interop_keys``). Keys whose value is unknown are omitted, not faked.
+
+Fields the registry owns (``adapter_id``, ``version``, ``created_at``, ``base_model``,
+``base_model_match``, ``source_format`` and the tensor summary ``target_modules``/``rank``/``alpha``/
+``rank_pattern``/``alpha_pattern``/``dtype``) are overwritten at registration; the rest is the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adapters.errors import AdapterInvalid
+
+SCHEMA_VERSION: Literal[1] = 1
+METADATA_KEY = "loraswap"
+
+SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "loraswap"]
+TensorDType = Literal["fp32", "fp16", "bf16"]
+
+
+class _Section(BaseModel):
+    """Optional free-form section: known fields are typed, anything else is kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class BaseModelInfo(BaseModel):
+    """Identity of the base model an adapter was registered (or trained) against."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    fingerprint: str | None = None
+    architecture_id: str | None = None
+    family: str | None = None
+
+
+class TrainingInfo(_Section):
+    steps: int | None = None
+    epochs: int | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    resolution: int | None = None
+    optimizer: str | None = None
+    lr_scheduler: str | None = None
+    mixed_precision: str | None = None
+    seed: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class DatasetInfo(_Section):
+    name: str | None = None
+    num_images: int | None = None
+    summary: str | None = None
+    sha256: str | None = None
+
+
+class EvaluationInfo(_Section):
+    metrics: dict[str, float] = Field(default_factory=dict)
+    notes: str | None = None
+
+
+class InferencePlan(_Section):
+    """Prompts the inference test plan renders with this adapter."""
+
+    prompts: list[str] = Field(default_factory=list)
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    steps: int | None = None
+    seeds: list[int] = Field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+
+
+class AdapterMetadata(BaseModel):
+    """Everything known about one adapter artifact. All optional sections default to ``None``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    adapter_id: str | None = None
+    version: int | None = Field(default=None, ge=1)
+    title: str | None = None
+    description: str | None = None
+    created_at: datetime | None = None
+
+    base_model: BaseModelInfo | None = None
+    base_model_match: bool | None = None
+    source_format: SourceFormat | None = None
+
+    target_modules: list[str] = Field(default_factory=list)
+    rank: int | None = Field(default=None, ge=1)
+    alpha: float | None = None
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    dtype: TensorDType | None = None
+
+    scale_default: float | None = None
+    trigger_words: list[str] | None = None
+    training: TrainingInfo | None = None
+    dataset: DatasetInfo | None = None
+    evaluation: EvaluationInfo | None = None
+    inference: InferencePlan | None = None
+
+    @field_validator("created_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+def coerce_metadata(value: AdapterMetadata | dict[str, Any] | str | None) -> AdapterMetadata:
+    """User-supplied metadata (model, dict or JSON text) → ``AdapterMetadata``; bad input → AdapterInvalid."""
+    if value is None:
+        return AdapterMetadata()
+    if isinstance(value, AdapterMetadata):
+        return value
+    try:
+        if isinstance(value, str):
+            return AdapterMetadata.model_validate_json(value)
+        return AdapterMetadata.model_validate(value)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'metadata'}: {e['msg']}" for e in exc.errors()]
+        raise AdapterInvalid(
+            "invalid adapter metadata: " + "; ".join(problems[:5]),
+            reason="bad_metadata",
+            detail={"problems": problems},
+            hint="See docs/adapters.md for the metadata schema.",
+        ) from None
+
+
+def parse_header_metadata(header: dict[str, str]) -> AdapterMetadata | None:
+    """The ``loraswap`` entry of a safetensors header, or ``None`` when the file has none."""
+    raw = header.get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise AdapterInvalid("the 'loraswap' header entry is not JSON", reason="bad_metadata") from None
+    if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise AdapterInvalid(
+            f"unsupported loraswap metadata schema {data.get('schema_version')!r}",
+            reason="bad_metadata",
+            detail={"supported": [SCHEMA_VERSION]},
+        )
+    if not isinstance(data, dict):
+        raise AdapterInvalid("the 'loraswap' header entry is not a JSON object", reason="bad_metadata")
+    return coerce_metadata(data)
+
+
+def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
+    """Best-effort training summary from a kohya-trained file's ``ss_*`` keys."""
+    fields: dict[str, Any] = {}
+    for key, name, cast in (
+        ("ss_steps", "steps", int),
+        ("ss_epoch", "epochs", int),
+        ("ss_learning_rate", "learning_rate", float),
+        ("ss_seed", "seed", int),
+        ("ss_mixed_precision", "mixed_precision", str),
+        ("ss_lr_scheduler", "lr_scheduler", str),
+    ):
+        value = header.get(key)
+        if value in (None, "", "None"):
+            continue
+        try:
+            fields[name] = cast(value)
+        except ValueError:
+            continue
+    started = header.get("ss_training_started_at")
+    if started:
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            fields["started_at"] = datetime.fromtimestamp(float(started), tz=UTC)
+    return TrainingInfo(**fields) if fields else None
+
+
+def _modelspec_architecture(family: str | None) -> str:
+    return "stable-diffusion-v1/lora" if family in (None, "sd1") else f"{family}/lora"
+
+
+def _kohya_base_version(family: str | None) -> str:
+    return "sd_v1" if family in (None, "sd1") else f"loraswap_{family}"
+
+
+def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:
+    """The kohya / SAI-modelspec header keys derived from ``metadata`` (values are strings).
+
+    Alpha is folded into the weights, so the file's effective alpha equals its rank:
+    ``ss_network_alpha`` is written equal to ``ss_network_dim`` (the original alpha is in
+    ``loraswap.alpha``). ``sshs_model_hash`` (sha256 of the bytes after the header, kohya's definition)
+    depends on the serialised data, so ``adapters.format.serialise`` adds it.
+    """
+    family = metadata.base_model.family if metadata.base_model else None
+    keys: dict[str, str] = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _modelspec_architecture(family),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": metadata.title or metadata.adapter_id or "lora",
+        "ss_base_model_version": _kohya_base_version(family),
+    }
+    if metadata.rank is not None:
+        keys["ss_network_dim"] = str(metadata.rank)
+        keys["ss_network_alpha"] = str(metadata.rank)
+    if metadata.created_at is not None:
+        keys["modelspec.date"] = metadata.created_at.isoformat()
+    if metadata.base_model is not None and metadata.base_model.fingerprint:
+        keys["ss_new_sd_model_hash"] = metadata.base_model.fingerprint
+    training = metadata.training
+    if training is not None and training.started_at is not None:
+        keys["ss_training_started_at"] = str(training.started_at.timestamp())
+    if training is not None and training.steps is not None:
+        keys["ss_steps"] = str(training.steps)
+    return keys

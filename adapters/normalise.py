@@ -1,0 +1,372 @@
+"""Key layouts → the canonical layout, and back out to kohya.
+
+Canonical layout: ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` where ``<component>`` is
+``unet`` or ``text_encoder`` and ``<module>`` is the module's name in the loaded diffusers/transformers
+model, i.e. exactly the keys of ``Architecture.modules``. alpha/rank is folded into ``lora_B`` so the
+adapter applies at scale 1.0 (what diffusers assumes when a file has no alphas).
+
+Accepted input layouts (detected per key, one family per file):
+
+* ``diffusers``: PEFT keys ``<component>.<module>.lora_A[.default].weight`` / ``lora_B``, with or without
+  the component prefix (then matched against the base model), optional ``<module>.alpha``;
+* ``diffusers-legacy``: ``….lora.down.weight`` / ``lora.up.weight``, ``….lora_linear_layer.down/up``,
+  attention-processor keys ``…attn1.processor.to_q_lora.down.weight``;
+* ``kohya`` (A1111, LoCon): ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
+  / ``.alpha`` and ``lora_te_…`` for the text encoder. Names are mapped back by looking them up in a
+  table built from the base architecture (``path.replace('.', '_')``), never by guessing underscores.
+  LDM-style names (``lora_unet_input_blocks_…``) are refused as an unknown layout.
+
+Text encoders from recent transformers have no ``text_model.`` level; names with and without it are
+both accepted and mapped onto whichever the base model has.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from adapters.errors import AdapterInvalid
+from adapters.metadata import AdapterMetadata, SourceFormat
+from adapters.validate import (
+    DTYPE_NAMES,
+    check_dtypes,
+    check_finite,
+    check_modules_exist,
+    check_pair_shapes,
+    check_rank,
+    dominant,
+    first,
+)
+from basemodel.fingerprint import Architecture
+
+Role = Literal["down", "up", "alpha"]
+
+KOHYA_KEY = re.compile(
+    r"^lora_(?P<comp>unet|te|te1|te2)_(?P<name>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+KOHYA_ROLES: dict[str, Role] = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+DIFFUSERS_SUFFIXES: tuple[tuple[str, Role, SourceFormat], ...] = (
+    (".lora_A.default.weight", "down", "diffusers"),
+    (".lora_B.default.weight", "up", "diffusers"),
+    (".lora_A.weight", "down", "diffusers"),
+    (".lora_B.weight", "up", "diffusers"),
+    (".lora_linear_layer.down.weight", "down", "diffusers-legacy"),
+    (".lora_linear_layer.up.weight", "up", "diffusers-legacy"),
+    (".lora.down.weight", "down", "diffusers-legacy"),
+    (".lora.up.weight", "up", "diffusers-legacy"),
+)
+PROCESSOR_KEY = re.compile(
+    r"^(?P<prefix>.*?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$"
+)
+PROCESSOR_NAMES = {
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+}
+REFUSED_MARKERS = {
+    "lora_mid": "LoCon/Tucker (lora_mid)",
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+    "oft_": "OFT",
+    "lora_embedding_": "embedding LoRA",
+}
+LDM_NAMES = ("input_blocks_", "middle_block_", "output_blocks_")
+PEFT_PREFIXES = ("base_model.model.",)
+TEXT_MODEL = "text_model."
+
+
+@dataclass(frozen=True)
+class NormaliseInfo:
+    """What normalisation found: the source layout and the original ranks / alphas."""
+
+    source_format: SourceFormat
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    dtype: str
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted(self.ranks)
+
+    def summary(self) -> dict[str, Any]:
+        """The tensor-summary fields of ``AdapterMetadata`` (rank/alpha with PEFT-style patterns)."""
+        rank, rank_pattern = dominant(self.ranks)
+        alpha, alpha_pattern = dominant(self.alphas)
+        return {
+            "target_modules": self.target_modules,
+            "rank": int(rank),
+            "rank_pattern": {k: int(v) for k, v in rank_pattern.items()},
+            "alpha": float(alpha),
+            "alpha_pattern": {k: float(v) for k, v in alpha_pattern.items()},
+            "dtype": self.dtype,
+        }
+
+    def apply_to(self, metadata: AdapterMetadata) -> AdapterMetadata:
+        return metadata.model_copy(update=self.summary())
+
+
+@dataclass
+class _Module:
+    tensors: dict[Role, torch.Tensor] = field(default_factory=dict)
+    keys: dict[Role, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ParsedKey:
+    layout: SourceFormat
+    component: str | None  # None: a diffusers key without a component prefix
+    name: str  # module path ('.'-separated) or, for kohya, the underscore-joined name
+    role: Role
+
+
+def normalise(
+    tensors: Mapping[str, torch.Tensor],
+    architecture: Architecture,
+    *,
+    max_rank: int | None = None,
+    alpha: float | Mapping[str, float] | None = None,
+) -> tuple[dict[str, torch.Tensor], NormaliseInfo]:
+    """Any accepted layout → canonical tensors with alpha/rank folded into ``lora_B``.
+
+    ``alpha`` supplies alphas a layout does not carry (PEFT state dicts keep alpha in ``LoraConfig``):
+    one number for all modules, or canonical module name → alpha. ``.alpha`` keys take precedence;
+    modules with neither keep alpha = rank (scale 1.0).
+    """
+    if not tensors:
+        raise AdapterInvalid("the adapter contains no tensors", reason="empty")
+    check_dtypes(tensors)
+    check_finite(tensors)
+    parsed = _parse_keys(tensors)
+    layout = _layout_of(parsed)
+    modules = _group(tensors, parsed, architecture)
+    pairs = {m: _pair(m, parts, architecture) for m, parts in modules.items()}
+    ranks = check_pair_shapes(pairs, architecture)
+    check_rank(ranks, max_rank)
+    alphas = {m: _alpha_of(m, modules[m], ranks[m], alpha) for m in pairs}
+    dtype = _common_dtype([t for pair in pairs.values() for t in pair])
+    canonical: dict[str, torch.Tensor] = {}
+    for module, (down, up) in sorted(pairs.items()):
+        scale = alphas[module] / ranks[module]
+        canonical[f"{module}.lora_A.weight"] = down.to(dtype).contiguous()
+        folded = up.to(torch.float32) * scale if scale != 1.0 else up
+        canonical[f"{module}.lora_B.weight"] = folded.to(dtype).contiguous()
+    return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype])
+
+
+def _parse_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, _ParsedKey]:
+    parsed: dict[str, _ParsedKey] = {}
+    unknown: list[str] = []
+    for key in tensors:
+        for marker, kind in REFUSED_MARKERS.items():
+            if marker in key:
+                raise AdapterInvalid(
+                    f"{kind} adapters are not supported (key {key}); only plain LoRA / LoCon is",
+                    reason="unsupported_adapter_type",
+                    detail={"keys": [key]},
+                )
+        result = _parse_key(key)
+        if result is None:
+            unknown.append(key)
+        else:
+            parsed[key] = result
+    if unknown:
+        shown = first(unknown)
+        raise AdapterInvalid(
+            f"unknown key layout: {len(unknown)} key(s) are not LoRA keys in a known layout, e.g. {shown[0]}",
+            reason="unknown_layout",
+            detail={"keys": shown, "count": len(unknown)},
+            hint="Accepted: diffusers/PEFT (lora_A/lora_B, lora.down/lora.up) and kohya "
+            "(lora_unet_*/lora_te_* with lora_down/lora_up/alpha). See docs/adapters.md.",
+        )
+    return parsed
+
+
+def _parse_key(key: str) -> _ParsedKey | None:
+    match = KOHYA_KEY.match(key)
+    if match is not None:
+        return _ParsedKey("kohya", KOHYA_COMPONENTS[match["comp"]], match["name"], KOHYA_ROLES[match["role"]])
+    if key.startswith("lora_"):
+        return None
+    stem = key
+    for prefix in PEFT_PREFIXES:
+        stem = stem.removeprefix(prefix)
+    component, path = _split_component(stem)
+    for suffix, role, layout in DIFFUSERS_SUFFIXES:
+        if path.endswith(suffix):
+            return _ParsedKey(layout, component, path.removesuffix(suffix), role)
+    match = PROCESSOR_KEY.match(path)
+    if match is not None:
+        names = PROCESSOR_NAMES["text_encoder" if component == "text_encoder" else "unet"]
+        legacy_role: Role = "down" if match["role"] == "down" else "up"
+        module = f"{match['prefix']}.{names[match['proj']]}"
+        return _ParsedKey("diffusers-legacy", component, module, legacy_role)
+    if path.endswith(".alpha"):
+        return _ParsedKey("diffusers", component, path.removesuffix(".alpha"), "alpha")
+    return None
+
+
+def _split_component(stem: str) -> tuple[str | None, str]:
+    for component in ("unet", "text_encoder_2", "text_encoder"):
+        if stem.startswith(component + "."):
+            return component, stem.removeprefix(component + ".")
+    return None, stem
+
+
+def _layout_of(parsed: Mapping[str, _ParsedKey]) -> SourceFormat:
+    layouts = {p.layout for p in parsed.values() if p.role != "alpha"}
+    if "kohya" in layouts and len(layouts) > 1:
+        raise AdapterInvalid(
+            "unknown key layout: kohya and diffusers keys are mixed in one file",
+            reason="unknown_layout",
+        )
+    if not layouts:
+        raise AdapterInvalid("the file has alpha values but no LoRA weights", reason="incomplete_pair")
+    if "kohya" in layouts:
+        return "kohya"
+    return "diffusers-legacy" if "diffusers-legacy" in layouts else "diffusers"
+
+
+def _group(
+    tensors: Mapping[str, torch.Tensor], parsed: Mapping[str, _ParsedKey], architecture: Architecture
+) -> dict[str, _Module]:
+    kohya_table = _kohya_table(architecture)
+    modules: dict[str, _Module] = {}
+    absent: list[str] = []
+    for key, part in parsed.items():
+        module = _resolve_module(part, architecture, kohya_table)
+        if module is None:
+            absent.append(_display_name(part))
+            continue
+        entry = modules.setdefault(module, _Module())
+        if part.role in entry.tensors:
+            raise AdapterInvalid(
+                f"keys {entry.keys[part.role]} and {key} both give {part.role} for module {module}",
+                reason="duplicate_key",
+            )
+        entry.tensors[part.role] = tensors[key]
+        entry.keys[part.role] = key
+    if absent:
+        check_modules_exist(absent, architecture)
+    return modules
+
+
+def _display_name(part: _ParsedKey) -> str:
+    if part.layout == "kohya" and part.name.startswith(LDM_NAMES):
+        raise AdapterInvalid(
+            f"unknown key layout: LDM-style kohya names (lora_unet_{part.name}) are not supported",
+            reason="unknown_layout",
+            hint="Re-save the LoRA with diffusers-style names (kohya sd-scripts does this for SD1.x).",
+        )
+    prefix = part.component or "?"
+    return f"{prefix}.{part.name}"
+
+
+def _kohya_table(architecture: Architecture) -> dict[tuple[str, str], str]:
+    """(component, underscore name) → canonical module, including the ``text_model_`` variants."""
+    table: dict[tuple[str, str], str] = {}
+    for module in architecture.modules:
+        component, path = module.split(".", 1)
+        table[(component, path.replace(".", "_"))] = module
+        if component == "text_encoder":
+            alias = path.removeprefix(TEXT_MODEL) if path.startswith(TEXT_MODEL) else TEXT_MODEL + path
+            table.setdefault((component, alias.replace(".", "_")), module)
+    return table
+
+
+def _resolve_module(
+    part: _ParsedKey, architecture: Architecture, kohya_table: Mapping[tuple[str, str], str]
+) -> str | None:
+    if part.layout == "kohya":
+        return kohya_table.get((part.component or "", part.name))
+    components = [part.component] if part.component else ["unet", "text_encoder"]
+    for component in components:
+        for path in _path_variants(component, part.name):
+            candidate = f"{component}.{path}"
+            if candidate in architecture.modules:
+                return candidate
+    return None
+
+
+def _path_variants(component: str, path: str) -> list[str]:
+    if component != "text_encoder":
+        return [path]
+    return [path, path.removeprefix(TEXT_MODEL), TEXT_MODEL + path]
+
+
+def _pair(module: str, parts: _Module, architecture: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+    if "down" not in parts.tensors or "up" not in parts.tensors:
+        missing = "lora_down/lora_A" if "down" not in parts.tensors else "lora_up/lora_B"
+        raise AdapterInvalid(
+            f"module {module} has no {missing} weight",
+            reason="incomplete_pair",
+            detail={"modules": [module], "keys": sorted(parts.keys.values())},
+        )
+    down, up = parts.tensors["down"], parts.tensors["up"]
+    base = architecture.modules[module]
+    if len(base) == 2 and down.dim() == 4 and down.shape[2:] == (1, 1) and up.dim() == 4:
+        return down.flatten(1), up.flatten(1)  # 1x1-conv LoRA stored for a Linear
+    if len(base) == 4 and base[2:] == (1, 1) and down.dim() == 2 and up.dim() == 2:
+        return down[:, :, None, None], up[:, :, None, None]  # linear LoRA for a 1x1 conv
+    return down, up
+
+
+def _alpha_of(module: str, parts: _Module, rank: int, default: float | Mapping[str, float] | None) -> float:
+    tensor = parts.tensors.get("alpha")
+    if tensor is not None:
+        if tensor.numel() != 1:
+            raise AdapterInvalid(
+                f"alpha for {module} has shape {list(tensor.shape)}; a scalar is expected",
+                reason="bad_alpha",
+                detail={"keys": [parts.keys["alpha"]]},
+            )
+        value = float(tensor.reshape(()).item())
+    elif isinstance(default, Mapping):
+        value = float(default.get(module, rank))
+    elif default is not None:
+        value = float(default)
+    else:
+        value = float(rank)
+    if value == 0.0:
+        raise AdapterInvalid(f"alpha for {module} is 0 (the LoRA would do nothing)", reason="bad_alpha")
+    return value
+
+
+def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def to_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical tensors → kohya/A1111 keys (``.lora_down``/``.lora_up``/``.alpha`` = rank).
+
+    Text-encoder names get the conventional ``text_model_`` level back when the base model lacks it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in sorted(tensors.items()):
+        module, role = key.rsplit(".lora_", 1)
+        name = _kohya_name(module)
+        if role == "A.weight":
+            out[f"{name}.lora_down.weight"] = tensor
+            out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]), dtype=torch.float32)
+        elif role == "B.weight":
+            out[f"{name}.lora_up.weight"] = tensor
+        else:
+            raise AdapterInvalid(f"not a canonical key: {key}", reason="not_canonical")
+    return out
+
+
+def _kohya_name(module: str) -> str:
+    component, path = module.split(".", 1)
+    if component == "unet":
+        return "lora_unet_" + path.replace(".", "_")
+    if component == "text_encoder":
+        if not path.startswith(TEXT_MODEL):
+            path = TEXT_MODEL + path
+        return "lora_te_" + path.replace(".", "_")
+    raise AdapterInvalid(f"cannot export module {module} to kohya names", reason="not_canonical")

@@ -1,0 +1,129 @@
+"""Filesystem store: ``file:///abs/dir`` or a plain path.
+
+Atomicity: ``put`` writes a temporary file in the target folder, fsyncs and renames it over the key;
+``create`` writes a temporary file and hard-links it to the key (``link`` fails if the key exists,
+so exactly one concurrent creator wins and the key never shows partial content). Filesystems
+without hard links fall back to ``O_CREAT | O_EXCL``. Resolved paths must stay inside the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from adapters.errors import StoreError
+from adapters.sources.base import KeyMissing, check_key, check_prefix
+
+TMP_PREFIX = ".tmp-"
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def uri(self) -> str:
+        return self.root.as_uri()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        path = self.root / check_key(key)
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise StoreError(f"store key {key!r} resolves outside the store root", reason="bad_key")
+        return path
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyMissing(key) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc}", reason="io_error") from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {key}: {exc}", reason="io_error") from exc
+        _fsync_dir(path.parent)
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise StoreError(f"cannot create {key}: {exc}", reason="io_error") from exc
+            return _create_exclusive(path, data)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / check_prefix(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+            rel = Path(dirpath).relative_to(self.root)
+            keys.extend((rel / f).as_posix() for f in filenames if not f.startswith(TMP_PREFIX))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot delete {key}: {exc}", reason="io_error") from exc
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise StoreError(f"cannot write under {path.parent}: {exc}", reason="io_error") from exc
+        return Path(name)
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,194 @@
+"""Tensor-level checks shared by normalisation, writing and opening: dtype, finiteness, shapes, rank.
+
+Shape rules (``base`` is the base module's weight shape from ``Architecture.modules``):
+
+* ``nn.Linear`` ``[out, in]``: ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``;
+* ``nn.Conv2d`` ``[out, in, kh, kw]`` (LoCon): ``lora_A`` ``[r, in, kh, kw]``, ``lora_B`` ``[out, r, 1, 1]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from adapters.errors import AdapterIncompatible, AdapterInvalid
+from basemodel.fingerprint import Architecture
+
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+COMPONENTS = ("unet", "text_encoder")
+CANONICAL_KEY = re.compile(r"^(?P<module>(?:unet|text_encoder)\..+)\.lora_(?P<role>[AB])\.weight$")
+SHOW = 5  # how many offending keys an error message lists
+
+
+def first(items: Iterable[str], n: int = SHOW) -> list[str]:
+    return sorted(items)[:n]
+
+
+def check_dtypes(tensors: Mapping[str, torch.Tensor]) -> None:
+    bad = {k: str(v.dtype) for k, v in tensors.items() if v.dtype not in DTYPE_NAMES}
+    if bad:
+        keys = first(bad)
+        raise AdapterInvalid(
+            f"unsupported tensor dtype {bad[keys[0]]} (in {keys[0]}); fp32, fp16 and bf16 are accepted",
+            reason="unsupported_dtype",
+            detail={"keys": keys, "dtypes": sorted(set(bad.values()))},
+        )
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterInvalid(
+            f"{len(bad)} tensor(s) contain NaN or infinite values, e.g. {first(bad, 1)[0]}",
+            reason="non_finite",
+            detail={"keys": first(bad)},
+        )
+
+
+def expected_shapes(base: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(lora_A shape, lora_B shape) for a base weight shape and a rank."""
+    if len(base) == 2:
+        out_f, in_f = base
+        return (rank, in_f), (out_f, rank)
+    out_c, in_c, kh, kw = base
+    return (rank, in_c, kh, kw), (out_c, rank, 1, 1)
+
+
+def check_pair_shapes(
+    pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], architecture: Architecture | None
+) -> dict[str, int]:
+    """Check every (lora_A, lora_B) pair; returns module → rank. Mismatches are listed together."""
+    ranks: dict[str, int] = {}
+    problems: dict[str, str] = {}
+    for module, (down, up) in pairs.items():
+        rank = int(down.shape[0]) if down.dim() >= 1 else 0
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or rank < 1:
+            problems[module] = f"lora_A {list(down.shape)} / lora_B {list(up.shape)} is not a LoRA pair"
+            continue
+        base = architecture.shape_of(module) if architecture is not None else _implied_base(down, up)
+        if base is None or len(base) not in (2, 4):
+            problems[module] = "module has no linear/conv weight in the base model"
+            continue
+        want_a, want_b = expected_shapes(base, rank)
+        if tuple(down.shape) != want_a or tuple(up.shape) != want_b:
+            problems[module] = (
+                f"lora_A {list(down.shape)} / lora_B {list(up.shape)}, "
+                f"expected {list(want_a)} / {list(want_b)} for base weight {list(base)}"
+            )
+            continue
+        ranks[module] = rank
+    if problems:
+        shown = first(problems)
+        raise AdapterIncompatible(
+            f"{len(problems)} LoRA pair(s) do not match the base model's module shapes, "
+            f"e.g. {shown[0]}: {problems[shown[0]]}",
+            reason="shape_mismatch",
+            detail={"modules": {m: problems[m] for m in shown}, "count": len(problems)},
+        )
+    return ranks
+
+
+def _implied_base(down: torch.Tensor, up: torch.Tensor) -> tuple[int, ...]:
+    """Without an architecture, the base shape the pair itself implies (checks internal consistency)."""
+    if down.dim() == 2:
+        return (int(up.shape[0]), int(down.shape[1]))
+    return (int(up.shape[0]), int(down.shape[1]), int(down.shape[2]), int(down.shape[3]))
+
+
+def check_modules_exist(modules: Iterable[str], architecture: Architecture) -> None:
+    absent = [m for m in modules if architecture.shape_of(m) is None]
+    if absent:
+        shown = first(absent)
+        raise AdapterIncompatible(
+            f"{len(absent)} LoRA module(s) are absent from the base model, e.g. {', '.join(shown)}",
+            reason="modules_absent",
+            detail={"modules": shown, "count": len(absent), "architecture_id": architecture.architecture_id},
+        )
+
+
+def check_rank(ranks: Mapping[str, int], max_rank: int | None) -> None:
+    if max_rank is None:
+        return
+    over = {m: r for m, r in ranks.items() if r > max_rank}
+    if over:
+        worst = max(over, key=lambda m: over[m])
+        raise AdapterInvalid(
+            f"LoRA rank {over[worst]} (module {worst}) exceeds the configured maximum {max_rank}",
+            reason="rank_too_large",
+            detail={"max_rank": max_rank, "modules": {m: over[m] for m in first(over)}},
+            hint="Use a lower-rank adapter or raise LORASWAP_MAX_LORA_RANK.",
+        )
+
+
+def dominant(values: Mapping[str, int | float]) -> tuple[int | float, dict[str, int | float]]:
+    """Most common value and the {key: value} exceptions to it (PEFT's rank_pattern idea)."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {k: v for k, v in sorted(values.items()) if v != common}
+
+
+@dataclass(frozen=True)
+class CanonicalSummary:
+    """What a canonical-layout tensor dict contains."""
+
+    ranks: dict[str, int]
+    dtype: str
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted(self.ranks)
+
+
+def canonical_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group canonical keys into module → (lora_A, lora_B); anything else is an error."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    stray: list[str] = []
+    for key, tensor in tensors.items():
+        match = CANONICAL_KEY.match(key)
+        if match is None:
+            stray.append(key)
+            continue
+        halves.setdefault(match["module"], {})[match["role"]] = tensor
+    if stray:
+        raise AdapterInvalid(
+            f"{len(stray)} key(s) are not in the canonical layout, e.g. {first(stray, 1)[0]}",
+            reason="not_canonical",
+            detail={"keys": first(stray)},
+            hint="Canonical keys are <unet|text_encoder>.<module>.lora_A.weight / .lora_B.weight.",
+        )
+    incomplete = [m for m, h in halves.items() if set(h) != {"A", "B"}]
+    if incomplete:
+        raise AdapterInvalid(
+            f"{len(incomplete)} module(s) lack lora_A or lora_B, e.g. {first(incomplete, 1)[0]}",
+            reason="incomplete_pair",
+            detail={"modules": first(incomplete)},
+        )
+    return {m: (h["A"], h["B"]) for m, h in sorted(halves.items())}
+
+
+def check_canonical(
+    tensors: Mapping[str, torch.Tensor],
+    architecture: Architecture | None = None,
+    *,
+    max_rank: int | None = None,
+) -> CanonicalSummary:
+    """Validate canonical-layout tensors (structure, dtype, finiteness, shapes, rank)."""
+    if not tensors:
+        raise AdapterInvalid("the adapter contains no tensors", reason="empty")
+    check_dtypes(tensors)
+    pairs = canonical_pairs(tensors)
+    if architecture is not None:
+        check_modules_exist(pairs, architecture)
+    ranks = check_pair_shapes(pairs, architecture)
+    check_rank(ranks, max_rank)
+    check_finite(tensors)
+    dtypes = {DTYPE_NAMES[t.dtype] for t in tensors.values()}
+    if len(dtypes) != 1:
+        raise AdapterInvalid(
+            f"canonical adapters use one dtype, found {sorted(dtypes)}",
+            reason="mixed_dtype",
+        )
+    return CanonicalSummary(ranks=ranks, dtype=dtypes.pop())
