@@ -46,6 +46,47 @@ class Settings(BaseSettings):
     graceful_timeout_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # --- Adapter registry (issue 3; owned by adapters/, see docs/adapters.md) ---
+    store: str | None = Field(None, description="file:///abs/dir, a path or s3://bucket/prefix (None: home).")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (else boto3's AWS_ENDPOINT_URL).")
+    max_adapter_bytes: int = Field(512 << 20, ge=1024, description="Largest adapter file accepted (413).")
+    max_adapter_header_bytes: int = Field(1 << 20, ge=1024, le=100 << 20, description="Header cap.")
+    max_lora_rank: int = Field(256, ge=1, le=4096, description="Highest LoRA rank accepted.")
+    strict_base: bool = Field(False, description="Refuse adapters not recorded against this exact base.")
+
+    @field_validator("store", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("s3:// store URIs need a bucket: s3://bucket/prefix")
+        if value.startswith("file://") and not value.startswith("file:///"):
+            raise ValueError("file:// store URIs must be absolute: file:///abs/dir")
+        if "://" in value and not value.startswith(("s3://", "file://")):
+            raise ValueError("store must be a path, file:///abs/dir or s3://bucket/prefix")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("s3_endpoint_url must start with http:// or https://")
+        return value
+
+    @property
+    def adapter_store_uri(self) -> str:
+        """The adapter store URI in effect: ``store`` or ``<home>/adapters``."""
+        return self.store or str((self.home / "adapters").expanduser().resolve())
+
+    # --- end adapter registry ---
+
     @field_validator("generate_tokens", "admin_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
