@@ -1,0 +1,308 @@
+"""The adapter registry: ids with immutable, numbered versions over a ``Store``.
+
+Registration reads the file safely, checks it against the base model, normalises it to the
+canonical layout and stores it content-addressed (``blobs/sha256/<sha>.safetensors``) *before* the
+version record ``adapters/<id>/versions/<n>.json`` is created with an atomic create-if-absent. The
+record is what makes a version visible, so a crash leaves at most an unreferenced blob. Two
+registrations racing for the same number: one create wins, the other re-lists and takes the next
+number (or returns the winner when the content is identical). Numbers are never reused: deletion
+writes a tombstone and the record stays.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from adapters.errors import AdapterCorrupt, AdapterNotFound, StoreError
+from adapters.format import DEFAULT_LIMITS, Limits, load_source, read_adapter, write_adapter
+from adapters.identity import BaseIdentity
+from adapters.metadata import AdapterMetadata, coerce_metadata, parse_header_metadata
+from adapters.prepare import Prepared, check_open_compatible, prepare
+from adapters.records import (
+    AdapterSummary,
+    AdapterVersion,
+    adapter_prefix,
+    blob_key,
+    content_key,
+    parse_listing,
+    tombstone_key,
+    version_key,
+)
+from adapters.refs import AdapterRef, parse_ref, validate_id
+from adapters.sources import KeyMissing, Store, open_store
+from adapters.validate import check_canonical
+from basemodel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from basemodel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 64
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A version opened from the store: verified canonical tensors and their metadata."""
+
+    version: AdapterVersion
+    tensors: dict[str, torch.Tensor]
+    metadata: AdapterMetadata
+
+
+class Registry:
+    """Register, resolve, open, list and delete adapters in one store.
+
+    ``base`` is needed to register (compatibility check, kohya name mapping) and, when given, to
+    ``open`` (architecture check). Listing, resolving and deleting work without it.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        base: BaseIdentity | None = None,
+        *,
+        strict_base: bool = False,
+        max_rank: int = 256,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.store = store
+        self.base = base
+        self.strict_base = strict_base
+        self.max_rank = max_rank
+        self.limits = limits
+
+    @classmethod
+    def from_settings(cls, settings: Settings, base: BaseIdentity | None = None) -> Registry:
+        store = open_store(settings.adapter_store_uri, s3_endpoint_url=settings.s3_endpoint_url)
+        limits = Limits(
+            max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes
+        )
+        return cls(
+            store, base, strict_base=settings.strict_base, max_rank=settings.max_lora_rank, limits=limits
+        )
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register(
+        self,
+        source: bytes | Path,
+        adapter_id: str,
+        metadata: dict[str, Any] | AdapterMetadata | None = None,
+        *,
+        scale_default: float | None = None,
+        strict_base: bool | None = None,
+    ) -> AdapterVersion:
+        """Validate, normalise and store ``source`` as the next version of ``adapter_id``.
+
+        Identical content (same canonical tensors and metadata) returns the existing live version.
+        """
+        validate_id(adapter_id)
+        base = self._require_base()
+        user = coerce_metadata(metadata)
+        prepared = prepare(
+            load_source(source, self.limits),
+            base,
+            user,
+            max_rank=self.max_rank,
+            limits=self.limits,
+            strict_base=self.strict_base if strict_base is None else strict_base,
+            scale_default=scale_default,
+        )
+        for _ in range(MAX_ATTEMPTS):
+            versions, deleted = self._state(adapter_id)
+            existing = self._find_content(adapter_id, prepared.digest, versions - deleted)
+            if existing is not None:
+                return existing
+            created = self._try_create(adapter_id, max(versions, default=0) + 1, prepared)
+            if created is not None:
+                return created
+        raise StoreError(
+            f"could not allocate a version of {adapter_id!r} after {MAX_ATTEMPTS} attempts",
+            reason="contention",
+        )
+
+    def _try_create(self, adapter_id: str, number: int, prepared: Prepared) -> AdapterVersion | None:
+        created_at = datetime.now(UTC)
+        meta = prepared.metadata.model_copy(
+            update={"adapter_id": adapter_id, "version": number, "created_at": created_at}
+        )
+        data = write_adapter(None, prepared.tensors, meta)
+        sha = hashlib.sha256(data).hexdigest()
+        wrote_blob = self.store.create(blob_key(sha), data)
+        record = AdapterVersion.from_metadata(
+            meta, sha256=sha, content_sha256=prepared.digest, size=len(data)
+        )
+        if self.store.create(version_key(adapter_id, number), record.record_json()):
+            self.store.put(content_key(adapter_id, prepared.digest), json.dumps({"version": number}).encode())
+            log.info("registered %s (%d bytes, sha256 %s)", record.ref, len(data), sha[:12])
+            return record
+        if wrote_blob:  # lost the race for this number; our blob names it, so nobody else uses it
+            self.store.delete(blob_key(sha))
+        return None
+
+    def _find_content(self, adapter_id: str, digest: str, live: set[int]) -> AdapterVersion | None:
+        try:
+            pointer = json.loads(self.store.get(content_key(adapter_id, digest)))
+            number = int(pointer["version"])
+        except KeyMissing:
+            return None
+        except (ValueError, KeyError, TypeError):
+            return None  # a damaged index entry only costs deduplication
+        if number not in live:
+            return None
+        version = self._record(adapter_id, number)
+        return version if version.content_sha256 == digest else None
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """``id`` / ``id@latest`` → latest live version; ``id@3`` → version 3 unless deleted."""
+        parsed = parse_ref(ref)
+        versions, deleted = self._state(parsed.adapter_id)
+        return self._record(parsed.adapter_id, self._pick(parsed, versions, deleted))
+
+    def latest_version(self, adapter_id: str) -> int | None:
+        """Latest live version number (one listing, no record read): cheap change detection."""
+        versions, deleted = self._state(validate_id(adapter_id))
+        return max(versions - deleted, default=None)
+
+    def revision(self, adapter_id: str) -> str:
+        """Token that changes whenever a version of ``adapter_id`` is added or deleted (one listing)."""
+        versions, deleted = self._state(validate_id(adapter_id))
+        return f"{max(versions, default=0)}:{len(versions)}:{len(deleted)}:{max(deleted, default=0)}"
+
+    def versions(self, adapter_id: str, *, include_deleted: bool = False) -> list[AdapterVersion]:
+        versions, deleted = self._state(validate_id(adapter_id))
+        numbers = sorted(versions if include_deleted else versions - deleted)
+        return [self._record(adapter_id, n, deleted=n in deleted) for n in numbers]
+
+    def list(self, *, include_deleted: bool = False) -> list[AdapterSummary]:
+        """Every adapter id with its latest live version (one listing + one read per id)."""
+        summaries = []
+        for adapter_id, (versions, deleted) in sorted(parse_listing(self.store.list("adapters/")).items()):
+            live = versions - deleted
+            if not live and not include_deleted:
+                continue
+            latest = self._record(adapter_id, max(live)) if live else None
+            summaries.append(
+                AdapterSummary(
+                    adapter_id=adapter_id,
+                    latest=latest,
+                    versions=len(versions),
+                    deleted=len(deleted & versions),
+                )
+            )
+        return summaries
+
+    def open(self, version: AdapterVersion | str) -> LoadedAdapter:
+        """Read a version's blob, verify its sha256 and contents, return tensors + metadata."""
+        if isinstance(version, str):
+            version = self.resolve(version)
+        try:
+            data = self.store.get(blob_key(version.sha256))
+        except KeyMissing:
+            raise AdapterCorrupt(
+                f"the file of {version.ref} is missing from the store", reason="blob_missing"
+            ) from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != version.sha256:
+            raise AdapterCorrupt(
+                f"sha256 mismatch for {version.ref}: the stored file was modified",
+                reason="sha256_mismatch",
+                detail={"expected": version.sha256, "actual": actual},
+            )
+        if self.base is not None:
+            check_open_compatible(version, self.base, self.strict_base)
+        tensors, header = read_adapter(
+            data, limits=Limits(max_bytes=len(data), max_header_bytes=self.limits.max_header_bytes)
+        )
+        check_canonical(tensors, self.base.architecture if self.base else None)
+        metadata = parse_header_metadata(header) or AdapterMetadata()
+        return LoadedAdapter(version=version, tensors=tensors, metadata=metadata)
+
+    # -- deletion -----------------------------------------------------------------------------
+
+    def delete(self, ref: str, *, purge: bool = False) -> builtins.list[AdapterVersion]:
+        """Tombstone ``id@N`` / ``id@latest`` (one version) or ``id`` (every live version).
+
+        Numbers are never reused. ``purge`` also removes the deleted versions' blobs.
+        """
+        parsed = parse_ref(ref)
+        versions, deleted = self._state(parsed.adapter_id)
+        if parsed.explicit:
+            targets = [self._pick(parsed, versions, deleted)]
+        else:
+            targets = sorted(versions - deleted)
+            if not targets:
+                self._pick(parsed, versions, deleted)  # raises the right not-found error
+        stamp = json.dumps({"deleted_at": datetime.now(UTC).isoformat()}).encode()
+        removed = []
+        for number in targets:
+            record = self._record(parsed.adapter_id, number)
+            self.store.put(tombstone_key(parsed.adapter_id, number), stamp)
+            if purge:
+                self.store.delete(blob_key(record.sha256))
+            removed.append(record.model_copy(update={"deleted": True}))
+        return removed
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _require_base(self) -> BaseIdentity:
+        if self.base is None:
+            raise ConfigError(
+                "registering an adapter needs the base model identity",
+                hint="Create the Registry with base=BaseIdentity.from_base_model(...) or pass --base-model.",
+            )
+        return self.base
+
+    def _state(self, adapter_id: str) -> tuple[set[int], set[int]]:
+        listing = parse_listing(self.store.list(adapter_prefix(adapter_id)))
+        return listing.get(adapter_id, (set(), set()))
+
+    def _pick(self, ref: AdapterRef, versions: set[int], deleted: set[int]) -> int:
+        if not versions:
+            raise AdapterNotFound(f"adapter {ref.adapter_id!r} not found", reason="unknown_id")
+        if ref.version is None:
+            live = versions - deleted
+            if not live:
+                raise AdapterNotFound(
+                    f"every version of adapter {ref.adapter_id!r} is deleted", reason="deleted"
+                )
+            return max(live)
+        if ref.version not in versions:
+            raise AdapterNotFound(
+                f"adapter {ref.adapter_id!r} has no version {ref.version}",
+                reason="unknown_version",
+                detail={"latest": max(versions)},
+            )
+        if ref.version in deleted:
+            raise AdapterNotFound(f"adapter version {ref} is deleted", reason="deleted")
+        return ref.version
+
+    def _record(self, adapter_id: str, number: int, *, deleted: bool = False) -> AdapterVersion:
+        try:
+            raw = self.store.get(version_key(adapter_id, number))
+            record = AdapterVersion.model_validate_json(raw)
+        except KeyMissing:
+            raise AdapterNotFound(
+                f"adapter {adapter_id}@{number} not found", reason="unknown_version"
+            ) from None
+        except ValueError as exc:
+            raise AdapterCorrupt(
+                f"the record of {adapter_id}@{number} is unreadable: {exc}", reason="bad_record"
+            ) from None
+        if record.adapter_id != adapter_id or record.version != number:
+            raise AdapterCorrupt(
+                f"the record of {adapter_id}@{number} names {record.ref}", reason="bad_record"
+            )
+        return record.model_copy(update={"deleted": deleted}) if deleted else record
