@@ -26,7 +26,7 @@ import torch
 
 from adapters.errors import AdapterInvalid, AdapterTooLarge, AdapterUnsafeFormat
 from adapters.metadata import METADATA_KEY, AdapterMetadata, interop_keys
-from adapters.normalise import NormaliseInfo, normalise
+from adapters.normalise import NormaliseInfo, normalise, to_kohya
 from adapters.validate import check_canonical, dominant
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "serialise",
     "write_adapter",
     "write_bytes_atomic",
+    "write_kohya",
 ]
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
@@ -267,6 +268,16 @@ def write_adapter(path: Path | None, tensors: dict[str, torch.Tensor], metadata:
     metadata = complete_metadata(tensors, metadata)
     header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
     data = serialise(tensors, header)
+    if path is not None:
+        write_bytes_atomic(Path(path), data)
+    return data
+
+
+def write_kohya(path: Path | None, tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> bytes:
+    """Export canonical tensors in kohya/A1111 layout (``lora_unet_…``/``lora_te_…``, alpha = rank)."""
+    metadata = complete_metadata(tensors, metadata)
+    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
+    data = serialise(to_kohya(tensors), header)
     if path is not None:
         write_bytes_atomic(Path(path), data)
     return data

@@ -1,0 +1,192 @@
+"""``loraswap adapters …``: register, list, show, delete and convert LoRA adapters.
+
+Every action takes ``--store`` / ``--s3-endpoint-url`` (default from settings: ``$LORASWAP_HOME/adapters``)
+and ``--base-model`` (default from settings, ``tiny-sd``). The base model's identity is computed only by
+the actions that check compatibility (register, convert, show), without loading weights where possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import AdapterInvalid
+from adapters.format import Limits, load_source, write_adapter, write_kohya
+from adapters.identity import BaseIdentity
+from adapters.metadata import AdapterMetadata, coerce_metadata
+from adapters.prepare import check_open_compatible, prepare
+from adapters.registry import Registry
+from basemodel.errors import LoraswapError
+from basemodel.settings import Settings, load_settings
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    adapters = subparsers.add_parser("adapters", help="register, inspect and convert LoRA adapters")
+    sub = adapters.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store", help="file:///abs/dir, a path or s3://bucket/prefix (default: home/adapters)"
+    )
+    common.add_argument("--s3-endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    common.add_argument("--base-model", help="'tiny-sd', a diffusers folder or a .safetensors file")
+
+    register = sub.add_parser(
+        "register", parents=[common], help="validate, normalise and store a new version"
+    )
+    register.add_argument("file", type=Path, help="LoRA .safetensors (diffusers/PEFT or kohya layout)")
+    register.add_argument(
+        "--id", dest="adapter_id", required=True, help="adapter id, ^[a-z0-9][a-z0-9._-]{0,63}$"
+    )
+    register.add_argument("--scale-default", type=float, help="adapter weight used when a request gives none")
+    register.add_argument(
+        "--strict-base", action="store_true", default=None, help="refuse unless it names this exact base"
+    )
+    register.add_argument("--metadata", help="metadata JSON object, or @file.json (see docs/adapters.md)")
+    register.set_defaults(func=_register)
+
+    listing = sub.add_parser("list", parents=[common], help="list adapters and their latest versions")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument("--all", action="store_true", help="include adapters whose versions are all deleted")
+    listing.set_defaults(func=_list)
+
+    show = sub.add_parser("show", parents=[common], help="print a version's record and metadata as JSON")
+    show.add_argument("ref", help="ID, ID@latest or ID@VERSION")
+    show.add_argument("--versions", action="store_true", help="also list every version (deleted included)")
+    show.set_defaults(func=_show)
+
+    delete = sub.add_parser("delete", parents=[common], help="delete ID@VERSION, or every version of ID")
+    delete.add_argument("ref", help="ID (all versions), ID@latest or ID@VERSION")
+    delete.add_argument("--purge", action="store_true", help="also remove the stored files")
+    delete.set_defaults(func=_delete)
+
+    convert = sub.add_parser(
+        "convert", parents=[common], help="normalise a file to diffusers or kohya layout"
+    )
+    convert.add_argument("file", type=Path, help="LoRA .safetensors in any accepted layout")
+    convert.add_argument("--to", choices=("diffusers", "kohya"), required=True, help="output layout")
+    convert.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors path")
+    convert.set_defaults(func=_convert)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        base_model=args.base_model,
+        store=args.store,
+        s3_endpoint_url=args.s3_endpoint_url,
+        strict_base=getattr(args, "strict_base", None),
+    )
+
+
+def _base(settings: Settings) -> BaseIdentity:
+    return BaseIdentity.from_spec(settings.base_model, settings.models_dir)
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _metadata_arg(text: str | None) -> AdapterMetadata:
+    if text is None:
+        return AdapterMetadata()
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise AdapterInvalid(f"cannot read metadata file: {exc}", reason="bad_metadata") from None
+    return coerce_metadata(text)
+
+
+def _register(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    registry = Registry.from_settings(settings, base=_base(settings))
+    metadata = _metadata_arg(args.metadata)
+    version = registry.register(args.file, args.adapter_id, metadata, scale_default=args.scale_default)
+    _print_json(version.to_dict())
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    registry = Registry.from_settings(_settings(args))
+    summaries = registry.list(include_deleted=args.all)
+    if args.json:
+        _print_json([s.to_dict() for s in summaries])
+        return 0
+    rows = [("ID", "LATEST", "VERSIONS", "DELETED", "RANK", "SOURCE", "BASE")]
+    for s in summaries:
+        latest = s.latest
+        rows.append(
+            (
+                s.adapter_id,
+                str(latest.version) if latest else "-",
+                str(s.versions),
+                str(s.deleted),
+                str(latest.rank) if latest else "-",
+                latest.source_format if latest else "-",
+                latest.base_model.name if latest else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    registry = Registry.from_settings(settings)
+    loaded = registry.open(args.ref)
+    body: dict[str, Any] = {
+        "version": loaded.version.to_dict(),
+        "metadata": loaded.metadata.model_dump(mode="json", exclude_none=True),
+    }
+    body["compatible"] = _compatibility(loaded.version, settings)
+    if args.versions:
+        body["versions"] = [
+            v.to_dict() for v in registry.versions(loaded.version.adapter_id, include_deleted=True)
+        ]
+    _print_json(body)
+    return 0
+
+
+def _compatibility(version: Any, settings: Settings) -> dict[str, Any]:
+    base = _base(settings)
+    try:
+        check_open_compatible(version, base, strict=False)
+    except LoraswapError as exc:
+        return {"base_model": base.name, "ok": False, "reason": exc.message}
+    return {
+        "base_model": base.name,
+        "ok": True,
+        "same_checkpoint": version.base_model.fingerprint == base.fingerprint,
+    }
+
+
+def _delete(args: argparse.Namespace) -> int:
+    registry = Registry.from_settings(_settings(args))
+    removed = registry.delete(args.ref, purge=args.purge)
+    for version in removed:
+        print(f"deleted {version.ref}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.output.suffix.lower() != ".safetensors":
+        raise AdapterInvalid("the output file must end in .safetensors", reason="bad_output")
+    limits = Limits(max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes)
+    prepared = prepare(
+        load_source(args.file, limits),
+        _base(settings),
+        AdapterMetadata(),
+        max_rank=settings.max_lora_rank,
+        limits=limits,
+    )
+    writer = write_adapter if args.to == "diffusers" else write_kohya
+    data = writer(args.output, prepared.tensors, prepared.metadata)
+    print(f"wrote {args.output} ({args.to} layout, {len(prepared.tensors) // 2} modules, {len(data)} bytes)")
+    return 0
