@@ -151,17 +151,27 @@ class Registry:
         return None
 
     def _find_content(self, adapter_id: str, digest: str, live: set[int]) -> AdapterVersion | None:
+        """A live version with this content: via the dedup index, else the latest version's record.
+
+        The second check covers a concurrent identical registration whose record exists but whose
+        index entry is not written yet.
+        """
+        candidates = []
         try:
             pointer = json.loads(self.store.get(content_key(adapter_id, digest)))
-            number = int(pointer["version"])
+            candidates.append(int(pointer["version"]))
         except KeyMissing:
-            return None
+            pass
         except (ValueError, KeyError, TypeError):
-            return None  # a damaged index entry only costs deduplication
-        if number not in live:
-            return None
-        version = self._record(adapter_id, number)
-        return version if version.content_sha256 == digest else None
+            pass  # a damaged index entry only costs deduplication
+        if live:
+            candidates.append(max(live))
+        for number in candidates:
+            if number in live:
+                version = self._record(adapter_id, number)
+                if version.content_sha256 == digest:
+                    return version
+        return None
 
     # -- lookup -------------------------------------------------------------------------------
 
