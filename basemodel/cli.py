@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from basemodel.settings import load_settings
-from basemodel.tiny import DEFAULT_SEED, TINY_NAME, save_tiny
+
+TINY_NAME = "tiny-sd"
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +17,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     init = model_sub.add_parser("init-tiny", help="build the embedded tiny-sd pipeline (diffusers format)")
     init.add_argument("--output", type=Path, help="target folder (default: $LORASWAP_HOME/models/tiny-sd)")
-    init.add_argument("--seed", type=int, default=DEFAULT_SEED, help="weights seed (same seed, same bytes)")
+    init.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")
     init.add_argument("--if-missing", action="store_true", help="do nothing when the folder already exists")
     init.set_defaults(func=_init_tiny)
 
@@ -27,6 +28,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
+    from basemodel.tiny import save_tiny
+
     output = args.output or load_settings().models_dir / TINY_NAME
     if args.if_missing and (output / "model_index.json").is_file():
         print(f"{TINY_NAME} already at {output}")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -68,10 +69,8 @@ def fingerprint(model_path: Path) -> str:
         for path in files:
             manifest.update(f"{path.relative_to(model_path).as_posix()}\0{sha256_file(path)}\n".encode())
         value = manifest.hexdigest()
-    try:
+    with contextlib.suppress(OSError):  # read-only model folder: correct, just not cached
         cache.write_text(json.dumps({"sha256": value, "stamp": stamp}))
-    except OSError:
-        pass  # read-only model folder: correct, just not cached
     return value
 
 

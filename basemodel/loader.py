@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeAlias
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -20,6 +20,10 @@ from basemodel.fingerprint import Architecture, architecture_of, fingerprint
 from basemodel.tiny import TINY_NAME, ensure_tiny
 
 log = logging.getLogger(__name__)
+
+# diffusers registers pipeline components at run time, so static checkers cannot see `pipe.unet`
+# and friends; the pipeline is typed loosely and its shape is checked by the tests instead.
+Pipeline: TypeAlias = Any
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,12 +81,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> Pipeline:
     """Load a pipeline from local files only; never touches the network."""
     if ref.kind == "single_file":
         from basemodel.single_file import load_single_file
 
-        pipe = load_single_file(ref.path, torch_dtype=dtype)
+        pipe: Pipeline = load_single_file(ref.path, torch_dtype=dtype)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
             ref.path,
@@ -97,7 +101,7 @@ def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> Stab
     return pipe
 
 
-def apply_attention(pipe: StableDiffusionPipeline, attention: str, device: torch.device) -> str:
+def apply_attention(pipe: Pipeline, attention: str, device: torch.device) -> str:
     """Select the attention backend; returns the one in use ('sdpa' or 'xformers')."""
     if attention in ("auto", "sdpa"):
         return "sdpa"  # diffusers' default processor is SDPA (AttnProcessor2_0)
@@ -107,12 +111,13 @@ def apply_attention(pipe: StableDiffusionPipeline, attention: str, device: torch
         pipe.enable_xformers_memory_efficient_attention()
     except Exception as exc:  # xformers missing or incompatible build
         raise ConfigError(
-            f"xformers is unavailable: {exc}", hint="pip install 'loraswap[xformers]' or use --attention sdpa."
+            f"xformers is unavailable: {exc}",
+            hint="pip install 'loraswap[xformers]' or use --attention sdpa.",
         ) from exc
     return "xformers"
 
 
-def family_of(pipe: StableDiffusionPipeline) -> str:
+def family_of(pipe: Pipeline) -> str:
     dim = int(pipe.unet.config.cross_attention_dim)
     return "sd1" if dim == 768 else f"custom-{dim}"
 
@@ -122,7 +127,7 @@ class BaseModel:
     """A loaded base model with its identity, ready for the server or the trainer."""
 
     ref: BaseModelRef
-    pipe: StableDiffusionPipeline
+    pipe: Pipeline
     fingerprint: str
     architecture: Architecture
     device: torch.device

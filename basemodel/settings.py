@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     allow_unauthenticated: bool = Field(False, description="Allow a non-loopback bind without tokens.")
     generate_tokens: TokenList = Field(default_factory=list, description="Bearer tokens, scope 'generate'.")
-    admin_tokens: TokenList = Field(default_factory=list, description="Bearer tokens, scope 'admin' (+generate).")
+    admin_tokens: TokenList = Field(
+        default_factory=list, description="Bearer tokens, scope 'admin' (+generate)."
+    )
 
     max_queue: int = Field(16, ge=1, le=10_000, description="Requests waiting for the worker before 429.")
     request_timeout_s: float = Field(300.0, gt=0, description="Queue wait + generation, then 504.")

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -34,9 +35,10 @@ SD15_SCHEDULER = {
 }
 
 
-def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> StableDiffusionPipeline:
+def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
     """Build the random-init tiny pipeline deterministically on CPU in fp32."""
     tokenizer = build_tokenizer()
+    bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))  # type: ignore[arg-type]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -70,12 +72,12 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> StableDiffusionPipeline:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
-        pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
     text_encoder = CLIPTextModel(text_config)
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

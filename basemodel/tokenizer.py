@@ -19,8 +19,9 @@ SHAPES = "circle square triangle star heart rectangle diamond cross ring hexagon
 WORDS = (
     "a an the of on in with and at by to from over under near background foreground small large big tiny "
     "bright dark light pale deep striped spotted plain solid pattern texture style photo painting drawing "
-    "picture image portrait landscape sky sea sun moon tree house cat dog fox bird flower mountain river city "
-    "night day watercolor watercolour oil sketch cartoon anime pixel art abstract minimal detailed sharp blurry "
+    "picture image portrait landscape sky sea sun moon tree house cat dog fox bird flower mountain river "
+    "city night day watercolor watercolour oil sketch cartoon anime pixel art abstract minimal detailed "
+    "sharp blurry "
     "high low quality best worst ugly beautiful lora trigger sks ohwx"
 )
 
@@ -74,4 +75,5 @@ def _cached_parts() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_tokenizer() -> CLIPTokenizer:
     vocab, merges = _cached_parts()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH)
+    # the stub says list[str]; the tokenizers backend takes (left, right) pairs as well.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH)  # type: ignore[arg-type]

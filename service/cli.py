@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from basemodel.errors import LoraswapError
+
+# transformers warns at import time that torchvision is absent; loraswap never needs it.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Modules that contribute subcommands, in help order. Each has ``add_parsers(subparsers)``.
 SUBCOMMAND_MODULES = (

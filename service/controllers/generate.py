@@ -1,0 +1,65 @@
+"""``POST /v1/generate``: text-to-image on the resident model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, post
+from litestar.status_codes import HTTP_200_OK
+
+from basemodel.errors import ValidationFailed
+from service.auth import require
+from service.engine.runtime import Runtime
+from service.schemas import GenerateRequest, GenerateResponse
+
+PNG = "image/png"
+
+
+def wants_png(request: Request[Any, Any, Any]) -> bool:
+    accept = request.headers.get("accept", "")
+    return PNG in accept and "application/json" not in accept
+
+
+async def wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
+    """Returns once the client has closed the connection (the body was read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class GenerateController(Controller):
+    path = "/v1"
+    tags = ["generate"]
+    guards = [require("generate")]
+
+    @post(
+        "/generate",
+        status_code=HTTP_200_OK,
+        summary="Generate images.",
+        description=(
+            "JSON in, JSON out (base64 PNGs, the seed, per-stage timings). Send `Accept: image/png` "
+            "with num_images=1 to get the PNG bytes directly. Image i uses seed+i, as diffusers does with "
+            "a list of CPU generators. PNGs carry A1111-style parameters in a 'parameters' text chunk."
+        ),
+        responses={},
+    )
+    async def generate(
+        self, data: GenerateRequest, request: Request[Any, Any, Any], runtime: Runtime
+    ) -> Response[Any]:
+        png_only = wants_png(request)
+        if png_only and data.num_images != 1:
+            raise ValidationFailed(
+                "Accept: image/png returns one image; ask for num_images=1 or accept application/json",
+                detail={"field": "num_images"},
+            )
+        params = runtime.params_for(data)
+        result = await runtime.generate(params, lambda: wait_for_disconnect(request))
+        if result is None:
+            return Response(b"", status_code=499)  # client closed request (nginx's convention)
+        headers = {"X-Loraswap-Seed": str(params.seed)}
+        if png_only:
+            headers["X-Loraswap-Timings"] = ",".join(f"{k}={v}" for k, v in result.timings.items())
+            return Response(result.pngs[0], media_type=PNG, headers=headers)
+        body = GenerateResponse.model_validate(result.to_json())
+        return Response(body, headers=headers)

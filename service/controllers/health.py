@@ -1,0 +1,33 @@
+"""Liveness, readiness and Prometheus exposition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Response, get
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.engine.runtime import Runtime
+from service.metrics import Metrics
+
+
+class HealthController(Controller):
+    tags = ["health"]
+
+    @get("/healthz", summary="Liveness: the process is up.")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503.")
+    async def readyz(self, runtime: Runtime) -> Response[dict[str, Any]]:
+        body: dict[str, Any] = {"status": runtime.state}
+        if runtime.error:
+            body["error"] = runtime.error
+        if runtime.base is not None:
+            body["model"] = {"name": runtime.base.name, "fingerprint": runtime.base.fingerprint}
+        return Response(body, status_code=200 if runtime.ready else 503)
+
+    @get("/metrics", summary="Prometheus metrics.", include_in_schema=False)
+    async def metrics(self, metrics: Metrics, runtime: Runtime) -> Response[bytes]:
+        metrics.queue_depth.set(runtime.worker.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,37 @@
+"""Prometheus metrics (one registry per app, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Generations take seconds: buckets reach minutes, with resolution at the sub-second end too.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "loraswap_request_duration_seconds",
+            "HTTP request duration by route template, method and status.",
+            ["route", "method", "status"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "loraswap_stage_duration_seconds",
+            "Duration of generation stages (queue, text_encode, denoise, decode, encode).",
+            ["stage"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "loraswap_queue_depth", "Generation jobs waiting for the worker.", registry=r
+        )
+        self.in_flight = Gauge(
+            "loraswap_generations_in_flight", "Generation jobs executing on the worker.", registry=r
+        )
+        self.images = Counter("loraswap_images_generated", "Images generated.", registry=r)
+        self.errors = Counter("loraswap_errors", "Error responses by error type.", ["type"], registry=r)
+        self.ready = Gauge("loraswap_ready", "1 once the model is loaded and warmed up.", registry=r)

@@ -1,0 +1,66 @@
+"""Request and response models of the HTTP API (pydantic; validated by Litestar → 422)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
+MAX_SEED = 2**63 - 1 - 64  # image i uses seed + i; stay inside torch's int64 seed range
+ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class AdapterSpec(BaseModel):
+    """One adapter to apply: ``id``, optional pinned ``version`` (else latest), optional ``scale``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Adapter id, e.g. 'watercolor'.", examples=["watercolor"])
+    version: int | None = Field(None, ge=1, description="Pinned version; latest when absent.")
+    scale: float | None = Field(None, ge=-4.0, le=4.0, description="Weight; adapter default or 1.0.")
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not ADAPTER_ID.match(value):
+            raise ValueError("adapter id must match ^[a-z0-9][a-z0-9._-]{0,63}$")
+        return value
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=4000, description="What to draw.", examples=["a red fox"])
+    negative_prompt: str = Field("", max_length=4000, description="What to steer away from.")
+    steps: int = Field(20, ge=1, le=150, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0, description="Classifier-free guidance (≤1: off).")
+    width: int | None = Field(None, ge=8, description="Multiple of 8; default: the model's native size.")
+    height: int | None = Field(None, ge=8, description="Multiple of 8; default: the model's native size.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; always echoed.")
+    num_images: int = Field(1, ge=1, le=8, description="Images i=0..n-1 use seed+i.")
+    scheduler: SchedulerName = Field("ddim", description="Sampler.")
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=8, description="LoRA adapters.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+class ImageOut(BaseModel):
+    png_base64: str
+    seed: int
+    width: int
+    height: int
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageOut]
+    seed: int
+    parameters: dict[str, Any]
+    timings: dict[str, float]
+    adapters: list[dict[str, Any]] = Field(default_factory=list)

@@ -1,0 +1,163 @@
+"""``loraswap serve`` (run the server) and ``loraswap generate`` (a small HTTP client)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from basemodel.settings import load_settings
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the HTTP server (settings from LORASWAP_* env + flags)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--base-model", help="'tiny-sd', a diffusers folder or a .safetensors checkpoint")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
+    serve.add_argument("--attention", choices=["auto", "sdpa", "xformers"])
+    serve.add_argument("--home", type=Path, help="state directory (default ./.loraswap)")
+    serve.add_argument("--max-queue", type=int, help="waiting requests before 429")
+    serve.add_argument("--request-timeout", type=float, dest="request_timeout_s", help="seconds before 504")
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback bind with no bearer tokens configured",
+    )
+    serve.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        default=None,
+        help="report ready without a warm-up generation",
+    )
+    serve.set_defaults(func=_serve)
+
+    gen = subparsers.add_parser("generate", help="ask a running server for an image")
+    gen.add_argument("prompt")
+    gen.add_argument("--server", default="http://127.0.0.1:8000", help="server URL")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="ID[@V][:SCALE]",
+        help="adapter to apply (repeatable)",
+    )
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--scheduler", default="ddim")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--token", help="bearer token (default: $LORASWAP_TOKEN)")
+    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="output PNG (with several images: out-0.png, out-1.png, …)",
+    )
+    gen.set_defaults(func=_generate)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from basemodel.loader import resolve_base_model
+    from service.app import create_app
+
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "host",
+            "port",
+            "base_model",
+            "device",
+            "dtype",
+            "attention",
+            "home",
+            "max_queue",
+            "request_timeout_s",
+            "allow_unauthenticated",
+            "warmup",
+        )
+    }
+    settings = load_settings(**overrides)
+    resolve_base_model(settings.base_model, settings.models_dir)  # fail fast, before binding the port
+    app = create_app(settings)
+    logging.getLogger(__name__).info("serving on http://%s:%s", settings.host, settings.port)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+    )
+    _DrainingServer(config).run()
+    return 0
+
+
+class _DrainingServer:
+    """uvicorn's server, except that SIGTERM/SIGINT end with status 0 once in-flight work drained.
+
+    (uvicorn re-raises the captured signal after shutdown, which makes the exit status -15.)
+    """
+
+    def __init__(self, config: Any) -> None:
+        import uvicorn
+
+        server = uvicorn.Server(config)
+
+        @contextlib.contextmanager
+        def capture_signals() -> Iterator[None]:
+            previous = {
+                sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        server.capture_signals = capture_signals  # type: ignore[method-assign]
+        self._server = server
+
+    def run(self) -> None:
+        self._server.run()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from service.client import GenerateClient, parse_adapter_ref
+
+    client = GenerateClient(args.server, token=args.token, timeout=args.timeout)
+    body = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "num_images": args.num_images,
+        "scheduler": args.scheduler,
+        "adapters": [parse_adapter_ref(ref) for ref in args.adapter],
+    }
+    for key in ("width", "height", "seed"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    result = client.generate(body)
+    paths = client.save_images(result, args.output)
+    timings = result.get("timings", {})
+    print(f"seed {result['seed']}  total {timings.get('total_s', 0):.2f}s  -> {', '.join(map(str, paths))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(1)

@@ -1,0 +1,81 @@
+"""A real uvicorn server over loopback per test (sharing one loaded tiny-sd)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from basemodel.settings import Settings
+from service.app import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    url: str
+    settings: Settings
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client() as http:
+            while time.monotonic() < deadline:
+                if http.get("/readyz").status_code == 200:
+                    return
+                time.sleep(0.05)
+        raise AssertionError("server never became ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def start_server(loraswap_home: Any, base_model: Any) -> Iterator[Callable[..., RunningServer]]:
+    """``start_server(loader=None, wait=True, **settings)`` → a running server on a free port."""
+    running: list[RunningServer] = []
+
+    def start(
+        loader: Callable[[Settings], Any] | None = None, wait: bool = True, **overrides: Any
+    ) -> RunningServer:
+        port = free_port()
+        settings = Settings(home=loraswap_home, port=port, **{"warmup": False, **overrides})
+        app = create_app(settings, loader=loader or (lambda _: base_model))
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        handle = RunningServer(f"http://127.0.0.1:{port}", settings, server, thread)
+        running.append(handle)
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if wait:
+            handle.wait_ready()
+        return handle
+
+    yield start
+    for handle in running:
+        handle.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    return start_server()

@@ -1,0 +1,106 @@
+"""The real `loraswap serve` process: CLI client round trip and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.service.conftest import free_port
+
+
+@pytest.fixture
+def serve_process(loraswap_home: Path) -> Any:
+    port = free_port()
+    env = {**os.environ, "LORASWAP_HOME": str(loraswap_home), "LORASWAP_WARMUP": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read() if proc.stdout else "server died")
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        raise AssertionError("server did not become ready")
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_generate_cli_writes_png(serve_process: Any, tmp_path: Path) -> None:
+    _, url = serve_process
+    out = tmp_path / "fox.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "generate",
+            "a red fox",
+            "--server",
+            url,
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "seed 1" in done.stdout
+    assert Image.open(out).size == (64, 64)
+    failed = subprocess.run(
+        [sys.executable, "-m", "service.cli", "generate", "x", "--server", url, "--steps", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 2
+    assert "error[validation_error]" in failed.stderr
+
+
+def test_sigterm_finishes_in_flight_then_exits(serve_process: Any) -> None:
+    proc, url = serve_process
+    result: dict[str, Any] = {}
+
+    def slow_request() -> None:
+        result["response"] = httpx.post(
+            f"{url}/v1/generate", json={"prompt": "a", "steps": 15, "seed": 2}, timeout=120
+        )
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    time.sleep(1.0)  # the request is being generated
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=2)  # no longer accepting
+    worker.join(120)
+    assert result["response"].status_code == 200
+    assert proc.wait(60) == 0
