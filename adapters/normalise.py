@@ -237,11 +237,11 @@ def _group(
 ) -> dict[str, _Module]:
     kohya_table = _kohya_table(architecture)
     modules: dict[str, _Module] = {}
-    absent: list[str] = []
+    absent: set[str] = set()
     for key, part in parsed.items():
         module = _resolve_module(part, architecture, kohya_table)
         if module is None:
-            absent.append(_display_name(part))
+            absent.add(_display_name(part))
             continue
         entry = modules.setdefault(module, _Module())
         if part.role in entry.tensors:

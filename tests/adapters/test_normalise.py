@@ -26,8 +26,8 @@ from tests.adapters.factory import (
     expected_canonical,
     kohya_layout,
     legacy_layout,
-    run_text,
     rank_of,
+    run_text,
     run_unet,
 )
 
@@ -164,6 +164,7 @@ def test_kohya_export_round_trips(lora_case: LoraCase, base_identity: BaseIdenti
     data = write_kohya(tmp_path / "k.safetensors", canonical, info.apply_to(AdapterMetadata()))
     exported, header = read_adapter(data)
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in exported)
+    assert header["ss_network_dim"] == header["ss_network_alpha"] == "4"
     alphas = {k: v for k, v in exported.items() if k.endswith(".alpha")}
     downs = {k: v for k, v in exported.items() if k.endswith(".lora_down.weight")}
     assert len(alphas) == len(downs) == len(canonical) // 2
