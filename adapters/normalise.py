@@ -153,9 +153,10 @@ def normalise(
     canonical: dict[str, torch.Tensor] = {}
     for module, (down, up) in sorted(pairs.items()):
         scale = alphas[module] / ranks[module]
-        canonical[f"{module}.lora_A.weight"] = down.to(dtype).contiguous()
-        folded = up.to(torch.float32) * scale if scale != 1.0 else up
-        canonical[f"{module}.lora_B.weight"] = folded.to(dtype).contiguous()
+        # Copies, never views: callers (the trainer) may keep updating the tensors they passed in.
+        canonical[f"{module}.lora_A.weight"] = down.detach().to(dtype, copy=True).contiguous()
+        folded = up.detach().to(torch.float32) * scale if scale != 1.0 else up.detach()
+        canonical[f"{module}.lora_B.weight"] = folded.to(dtype, copy=True).contiguous()
     return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype])
 
 

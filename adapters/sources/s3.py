@@ -43,8 +43,8 @@ class S3Store:
         if BUCKET.match(bucket) is None:
             raise StoreConfigError(f"invalid S3 bucket name {bucket!r}", reason="bad_uri")
         prefix = prefix.strip("/")
-        if prefix:
-            check_key(prefix)
+        if prefix and not _valid_prefix(prefix):
+            raise StoreConfigError(f"invalid S3 key prefix {prefix!r}", reason="bad_uri")
         self.bucket = bucket
         self.prefix = prefix
         self._endpoint_url = endpoint_url
@@ -128,6 +128,14 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (ClientError, BotoCoreError) as exc:
             raise _store_error("delete", key, exc) from exc
+
+
+def _valid_prefix(prefix: str) -> bool:
+    try:
+        check_key(prefix)
+    except StoreError:
+        return False
+    return True
 
 
 def _code(exc: ClientError) -> str:

@@ -93,3 +93,22 @@ def test_convert(
     assert json.loads(header["loraswap"])["source_format"] == "kohya"
     code, out, _ = run(capsys, "register", str(out_path), "--id", f"conv-{layout}")
     assert code == 0 and json.loads(out)["source_format"] == "kohya"
+
+
+def test_s3_store_from_the_environment(
+    loraswap_home: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    kohya_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """LORASWAP_STORE=s3://… with boto3's own AWS_ENDPOINT_URL; --s3-endpoint-url overrides it."""
+    monkeypatch.setenv("LORASWAP_HOME", str(loraswap_home))
+    monkeypatch.setenv("LORASWAP_STORE", f"s3://{s3_bucket}/shared")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    code, out, _ = run(capsys, "register", str(kohya_file), "--id", "remote")
+    assert code == 0 and json.loads(out)["ref"] == "remote@1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # wrong: the flag must win
+    code, out, _ = run(capsys, "list", "--json", "--s3-endpoint-url", moto_endpoint)
+    assert code == 0 and [s["adapter_id"] for s in json.loads(out)] == ["remote"]

@@ -114,6 +114,14 @@ def test_open_store_uris(tmp_path: Path) -> None:
     assert open_store(f"file://{tmp_path}/x").uri == (tmp_path / "x").as_uri()  # type: ignore[union-attr]
     assert isinstance(open_store(str(tmp_path / "plain")), LocalStore)
     assert isinstance(open_store(tmp_path), LocalStore)
-    for bad in ("file://relative/dir", "ftp://host/x", "s3://", "s3:///prefix", "s3://Bad_Bucket/x", "   "):
+    for bad in (
+        "file://relative/dir",
+        "ftp://host/x",
+        "s3://",
+        "s3:///prefix",
+        "s3://Bad_Bucket/x",
+        "s3://bucket/../x",
+        "   ",
+    ):
         with pytest.raises(StoreConfigError):
             open_store(bad)
