@@ -6,6 +6,7 @@ common prompt words single tokens. Anything else still tokenizes, byte by byte, 
 
 from __future__ import annotations
 
+import itertools
 from functools import lru_cache
 
 from transformers import CLIPTokenizer
@@ -50,30 +51,40 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def _vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    chars = list(_bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    known = set(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merges.append((current, piece))
-            current += piece
-            if current not in known:
-                known.add(current)
-                vocab.append(current)
-    vocab += [BOS, EOS]
-    return {token: i for i, token in enumerate(vocab)}, merges
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the lowest-ranked adjacent pair."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(parts)))
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 @lru_cache(maxsize=1)
 def _cached_parts() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    return _vocab_and_merges(word_list())
+    """Byte vocabulary plus merges under which every listed word is exactly one token.
+
+    Each word is run through BPE with the merges so far; while it still has several pieces, a merge
+    of its first two pieces is appended. An appended merge ranks after every earlier one, so it can
+    never change how an earlier (already whole) word is merged.
+    """
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in word_list():
+        while len(pieces := _bpe(word, ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.append(pieces[0] + pieces[1])
+    vocab += [BOS, EOS]
+    return {token: i for i, token in enumerate(vocab)}, list(ranks)
+
+
+def _make(vocab: dict[str, int], merges: list[tuple[str, str]]) -> CLIPTokenizer:
+    # the stub says list[str]; the tokenizers backend takes (left, right) pairs as well.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH)  # type: ignore[arg-type]
 
 
 def build_tokenizer() -> CLIPTokenizer:
-    vocab, merges = _cached_parts()
-    # the stub says list[str]; the tokenizers backend takes (left, right) pairs as well.
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH)  # type: ignore[arg-type]
+    return _make(*_cached_parts())

@@ -58,6 +58,10 @@ def test_tiny_is_a_real_sd_pipeline_with_sd15_names(base_model: Any) -> None:
 def test_tokenizer_keeps_common_words_whole(base_model: Any) -> None:
     tokens = base_model.pipe.tokenizer.tokenize("a red circle on a blue background")
     assert tokens == ["a</w>", "red</w>", "circle</w>", "on</w>", "a</w>", "blue</w>", "background</w>"]
+    from basemodel.tokenizer import word_list
+
+    for word in word_list():
+        assert base_model.pipe.tokenizer.tokenize(word) == [word + "</w>"]
     assert base_model.pipe.tokenizer("zebra!").input_ids[0] == base_model.pipe.tokenizer.bos_token_id
 
 
