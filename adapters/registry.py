@@ -218,19 +218,31 @@ class Registry:
         """Read a version's blob, verify its sha256 and contents, return tensors + metadata."""
         if isinstance(version, str):
             version = self.resolve(version)
+        return self.open_data(version, self.read_blob(version))
+
+    def read_blob(self, version: AdapterVersion) -> bytes:
+        """The raw file of ``version`` from the store (not yet verified)."""
         try:
-            data = self.store.get(blob_key(version.sha256))
+            return self.store.get(blob_key(version.sha256))
         except KeyMissing:
             raise AdapterCorrupt(
                 f"the file of {version.ref} is missing from the store", reason="blob_missing"
             ) from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != version.sha256:
-            raise AdapterCorrupt(
-                f"sha256 mismatch for {version.ref}: the stored file was modified",
-                reason="sha256_mismatch",
-                detail={"expected": version.sha256, "actual": actual},
-            )
+
+    def open_data(self, version: AdapterVersion, data: bytes, *, verify_sha256: bool = True) -> LoadedAdapter:
+        """Verify and parse ``data`` as the file of ``version`` (e.g. read from a local cache copy).
+
+        ``verify_sha256=False`` is for callers that verified these exact bytes before (a cache tier
+        that checks the file's size and mtime); every other check still runs.
+        """
+        if verify_sha256:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != version.sha256:
+                raise AdapterCorrupt(
+                    f"sha256 mismatch for {version.ref}: the stored file was modified",
+                    reason="sha256_mismatch",
+                    detail={"expected": version.sha256, "actual": actual},
+                )
         if self.base is not None:
             check_open_compatible(version, self.base, self.strict_base)
         tensors, header = read_adapter(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.errors import AdapterCorrupt, AdapterNotFound
+from adapters.errors import AdapterCorrupt, AdapterInvalid, AdapterNotFound
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, InferencePlan
 from adapters.records import blob_key
@@ -265,3 +265,21 @@ def test_losing_the_race_for_a_number_takes_the_next_one(
     assert rival.open("contended@2").metadata.title == "ours"
     blobs = [k for k in store.list() if k.startswith("blobs/")]
     assert len(blobs) == 2  # the loser's blob for number 1 was removed
+
+
+def test_open_data_for_a_cache_tier(registry: Registry, kohya_bytes: bytes) -> None:
+    """read_blob + open_data: the server's disk cache re-opens bytes it verified before."""
+    version = registry.register(kohya_bytes, "cached")
+    data = registry.read_blob(version)
+    assert registry.open_data(version, data).tensors.keys() == registry.open(version).tensors.keys()
+    tampered = bytearray(data)
+    tampered[-1] ^= 0x01
+    with pytest.raises(AdapterCorrupt):
+        registry.open_data(version, bytes(tampered))
+    skipped = registry.open_data(version, bytes(tampered), verify_sha256=False)  # other checks still run
+    assert skipped.version == version
+    nan = bytearray(data)
+    nan[-4:] = b"\x00\x00\xc0\x7f"  # float32 NaN in the last tensor
+    with pytest.raises(AdapterInvalid) as err:
+        registry.open_data(version, bytes(nan), verify_sha256=False)
+    assert err.value.reason == "non_finite"
