@@ -1,0 +1,200 @@
+"""Numeric and visual evaluation: fixed-noise validation loss, sample grids (base vs adapter), the
+dataset-similarity measure and an optional CLIP score from a local model.
+
+* Validation loss is comparable across steps: every validation image is noised at the same
+  ``val_timesteps`` evenly spaced timesteps with noise drawn once from a generator seeded with
+  ``seed + VAL_SEED_OFFSET``, the latent is the distribution mean, and the plain (unweighted) MSE is
+  averaged. It depends only on the adapter weights.
+* Samples use fixed prompts and seeds; base images are generated once (the base never changes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from training.data.buckets import Size
+from training.data.cache import EncodedItem
+from training.errors import TrainConfigError
+from training.objective import target_for
+
+log = logging.getLogger(__name__)
+
+VAL_SEED_OFFSET = 1_000_003
+VAL_CHUNK = 16
+
+
+@dataclass
+class ValBatch:
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    input_ids: torch.Tensor
+    embeddings: torch.Tensor | None
+
+
+def fixed_timesteps(num_train_timesteps: int, count: int) -> list[int]:
+    """``count`` timesteps evenly spread over the middle 90 % of the schedule."""
+    if count == 1:
+        return [num_train_timesteps // 2]
+    lo, hi = 0.05 * num_train_timesteps, 0.95 * (num_train_timesteps - 1)
+    return [round(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
+
+
+def build_validation(items: Sequence[EncodedItem], scheduler: Any, count: int, seed: int) -> list[ValBatch]:
+    """Noised validation latents, fixed once per run (chunks of equal size)."""
+    generator = torch.Generator().manual_seed(seed + VAL_SEED_OFFSET)
+    steps = fixed_timesteps(int(scheduler.config.num_train_timesteps), count)
+    rows: dict[Size, list[tuple[torch.Tensor, int, torch.Tensor, EncodedItem]]] = {}
+    for item in items:
+        for step in steps:
+            noise = torch.randn(item.mean.shape, generator=generator)
+            rows.setdefault(item.size, []).append((item.mean, step, noise, item))
+    batches = []
+    for group in rows.values():
+        for start in range(0, len(group), VAL_CHUNK):
+            chunk = group[start : start + VAL_CHUNK]
+            latents = torch.stack([r[0] for r in chunk])
+            noise = torch.stack([r[2] for r in chunk])
+            t = torch.tensor([r[1] for r in chunk], dtype=torch.long)
+            embeddings = [r[3].embedding for r in chunk if r[3].embedding is not None]
+            batches.append(
+                ValBatch(
+                    noisy=scheduler.add_noise(latents, noise, t),
+                    timesteps=t,
+                    target=target_for(scheduler, latents, noise, t),
+                    input_ids=torch.stack([r[3].input_ids for r in chunk]),
+                    embeddings=torch.stack(embeddings) if len(embeddings) == len(chunk) else None,
+                )
+            )
+    return batches
+
+
+@torch.no_grad()
+def validation_loss(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    batches: Sequence[ValBatch],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    autocast: AbstractContextManager[Any],
+) -> float | None:
+    if not batches:
+        return None
+    was_training = unet.training, text_encoder.training
+    unet.eval()
+    text_encoder.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            with autocast:
+                if batch.embeddings is not None:
+                    hidden = batch.embeddings.to(device, dtype)
+                else:
+                    hidden = text_encoder(batch.input_ids.to(device), return_dict=False)[0]
+                pred = unet(
+                    batch.noisy.to(device, dtype), batch.timesteps.to(device), hidden, return_dict=False
+                )[0]
+            err = (pred.float() - batch.target.to(device).float()).pow(2).mean(dim=(1, 2, 3))
+            total += float(err.sum())
+            count += err.numel()
+    finally:
+        unet.train(was_training[0])
+        text_encoder.train(was_training[1])
+    return total / count
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    jobs: Sequence[tuple[str, int]],
+    *,
+    size: Size,
+    steps: int,
+    guidance_scale: float,
+    negative_prompt: str,
+    batch: int = 8,
+) -> tuple[list[torch.Tensor], list[Image.Image]]:
+    """One image per (prompt, seed) job: (final latents, decoded images). Each image has its own CPU
+    generator, so batching and the device do not change what it looks like."""
+    latents: list[torch.Tensor] = []
+    images: list[Image.Image] = []
+    vae = pipe.vae
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        out = pipe(
+            [p for p, _ in chunk],
+            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            height=size[1],
+            width=size[0],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+            output_type="latent",
+        )
+        lat = out.images
+        decoded = vae.decode(lat.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        images += pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+        latents += [x.float().cpu() for x in lat]
+    return latents, images
+
+
+def sample_grid(
+    base: Sequence[Image.Image],
+    adapter: Sequence[Image.Image],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    title: str,
+) -> Image.Image:
+    """Rows = prompts; for each seed a (base | adapter) pair; a label strip on top and per row."""
+    font = ImageFont.load_default()
+    width, height = adapter[0].size
+    cols = 2 * len(seeds)
+    label_h, gap = 14, 4
+    grid = Image.new(
+        "RGB",
+        (cols * width + (len(seeds) - 1) * gap, label_h * 2 + len(prompts) * (height + label_h)),
+        "white",
+    )
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, 1), title, fill="black", font=font)
+    for s, seed in enumerate(seeds):
+        x = s * (2 * width + gap)
+        draw.text((x + 2, label_h + 1), f"base s{seed}", fill="gray", font=font)
+        draw.text((x + width + 2, label_h + 1), f"lora s{seed}", fill="black", font=font)
+    for p, prompt in enumerate(prompts):
+        y = label_h * 2 + p * (height + label_h)
+        draw.text((2, y), prompt[: max(10, grid.width // 6)], fill="black", font=font)
+        for s in range(len(seeds)):
+            x = s * (2 * width + gap)
+            grid.paste(base[p * len(seeds) + s], (x, y + label_h))
+            grid.paste(adapter[p * len(seeds) + s], (x + width, y + label_h))
+    return grid
+
+
+def clip_score(model_path: Path, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+    """Mean 100 × cosine(image, prompt) of a local CLIP model (``transformers`` folder; no download)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    if not Path(model_path).is_dir():
+        raise TrainConfigError(
+            f"--clip-model {model_path} is not a local folder", hint="CLIP is never downloaded."
+        )
+    model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+    with torch.no_grad():
+        inputs = processor(
+            text=list(prompts), images=list(images), return_tensors="pt", padding=True, truncation=True
+        )
+        out = model(**inputs)
+        img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+        txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
+        return float(100 * (img * txt).sum(-1).clamp(min=0).mean())

@@ -1,0 +1,209 @@
+"""LoRA injection (peft), the frozen-base guarantee and the adapter's tensors.
+
+Insertion points are peft ``target_modules`` names matched as module-path suffixes: the default
+``to_q, to_k, to_v, to_out.0`` adapts every attention projection of the UNet (self- and
+cross-attention); ``ff.net.0.proj``/``ff.net.2`` add the feed-forward layers, ``proj_in``/``proj_out``
+the transformer in/out projections, ``conv1``/``conv2``/``conv_shortcut`` the ResNet convolutions.
+Every name must match at least one ``nn.Linear``/``nn.Conv2d`` of the model, otherwise it is a
+config error listing the names that exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from training.config import TrainConfig
+from training.errors import TrainConfigError
+
+ADAPTER_NAME = "default"
+_TARGETABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class Injection:
+    """What was adapted and which parameters train."""
+
+    unet_modules: list[str]
+    text_encoder_modules: list[str]
+    unet_params: list[nn.Parameter] = field(repr=False)
+    text_encoder_params: list[nn.Parameter] = field(repr=False)
+    lora_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.unet_params + self.text_encoder_params)
+
+    @property
+    def modules(self) -> list[str]:
+        return [f"unet.{m}" for m in self.unet_modules] + [
+            f"text_encoder.{m}" for m in self.text_encoder_modules
+        ]
+
+
+def matching_modules(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
+    """target name → full paths of the ``Linear``/``Conv2d`` modules it selects (peft suffix rule)."""
+    found: dict[str, list[str]] = {t: [] for t in targets}
+    for name, module in model.named_modules():
+        if not isinstance(module, _TARGETABLE) or "lora_" in name or name.endswith("base_layer"):
+            continue
+        for target in targets:
+            if name == target or name.endswith("." + target):
+                found[target].append(name)
+    return found
+
+
+def _suffixes(model: nn.Module) -> list[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _TARGETABLE):
+            parts = name.split(".")
+            tail = parts[-2:] if parts[-1].isdigit() else parts[-1:]
+            names.add(".".join(tail))
+    return sorted(names)
+
+
+def resolve_targets(model: nn.Module, targets: list[str], what: str) -> list[str]:
+    found = matching_modules(model, targets)
+    missing = [t for t, paths in found.items() if not paths]
+    if missing:
+        raise TrainConfigError(
+            f"{what} target module(s) {', '.join(missing)} match nothing in the base model",
+            detail={"missing": missing, "available": _suffixes(model)},
+            hint=f"Available {what} module names: {', '.join(_suffixes(model))}",
+        )
+    return sorted({path for paths in found.values() for path in paths})
+
+
+def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft accepts a float alpha
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        init_lora_weights="gaussian" if config.init == "gaussian" else True,
+        use_rslora=config.rslora,
+        use_dora=config.dora,
+        bias="none",
+    )
+
+
+def inject(unet: nn.Module, text_encoder: nn.Module, config: TrainConfig) -> Injection:
+    """Freeze the whole base, add the LoRA layers, return the (fp32) trainable parameters."""
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet_modules = resolve_targets(unet, config.target_modules, "UNet")
+    unet.add_adapter(lora_config(config, config.target_modules), adapter_name=ADAPTER_NAME)  # type: ignore[operator]
+    te_modules: list[str] = []
+    if config.train_text_encoder:
+        te_modules = resolve_targets(text_encoder, config.text_encoder_target_modules, "text-encoder")
+        text_encoder.add_adapter(  # type: ignore[operator]
+            lora_config(config, config.text_encoder_target_modules), adapter_name=ADAPTER_NAME
+        )
+    unet_params = _lora_params(unet)
+    te_params = _lora_params(text_encoder)
+    for param in unet_params + te_params:
+        param.data = param.data.float()  # LoRA weights train in fp32 even on a half-precision base
+    return Injection(
+        unet_modules,
+        te_modules,
+        unet_params,
+        te_params,
+        lora_config={
+            "r": config.rank,
+            "lora_alpha": config.lora_alpha,
+            "use_rslora": config.rslora,
+            "use_dora": config.dora,
+            "init_lora_weights": config.init,
+            "lora_dropout": config.dropout,
+            "target_modules": list(config.target_modules),
+            "text_encoder_target_modules": list(config.text_encoder_target_modules)
+            if config.train_text_encoder
+            else [],
+        },
+    )
+
+
+def _lora_params(model: nn.Module) -> list[nn.Parameter]:
+    params = []
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+            params.append(param)
+        elif param.requires_grad:
+            raise AssertionError(f"base parameter {name} is trainable")
+    return params
+
+
+def base_weights_hash(*models: nn.Module) -> str:
+    """sha256 over every non-LoRA parameter and buffer (names without peft's ``base_layer``)."""
+    digest = hashlib.sha256()
+    for index, model in enumerate(models):
+        tensors = list(model.named_parameters()) + list(model.named_buffers())
+        for name, tensor in sorted(tensors, key=lambda kv: kv[0]):
+            if "lora_" in name:
+                continue
+            digest.update(f"{index}:{name.replace('.base_layer', '')}:{tuple(tensor.shape)}".encode())
+            data = tensor.detach().cpu().contiguous()
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def trainable_state(unet: nn.Module, text_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA parameter by its full parameter name (checkpoints; exact resume)."""
+    state = {f"unet.{n}": p.detach().cpu().clone() for n, p in unet.named_parameters() if "lora_" in n}
+    state |= {
+        f"text_encoder.{n}": p.detach().cpu().clone()
+        for n, p in text_encoder.named_parameters()
+        if "lora_" in n
+    }
+    return state
+
+
+def load_trainable_state(unet: nn.Module, text_encoder: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {f"unet.{n}": p for n, p in unet.named_parameters() if "lora_" in n}
+    params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if "lora_" in n}
+    if set(params) != set(state):
+        missing = sorted(set(params) - set(state))[:3]
+        extra = sorted(set(state) - set(params))[:3]
+        raise ValueError(
+            f"checkpoint LoRA tensors do not match this run (missing {missing}, unexpected {extra})"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name].to(param.device, param.dtype))
+
+
+def adapter_tensors(
+    unet: nn.Module, text_encoder: nn.Module, with_text_encoder: bool
+) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers/PEFT layout, unscaled: ``unet.<path>.lora_A.weight`` … (alpha not
+    folded; ``export`` folds the scale into ``lora_B`` for the canonical file)."""
+    out = {
+        f"unet.{k}": v.detach().float().cpu()
+        for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()
+    }
+    if with_text_encoder:
+        te = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER_NAME)
+        out |= {f"text_encoder.{k}": v.detach().float().cpu() for k, v in te.items()}
+    return out
+
+
+def set_adapters_enabled(
+    unet: nn.Module, text_encoder: nn.Module, enabled: bool, with_text_encoder: bool
+) -> None:
+    """Switch between base and base+LoRA (for side-by-side samples)."""
+    if enabled:
+        unet.enable_adapters()  # type: ignore[operator]
+        if with_text_encoder:
+            text_encoder.enable_adapters()  # type: ignore[operator]
+    else:
+        unet.disable_adapters()  # type: ignore[operator]
+        if with_text_encoder:
+            text_encoder.disable_adapters()  # type: ignore[operator]

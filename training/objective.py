@@ -1,0 +1,92 @@
+"""The diffusion training objective and the learning-rate schedule.
+
+Loss: MSE between the UNet output and the target (the noise for epsilon-prediction bases, the
+velocity for v-prediction ones), optionally min-SNR weighted (Hang et al. 2023, ``--snr-gamma``)
+and with offset noise (``--noise-offset``), exactly as the diffusers example script computes it.
+All randomness comes from one CPU ``torch.Generator`` so runs, and resumed runs, are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from training.config import TrainConfig
+
+
+def training_scheduler(base_scheduler_config: dict[str, Any], prediction_type: str) -> Any:
+    """The base model's noise schedule as a DDPM scheduler (for ``add_noise``/``get_velocity``)."""
+    scheduler = DDPMScheduler.from_config(base_scheduler_config)
+    if prediction_type != "auto":
+        scheduler.register_to_config(prediction_type=prediction_type)
+    return scheduler
+
+
+def snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+    alpha_bar = alphas_cumprod[timesteps.cpu()].to(timesteps.device)
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def target_for(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: Any,
+    snr_gamma: float | None,
+) -> torch.Tensor:
+    """Mean (optionally min-SNR weighted) MSE over the batch."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return per_sample.mean()
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.minimum(ratio, torch.full_like(ratio, snr_gamma))
+    if scheduler.config.prediction_type == "v_prediction":
+        weights = clipped / (ratio + 1)
+    else:
+        weights = clipped / ratio.clamp(min=1e-8)
+    return (per_sample * weights).mean()
+
+
+def draw_noise(
+    latents: torch.Tensor, generator: torch.Generator, noise_offset: float, num_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (with optional offset) and uniform timesteps, drawn on CPU from ``generator``."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if noise_offset:
+        noise += noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
+    return noise, timesteps
+
+
+def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base LR at optimizer step ``s``: linear warm-up, then constant/cosine/linear."""
+    warmup = config.lr_warmup_steps
+    kind = config.lr_scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor

@@ -1,0 +1,174 @@
+"""The training plan: schedule arithmetic, trainable parameters and a memory estimate.
+
+``loraswap train --dry-run`` prints it; a real run writes it to ``OUTPUT/plan.json``. The memory
+estimate is weights (in the training dtype) + LoRA parameters, gradients and AdamW moments (fp32)
++ the activations autograd keeps, *measured* by one forward pass at batch size 1 through
+``saved_tensors_hooks`` (so gradient checkpointing and the adapter layout are accounted for) and
+scaled by the batch size. It is an estimate of tensors, not of allocator overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.data.buckets import Size
+from training.lora import Injection
+
+GIB = 1 << 30
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def activation_bytes(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    size: Size,
+    *,
+    latent_channels: int,
+    vae_factor: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    train_text_encoder: bool,
+    seq_len: int,
+    autocast: AbstractContextManager[Any],
+) -> int:
+    """Bytes autograd saves for one training forward at batch size 1 (measured)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    latent = torch.zeros(
+        1, latent_channels, size[1] // vae_factor, size[0] // vae_factor, device=device, dtype=dtype
+    )
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    was = unet.training, text_encoder.training
+    unet.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            if train_text_encoder:
+                text_encoder.train()
+                hidden = text_encoder(ids, return_dict=False)[0]
+            else:
+                with torch.no_grad():
+                    hidden = text_encoder(ids, return_dict=False)[0]
+            out = unet(latent, torch.tensor([500], device=device), hidden.to(dtype), return_dict=False)[0]
+            del out
+    finally:
+        unet.train(was[0])
+        text_encoder.train(was[1])
+    return total
+
+
+def schedule(
+    num_batches: int, grad_accum: int, steps: int | None, epochs: int | None, default_steps: int
+) -> dict[str, Any]:
+    per_epoch = max(1, math.ceil(num_batches / grad_accum))
+    total = steps if steps is not None else (epochs * per_epoch if epochs is not None else default_steps)
+    return {
+        "total_steps": total,
+        "steps_per_epoch": per_epoch,
+        "micro_batches_per_epoch": num_batches,
+        "epochs": round(total / per_epoch, 3),
+    }
+
+
+def memory_estimate(
+    pipe: Any,
+    injection: Injection,
+    sizes: Sequence[Size],
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    train_text_encoder: bool,
+    autocast: AbstractContextManager[Any],
+) -> dict[str, Any]:
+    largest = max(sizes, key=lambda s: s[0] * s[1])
+    weights = module_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+    lora = injection.trainable * 4
+    optimizer = injection.trainable * 4 * 3  # gradients + two AdamW moments, fp32
+    acts = activation_bytes(
+        pipe.unet,
+        pipe.text_encoder,
+        largest,
+        latent_channels=int(pipe.unet.config.in_channels),
+        vae_factor=int(pipe.vae_scale_factor),
+        device=device,
+        dtype=dtype,
+        train_text_encoder=train_text_encoder,
+        seq_len=int(pipe.tokenizer.model_max_length),
+        autocast=autocast,
+    )
+    total = weights + optimizer + acts * batch_size
+    return {
+        "weights_bytes": weights,
+        "lora_bytes": lora,
+        "gradients_and_optimizer_bytes": optimizer,
+        "activations_bytes_per_image": acts,
+        "activations_at_size": list(largest),
+        "total_bytes": total,
+        "total_gib": round(total / GIB, 3),
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """Human-readable plan for ``--dry-run``."""
+    mem, lora, base, data, sched = (
+        plan["memory"],
+        plan["lora"],
+        plan["base_model"],
+        plan["dataset"],
+        plan["schedule"],
+    )
+    batch, accum = plan["batch_size"], plan["grad_accum"]
+    sizes = ", ".join("x".join(map(str, s)) for s in plan["sizes"])
+    lines = [
+        f"base model      {base['name']} ({base['family']}, fingerprint {base['fingerprint'][:16]}...)",
+        f"device          {plan['device']}, weights {plan['weight_dtype']}, "
+        f"mixed precision {plan['mixed_precision']}",
+        f"dataset         {data['train_count']} train / {data['val_count']} validation images, "
+        f"{data['skipped_count']} skipped; sizes {sizes}",
+        f"schedule        {sched['total_steps']} steps = {sched['epochs']} epochs "
+        f"({sched['steps_per_epoch']} steps/epoch), "
+        f"batch {batch} x accumulation {accum} = {batch * accum} images/step",
+        f"optimizer       AdamW lr {plan['lr']} ({plan['lr_scheduler']}, "
+        f"warm-up {plan['lr_warmup_steps']} steps), "
+        f"weight decay {plan['weight_decay']}",
+        f"LoRA            rank {lora['r']}, alpha {lora['lora_alpha']} (scale {plan['lora_scale']:.4g}), "
+        f"init {lora['init_lora_weights']}, rslora {lora['use_rslora']}, dora {lora['use_dora']}",
+        f"targets         UNet {', '.join(lora['target_modules'])} -> {plan['modules']['unet']} modules",
+    ]
+    if lora["text_encoder_target_modules"]:
+        te_targets = ", ".join(lora["text_encoder_target_modules"])
+        lines.append(
+            f"                text encoder {te_targets} -> {plan['modules']['text_encoder']} modules"
+        )
+    acts = mem["activations_bytes_per_image"] / GIB
+    lines += [
+        f"trainable       {plan['trainable_params']:,} params "
+        f"({plan['trainable_percent']:.3f} % of UNet + text encoder)",
+        f"memory (est.)   {mem['total_gib']} GiB = weights {mem['weights_bytes'] / GIB:.3f} "
+        f"+ grads/AdamW {mem['gradients_and_optimizer_bytes'] / GIB:.3f} "
+        f"+ activations {acts:.3f}/image x {batch}",
+        f"cadence         validation every {plan['validate_every'] or '-'}, "
+        f"samples every {plan['sample_every'] or '-'}, "
+        f"checkpoint every {plan['checkpoint_every'] or '-'} steps (and at the end)",
+        f"output          {plan['output']}"
+        + (f", register as {plan['register']}" if plan.get("register") else ""),
+    ]
+    return "\n".join(lines)
