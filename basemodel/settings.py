@@ -89,7 +89,17 @@ class Settings(BaseSettings):
 
     # --- end adapter registry ---
 
-    @field_validator("generate_tokens", "admin_tokens", mode="before")
+    # --- Hot-swap engine: adapter cache tiers and batching ---
+    adapter_cache_device_mb: int = Field(1024, ge=1, description="Device tier (ready-to-run adapters).")
+    adapter_cache_host_mb: int = Field(4096, ge=1, description="Host RAM tier (pinned on CUDA).")
+    adapter_cache_disk_mb: int = Field(20480, ge=1, description="Local disk copies of remote blobs.")
+    pinned_adapters: TokenList = Field(
+        default_factory=list, description="Adapter refs loaded at start and never evicted (id or id@N)."
+    )
+    max_batch_size: int = Field(4, ge=1, le=64, description="Requests per denoising batch.")
+    batch_window_ms: float = Field(5.0, ge=0, le=10_000, description="How long to gather a batch.")
+
+    @field_validator("generate_tokens", "admin_tokens", "pinned_adapters", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):

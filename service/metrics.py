@@ -35,3 +35,36 @@ class Metrics:
         self.images = Counter("loraswap_images_generated", "Images generated.", registry=r)
         self.errors = Counter("loraswap_errors", "Error responses by error type.", ["type"], registry=r)
         self.ready = Gauge("loraswap_ready", "1 once the model is loaded and warmed up.", registry=r)
+        tier = ["tier"]
+        self.cache_hits = Counter("loraswap_adapter_cache_hits", "Adapter cache hits.", tier, registry=r)
+        self.cache_misses = Counter(
+            "loraswap_adapter_cache_misses", "Adapter cache misses.", tier, registry=r
+        )
+        self.cache_evictions = Counter(
+            "loraswap_adapter_cache_evictions", "Adapter cache evictions.", tier, registry=r
+        )
+        self.cache_bytes = Gauge(
+            "loraswap_adapter_cache_bytes", "Bytes held per cache tier.", tier, registry=r
+        )
+        self.cache_entries = Gauge(
+            "loraswap_adapter_cache_entries", "Adapters held per cache tier.", tier, registry=r
+        )
+        self.adapter_load = Histogram(
+            "loraswap_adapter_load_seconds",
+            "Time to make an adapter ready to run, by the tier it came from (host, disk, store).",
+            ["source"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "loraswap_batch_size",
+            "Requests per denoising batch.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
+        self.adapter_registrations = Counter(
+            "loraswap_adapter_registrations",
+            "Adapter registrations over HTTP by outcome.",
+            ["outcome"],
+            registry=r,
+        )

@@ -53,11 +53,14 @@ class GenerateController(Controller):
                 "Accept: image/png returns one image; ask for num_images=1 or accept application/json",
                 detail={"field": "num_images"},
             )
-        params = runtime.params_for(data)
-        result = await runtime.generate(params, lambda: wait_for_disconnect(request))
+        work = await runtime.prepare(data)
+        try:
+            result = await runtime.generate(work, lambda: wait_for_disconnect(request))
+        finally:
+            runtime.release(work)
         if result is None:
             return Response(b"", status_code=499)  # client closed request (nginx's convention)
-        headers = {"X-Loraswap-Seed": str(params.seed)}
+        headers = {"X-Loraswap-Seed": str(work.params.seed)}
         if png_only:
             headers["X-Loraswap-Timings"] = ",".join(f"{k}={v}" for k, v in result.timings.items())
             return Response(result.pngs[0], media_type=PNG, headers=headers)

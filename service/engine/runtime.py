@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from basemodel.errors import NotReady, NotSupported, RequestTimeout, ValidationFailed
+from basemodel.errors import NotReady, RequestTimeout, ValidationFailed
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from service.engine.png import encode_png
-from service.engine.sampler import SampleParams, StageTimer, sample
+from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
 from service.engine.schedulers import a1111_label
 from service.engine.worker import InferenceWorker, Job
+from service.lora.request import AdapterRequest, extract_prompt_adapters
+from service.lora.worker_manager import AdapterManager
 from service.metrics import Metrics
 from service.schemas import GenerateRequest
 
@@ -54,8 +56,16 @@ class GenerationResult:
             "seed": self.params.seed,
             "parameters": self.parameters,
             "timings": self.timings,
-            "adapters": [],
+            "adapters": [a.describe() for a in self.params.adapters],
         }
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a queued job carries: the sampling parameters and time already spent loading adapters."""
+
+    params: SampleParams
+    adapter_load_s: float
 
 
 class Runtime:
@@ -72,8 +82,16 @@ class Runtime:
         self.state = "starting"
         self.error: str | None = None
         self.base: BaseModel | None = None
+        self.adapters: AdapterManager | None = None
         self._loader = loader or _default_loader
-        self.worker = InferenceWorker(self._run_job, settings.max_queue, metrics)
+        self.worker = InferenceWorker(
+            self._run_batch,
+            settings.max_queue,
+            metrics,
+            max_batch=settings.max_batch_size,
+            window_s=settings.batch_window_ms / 1000,
+            batch_key=lambda job: job.payload.params.batch_key(),
+        )
         self._loading: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -88,6 +106,8 @@ class Runtime:
         if self._loading is not None:
             self._loading.join(self.settings.graceful_timeout_s)
         self.worker.stop(self.settings.graceful_timeout_s)
+        if self.adapters is not None:
+            self.adapters.close()
 
     @property
     def ready(self) -> bool:
@@ -97,6 +117,8 @@ class Runtime:
         try:
             self.state = "loading"
             self.base = self._loader(self.settings)
+            self.adapters = AdapterManager(self.settings, self.base, self.metrics)
+            self._pin_adapters()
             self.worker.start()
             if self.settings.warmup:
                 self.state = "warming"
@@ -108,6 +130,15 @@ class Runtime:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("loading the base model failed")
+
+    def _pin_adapters(self) -> None:
+        assert self.adapters is not None
+        for ref in self.settings.pinned_adapters:
+            try:
+                version = self.adapters.preload(ref, pin=True)
+                log.info("pinned adapter %s", version.ref)
+            except Exception as exc:  # a missing pin must not keep the server down; say so loudly
+                log.error("could not pin adapter %s: %s", ref, exc)
 
     def _warm_up(self) -> None:
         assert self.base is not None
@@ -123,34 +154,19 @@ class Runtime:
             raise NotReady(f"the server is {self.state}")
         return self.base
 
-    def params_for(self, request: GenerateRequest) -> SampleParams:
+    async def prepare(self, request: GenerateRequest) -> Work:
+        """Validate against the server limits, fix the seed, and resolve + lease the adapters."""
         base = self.check_ready()
-        if request.adapters:
-            raise NotSupported(
-                "adapters are not served by this build yet",
-                detail={"adapters": [a.id for a in request.adapters]},
-                hint="Drop the 'adapters' field; per-request LoRA lands with the hot-swap engine.",
-            )
+        prompt, tagged = extract_prompt_adapters(request.prompt)
+        wanted = [AdapterRequest(a.id, a.version, a.scale) for a in request.adapters] + tagged
         width = request.width or base.native_size
         height = request.height or base.native_size
-        limits = self.settings
-        for name, value, limit in (("width", width, limits.max_width), ("height", height, limits.max_height)):
-            if value > limit:
-                raise ValidationFailed(
-                    f"{name} {value} exceeds the server's limit of {limit}", detail={"field": name}
-                )
-        if request.steps > limits.max_steps:
-            raise ValidationFailed(
-                f"steps exceeds the server's limit of {limits.max_steps}", detail={"field": "steps"}
-            )
-        if request.num_images > limits.max_images:
-            raise ValidationFailed(
-                f"num_images exceeds the server's limit of {limits.max_images}",
-                detail={"field": "num_images"},
-            )
+        self._check_limits(width, height, request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        return SampleParams(
-            prompt=request.prompt,
+        started = time.perf_counter()
+        applied = await self.adapters.prepare(wanted) if (wanted and self.adapters) else ()
+        params = SampleParams(
+            prompt=prompt,
             negative_prompt=request.negative_prompt,
             steps=request.steps,
             guidance_scale=request.guidance_scale,
@@ -159,15 +175,33 @@ class Runtime:
             seed=seed,
             num_images=request.num_images,
             scheduler=request.scheduler,
+            adapters=applied,
         )
+        return Work(params, time.perf_counter() - started if applied else 0.0)
 
-    async def generate(
-        self, params: SampleParams, wait_disconnect: Callable[[], Any]
-    ) -> GenerationResult | None:
+    def release(self, work: Work) -> None:
+        if self.adapters is not None and work.params.adapters:
+            self.adapters.release(work.params.adapters)
+
+    def _check_limits(self, width: int, height: int, request: GenerateRequest) -> None:
+        limits = self.settings
+        checks = (
+            ("width", width, limits.max_width),
+            ("height", height, limits.max_height),
+            ("steps", request.steps, limits.max_steps),
+            ("num_images", request.num_images, limits.max_images),
+        )
+        for name, value, limit in checks:
+            if value > limit:
+                raise ValidationFailed(
+                    f"{name} {value} exceeds the server's limit of {limit}", detail={"field": name}
+                )
+
+    async def generate(self, work: Work, wait_disconnect: Callable[[], Any]) -> GenerationResult | None:
         """Queue a job and wait for it; ``None`` when the client went away first."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout_s
-        job: Job[GenerationResult] = Job(params, deadline, loop, loop.create_future())
+        job: Job[GenerationResult] = Job(work, deadline, loop, loop.create_future())
         self.worker.submit(job)
         gone = asyncio.ensure_future(wait_disconnect())
         try:
@@ -182,20 +216,34 @@ class Runtime:
             return job.future.result()
         job.abandoned.set()
         if gone in done:
-            log.info("client disconnected; dropped its job (seed %s)", params.seed)
+            log.info("client disconnected; dropped its job (seed %s)", work.params.seed)
             return None
         raise RequestTimeout(f"generation did not finish within {self.settings.request_timeout_s:g} s")
 
-    def _run_job(self, job: Job[Any]) -> GenerationResult:
+    def _run_batch(self, jobs: list[Job[Any]]) -> list[Any]:
+        """Run compatible jobs in one denoising loop; one outcome per job."""
         assert self.base is not None
-        params: SampleParams = job.payload
-        timer = StageTimer({"queue": (job.started_at or job.enqueued_at) - job.enqueued_at})
+        batch: list[SampleParams] = [job.payload.params for job in jobs]
+        timer = StageTimer()
+        lora = self.adapters.models if self.adapters is not None else None
         try:
-            images = sample(self.base.pipe, params, timer, should_stop=job.should_stop)
-        except Exception:
-            if job.should_stop() and not job.abandoned.is_set():
-                raise RequestTimeout("generation exceeded the request timeout") from None
-            raise
+            images = sample_batch(
+                self.base.pipe, batch, timer, lambda: all(j.should_stop() for j in jobs), lora
+            )
+        except Exception as exc:
+            failure: Exception = exc
+            if all(j.should_stop() for j in jobs) and not all(j.abandoned.is_set() for j in jobs):
+                failure = RequestTimeout("generation exceeded the request timeout")
+            return [failure] * len(jobs)
+        return [self._finish(job, pictures, timer) for job, pictures in zip(jobs, images, strict=True)]
+
+    def _finish(self, job: Job[Any], images: list[Any], shared: StageTimer) -> GenerationResult:
+        work: Work = job.payload
+        params = work.params
+        timer = StageTimer(dict(shared.seconds))
+        timer.seconds["queue"] = (job.started_at or job.enqueued_at) - job.enqueued_at
+        if work.adapter_load_s:
+            timer.seconds["adapter_load"] = work.adapter_load_s
         parameters = self.describe(params)
         started = time.perf_counter()
         pngs = [encode_png(image, {**parameters, "seed": params.seed + i}) for i, image in enumerate(images)]
@@ -223,6 +271,10 @@ class Runtime:
             "model": self.base.name,
             "model_hash": self.base.fingerprint,
             "version": package_version(),
+            "adapters": [a.describe() for a in params.adapters],
+            "lora_hashes": ", ".join(
+                f"{a.version.adapter_id}: {a.version.sha256[:12]}" for a in params.adapters
+            ),
         }
 
 

@@ -1,17 +1,22 @@
-"""The text-to-image sampling loop.
+"""The text-to-image sampling loop, for one request or a batch of compatible requests.
 
 It follows diffusers' ``StableDiffusionPipeline.__call__`` step for step (same prompt encoding,
 latent initialisation, classifier-free guidance and VAE decode), so any result reproduces in plain
 diffusers with ``generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]``. It is
 written out here because the server needs per-stage timings, per-step cancellation, a per-request
-scheduler and, later, per-sample adapters.
+scheduler, per-request LoRA adapters and batches that mix requests with different adapters.
+
+A batch shares width, height, steps, scheduler and whether guidance is on (``batch_key``); each
+request keeps its own prompt, negative prompt, guidance scale, seed, image count and adapters. Rows
+of the batch are laid out as ``[uncond(req0), uncond(req1), …, cond(req0), cond(req1), …]``.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +26,8 @@ from PIL import Image
 
 from basemodel.loader import Pipeline
 from service.engine.schedulers import make_scheduler
+from service.lora.model_manager import ActiveLoRA, LoRAModelManager
+from service.lora.request import AppliedAdapter
 
 
 class Cancelled(Exception):
@@ -38,6 +45,11 @@ class SampleParams:
     seed: int
     num_images: int
     scheduler: str
+    adapters: tuple[AppliedAdapter, ...] = ()
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one denoising loop."""
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1.0)
 
 
 @dataclass
@@ -65,53 +77,120 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
     return kwargs
 
 
+@contextmanager
+def _using(lora: LoRAModelManager | None, active: list[ActiveLoRA]) -> Iterator[None]:
+    with lora.activate(active) if (lora is not None and active) else nullcontext():
+        yield
+
+
+def _whole(adapters: Sequence[AppliedAdapter]) -> list[ActiveLoRA]:
+    return [ActiveLoRA(a.adapter, a.scale) for a in adapters]
+
+
+def _row_loras(batch: Sequence[SampleParams], copies: int) -> list[ActiveLoRA]:
+    """Per-adapter row sets for the UNet; a single request keeps PEFT's exact scalar path."""
+    if len(batch) == 1:
+        return _whole(batch[0].adapters)
+    total = sum(p.num_images for p in batch)
+    rows: dict[int, tuple[AppliedAdapter, list[int], list[float]]] = {}
+    offset = 0
+    for params in batch:
+        for applied in params.adapters:
+            _, idx, scales = rows.setdefault(id(applied.adapter), (applied, [], []))
+            for copy in range(copies):
+                start = copy * total + offset
+                idx.extend(range(start, start + params.num_images))
+                scales.extend([applied.scale] * params.num_images)
+        offset += params.num_images
+    active = []
+    for applied, idx, scales in rows.values():
+        if len(idx) == total * copies and len(set(scales)) == 1:
+            active.append(ActiveLoRA(applied.adapter, scales[0]))
+        else:
+            active.append(ActiveLoRA(applied.adapter, torch.tensor(scales), torch.tensor(idx)))
+    return active
+
+
+def _guidance(
+    batch: Sequence[SampleParams], device: torch.device, dtype: torch.dtype
+) -> float | torch.Tensor:
+    scales = [p.guidance_scale for p in batch for _ in range(p.num_images)]
+    if len(set(scales)) == 1:
+        return scales[0]
+    return torch.tensor(scales, device=device, dtype=dtype).view(-1, 1, 1, 1)
+
+
 @torch.no_grad()
-def sample(
+def sample_batch(
     pipe: Pipeline,
-    params: SampleParams,
+    batch: Sequence[SampleParams],
     timer: StageTimer,
     should_stop: Callable[[], bool] = lambda: False,
-) -> list[Image.Image]:
+    lora: LoRAModelManager | None = None,
+) -> list[list[Image.Image]]:
+    first = batch[0]
+    assert all(p.batch_key() == first.batch_key() for p in batch), "incompatible requests in one batch"
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    n = params.num_images
-    do_cfg = params.guidance_scale > 1.0
+    do_cfg = first.guidance_scale > 1.0
+    counts = [p.num_images for p in batch]
 
     started = time.perf_counter()
-    cond, uncond = pipe.encode_prompt(
-        params.prompt,
-        device,
-        num_images_per_prompt=n,
-        do_classifier_free_guidance=do_cfg,
-        negative_prompt=params.negative_prompt or None,
-    )
-    embeds = torch.cat([uncond, cond]) if do_cfg else cond
+    conds, unconds = [], []
+    for params in batch:
+        with _using(lora, _whole(params.adapters)):
+            cond, uncond = pipe.encode_prompt(
+                params.prompt,
+                device,
+                num_images_per_prompt=params.num_images,
+                do_classifier_free_guidance=do_cfg,
+                negative_prompt=params.negative_prompt or None,
+            )
+        conds.append(cond)
+        unconds.append(uncond)
+    embeds = torch.cat(unconds + conds) if do_cfg else torch.cat(conds)
     timer.add("text_encode", started)
 
     started = time.perf_counter()
-    scheduler = make_scheduler(params.scheduler, pipe.scheduler.config)
-    scheduler.set_timesteps(params.steps, device=device)
-    generators = generators_for(params.seed, n)
+    scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
+    scheduler.set_timesteps(first.steps, device=device)
+    generators = [g for p in batch for g in generators_for(p.seed, p.num_images)]
     scale = pipe.vae_scale_factor
-    shape = (n, pipe.unet.config.in_channels, params.height // scale, params.width // scale)
+    shape = (sum(counts), pipe.unet.config.in_channels, first.height // scale, first.width // scale)
     latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
     latents = latents * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generators)
-    for t in scheduler.timesteps:
-        if should_stop():
-            raise Cancelled
-        model_input = torch.cat([latents] * 2) if do_cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        noise = pipe.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        if do_cfg:
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + params.guidance_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+    guidance = _guidance(batch, device, dtype)
+    with _using(lora, _row_loras(batch, 2 if do_cfg else 1)):
+        for t in scheduler.timesteps:
+            if should_stop():
+                raise Cancelled
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = pipe.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if do_cfg:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
     timer.add("denoise", started)
 
     started = time.perf_counter()
     decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     images: list[Image.Image] = pipe.image_processor.postprocess(
-        decoded, output_type="pil", do_denormalize=[True] * n
+        decoded, output_type="pil", do_denormalize=[True] * len(decoded)
     )
     timer.add("decode", started)
-    return images
+    out, offset = [], 0
+    for count in counts:
+        out.append(images[offset : offset + count])
+        offset += count
+    return out
+
+
+def sample(
+    pipe: Pipeline,
+    params: SampleParams,
+    timer: StageTimer,
+    should_stop: Callable[[], bool] = lambda: False,
+    lora: LoRAModelManager | None = None,
+) -> list[Image.Image]:
+    return sample_batch(pipe, [params], timer, should_stop, lora)[0]

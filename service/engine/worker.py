@@ -14,6 +14,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -42,10 +43,31 @@ class Job(Generic[T]):
 
 
 class InferenceWorker:
-    def __init__(self, run: Callable[[Job[Any]], Any], max_queue: int, metrics: Metrics) -> None:
+    """Runs jobs one batch at a time on a dedicated thread.
+
+    With ``max_batch`` > 1 it gathers, for up to ``window_s`` after the first job, further queued
+    jobs whose ``batch_key`` matches the first one's into the same batch; others wait for the next.
+    ``run`` gets the batch and returns one outcome (a result or an exception) per job.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[Job[Any]]], list[Any]],
+        max_queue: int,
+        metrics: Metrics,
+        *,
+        max_batch: int = 1,
+        window_s: float = 0.0,
+        batch_key: Callable[[Job[Any]], Any] = lambda job: None,
+    ) -> None:
         self._run = run
         self._queue: queue.Queue[Job[Any] | None] = queue.Queue(maxsize=max_queue)
         self._metrics = metrics
+        self._max_batch = max_batch
+        self._window_s = window_s
+        self._key = batch_key
+        self._deferred: deque[Job[Any]] = deque()
+        self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="loraswap-inference", daemon=True)
         self._avg_job_s = 1.0
 
@@ -54,7 +76,7 @@ class InferenceWorker:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._deferred)
 
     def submit(self, job: Job[Any]) -> None:
         try:
@@ -66,7 +88,7 @@ class InferenceWorker:
                 retry_after_s=max(1, wait),
                 detail={"queue_depth": self._queue.qsize()},
             ) from None
-        self._metrics.queue_depth.set(self._queue.qsize())
+        self._metrics.queue_depth.set(self.depth)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish queued work, then end the thread (called after the server stopped accepting)."""
@@ -78,23 +100,72 @@ class InferenceWorker:
             log.warning("worker queue still full at shutdown; abandoning queued jobs")
         self._thread.join(timeout)
 
+    # -- the worker thread ------------------------------------------------------------------------
     def _serve(self) -> None:
-        while (job := self._queue.get()) is not None:
-            self._metrics.queue_depth.set(self._queue.qsize())
-            if job.abandoned.is_set():
-                continue
-            if time.monotonic() > job.deadline:
-                _deliver(job, RequestTimeout("request timed out while queued"))
-                continue
-            job.started_at = time.monotonic()
-            self._metrics.in_flight.inc()
+        while (first := self._next()) is not None:
+            batch = self._gather(first)
+            self._metrics.queue_depth.set(self.depth)
+            if batch:
+                self._execute(batch)
+
+    def _next(self) -> Job[Any] | None:
+        if self._deferred:
+            return self._deferred.popleft()
+        if self._stopping:
+            return None
+        job = self._queue.get()
+        if job is None:
+            self._stopping = True
+        return job
+
+    def _usable(self, job: Job[Any]) -> bool:
+        if job.abandoned.is_set():
+            return False
+        if time.monotonic() > job.deadline:
+            _deliver(job, RequestTimeout("request timed out while queued"))
+            return False
+        return True
+
+    def _gather(self, first: Job[Any]) -> list[Job[Any]]:
+        batch = [first] if self._usable(first) else []
+        if not batch or self._max_batch == 1:
+            return batch
+        key = self._key(first)
+        for job in list(self._deferred):
+            if len(batch) < self._max_batch and self._key(job) == key:
+                self._deferred.remove(job)
+                if self._usable(job):
+                    batch.append(job)
+        until = time.monotonic() + self._window_s
+        while len(batch) < self._max_batch and not self._stopping:
             try:
-                _deliver(job, self._run(job))
-            except BaseException as exc:  # delivered to the waiting handler, which re-raises it
-                _deliver(job, exc)
-            finally:
-                self._metrics.in_flight.dec()
-                self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * (time.monotonic() - job.started_at)
+                arrived = self._queue.get(timeout=max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                break
+            if arrived is None:
+                self._stopping = True
+            elif self._key(arrived) == key:
+                if self._usable(arrived):
+                    batch.append(arrived)
+            else:
+                self._deferred.append(arrived)
+        return batch
+
+    def _execute(self, batch: list[Job[Any]]) -> None:
+        started = time.monotonic()
+        for job in batch:
+            job.started_at = started
+        self._metrics.in_flight.inc(len(batch))
+        self._metrics.batch_size.observe(len(batch))
+        try:
+            outcomes = self._run(batch)
+        except BaseException as exc:  # delivered to every waiting handler, which re-raises it
+            outcomes = [exc] * len(batch)
+        finally:
+            self._metrics.in_flight.dec(len(batch))
+        for job, outcome in zip(batch, outcomes, strict=True):
+            _deliver(job, outcome)
+        self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * (time.monotonic() - started)
 
 
 def _deliver(job: Job[Any], outcome: Any) -> None:

@@ -75,13 +75,13 @@ def test_body_over_limit_is_413(start_server: Any) -> None:
     assert response.json()["error"]["type"] == "payload_too_large"
 
 
-def test_adapters_not_served_yet_is_explicit(server: Any) -> None:
+def test_unknown_adapter_is_404(server: Any) -> None:
     with server.client() as http:
         response = http.post("/v1/generate", json={"prompt": "a", "adapters": [{"id": "style"}]})
-    assert response.status_code == 501
-    error = response.json()["error"]
-    assert error["type"] == "not_implemented"
-    assert error["detail"]["adapters"] == ["style"]
+        tagged = http.post("/v1/generate", json={"prompt": "a <lora:style:0.5>"})
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "adapter_not_found"
+    assert tagged.status_code == 404
 
 
 def test_unknown_route_is_json_404(server: Any) -> None:

@@ -19,16 +19,18 @@ from tests.service.conftest import free_port
 
 
 @pytest.fixture
-def serve_process(loraswap_home: Path) -> Any:
+def serve_process(loraswap_home: Path, tmp_path: Path) -> Any:
     port = free_port()
     env = {**os.environ, "LORASWAP_HOME": str(loraswap_home), "LORASWAP_WARMUP": "false"}
+    log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.log_path = tmp_path / "server.log"  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -38,7 +40,7 @@ def serve_process(loraswap_home: Path) -> Any:
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read() if proc.stdout else "server died")
+            raise AssertionError(proc.log_path.read_text())
         time.sleep(0.2)
     else:
         proc.kill()
@@ -102,5 +104,5 @@ def test_sigterm_finishes_in_flight_then_exits(serve_process: Any) -> None:
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=2)  # no longer accepting
     worker.join(120)
-    assert result["response"].status_code == 200
-    assert proc.wait(60) == 0
+    assert result["response"].status_code == 200, proc.log_path.read_text()
+    assert proc.wait(60) == 0, proc.log_path.read_text()

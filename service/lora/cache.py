@@ -1,0 +1,300 @@
+"""The tiered adapter cache: device (ready to run) → host RAM → local disk → the store.
+
+Each tier is an LRU with a byte budget. Entries are keyed by ``(id, version, sha256)`` kept as a
+tuple, so no two parts can run together into a colliding key. A *lease* marks a device entry as used
+by queued or in-flight work: leased entries are never evicted (the budget may be exceeded for as
+long as that lasts), and pinned entries are never evicted at all. Loading runs on a small thread pool
+outside the inference worker, so a cold adapter never blocks requests that use resident ones, and
+concurrent requests for the same cold adapter share one load (single flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapters.records import AdapterVersion
+from adapters.registry import LoadedAdapter, Registry
+from adapters.sources.local import LocalStore
+from service.lora.weights import DeviceAdapter
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CacheKey = tuple[str, int, str]
+TIERS = ("device", "host", "disk")
+
+
+def key_of(version: AdapterVersion) -> CacheKey:
+    return (version.adapter_id, version.version, version.sha256)
+
+
+@dataclass
+class _DeviceEntry:
+    adapter: DeviceAdapter
+    metadata_scale: float | None
+    leases: int = 0
+    pinned: bool = False
+
+
+@dataclass
+class _HostEntry:
+    loaded: LoadedAdapter
+    nbytes: int
+
+
+@dataclass
+class Budgets:
+    device_bytes: int
+    host_bytes: int
+    disk_bytes: int
+
+
+@dataclass
+class TierStats:
+    entries: dict[str, int] = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)
+
+
+class DiskTier:
+    """Verified local copies of remote blobs (``<sha256>.safetensors``), LRU by mtime."""
+
+    def __init__(self, root: Path, budget: int) -> None:
+        self.root = root
+        self.budget = budget
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.safetensors"
+
+    def read(self, sha256: str) -> bytes | None:
+        path = self.path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        os.utime(path)  # LRU by mtime
+        return data
+
+    def write(self, sha256: str, data: bytes) -> int:
+        tmp = self.root / f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path(sha256))
+        return self._evict()
+
+    def usage(self) -> tuple[int, int]:
+        files = list(self.root.glob("*.safetensors"))
+        return len(files), sum(f.stat().st_size for f in files)
+
+    def _evict(self) -> int:
+        files = sorted(self.root.glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns)
+        total = sum(f.stat().st_size for f in files)
+        evicted = 0
+        while total > self.budget and len(files) > 1:
+            victim = files.pop(0)
+            total -= victim.stat().st_size
+            victim.unlink(missing_ok=True)
+            evicted += 1
+        return evicted
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        registry: Registry,
+        targets: dict[str, nn.Module],
+        device: torch.device,
+        dtype: torch.dtype,
+        budgets: Budgets,
+        disk_root: Path,
+        metrics: Metrics,
+        *,
+        loader_threads: int = 2,
+    ) -> None:
+        self.registry = registry
+        self.targets = targets
+        self.device = device
+        self.dtype = dtype
+        self.budgets = budgets
+        self.metrics = metrics
+        # a local store already is a disk tier: no second copy of its blobs
+        self.disk = (
+            None if isinstance(registry.store, LocalStore) else DiskTier(disk_root, budgets.disk_bytes)
+        )
+        self._device: OrderedDict[CacheKey, _DeviceEntry] = OrderedDict()
+        self._host: OrderedDict[CacheKey, _HostEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._inflight: dict[CacheKey, asyncio.Future[DeviceAdapter]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="loraswap-load")
+
+    # -- leases -----------------------------------------------------------------------------------
+    async def acquire(self, version: AdapterVersion) -> DeviceAdapter:
+        """A ready-to-run adapter, leased until ``release``; loads it (once) when cold."""
+        key = key_of(version)
+        with self._lock:
+            entry = self._device.get(key)
+            if entry is not None:
+                entry.leases += 1
+                self._device.move_to_end(key)
+                self._hit("device")
+                return entry.adapter
+        pending = self._inflight.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self._pool, self._load, version)
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        adapter = await asyncio.shield(pending)
+        with self._lock:
+            entry = self._device.get(key)
+            if entry is None:  # evicted between load and lease (tiny budget): re-insert
+                entry = self._insert_device(key, adapter, version.scale_default)
+            entry.leases += 1
+        return adapter
+
+    def release(self, version: AdapterVersion) -> None:
+        with self._lock:
+            entry = self._device.get(key_of(version))
+            if entry is not None and entry.leases > 0:
+                entry.leases -= 1
+            self._evict_device()
+            self._publish()
+
+    def load_blocking(self, version: AdapterVersion, *, pin: bool = False) -> DeviceAdapter:
+        """Load into the device tier from a plain thread (pre-warming at start-up, preload)."""
+        adapter = self._load(version)
+        if pin:
+            with self._lock:
+                self._device[key_of(version)].pinned = True
+        return adapter
+
+    def drop(self, predicate: Callable[[CacheKey], bool]) -> int:
+        """Invalidate matching entries in the device and host tiers (leased ones stay until released)."""
+        dropped = 0
+        with self._lock:
+            for key in [k for k, e in self._device.items() if predicate(k) and not e.leases and not e.pinned]:
+                del self._device[key]
+                dropped += 1
+            for key in [k for k in self._host if predicate(k)]:
+                del self._host[key]
+            self._publish()
+        return dropped
+
+    def resident(self) -> list[CacheKey]:
+        with self._lock:
+            return list(self._device)
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _load(self, version: AdapterVersion) -> DeviceAdapter:
+        key = key_of(version)
+        with self._lock:
+            entry = self._device.get(key)
+            if entry is not None:
+                return entry.adapter
+            host = self._host.get(key)
+            if host is not None:
+                self._host.move_to_end(key)
+        started = time.perf_counter()
+        if host is None:
+            self._miss("device")
+            self._miss("host")
+            loaded, source = self._read(version)
+            if self.device.type == "cuda":  # page-locked host copies make device uploads async
+                loaded = LoadedAdapter(
+                    loaded.version, {k: t.pin_memory() for k, t in loaded.tensors.items()}, loaded.metadata
+                )
+            host = _HostEntry(loaded, sum(t.nbytes for t in loaded.tensors.values()))
+            with self._lock:
+                self._host[key] = host
+                self._evict_host()
+        else:
+            self._miss("device")
+            self._hit("host")
+            source = "host"
+        adapter = DeviceAdapter.build(
+            f"{version.adapter_id}@{version.version}",
+            host.loaded.tensors,
+            self.targets,
+            self.device,
+            self.dtype,
+            non_blocking=self.device.type == "cuda",
+        )
+        self.metrics.adapter_load.labels(source=source).observe(time.perf_counter() - started)
+        with self._lock:
+            self._insert_device(key, adapter, version.scale_default)
+            self._evict_device()
+            self._publish()
+        return adapter
+
+    def _read(self, version: AdapterVersion) -> tuple[LoadedAdapter, str]:
+        """Bytes from the disk tier (or a local store), else the store; verified and parsed."""
+        if self.disk is None:
+            self._hit("disk")
+            return self.registry.open_data(version, self.registry.read_blob(version)), "disk"
+        data = self.disk.read(version.sha256)
+        if data is not None:
+            self._hit("disk")
+            return self.registry.open_data(version, data), "disk"
+        self._miss("disk")
+        data = self.registry.read_blob(version)
+        loaded = self.registry.open_data(version, data)  # verifies the sha256 before caching
+        evicted = self.disk.write(version.sha256, data)
+        self.metrics.cache_evictions.labels(tier="disk").inc(evicted)
+        return loaded, "store"
+
+    # -- bookkeeping (call with the lock held) ------------------------------------------------------
+    def _insert_device(self, key: CacheKey, adapter: DeviceAdapter, scale: float | None) -> _DeviceEntry:
+        entry = self._device.get(key) or _DeviceEntry(adapter, scale)
+        self._device[key] = entry
+        self._device.move_to_end(key)
+        return entry
+
+    def _evict_device(self) -> None:
+        total = sum(e.adapter.nbytes for e in self._device.values())
+        for key in list(self._device):
+            if total <= self.budgets.device_bytes:
+                break
+            entry = self._device[key]
+            if entry.leases or entry.pinned:
+                continue
+            del self._device[key]
+            total -= entry.adapter.nbytes
+            self.metrics.cache_evictions.labels(tier="device").inc()
+
+    def _evict_host(self) -> None:
+        total = sum(e.nbytes for e in self._host.values())
+        while total > self.budgets.host_bytes and len(self._host) > 1:
+            _, entry = self._host.popitem(last=False)
+            total -= entry.nbytes
+            self.metrics.cache_evictions.labels(tier="host").inc()
+
+    def _publish(self) -> None:
+        m = self.metrics
+        m.cache_entries.labels(tier="device").set(len(self._device))
+        m.cache_bytes.labels(tier="device").set(sum(e.adapter.nbytes for e in self._device.values()))
+        m.cache_entries.labels(tier="host").set(len(self._host))
+        m.cache_bytes.labels(tier="host").set(sum(e.nbytes for e in self._host.values()))
+        if self.disk is not None:
+            entries, nbytes = self.disk.usage()
+            m.cache_entries.labels(tier="disk").set(entries)
+            m.cache_bytes.labels(tier="disk").set(nbytes)
+
+    def _hit(self, tier: str) -> None:
+        self.metrics.cache_hits.labels(tier=tier).inc()
+
+    def _miss(self, tier: str) -> None:
+        self.metrics.cache_misses.labels(tier=tier).inc()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,33 @@
+"""LoRA for ``nn.Conv2d`` (LoCon): A is a conv with the base kernel/stride/padding, B a 1x1 conv."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ConvLoRA:
+    down: torch.Tensor  # [r, in, kh, kw]
+    up: torch.Tensor  # [out, r, 1, 1]
+    stride: Any
+    padding: Any
+    dilation: Any
+
+    @classmethod
+    def build(cls, module: nn.Conv2d, down: torch.Tensor, up: torch.Tensor) -> ConvLoRA:
+        if down.ndim == 2:  # a linear-shaped LoRA on a 1x1 conv
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        return cls(down.contiguous(), up.contiguous(), module.stride, module.padding, module.dilation)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.conv2d(x, self.down, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(hidden, self.up)
+
+    @property
+    def nbytes(self) -> int:
+        return self.down.nbytes + self.up.nbytes

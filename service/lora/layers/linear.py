@@ -1,0 +1,28 @@
+"""LoRA for ``nn.Linear``: ``x @ Aᵀ @ Bᵀ`` (what PEFT's ``lora_B(lora_A(x))`` computes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LinearLoRA:
+    down: torch.Tensor  # [r, in]
+    up: torch.Tensor  # [out, r]
+
+    @classmethod
+    def build(cls, module: nn.Linear, down: torch.Tensor, up: torch.Tensor) -> LinearLoRA:
+        if down.ndim == 4:  # a 1x1-conv-shaped LoRA on a linear layer
+            down, up = down.flatten(1), up.flatten(1)
+        return cls(down.contiguous(), up.contiguous())
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down), self.up)
+
+    @property
+    def nbytes(self) -> int:
+        return self.down.nbytes + self.up.nbytes
