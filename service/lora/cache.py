@@ -173,11 +173,7 @@ class AdapterCache:
 
     def load_blocking(self, version: AdapterVersion, *, pin: bool = False) -> DeviceAdapter:
         """Load into the device tier from a plain thread (pre-warming at start-up, preload)."""
-        adapter = self._load(version)
-        if pin:
-            with self._lock:
-                self._device[key_of(version)].pinned = True
-        return adapter
+        return self._load(version, pin=pin)
 
     def drop(self, predicate: Callable[[CacheKey], bool]) -> int:
         """Invalidate matching entries in the device and host tiers (leased ones stay until released)."""
@@ -196,11 +192,12 @@ class AdapterCache:
             return list(self._device)
 
     # -- loading ----------------------------------------------------------------------------------
-    def _load(self, version: AdapterVersion) -> DeviceAdapter:
+    def _load(self, version: AdapterVersion, pin: bool = False) -> DeviceAdapter:
         key = key_of(version)
         with self._lock:
             entry = self._device.get(key)
             if entry is not None:
+                entry.pinned |= pin
                 return entry.adapter
             host = self._host.get(key)
             if host is not None:
@@ -232,7 +229,7 @@ class AdapterCache:
         )
         self.metrics.adapter_load.labels(source=source).observe(time.perf_counter() - started)
         with self._lock:
-            self._insert_device(key, adapter, version.scale_default)
+            self._insert_device(key, adapter, version.scale_default).pinned |= pin
             self._evict_device()
             self._publish()
         return adapter

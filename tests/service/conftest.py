@@ -56,7 +56,7 @@ def start_server(loraswap_home: Any, base_model: Any) -> Iterator[Callable[..., 
         loader: Callable[[Settings], Any] | None = None, wait: bool = True, **overrides: Any
     ) -> RunningServer:
         port = free_port()
-        settings = Settings(home=loraswap_home, port=port, **{"warmup": False, **overrides})
+        settings = Settings(port=port, **{"home": loraswap_home, "warmup": False, **overrides})
         app = create_app(settings, loader=loader or (lambda _: base_model))
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)

@@ -1,0 +1,116 @@
+"""The tiered adapter cache: leases block eviction, LRU order, disk tier for remote stores."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.identity import BaseIdentity
+from adapters.registry import Registry
+from adapters.sources import open_store
+from service.lora.cache import AdapterCache, Budgets, key_of
+from service.lora.model_manager import LoRAModelManager
+from service.metrics import Metrics
+from tests.adapters.conftest import moto_endpoint, s3_bucket, save_bytes  # noqa: F401  (fixtures)
+from tests.adapters.factory import diffusers_layout, make_case
+from tests.service.test_lifecycle import metric_samples, value
+
+
+@pytest.fixture(scope="module")
+def lora_bytes(base_model: Any) -> list[bytes]:
+    tensors = diffusers_layout(make_case(base_model.pipe))
+    return [save_bytes({k: v * (1 + i) for k, v in tensors.items()}) for i in range(3)]
+
+
+@pytest.fixture
+def manager(base_model: Any) -> Any:
+    models = LoRAModelManager(base_model.pipe.unet, base_model.pipe.text_encoder)
+    yield models
+    models.remove()
+
+
+def make_cache(
+    registry: Registry, manager: LoRAModelManager, tmp_path: Path, device_bytes: int
+) -> AdapterCache:
+    budgets = Budgets(device_bytes=device_bytes, host_bytes=1 << 30, disk_bytes=1 << 30)
+    return AdapterCache(
+        registry, manager.targets, torch.device("cpu"), torch.float32, budgets, tmp_path / "disk", Metrics()
+    )
+
+
+def test_leased_adapters_are_never_evicted(
+    base_model: Any, manager: LoRAModelManager, lora_bytes: list[bytes], tmp_path: Path
+) -> None:
+    registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
+    versions = [registry.register(data, f"a{i}") for i, data in enumerate(lora_bytes)]
+    one = sum(t.nbytes for t in registry.open(versions[0]).tensors.values())
+    cache = make_cache(registry, manager, tmp_path, device_bytes=one + one // 2)  # room for one
+
+    async def scenario() -> None:
+        await cache.acquire(versions[0])
+        await cache.acquire(versions[1])  # over budget, but both are leased
+        assert set(cache.resident()) == {key_of(versions[0]), key_of(versions[1])}
+        cache.release(versions[0])  # now evictable: the least recently used goes
+        assert cache.resident() == [key_of(versions[1])]
+        cache.release(versions[1])
+        await cache.acquire(versions[2])
+        assert cache.resident() == [key_of(versions[2])]
+        cache.release(versions[2])
+
+    asyncio.run(scenario())
+    cache.close()
+
+
+def test_pinned_adapters_survive_pressure(
+    base_model: Any, manager: LoRAModelManager, lora_bytes: list[bytes], tmp_path: Path
+) -> None:
+    registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
+    versions = [registry.register(data, f"a{i}") for i, data in enumerate(lora_bytes)]
+    cache = make_cache(registry, manager, tmp_path, device_bytes=1)
+    cache.load_blocking(versions[0], pin=True)
+
+    async def scenario() -> None:
+        for version in versions[1:]:
+            await cache.acquire(version)
+            cache.release(version)
+
+    asyncio.run(scenario())
+    assert cache.resident() == [key_of(versions[0])]
+    cache.close()
+
+
+def test_remote_store_blobs_are_cached_on_local_disk(
+    start_server: Any,
+    base_model: Any,
+    lora_bytes: list[bytes],
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+) -> None:
+    uri = f"s3://{s3_bucket}/fleet"
+    registry = Registry(
+        open_store(uri, s3_endpoint_url=moto_endpoint), BaseIdentity.from_base_model(base_model)
+    )
+    version = registry.register(lora_bytes[0], "remote")
+    request = {"prompt": "a", "steps": 1, "adapters": [{"id": "remote"}]}
+
+    first = start_server(home=tmp_path, store=uri, s3_endpoint_url=moto_endpoint)
+    with first.client() as http:
+        assert http.post("/v1/generate", json=request).status_code == 200
+    samples = metric_samples(first)
+    assert value(samples, "loraswap_adapter_cache_misses_total", tier="disk") == 1
+    assert value(samples, "loraswap_adapter_load_seconds_count", source="store") == 1
+    assert (tmp_path / "cache" / "adapters" / f"{version.sha256}.safetensors").is_file()
+    first.stop()
+
+    second = start_server(home=tmp_path, store=uri, s3_endpoint_url=moto_endpoint)  # cold RAM, warm disk
+    with second.client() as http:
+        assert http.post("/v1/generate", json=request).status_code == 200
+    samples = metric_samples(second)
+    assert value(samples, "loraswap_adapter_cache_hits_total", tier="disk") == 1
+    assert value(samples, "loraswap_adapter_load_seconds_count", source="disk") == 1
+    assert value(samples, "loraswap_adapter_cache_entries", tier="disk") == 1
