@@ -91,7 +91,7 @@ def split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.T
     for index, entry in state_dict["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().clone()
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": _jsonable(state_dict["param_groups"]), "scalars": scalars}

@@ -123,7 +123,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in TrainConfig.model_fields if hasattr(args, name)}
+    """Only the options given on the command line; list options flattened (``a,b c`` → a, b, c)."""
+    given = {}
+    for name in TrainConfig.model_fields:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            if isinstance(value, list):
+                value = [item for chunk in value for item in (chunk if isinstance(chunk, list) else [chunk])]
+            given[name] = value
+    return given
 
 
 def _resume_layer(resume: str, output: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 VAL_SEED_OFFSET = 1_000_003
 VAL_CHUNK = 16
+MIN_TILE = 96
 
 
 @dataclass
@@ -156,6 +157,12 @@ def sample_grid(
 ) -> Image.Image:
     """Rows = prompts; for each seed a (base | adapter) pair; a label strip on top and per row."""
     font = ImageFont.load_default()
+    zoom = max(1, -(-MIN_TILE // adapter[0].width))  # small samples are enlarged (nearest) so labels fit
+    if zoom > 1:
+        base = [img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST) for img in base]
+        adapter = [
+            img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST) for img in adapter
+        ]
     width, height = adapter[0].size
     cols = 2 * len(seeds)
     label_h, gap = 14, 4

@@ -111,6 +111,7 @@ class TrainerParts:
     total_steps: int
     identity: dict[str, Any]
     sampler: Callable[[int], None] | None = None
+    on_step: Callable[[Trainer], None] | None = None  # called after every optimizer step (hooks, tests)
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -340,13 +341,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                     if p.sampler and self._due(cfg.sample_every) and not last:
                         p.sampler(self.step)
+                    if p.on_step is not None:
+                        p.on_step(self)
                     if self._due(cfg.checkpoint_every) or last or self._stop.is_set():
                         self.save()
         finally:
             bar.close()
             _restore_sigint(previous)
         done = self.step - start_step
-        final_val = val_loss if val_loss is not None else (self._validate() if self._stop.is_set() else None)
+        final_val = val_loss if val_loss is not None else self._validate()
         return LoopResult(
             step=self.step,
             total_steps=p.total_steps,

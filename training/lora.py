@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from training.config import TrainConfig
@@ -99,12 +99,14 @@ def inject(unet: nn.Module, text_encoder: nn.Module, config: TrainConfig) -> Inj
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet_modules = resolve_targets(unet, config.target_modules, "UNet")
-    unet.add_adapter(lora_config(config, config.target_modules), adapter_name=ADAPTER_NAME)  # type: ignore[operator]
+    # peft directly (what diffusers' ``add_adapter`` does), for both models alike: transformers' own
+    # PEFT integration demands a newer peft than diffusers does.
+    inject_adapter_in_model(lora_config(config, config.target_modules), unet, ADAPTER_NAME)
     te_modules: list[str] = []
     if config.train_text_encoder:
         te_modules = resolve_targets(text_encoder, config.text_encoder_target_modules, "text-encoder")
-        text_encoder.add_adapter(  # type: ignore[operator]
-            lora_config(config, config.text_encoder_target_modules), adapter_name=ADAPTER_NAME
+        inject_adapter_in_model(
+            lora_config(config, config.text_encoder_target_modules), text_encoder, ADAPTER_NAME
         )
     unet_params = _lora_params(unet)
     te_params = _lora_params(text_encoder)
@@ -180,18 +182,25 @@ def load_trainable_state(unet: nn.Module, text_encoder: nn.Module, state: dict[s
             param.copy_(state[name].to(param.device, param.dtype))
 
 
+def _peft_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``<prefix>.<module>.lora_A.weight`` … (adapter name removed), fp32 on CPU."""
+    marker = f".{ADAPTER_NAME}."
+    return {
+        f"{prefix}.{name.replace(marker, '.')}": param.detach().float().cpu().clone()
+        for name, param in model.named_parameters()
+        if "lora_" in name
+    }
+
+
 def adapter_tensors(
     unet: nn.Module, text_encoder: nn.Module, with_text_encoder: bool
 ) -> dict[str, torch.Tensor]:
     """The adapter in diffusers/PEFT layout, unscaled: ``unet.<path>.lora_A.weight`` … (alpha not
-    folded; ``export`` folds the scale into ``lora_B`` for the canonical file)."""
-    out = {
-        f"unet.{k}": v.detach().float().cpu()
-        for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()
-    }
+    folded; ``export`` folds the scale into ``lora_B`` for the canonical file). DoRA runs also
+    carry ``….lora_magnitude_vector`` entries, which the export refuses."""
+    out = _peft_state(unet, "unet")
     if with_text_encoder:
-        te = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER_NAME)
-        out |= {f"text_encoder.{k}": v.detach().float().cpu() for k, v in te.items()}
+        out |= _peft_state(text_encoder, "text_encoder")
     return out
 
 
@@ -199,11 +208,7 @@ def set_adapters_enabled(
     unet: nn.Module, text_encoder: nn.Module, enabled: bool, with_text_encoder: bool
 ) -> None:
     """Switch between base and base+LoRA (for side-by-side samples)."""
-    if enabled:
-        unet.enable_adapters()  # type: ignore[operator]
-        if with_text_encoder:
-            text_encoder.enable_adapters()  # type: ignore[operator]
-    else:
-        unet.disable_adapters()  # type: ignore[operator]
-        if with_text_encoder:
-            text_encoder.disable_adapters()  # type: ignore[operator]
+    for model in (unet, text_encoder) if with_text_encoder else (unet,):
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,6 +59,20 @@ RESUME_IDENTITY = (
     "seed",
     "random_flip",
 )
+
+
+class Phases:
+    """Wall time of each phase of a run (logged, and kept in ``report.json``)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self.times[name] = round(now - self._last, 3)
+        self._last = now
+        log.info("%s took %.2f s", name, self.times[name])
 
 
 @dataclass
@@ -150,7 +166,13 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
         )
 
 
-def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = print) -> RunResult:
+def train(
+    config: TrainConfig,
+    *,
+    models_dir: Path | None = None,
+    echo: Any = print,
+    on_step: Callable[[Trainer], None] | None = None,
+) -> RunResult:
     """Run (or, with ``dry_run``, only plan) a training run; see the module docstring."""
     started = datetime.now(UTC)
     check_exportable(config)
@@ -158,7 +180,10 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
     output = Path(config.output)
     checkpoint = load_checkpoint(resolve_resume(config.resume, output)) if config.resume else None
 
+    phases = Phases()
+    torch.manual_seed(config.seed)  # LoRA init draws from the global RNG: same seed, same start
     base = load_base_model(config.base_model, models_dir, device=config.device, dtype="fp32")
+    phases.done("load base model")
     pipe = base.pipe
     weight_dtype, amp_dtype, mixed = precision(config, base.device)
     rules = CaptionRules(
@@ -173,6 +198,7 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
         config.data, rules, val_data=config.val_data, val_split=config.val_split, seed=config.seed
     )
     resolution, train_sizes, val_sizes = target_sizes(config, base, data)
+    torch.manual_seed(config.seed)
     injection = inject(pipe.unet, pipe.text_encoder, config)
     if weight_dtype != torch.float32:
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -194,6 +220,7 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
         if "lora_" not in n
     )
     autocast = _autocast(base.device, amp_dtype)
+    phases.done("prepare data and LoRA")
     plan: dict[str, Any] = {
         "trainer": f"{TRAINER_NAME} {TRAINER_VERSION}",
         "base_model": {
@@ -241,6 +268,7 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
         "output": str(output),
         "register": config.register_id,
     }
+    phases.done("plan (memory probe)")
     if config.dry_run:
         echo(format_plan(plan))
         return RunResult(output, plan)
@@ -277,6 +305,7 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
         pipe.scheduler = pipe.scheduler.__class__.from_config(
             pipe.scheduler.config, prediction_type=noise_scheduler.config.prediction_type
         )
+    phases.done("encode latents and captions")
     val_batches = build_validation(val_items, noise_scheduler, config.val_timesteps, config.seed)
 
     prompts = default_prompts(config, data)
@@ -306,12 +335,14 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
             total_steps=sched["total_steps"],
             identity=identity,
             sampler=book.grid_at if prompts else None,
+            on_step=on_step,
         )
     )
     if checkpoint is not None:
         trainer.restore(checkpoint)
         echo(f"resumed from {checkpoint.path} at step {checkpoint.step}")
     result = trainer.run()
+    phases.done("train")
     if base_weights_hash(pipe.unet, pipe.vae, pipe.text_encoder) != base_hash:
         raise AssertionError("base model weights changed during training (only LoRA parameters may train)")
     plot_loss_curve(trainer.metrics.rows, output / "loss_curve.png", title=f"{adapter_id_for(config)}: loss")
@@ -324,6 +355,7 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
         return run
 
     evaluation = book.evaluate(val_items, data, result, clip_model=config.clip_model)
+    phases.done("evaluate")
     evaluation["base_weights_unchanged"] = True
     evaluation["base_weights_sha256"] = base_hash
     finished = datetime.now(UTC)
@@ -378,6 +410,8 @@ def train(config: TrainConfig, *, models_dir: Path | None = None, echo: Any = pr
             exported = register_adapter(exported, config, base)
             report["adapter"] |= {"ref": exported.ref, "sha256": exported.sha256}
             run.ref = exported.ref
+    phases.done("export")
+    report["timings_s"] = phases.times
     atomic_write_text(output / REPORT, json.dumps(report, indent=1, default=str))
     run.report = report
     return run
