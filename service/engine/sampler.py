@@ -87,7 +87,9 @@ def _whole(adapters: Sequence[AppliedAdapter]) -> list[ActiveLoRA]:
     return [ActiveLoRA(a.adapter, a.scale) for a in adapters]
 
 
-def _row_loras(batch: Sequence[SampleParams], copies: int) -> list[ActiveLoRA]:
+def _row_loras(
+    batch: Sequence[SampleParams], copies: int, device: torch.device, dtype: torch.dtype
+) -> list[ActiveLoRA]:
     """Per-adapter row sets for the UNet; a single request keeps PEFT's exact scalar path."""
     if len(batch) == 1:
         return _whole(batch[0].adapters)
@@ -107,7 +109,8 @@ def _row_loras(batch: Sequence[SampleParams], copies: int) -> list[ActiveLoRA]:
         if len(idx) == total * copies and len(set(scales)) == 1:
             active.append(ActiveLoRA(applied.adapter, scales[0]))
         else:
-            active.append(ActiveLoRA(applied.adapter, torch.tensor(scales), torch.tensor(idx)))
+            row_scales = torch.tensor(scales, device=device, dtype=dtype)
+            active.append(ActiveLoRA(applied.adapter, row_scales, torch.tensor(idx, device=device)))
     return active
 
 
@@ -160,7 +163,7 @@ def sample_batch(
     latents = latents * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generators)
     guidance = _guidance(batch, device, dtype)
-    with _using(lora, _row_loras(batch, 2 if do_cfg else 1)):
+    with _using(lora, _row_loras(batch, 2 if do_cfg else 1, device, dtype)):
         for t in scheduler.timesteps:
             if should_stop():
                 raise Cancelled

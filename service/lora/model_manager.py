@@ -49,7 +49,7 @@ def _apply(name: str, context: LoRAContext, x: torch.Tensor, output: torch.Tenso
         if lora.rows is None:
             output = output + pair.delta(x) * lora.scale  # PEFT's order: result + B(A(x)) * scaling
         else:
-            scale = torch.as_tensor(lora.scale).view(-1, *([1] * (output.ndim - 1)))
+            scale = torch.as_tensor(lora.scale, device=output.device).view(-1, *([1] * (output.ndim - 1)))
             delta = pair.delta(x.index_select(0, lora.rows)) * scale
             output = output.index_add(0, lora.rows, delta.to(output.dtype))
     return output
