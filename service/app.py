@@ -16,6 +16,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
+from service.controllers.adapters import AdapterController
 from service.controllers.generate import GenerateController
 from service.controllers.health import HealthController
 from service.engine.runtime import Runtime, package_version
@@ -68,7 +69,7 @@ def create_app(
             runtime.stop()
 
     app = Litestar(
-        route_handlers=[GenerateController, HealthController],
+        route_handlers=[GenerateController, HealthController, AdapterController],
         dependencies={
             "runtime": Provide(lambda: runtime, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, sync_to_thread=False),

@@ -13,6 +13,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from adapters.errors import StoreError
 from basemodel.errors import (
     ConfigError,
     Forbidden,
@@ -41,6 +42,7 @@ STATUS_BY_ERROR: tuple[tuple[type[LoraswapError], int], ...] = (
     (Overloaded, 429),
     (NotSupported, 501),
     (NotReady, 503),
+    (StoreError, 503),  # the adapter store is unreachable or failing: retry later
     (RequestTimeout, 504),
     (ConfigError, 500),
 )
