@@ -88,7 +88,7 @@ class Runtime:
             self._run_batch,
             settings.max_queue,
             metrics,
-            max_batch=settings.max_batch_size,
+            max_batch=settings.max_batch_size or default_batch_size(settings),
             window_s=settings.batch_window_ms / 1000,
             batch_key=lambda job: job.payload.params.batch_key(),
         )
@@ -276,6 +276,14 @@ class Runtime:
                 f"{a.version.adapter_id}: {a.version.sha256[:12]}" for a in params.adapters
             ),
         }
+
+
+def default_batch_size(settings: Settings) -> int:
+    """Batch on GPUs, where it pays; on CPU keep every result bit-identical to the request alone."""
+    import torch
+
+    wants_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+    return 4 if wants_cuda else 1
 
 
 def _default_loader(settings: Settings) -> BaseModel:
