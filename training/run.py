@@ -208,7 +208,9 @@ def train(
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
+            text_encoder = pipe.text_encoder
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            (enable or text_encoder.gradient_checkpointing_enable)()
 
     # Plan: the batches of epoch 0 fix steps/epoch (sizes are known before encoding).
     repeats = [e.repeats for e in data.train]
@@ -313,7 +315,7 @@ def train(
         pipe,
         config,
         prompts,
-        train_sizes[0],
+        square_size(resolution, size_multiple(pipe)),
         output,
         with_text_encoder=config.train_text_encoder,
         autocast=autocast,
@@ -365,8 +367,8 @@ def train(
         "guidance_scale": config.guidance_scale,
         "steps": config.sample_steps,
         "seeds": list(config.sample_seeds),
-        "width": train_sizes[0][0],
-        "height": train_sizes[0][1],
+        "width": book.size[0],
+        "height": book.size[1],
     }
     hyper = config.hyperparameters() | {
         "resolution": resolution,
@@ -410,6 +412,7 @@ def train(
             exported = register_adapter(exported, config, base)
             report["adapter"] |= {"ref": exported.ref, "sha256": exported.sha256}
             run.ref = exported.ref
+    report["cache"] = {"mode": config.cache, "hits": store.hits, "misses": store.misses}
     phases.done("export")
     report["timings_s"] = phases.times
     atomic_write_text(output / REPORT, json.dumps(report, indent=1, default=str))

@@ -25,7 +25,9 @@ FAST: dict[str, Any] = {
 }
 
 
-def write_image(path: Path, colour: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (40, 32)) -> Path:
+def write_image(
+    path: Path, colour: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (40, 32)
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
     return path
@@ -44,7 +46,9 @@ def make_config(data: Path, output: Path, **overrides: Any) -> TrainConfig:
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_model_dir: Path, loraswap_home: Path, synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def trained(
+    tiny_model_dir: Path, loraswap_home: Path, synth_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
     """One real run shared by the end-to-end tests: train → evaluate → export → register."""
     from training.run import train
 
@@ -53,7 +57,7 @@ def trained(tiny_model_dir: Path, loraswap_home: Path, synth_dir: Path, tmp_path
         synth_dir,
         root / "run",
         steps=60,
-        lr=3e-3,
+        lr=1e-2,
         trigger_word=TRIGGER,
         validate_every=20,
         sample_every=30,

@@ -70,8 +70,12 @@ def _save(output: Path, step: int, keep: int = 2) -> Path:
     param, optimizer = _adamw()
     _step(param, optimizer)
     return save_checkpoint(
-        output, step, adapter={"unet.x.lora_A.default.weight": param.detach()}, optimizer=optimizer.state_dict(),
-        state={"epoch": 0, "position": step}, keep=keep,
+        output,
+        step,
+        adapter={"unet.x.lora_A.default.weight": param.detach()},
+        optimizer=optimizer.state_dict(),
+        state={"epoch": 0, "position": step},
+        keep=keep,
     )
 
 

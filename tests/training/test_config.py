@@ -23,7 +23,9 @@ def test_defaults_and_derived_values() -> None:
     assert config.template == "{caption}"
     rs = build_config({"data": "d", "output": "o", "rank": 16, "alpha": 8, "rslora": True})
     assert rs.lora_scale == pytest.approx(8 / 4)
-    assert build_config({"data": "d", "output": "o", "trigger_word": "sks"}).template == "{trigger}, {caption}"
+    assert (
+        build_config({"data": "d", "output": "o", "trigger_word": "sks"}).template == "{trigger}, {caption}"
+    )
 
 
 def test_clear_validation_messages() -> None:
@@ -60,10 +62,22 @@ max_train_steps = 30
 """
     )
     from_file = parse("--config", str(toml))
-    assert from_file.rank == 4 and from_file.lora_alpha == 2.0 and from_file.lr == 5e-4 and from_file.steps == 30
+    assert (
+        from_file.rank == 4 and from_file.lora_alpha == 2.0 and from_file.lr == 5e-4 and from_file.steps == 30
+    )
     assert from_file.data == tmp_path / "images" and from_file.output == tmp_path / "runs" / "one"
     assert from_file.target_modules == ["to_q", "to_v"]
-    overridden = parse("--config", str(toml), "--rank", "16", "--epochs", "2", "--target-modules", "to_k,to_out.0", "ff.net.2")
+    overridden = parse(
+        "--config",
+        str(toml),
+        "--rank",
+        "16",
+        "--epochs",
+        "2",
+        "--target-modules",
+        "to_k,to_out.0",
+        "ff.net.2",
+    )
     assert overridden.rank == 16 and overridden.alpha == 2  # alpha still from the file
     assert overridden.epochs == 2 and overridden.steps is None  # CLI epochs replaces file steps
     assert overridden.target_modules == ["to_k", "to_out.0", "ff.net.2"]
@@ -71,7 +85,9 @@ max_train_steps = 30
 
 
 def test_boolean_flags_and_cli_only_values(tmp_path: Path) -> None:
-    config = parse("--data", "d", "--output", "o", "--train-text-encoder", "--no-export", "--dry-run", "--dora")
+    config = parse(
+        "--data", "d", "--output", "o", "--train-text-encoder", "--no-export", "--dry-run", "--dora"
+    )
     assert config.train_text_encoder and not config.export and config.dry_run and config.dora
     assert "dry_run" not in config.hyperparameters() and "resume" not in config.hyperparameters()
     with pytest.raises(SystemExit):
@@ -89,7 +105,13 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     config = build_config(
-        {"data": str(tmp_path / "d"), "output": str(tmp_path / "o"), "rank": 4, "sample_prompts": ['a "quoted" cat'], "snr_gamma": 5}
+        {
+            "data": str(tmp_path / "d"),
+            "output": str(tmp_path / "o"),
+            "rank": 4,
+            "sample_prompts": ['a "quoted" cat'],
+            "snr_gamma": 5,
+        }
     )
     saved = tmp_path / "resolved.toml"
     saved.write_text(to_toml(config))

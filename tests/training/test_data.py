@@ -36,7 +36,10 @@ def test_missing_and_empty_captions_are_skipped_or_defaulted(tmp_path: Path) -> 
     (tmp_path / "empty.txt").write_text("  \n")
     scanned = scan_folder(tmp_path, RULES)
     assert not scanned.examples
-    assert sorted((s.path, s.reason) for s in scanned.skipped) == [("empty.png", "empty caption"), ("none.png", "no caption")]
+    assert sorted((s.path, s.reason) for s in scanned.skipped) == [
+        ("empty.png", "empty caption"),
+        ("none.png", "no caption"),
+    ]
     defaulted = scan_folder(tmp_path, CaptionRules(default_caption="a photo"))
     assert sorted(e.caption for e in defaulted.examples) == ["a photo", "a photo"]
 
@@ -63,7 +66,7 @@ def test_corrupt_and_unreadable_files_are_reported_and_counted(tmp_path: Path) -
 def test_no_usable_image_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "x.png").write_bytes(b"garbage")
     (tmp_path / "x.txt").write_text("x")
-    with pytest.raises(DatasetError, match="no usable training images.*1 skipped"):
+    with pytest.raises(DatasetError, match=r"no usable training images.*1 skipped"):
         prepare_dataset(tmp_path, RULES, val_data=None, val_split=0.1, seed=0)
     with pytest.raises(DatasetError, match="not found"):
         prepare_dataset(tmp_path / "missing", RULES, val_data=None, val_split=0.1, seed=0)
@@ -101,9 +104,9 @@ def test_trigger_word_template_and_placeholder() -> None:
     rules = CaptionRules(template="{trigger}, {caption}", trigger_word="ohwx")
     assert rules.format("a dog") == "ohwx, a dog"
     assert rules.format("a photo of [trigger] on grass") == "a photo of ohwx on grass"
-    assert CaptionRules(template="{caption}, in the style of {trigger}", trigger_word="zz").format("a cat") == (
-        "a cat, in the style of zz"
-    )
+    assert CaptionRules(template="{caption}, in the style of {trigger}", trigger_word="zz").format(
+        "a cat"
+    ) == ("a cat, in the style of zz")
 
 
 def test_split_is_deterministic_and_val_folder_wins(tmp_path: Path) -> None:
@@ -116,7 +119,9 @@ def test_split_is_deterministic_and_val_folder_wins(tmp_path: Path) -> None:
     assert len(a.val) == 2 and len(a.train) == 8
     assert [e.path for e in a.val] == [e.path for e in b.val]
     assert a.summary["content_sha256"] == b.summary["content_sha256"]
-    assert {e.path for e in a.train} | {e.path for e in a.val} == {e.path for e in c.train} | {e.path for e in c.val}
+    assert {e.path for e in a.train} | {e.path for e in a.val} == {e.path for e in c.train} | {
+        e.path for e in c.val
+    }
     write_image(tmp_path / "val" / "v.png")
     (tmp_path / "val" / "v.txt").write_text("held out")
     d = prepare_dataset(tmp_path, RULES, val_data=None, val_split=0.2, seed=3)

@@ -21,7 +21,14 @@ from tests.training.conftest import TRIGGER
 
 def test_run_outputs(trained: Any) -> None:
     out: Path = trained.output
-    for name in ("train_config.toml", "plan.json", "metrics.jsonl", "loss_curve.png", "report.json", "adapter.safetensors"):
+    for name in (
+        "train_config.toml",
+        "plan.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "report.json",
+        "adapter.safetensors",
+    ):
         assert (out / name).is_file(), name
     assert Image.open(out / "loss_curve.png").size == (800, 450)
     assert (out / "samples" / "step-00000030.png").is_file() and (out / "samples" / "final.png").is_file()
@@ -30,7 +37,10 @@ def test_run_outputs(trained: Any) -> None:
     assert all(set(r) == {"step", "train_loss", "val_loss", "lr", "elapsed_s"} for r in rows)
     assert rows[0]["train_loss"] is None and rows[0]["val_loss"] is not None
     assert [r["step"] for r in rows if r["val_loss"] is not None] == [0, 20, 40, 60]
-    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))] == ["step-00000030", "step-00000060"]
+    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))] == [
+        "step-00000030",
+        "step-00000060",
+    ]
 
 
 def test_validation_loss_drops_and_base_stays_frozen(trained: Any) -> None:
@@ -59,7 +69,7 @@ def test_metadata_is_complete(trained: Any) -> None:
     assert len(meta.target_modules) == 32 and all(m.startswith("unet.") for m in meta.target_modules)
     assert meta.trigger_words == [TRIGGER]
     training = meta.training
-    assert training is not None and training.steps == 60 and training.learning_rate == 3e-3
+    assert training is not None and training.steps == 60 and training.learning_rate == 1e-2
     assert training.started_at is not None and training.finished_at is not None
     extra = training.model_extra or {}
     assert extra["trainer"] == "loraswap-trainer" and extra["trainer_version"]
@@ -70,7 +80,12 @@ def test_metadata_is_complete(trained: Any) -> None:
     assert (dataset.model_extra or {})["details"]["val_count"] == 6
     evaluation = meta.evaluation
     assert evaluation is not None
-    assert {"final_val_loss", "best_val_loss", "dataset_similarity.base", "dataset_similarity.adapter"} <= set(evaluation.metrics)
+    assert {
+        "final_val_loss",
+        "best_val_loss",
+        "dataset_similarity.base",
+        "dataset_similarity.adapter",
+    } <= set(evaluation.metrics)
     inference = meta.inference
     assert inference is not None
     assert inference.prompts == [f"{TRIGGER}, a large gold circle on an orange background, sunset style"]
@@ -87,7 +102,9 @@ def test_metadata_is_complete(trained: Any) -> None:
 
 def test_registered_reference_resolves(trained: Any, base_model: Any) -> None:
     assert trained.ref == "sunset-style@1"
-    registry = Registry(open_store(Path(trained.report["hyperparameters"]["store"])), BaseIdentity.from_base_model(base_model))
+    registry = Registry(
+        open_store(Path(trained.report["hyperparameters"]["store"])), BaseIdentity.from_base_model(base_model)
+    )
     loaded = registry.open(trained.ref)
     assert loaded.version.ref == "sunset-style@1"
     assert loaded.metadata.base_model is not None and loaded.metadata.base_model_match is True
@@ -96,14 +113,20 @@ def test_registered_reference_resolves(trained: Any, base_model: Any) -> None:
 
 def test_exported_file_changes_a_diffusers_pipeline(trained: Any, tiny_model_dir: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_model_dir, local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        tiny_model_dir,
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
 
     def render() -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         prompt = f"{TRIGGER}, a small red square on a pink background, sunset style"
-        return pipe(prompt, height=32, width=32, num_inference_steps=4, generator=generator, output_type="pt").images
+        return pipe(
+            prompt, height=32, width=32, num_inference_steps=4, generator=generator, output_type="pt"
+        ).images
 
     before = render()
     pipe.load_lora_weights(str(trained.adapter_path), adapter_name="trained")
