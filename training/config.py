@@ -53,7 +53,7 @@ ALIASES: dict[str, str] = {
 }
 
 # Options that only make sense on the command line (or are resolved per invocation).
-CLI_ONLY = {"dry_run", "resume"}
+CLI_ONLY = {"dry_run", "resume", "overwrite"}
 
 
 class TrainConfig(BaseModel):
@@ -64,6 +64,9 @@ class TrainConfig(BaseModel):
     # -- model and data ------------------------------------------------------------------------------
     base_model: str = Field(
         "tiny-sd", description="'tiny-sd', a local diffusers folder or a .safetensors file"
+    )
+    base_model_sha256: str | None = Field(
+        None, description="refuse to train unless the base model's fingerprint starts with this"
     )
     data: Path = Field(description="dataset folder (images + .txt/.caption files, or metadata.jsonl)")
     output: Path = Field(description="run folder: checkpoints, samples, metrics, report, adapter")
@@ -168,6 +171,7 @@ class TrainConfig(BaseModel):
     # -- per invocation --------------------------------------------------------------------------------
     resume: str | None = Field(None, description="'latest' or a checkpoint folder to continue from")
     dry_run: bool = Field(False, description="print the plan (params, modules, steps, memory) and exit")
+    overwrite: bool = Field(False, description="replace a previous run in OUTPUT instead of refusing")
 
     @field_validator("target_modules", "text_encoder_target_modules")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -24,10 +25,11 @@ from typing import Any
 
 import torch
 
+from basemodel.errors import BaseModelError
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import load_settings
 from training import TRAINER_NAME, TRAINER_VERSION
-from training.checkpoint import atomic_write_text, load_checkpoint, resolve_resume
+from training.checkpoint import CHECKPOINTS, atomic_write_text, load_checkpoint, resolve_resume
 from training.config import DEFAULT_STEPS, TrainConfig, to_toml
 from training.data.buckets import Size, assign_bucket, make_buckets, square_size
 from training.data.cache import EncodeCache, encode_dataset
@@ -35,7 +37,7 @@ from training.data.dataset import CaptionRules, PreparedData, prepare_dataset
 from training.errors import CheckpointError, TrainConfigError
 from training.evaluate import build_validation
 from training.export import adapter_id_for, build_metadata, check_exportable, export_adapter, register_adapter
-from training.loop import LoopResult, Trainer, TrainerParts, epoch_batches
+from training.loop import METRICS, LoopResult, Trainer, TrainerParts, epoch_batches
 from training.lora import Injection, adapter_tensors, base_weights_hash, inject
 from training.objective import training_scheduler
 from training.plan import format_plan, memory_estimate, schedule
@@ -139,6 +141,43 @@ def default_prompts(config: TrainConfig, data: PreparedData, limit: int = 4) -> 
     return list(dict.fromkeys(pool))[:limit]
 
 
+def check_base(config: TrainConfig, base: BaseModel) -> None:
+    """The base model must be the expected checkpoint (when pinned) and an SD UNet + CLIP pair."""
+    want = (config.base_model_sha256 or "").lower()
+    if want and not base.fingerprint.startswith(want):
+        raise BaseModelError(
+            f"base model {base.name} has fingerprint {base.fingerprint[:16]}…, expected {want[:16]}…",
+            detail={"fingerprint": base.fingerprint, "expected": want},
+            hint="Point --base-model at the pinned checkpoint or update --base-model-sha256.",
+        )
+    cross = int(base.pipe.unet.config.cross_attention_dim)
+    hidden = int(base.pipe.text_encoder.config.hidden_size)
+    if cross != hidden:
+        raise BaseModelError(
+            f"{base.name}: UNet cross-attention width {cross} does not match the text encoder ({hidden})",
+            hint="Use an SD1.x/SD2.x-style pipeline whose UNet and text encoder belong together.",
+        )
+
+
+def prepare_output(output: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Refuse to mix a fresh run into a folder holding another run (unless ``--overwrite``)."""
+    previous = [
+        output / name for name in (CHECKPOINTS, METRICS, REPORT, "samples") if (output / name).exists()
+    ]
+    if previous and not resuming:
+        if not overwrite:
+            raise TrainConfigError(
+                f"{output} already holds a training run ({', '.join(p.name for p in previous)})",
+                hint="Continue it with --resume latest, start again with --overwrite, or use another output.",
+            )
+        for path in previous:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+
+
 def _identity(
     base: BaseModel, data: PreparedData, injection: Injection, config: TrainConfig, sizes: list[Size]
 ) -> dict[str, Any]:
@@ -184,6 +223,7 @@ def train(
     torch.manual_seed(config.seed)  # LoRA init draws from the global RNG: same seed, same start
     base = load_base_model(config.base_model, models_dir, device=config.device, dtype="fp32")
     phases.done("load base model")
+    check_base(config, base)
     pipe = base.pipe
     weight_dtype, amp_dtype, mixed = precision(config, base.device)
     rules = CaptionRules(
@@ -275,7 +315,7 @@ def train(
         echo(format_plan(plan))
         return RunResult(output, plan)
 
-    output.mkdir(parents=True, exist_ok=True)
+    prepare_output(output, resuming=checkpoint is not None, overwrite=config.overwrite)
     atomic_write_text(output / CONFIG_FILE, to_toml(config))
     atomic_write_text(output / PLAN_FILE, json.dumps(plan, indent=1, default=str))
     identity = _identity(base, data, injection, config, train_sizes)
@@ -356,7 +396,7 @@ def train(
         )
         return run
 
-    evaluation = book.evaluate(val_items, data, result, clip_model=config.clip_model)
+    evaluation = book.evaluate(val_items or train_items, data, result, clip_model=config.clip_model)
     phases.done("evaluate")
     evaluation["base_weights_unchanged"] = True
     evaluation["base_weights_sha256"] = base_hash

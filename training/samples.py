@@ -89,7 +89,12 @@ class SampleBook:
         self.grid(f"step-{step:08d}", f"step {step}: base | lora")
 
     def evaluate(
-        self, val_items: list[EncodedItem], data: PreparedData, result: LoopResult, *, clip_model: Path | None
+        self,
+        reference_items: list[EncodedItem],
+        data: PreparedData,
+        result: LoopResult,
+        *,
+        clip_model: Path | None,
     ) -> dict[str, Any]:
         """Losses, the similarity measure (base vs adapter) and an optional CLIP score."""
         evaluation: dict[str, Any] = {
@@ -108,7 +113,7 @@ class SampleBook:
             evaluation["final_grid"] = str(self.grid("final", f"final (step {result.step}): base | lora"))
         n = self.config.eval_samples
         if n:
-            evaluation["dataset_similarity"] = self._similarity(val_items, data, n)
+            evaluation["dataset_similarity"] = self._similarity(reference_items, data, n)
         if clip_model is not None and self.prompts:
             prompts = [p for p in self.prompts for _ in self.config.sample_seeds]
             assert self._base is not None and self._last is not None
@@ -118,11 +123,9 @@ class SampleBook:
             )
         return evaluation
 
-    def _similarity(self, val_items: list[EncodedItem], data: PreparedData, n: int) -> dict[str, Any]:
+    def _similarity(self, reference_items: list[EncodedItem], data: PreparedData, n: int) -> dict[str, Any]:
         examples = data.val if data.val else data.train
-        reference_latents = [item.mean for item in val_items] if val_items else None
-        if reference_latents is None:
-            raise AssertionError("similarity needs encoded reference items")
+        reference_latents = [item.mean for item in reference_items]
         captions = [e.caption for e in examples]
         prompts = list(itertools.islice(itertools.cycle(captions), n))
         seeds = [EVAL_SEED + i for i in range(n)]

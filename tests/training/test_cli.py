@@ -90,6 +90,18 @@ def test_user_errors_are_reported_not_raised(
     assert "data: required" in capsys.readouterr().err
 
 
+def test_base_pin_and_existing_run_are_checked(
+    home: Path, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["train", "--data", str(synth_dir), "--resolution", "32", "--steps", "1"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--base-model-sha256", "deadbeef"]) == 2
+    assert "error[base_model_error]" in capsys.readouterr().err
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    assert main([*common, "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run (checkpoints)" in err and "--resume latest" in err
+
+
 def _rows(metrics: Path) -> list[dict[str, Any]]:
     if not metrics.is_file():
         return []

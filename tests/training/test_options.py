@@ -115,3 +115,17 @@ def test_fp16_on_cpu_falls_back_with_a_warning() -> None:
     assert (weights, amp, mode) == (torch.float32, None, "no")
     bf16 = build_config({"data": "d", "output": "o", "mixed_precision": "bf16"})
     assert precision(bf16, torch.device("cpu")) == (torch.bfloat16, torch.bfloat16, "bf16")
+
+
+def test_no_validation_set(loraswap_home: Path, tmp_path: Path) -> None:
+    synth_dataset(tmp_path / "ds", n=6, style="stripes", size=32, seed=3)
+    config = make_config(
+        tmp_path / "ds", tmp_path / "run", steps=1, val_split=0.0, eval_samples=2, export=False
+    )
+    result = train(config, models_dir=loraswap_home / "models", echo=lambda *_: None)
+    assert result.report is not None
+    evaluation = result.report["evaluation"]
+    assert evaluation["initial_val_loss"] is None and evaluation["final_val_loss"] is None
+    assert evaluation["dataset_similarity"]["reference"] == "training set (no validation set)"
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and '"val_loss": null' in rows[1]

@@ -198,6 +198,8 @@ def encode_dataset(
 ) -> list[EncodedItem]:
     """Everything the loop needs per example, with nothing left to encode per step but the text
     when the text encoder trains."""
+    if not examples:
+        return []
     latents = encode_latents(
         examples,
         sizes,
