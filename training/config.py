@@ -74,7 +74,9 @@ class TrainConfig(BaseModel):
     caption_template: str | None = Field(
         None, description="caption format with {caption} and {trigger} (default '{trigger}, {caption}')"
     )
-    trigger_word: str | None = Field(None, description="trigger word added to every caption and the metadata")
+    trigger_word: str | None = Field(
+        None, description="trigger word added to captions that lack it, and to the metadata"
+    )
     caption_extension: str | None = Field(
         None, description="caption file suffix (default: .txt, then .caption)"
     )

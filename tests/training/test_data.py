@@ -104,6 +104,8 @@ def test_trigger_word_template_and_placeholder() -> None:
     rules = CaptionRules(template="{trigger}, {caption}", trigger_word="ohwx")
     assert rules.format("a dog") == "ohwx, a dog"
     assert rules.format("a photo of [trigger] on grass") == "a photo of ohwx on grass"
+    assert rules.format("ohwx, a dog") == "ohwx, a dog"  # already there: not added twice
+    assert rules.format("ohwxy dog") == "ohwx, ohwxy dog"  # whole words only
     assert CaptionRules(template="{caption}, in the style of {trigger}", trigger_word="zz").format(
         "a cat"
     ) == ("a cat, in the style of zz")

@@ -52,12 +52,15 @@ class CaptionRules:
     default_caption: str | None = None
 
     def format(self, raw: str) -> str:
-        """Whitespace normalised; ``[trigger]`` in the caption is replaced by the trigger word and the
-        caption then used as written, otherwise the template is applied."""
+        """Whitespace normalised; ``[trigger]`` in the caption is replaced by the trigger word. A caption
+        that then contains the trigger word (as a word) is used as written, otherwise the template is
+        applied."""
         text = " ".join(raw.split())
-        if "[trigger]" in text:
-            return text.replace("[trigger]", self.trigger_word or "").strip(" ,")
-        return self.template.format(caption=text, trigger=self.trigger_word or "").strip(" ,")
+        trigger = self.trigger_word or ""
+        text = text.replace("[trigger]", trigger).strip(" ,")
+        if trigger and re.search(rf"(?<![\w]){re.escape(trigger)}(?![\w])", text):
+            return text
+        return self.template.format(caption=text, trigger=trigger).strip(" ,")
 
 
 @dataclass(frozen=True)
