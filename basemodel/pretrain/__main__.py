@@ -1,0 +1,57 @@
+"""``python -m basemodel.pretrain --output DIR [--minutes N] [--seed S]``.
+
+The same as ``loraswap model pretrain-tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from basemodel.pretrain.train import Recipe, pretrain
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", type=Path, required=True, help="target diffusers folder")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 30)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=None, help="fixed VAE steps (overrides --minutes)")
+    parser.add_argument("--unet-steps", type=int, default=None, help="fixed UNet steps (overrides --minutes)")
+    parser.add_argument(
+        "--snapshot-every", type=int, default=None, help="also save OUTPUT.snapshot every N UNet steps"
+    )
+    parser.add_argument("--batch", type=int, default=32, help="VAE and UNet batch size")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    minutes = args.minutes
+    if minutes is None and (args.vae_steps is None or args.unet_steps is None):
+        minutes = 30.0
+    recipe = Recipe(
+        seed=args.seed,
+        minutes=minutes,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        vae_batch=args.batch,
+        unet_batch=args.batch,
+        threads=args.threads,
+    )
+    command = "loraswap model pretrain-tiny " + shlex.join(sys.argv[1:])
+    out = pretrain(args.output, recipe, command=command, snapshot_every=args.snapshot_every)
+    print(f"pretrained tiny-sd at {out} (vae {recipe.vae_steps} steps, unet {recipe.unet_steps} steps)")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m basemodel.pretrain", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

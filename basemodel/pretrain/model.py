@@ -1,0 +1,100 @@
+"""The embedded model's architecture: SD1.5 classes and module names, small widths, 32 px.
+
+UNet2DConditionModel (CrossAttn down/up blocks) on 16×16×4 latents, an AutoencoderKL with a
+factor-2 downsampling and 4 latent channels, a 2-layer 64-wide CLIPTextModel, DDIM with SD1.5's
+schedule constants.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
+
+RESOLUTION = 32
+LATENT_SIZE = RESOLUTION // 2
+
+# SD1.5's scheduler constants: the noise schedule is the model's contract, so keep it exact.
+SD15_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def build_unet(seed: int) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=RESOLUTION,
+    )
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return CLIPTextModel(config)
+
+
+def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: Any) -> Any:
+    pipe: Any = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_pipeline(seed: int = 0) -> Any:
+    """The random-init pipeline (fp32, CPU), byte-identical for the same seed."""
+    tokenizer = build_tokenizer()
+    return assemble(build_vae(seed + 1), build_text_encoder(tokenizer, seed + 2), tokenizer, build_unet(seed))
