@@ -120,10 +120,23 @@ def _refuse_known_containers(data: bytes) -> None:
         )
 
 
+def read_header_only(
+    head: bytes, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Parse a header from the first bytes of a file (tensor offsets are not checked against its size)."""
+    return _parse_header(head, limits)
+
+
 def read_header(
     data: bytes, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Parse and check a safetensors header: (tensor entries, ``__metadata__``). No tensor is read."""
+    header, metadata = _parse_header(data, limits)
+    _check_entries(header, len(data) - 8 - int.from_bytes(data[:8], "little"))
+    return header, metadata
+
+
+def _parse_header(data: bytes, limits: Limits) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     _refuse_known_containers(data)
     if len(data) < 8:
         raise AdapterInvalid("file is too short to be safetensors (truncated)", reason="truncated")
@@ -153,7 +166,6 @@ def read_header(
         raise AdapterInvalid(
             "safetensors __metadata__ must map strings to strings", reason="malformed_header"
         )
-    _check_entries(header, len(data) - 8 - header_len)
     return header, metadata
 
 

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adapters.errors import AdapterCorrupt, AdapterNotFound, StoreError
-from adapters.format import DEFAULT_LIMITS, Limits, load_source, read_adapter, write_adapter
+from adapters.format import (
+    DEFAULT_LIMITS,
+    Limits,
+    load_source,
+    read_adapter,
+    read_header_only,
+    write_adapter,
+)
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata, parse_header_metadata
 from adapters.prepare import Prepared, check_open_compatible, prepare
@@ -40,7 +47,7 @@ from adapters.records import (
 from adapters.refs import AdapterRef, parse_ref, validate_id
 from adapters.sources import KeyMissing, Store, open_store
 from adapters.validate import check_canonical
-from basemodel.errors import ConfigError
+from basemodel.errors import ConfigError, LoraswapError
 
 if TYPE_CHECKING:
     from basemodel.settings import Settings
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 64
+HEADER_PROBE = 256 << 10  # first read of a blob's header; most headers fit
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,21 @@ class Registry:
 
         Identical content (same canonical tensors and metadata) returns the existing live version.
         """
+        version, _ = self.register_outcome(
+            source, adapter_id, metadata, scale_default=scale_default, strict_base=strict_base
+        )
+        return version
+
+    def register_outcome(
+        self,
+        source: bytes | Path,
+        adapter_id: str,
+        metadata: dict[str, Any] | AdapterMetadata | None = None,
+        *,
+        scale_default: float | None = None,
+        strict_base: bool | None = None,
+    ) -> tuple[AdapterVersion, bool]:
+        """``register``, also saying whether this call created the version (False: identical content)."""
         validate_id(adapter_id)
         base = self._require_base()
         user = coerce_metadata(metadata)
@@ -122,10 +145,10 @@ class Registry:
             versions, deleted = self._state(adapter_id)
             existing = self._find_content(adapter_id, prepared.digest, versions - deleted)
             if existing is not None:
-                return existing
+                return existing, False
             created = self._try_create(adapter_id, max(versions, default=0) + 1, prepared)
             if created is not None:
-                return created
+                return created, True
         raise StoreError(
             f"could not allocate a version of {adapter_id!r} after {MAX_ATTEMPTS} attempts",
             reason="contention",
@@ -228,6 +251,27 @@ class Registry:
             raise AdapterCorrupt(
                 f"the file of {version.ref} is missing from the store", reason="blob_missing"
             ) from None
+
+    def read_metadata(self, version: AdapterVersion) -> AdapterMetadata:
+        """The ``loraswap`` metadata from the blob's header, reading only the header (no sha256 check)."""
+        key = blob_key(version.sha256)
+        try:
+            head = self.store.get_range(key, 0, HEADER_PROBE)
+            if len(head) >= 8:
+                end = 8 + int.from_bytes(head[:8], "little")
+                if self.limits.max_header_bytes >= end - 8 > len(head) - 8:
+                    head += self.store.get_range(key, len(head), end)
+        except KeyMissing:
+            raise AdapterCorrupt(
+                f"the file of {version.ref} is missing from the store", reason="blob_missing"
+            ) from None
+        try:
+            _, header = read_header_only(head, self.limits)
+        except LoraswapError as exc:
+            raise AdapterCorrupt(
+                f"the stored header of {version.ref} is unreadable: {exc.message}", reason="bad_header"
+            ) from None
+        return parse_header_metadata(header) or AdapterMetadata()
 
     def open_data(self, version: AdapterVersion, data: bytes, *, verify_sha256: bool = True) -> LoadedAdapter:
         """Verify and parse ``data`` as the file of ``version`` (e.g. read from a local cache copy).

@@ -54,6 +54,10 @@ class Store(Protocol):
         """Atomic create-if-absent: True if this call created it, False if the key already existed."""
         ...
 
+    def get_range(self, key: str, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of the object (fewer at its end); raises ``KeyMissing`` when absent."""
+        ...
+
     def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str = "") -> list[str]:

@@ -45,6 +45,16 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"cannot read {key}: {exc}", reason="io_error") from exc
 
+    def get_range(self, key: str, start: int, stop: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as fh:
+                fh.seek(start)
+                return fh.read(max(0, stop - start))
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyMissing(key) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc}", reason="io_error") from exc
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = self._write_temp(path, data)

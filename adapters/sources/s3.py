@@ -81,6 +81,23 @@ class S3Store:
         except BotoCoreError as exc:
             raise _store_error("read", key, exc) from exc
 
+    def get_range(self, key: str, start: int, stop: int) -> bytes:
+        if stop <= start:
+            return b""
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{stop - 1}"
+            )
+            return bytes(response["Body"].read())
+        except ClientError as exc:
+            if _code(exc) in MISSING_CODES:
+                raise KeyMissing(key) from None
+            if _code(exc) == "InvalidRange":  # start at or past the end of the object
+                return b""
+            raise _store_error("read", key, exc) from exc
+        except BotoCoreError as exc:
+            raise _store_error("read", key, exc) from exc
+
     def put(self, key: str, data: bytes) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

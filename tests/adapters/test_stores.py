@@ -125,3 +125,12 @@ def test_open_store_uris(tmp_path: Path) -> None:
     ):
         with pytest.raises(StoreConfigError):
             open_store(bad)
+
+
+def test_get_range_reads_a_slice(store: Store) -> None:
+    store.put("blobs/x.bin", b"0123456789")
+    assert store.get_range("blobs/x.bin", 0, 4) == b"0123"
+    assert store.get_range("blobs/x.bin", 8, 100) == b"89"
+    assert store.get_range("blobs/x.bin", 20, 30) == b""
+    with pytest.raises(KeyMissing):
+        store.get_range("blobs/missing.bin", 0, 4)

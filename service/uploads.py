@@ -1,0 +1,195 @@
+"""Streaming ``multipart/form-data`` parsing for adapter uploads, with size limits enforced as bytes arrive.
+
+The route sets no Litestar body limit of its own: this module enforces ``max_adapter_bytes`` on the file
+part (and ``max_body_bytes`` on the text fields) while the bytes arrive, with an early check of
+``Content-Length``, so an oversized upload is refused with 413 before it is read. The file part is
+spooled to a temporary file, never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import anyio.to_thread
+from litestar import Request
+from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
+
+from adapters.errors import AdapterTooLarge, AdapterUnsafeFormat
+from adapters.format import PICKLE_SUFFIXES
+from basemodel.errors import TooLarge, ValidationFailed
+
+T = TypeVar("T")
+
+FORM_FIELDS = frozenset({"file", "id", "metadata", "scale_default"})
+MAX_FORM_PARTS = 8
+FORM_OVERHEAD = 64 << 10  # part headers and boundaries on top of the file and the text fields
+SPOOL_FLUSH = 1 << 20  # write the upload to its temporary file in 1 MiB blocks (on a thread)
+
+
+async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking file, registry or store work on a worker thread."""
+    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
+@dataclass
+class Upload:
+    """A parsed multipart registration: text fields, and the file part spooled to ``path``."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    filename: str | None = None
+    size: int = 0
+
+    def cleanup(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _too_large_body(limit: int) -> TooLarge:
+    return TooLarge(f"request body exceeds the {limit}-byte limit", detail={"limit": limit})
+
+
+def _file_too_large(limit: int) -> AdapterTooLarge:
+    return AdapterTooLarge(
+        f"adapter exceeds the {limit}-byte limit", reason="file_too_large", detail={"limit": limit}
+    )
+
+
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """The whole body, refused (413) past ``limit`` bytes: announced or actually received."""
+    if (request.content_length or 0) > limit:
+        raise _too_large_body(limit)
+    parts: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large_body(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def read_upload(
+    request: Request[Any, Any, Any], boundary: str | None, *, max_file_bytes: int, max_field_bytes: int
+) -> Upload:
+    """Stream-parse ``multipart/form-data``: the ``file`` part to a temporary file, the rest as text."""
+    if not boundary:
+        raise ValidationFailed("multipart boundary missing in Content-Type", detail={"field": "body"})
+    total_limit = max_file_bytes + max_field_bytes + FORM_OVERHEAD
+    if (request.content_length or 0) > total_limit:
+        raise _file_too_large(max_file_bytes)
+    upload = Upload()
+    handle: IO[bytes] | None = None
+    pending = bytearray()
+    text = bytearray()
+    text_total = 0
+    segment: MultipartSegment | None = None
+    received = 0
+    try:
+        with PushMultipartParser(boundary.encode(), max_segment_count=MAX_FORM_PARTS) as parser:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > total_limit:
+                    raise _file_too_large(max_file_bytes)
+                for event in parser.parse(chunk):
+                    if isinstance(event, MultipartSegment):
+                        segment = event
+                        if segment.name not in FORM_FIELDS:
+                            raise ValidationFailed(
+                                f"unexpected form field {segment.name!r}",
+                                detail={"field": segment.name, "allowed": sorted(FORM_FIELDS)},
+                            )
+                        if segment.name in upload.fields or (segment.name == "file" and upload.path):
+                            raise ValidationFailed(
+                                f"form field {segment.name!r} is given twice", detail={"field": segment.name}
+                            )
+                        if segment.name == "file":
+                            handle = await blocking(_open_spool, upload, segment.filename)
+                    elif event is not None:  # a block of the current part's body
+                        assert segment is not None
+                        if segment.name == "file":
+                            upload.size += len(event)
+                            if upload.size > max_file_bytes:
+                                raise _file_too_large(max_file_bytes)
+                            pending += event
+                            if len(pending) >= SPOOL_FLUSH and handle is not None:
+                                await blocking(handle.write, bytes(pending))
+                                pending.clear()
+                        else:
+                            text_total += len(event)
+                            if text_total > max_field_bytes:
+                                raise _too_large_body(max_field_bytes)
+                            text += event
+                    else:  # end of the current part
+                        assert segment is not None
+                        if segment.name == "file" and handle is not None:
+                            await blocking(_finish_spool, handle, bytes(pending))
+                            pending.clear()
+                            handle = None
+                        elif segment.name != "file":
+                            upload.fields[segment.name] = _decode_field(segment.name, bytes(text))
+                            text.clear()
+                        segment = None
+                if parser.closed:
+                    break
+            if not parser.closed:
+                parser.close()  # raises ParserError for a stream that ended early
+    except (ParserError, ParserLimitReached) as exc:
+        if handle is not None:
+            handle.close()
+        upload.cleanup()
+        raise ValidationFailed(f"invalid multipart/form-data: {exc}", detail={"field": "body"}) from None
+    except BaseException:
+        if handle is not None:
+            handle.close()
+        upload.cleanup()
+        raise
+    return upload
+
+
+def _open_spool(upload: Upload, filename: str | None) -> IO[bytes]:
+    if filename and Path(filename).suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterUnsafeFormat(
+            f"refusing pickle file {Path(filename).name}: only .safetensors adapters are accepted",
+            reason="pickle",
+        )
+    fd, name = tempfile.mkstemp(prefix="loraswap-upload-", suffix=".safetensors")
+    upload.path = Path(name)
+    upload.filename = filename
+    return os.fdopen(fd, "wb")
+
+
+def _finish_spool(handle: IO[bytes], tail: bytes) -> None:
+    with handle:
+        handle.write(tail)
+
+
+def _decode_field(name: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationFailed(f"form field {name!r} is not UTF-8 text", detail={"field": name}) from None
+
+
+def upload_arguments(upload: Upload) -> tuple[str, str | None, float | None]:
+    """(id, metadata JSON, scale_default) from the form's text fields."""
+    if upload.path is None:
+        raise ValidationFailed("the form has no 'file' part", detail={"field": "file"})
+    adapter_id = upload.fields.get("id")
+    if not adapter_id:
+        raise ValidationFailed("the form has no 'id' field", detail={"field": "id"})
+    metadata = upload.fields.get("metadata") or None
+    raw_scale = (upload.fields.get("scale_default") or "").strip()
+    try:
+        scale = float(raw_scale) if raw_scale else None
+    except ValueError:
+        raise ValidationFailed(
+            f"scale_default {raw_scale!r} is not a number", detail={"field": "scale_default"}
+        ) from None
+    return adapter_id, metadata, scale
