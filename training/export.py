@@ -22,7 +22,9 @@ from adapters.format import write_adapter
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, DatasetInfo, EvaluationInfo, InferencePlan, TrainingInfo
 from adapters.normalise import normalise
+from adapters.refs import validate_id
 from adapters.registry import Registry
+from adapters.sources import open_store
 from basemodel.loader import BaseModel
 from basemodel.settings import load_settings
 from training import TRAINER_NAME, TRAINER_VERSION
@@ -35,13 +37,24 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def check_exportable(config: TrainConfig) -> None:
-    """Refuse, before any training, a combination the export format cannot represent."""
+    """Refuse, before any training, what export or registration would refuse after it."""
     if config.dora and config.export and not SUPPORTS_DORA:
         raise TrainConfigError(
             "DoRA adapters cannot be exported: the loraswap adapter format (diffusers/kohya LoRA) has no "
             "magnitude vectors, and dropping them would silently change the adapter",
             hint="Drop --dora, or add --no-export to train DoRA and keep only the checkpoints.",
         )
+    if config.export:
+        validate_id(adapter_id_for(config))
+    if config.register_id:
+        validate_id(config.register_id)
+        settings = load_settings(store=config.store)  # a bad store URI fails here, not after training
+        open_store(settings.adapter_store_uri, s3_endpoint_url=settings.s3_endpoint_url)
+        if config.rank > settings.max_lora_rank:
+            raise TrainConfigError(
+                f"rank {config.rank} is above the registry's limit {settings.max_lora_rank}",
+                hint="Lower --rank or raise LORASWAP_MAX_LORA_RANK.",
+            )
 
 
 def adapter_id_for(config: TrainConfig) -> str:

@@ -8,6 +8,7 @@ and reused, since the base never changes.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class SampleBook:
         output: Path,
         *,
         with_text_encoder: bool,
-        autocast: AbstractContextManager[Any],
+        autocast: Callable[[], AbstractContextManager[Any]],
     ) -> None:
         self.pipe = pipe
         self.config = config
@@ -59,7 +60,7 @@ class SampleBook:
         te.eval()
         set_adapters_enabled(unet, te, adapter, self.with_text_encoder)
         try:
-            with self.autocast:
+            with self.autocast():
                 return generate(
                     self.pipe,
                     jobs,

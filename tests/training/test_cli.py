@@ -88,6 +88,12 @@ def test_user_errors_are_reported_not_raised(
     assert "error[dataset_error]" in capsys.readouterr().err
     assert main(["train", "--output", str(tmp_path / "o")]) == 2
     assert "data: required" in capsys.readouterr().err
+    # registration problems surface before any training
+    missing = ["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]
+    assert main([*missing, "--register", "Not An Id"]) == 2
+    assert "invalid adapter id 'Not An Id'" in capsys.readouterr().err
+    assert main([*missing, "--register", "ok", "--rank", "512", "--store", str(tmp_path / "s")]) == 2
+    assert "above the registry's limit 256" in capsys.readouterr().err
 
 
 def test_base_pin_and_existing_run_are_checked(

@@ -71,6 +71,7 @@ def test_many_options_together(loraswap_home: Path, mixed_sizes: Path, tmp_path:
         "cache": "disk",
         "cache_dir": str(tmp_path / "cache"),
         "train_text_encoder": True,
+        "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1"],
         "text_encoder_lr": 1e-4,
         "init": "kaiming",
         "rslora": True,
@@ -91,6 +92,8 @@ def test_many_options_together(loraswap_home: Path, mixed_sizes: Path, tmp_path:
     assert isinstance(clip["base"], float) and isinstance(clip["adapter"], float)
     tensors, _ = read_adapter(first.adapter_path)
     assert any(k.startswith("text_encoder.") for k in tensors)
+    conv = next(v for k, v in tensors.items() if k.endswith("conv1.lora_A.weight"))
+    assert conv.dim() == 4  # LoCon-style conv LoRA exported in the canonical layout
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert first.report["cache"]["misses"] > 0
     second = train(make_config(mixed_sizes, tmp_path / "b", **options), **quiet)

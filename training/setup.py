@@ -1,0 +1,240 @@
+"""Preparing a run: load and check the base model, scan the data, choose sizes and precision, inject
+the LoRA, and describe it all as the plan (what ``--dry-run`` prints and ``plan.json`` keeps).
+
+The checks, in order: the base model is resolved locally and fingerprinted (sha256 of its weight
+files; ``--base-model-sha256`` pins it) and must pair an SD UNet with its text encoder; the dataset is
+scanned, cleaned, split and summarised; the training size must suit the VAE and UNet; the LoRA
+insertion points must exist in the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from basemodel.errors import BaseModelError
+from basemodel.loader import BaseModel, load_base_model
+from training import TRAINER_NAME, TRAINER_VERSION
+from training.config import DEFAULT_STEPS, TrainConfig
+from training.data.buckets import Size, assign_bucket, make_buckets, square_size
+from training.data.dataset import CaptionRules, PreparedData, prepare_dataset
+from training.errors import TrainConfigError
+from training.loop import epoch_batches
+from training.lora import Injection, inject
+from training.plan import memory_estimate, schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSetup:
+    """Everything known before encoding: model, data, sizes, precision, LoRA and schedule."""
+
+    config: TrainConfig
+    base: BaseModel
+    data: PreparedData
+    resolution: int
+    train_sizes: list[Size]
+    val_sizes: list[Size]
+    weight_dtype: torch.dtype
+    amp_dtype: torch.dtype | None
+    mixed_precision: str
+    injection: Injection
+    schedule: dict[str, Any]
+
+    @property
+    def pipe(self) -> Any:
+        return self.base.pipe
+
+    @property
+    def repeats(self) -> list[int]:
+        return [e.repeats for e in self.data.train]
+
+    @property
+    def sample_size(self) -> Size:
+        return square_size(self.resolution, size_multiple(self.pipe))
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return _autocast(self.base.device, self.amp_dtype)
+
+
+def precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None, str]:
+    """(weight dtype of the frozen base, autocast dtype or None, effective mixed-precision mode)."""
+    mode = config.mixed_precision
+    if mode == "fp16" and device.type != "cuda":
+        warnings.warn("fp16 mixed precision needs CUDA; training in fp32 on CPU instead", stacklevel=2)
+        log.warning("fp16 mixed precision needs CUDA; falling back to fp32 on %s", device)
+        mode = "no"
+    if mode == "no":
+        return torch.float32, None, mode
+    amp = torch.float16 if mode == "fp16" else torch.bfloat16
+    return amp, amp, mode
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None) -> AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+
+
+def size_multiple(pipe: Any) -> int:
+    """Pixel sides must be multiples of this (VAE factor x UNet down-sampling)."""
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def target_sizes(
+    config: TrainConfig, base: BaseModel, data: PreparedData
+) -> tuple[int, list[Size], list[Size]]:
+    resolution = config.resolution or base.native_size
+    multiple = size_multiple(base.pipe)
+    if resolution % multiple:
+        raise TrainConfigError(
+            f"resolution {resolution} is not a multiple of {multiple} "
+            f"(VAE factor x UNet down-sampling of {base.name})",
+            hint=f"Use --resolution {resolution // multiple * multiple or multiple}.",
+        )
+    if config.buckets:
+        buckets = make_buckets(resolution, multiple)
+        train = [assign_bucket(e.width, e.height, buckets) for e in data.train]
+        val = [assign_bucket(e.width, e.height, buckets) for e in data.val]
+    else:
+        square = square_size(resolution, multiple)
+        train, val = [square] * len(data.train), [square] * len(data.val)
+    return resolution, train, val
+
+
+def check_base(config: TrainConfig, base: BaseModel) -> None:
+    """The base model must be the expected checkpoint (when pinned) and an SD UNet + CLIP pair."""
+    want = (config.base_model_sha256 or "").lower()
+    if want and not base.fingerprint.startswith(want):
+        raise BaseModelError(
+            f"base model {base.name} has fingerprint {base.fingerprint[:16]}…, expected {want[:16]}…",
+            detail={"fingerprint": base.fingerprint, "expected": want},
+            hint="Point --base-model at the pinned checkpoint or update --base-model-sha256.",
+        )
+    cross = int(base.pipe.unet.config.cross_attention_dim)
+    hidden = int(base.pipe.text_encoder.config.hidden_size)
+    if cross != hidden:
+        raise BaseModelError(
+            f"{base.name}: UNet cross-attention width {cross} does not match the text encoder ({hidden})",
+            hint="Use an SD1.x/SD2.x-style pipeline whose UNet and text encoder belong together.",
+        )
+
+
+def caption_rules(config: TrainConfig) -> CaptionRules:
+    return CaptionRules(
+        template=config.template,
+        trigger_word=config.trigger_word,
+        extension=config.caption_extension,
+        caption_column=config.caption_column,
+        image_column=config.image_column,
+        default_caption=config.default_caption,
+    )
+
+
+def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
+    """Load and check the base, prepare the data, inject the LoRA (seeded), set precision."""
+    torch.manual_seed(config.seed)
+    base = load_base_model(config.base_model, models_dir, device=config.device, dtype="fp32")
+    check_base(config, base)
+    pipe = base.pipe
+    weight_dtype, amp_dtype, mixed = precision(config, base.device)
+    data = prepare_dataset(
+        config.data,
+        caption_rules(config),
+        val_data=config.val_data,
+        val_split=config.val_split,
+        seed=config.seed,
+    )
+    resolution, train_sizes, val_sizes = target_sizes(config, base, data)
+    torch.manual_seed(config.seed)  # LoRA init draws from the global RNG: same seed, same start
+    injection = inject(pipe.unet, pipe.text_encoder, config)
+    if weight_dtype != torch.float32:
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            for name, param in module.named_parameters():
+                if "lora_" not in name:
+                    param.data = param.data.to(weight_dtype)
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder = pipe.text_encoder
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            (enable or text_encoder.gradient_checkpointing_enable)()
+    # the batches of epoch 0 fix steps/epoch (sizes are known before encoding)
+    repeats = [e.repeats for e in data.train]
+    num_batches = len(epoch_batches(train_sizes, repeats, config.batch_size, config.seed, 0))
+    steps = schedule(num_batches, config.grad_accum, config.steps, config.epochs, DEFAULT_STEPS)
+    return RunSetup(
+        config,
+        base,
+        data,
+        resolution,
+        train_sizes,
+        val_sizes,
+        weight_dtype,
+        amp_dtype,
+        mixed,
+        injection,
+        steps,
+    )
+
+
+def build_plan(setup: RunSetup) -> dict[str, Any]:
+    """The plan: identity of the base, data counts, schedule, LoRA layout, memory estimate."""
+    config, base, pipe, injection = setup.config, setup.base, setup.pipe, setup.injection
+    base_params = sum(
+        p.numel()
+        for n, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]
+        if "lora_" not in n
+    )
+    return {
+        "trainer": f"{TRAINER_NAME} {TRAINER_VERSION}",
+        "base_model": {
+            "name": base.name,
+            "path": str(base.ref.path),
+            "fingerprint": base.fingerprint,
+            "family": base.architecture.family,
+            "architecture_id": base.architecture.architecture_id,
+        },
+        "device": str(base.device),
+        "weight_dtype": str(setup.weight_dtype).removeprefix("torch."),
+        "mixed_precision": setup.mixed_precision,
+        "dataset": {
+            k: setup.data.summary[k]
+            for k in ("count", "train_count", "val_count", "skipped_count", "content_sha256")
+        },
+        "resolution": setup.resolution,
+        "sizes": sorted(set(setup.train_sizes)),
+        "schedule": setup.schedule,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "lr": config.lr,
+        "lr_scheduler": config.lr_scheduler,
+        "lr_warmup_steps": config.lr_warmup_steps,
+        "weight_decay": config.weight_decay,
+        "lora": injection.lora_config,
+        "lora_scale": config.lora_scale,
+        "modules": {"unet": len(injection.unet_modules), "text_encoder": len(injection.text_encoder_modules)},
+        "module_paths": injection.modules,
+        "trainable_params": injection.trainable,
+        "trainable_percent": 100.0 * injection.trainable / max(1, base_params),
+        "memory": memory_estimate(
+            pipe,
+            injection,
+            setup.train_sizes,
+            batch_size=config.batch_size,
+            device=base.device,
+            dtype=setup.weight_dtype,
+            train_text_encoder=config.train_text_encoder,
+            autocast=setup.autocast(),
+        ),
+        "validate_every": config.validate_every,
+        "sample_every": config.sample_every,
+        "checkpoint_every": config.checkpoint_every,
+        "output": str(config.output),
+        "register": config.register_id,
+    }
