@@ -193,7 +193,7 @@ def run_diffusers(home: str, data: str, steps: int, warmup: int, device: str) ->
         "wall_s": time.perf_counter() - start,
         "peak_rss_mib": _peak_rss_mib(),
         "cuda_peak_mib": _cuda_peak_mib(device),
-        "final_train_loss": float(loss),
+        "final_train_loss": float(loss.detach()),
     }
 
 

@@ -143,7 +143,7 @@ def _resume_layer(resume: str, output: Any) -> dict[str, Any]:
     path = resolve_resume(resume, Path(output) if output is not None else Path("."))
     saved = json.loads((path / STATE).read_text(encoding="utf-8")).get("config", {})
     layer = {k: v for k, v in saved.items() if k not in CLI_ONLY}
-    layer.setdefault("output", str(path.parent.parent))
+    layer["output"] = str(path.parent.parent)  # the run folder the checkpoint is in, wherever we are
     return layer
 
 

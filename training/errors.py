@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from basemodel.errors import ConfigError, Incompatible, NotFound, ValidationFailed
+from basemodel.errors import ConfigError, Incompatible, LoraswapError, NotFound, ValidationFailed
 
 
 class DatasetError(ValidationFailed):
@@ -29,3 +29,10 @@ class CheckpointError(Incompatible):
 class CheckpointNotFound(NotFound):
     type = "checkpoint_not_found"
     hint = "List <output>/checkpoints; --resume latest uses the newest complete checkpoint."
+
+
+class TrainingDiverged(LoraswapError):
+    """The loss became NaN or infinite."""
+
+    type = "training_diverged"
+    hint = "Lower --lr, add --lr-warmup-steps or train in fp32 (--mixed-precision no), then resume."

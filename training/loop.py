@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from training.checkpoint import Checkpoint, atomic_write_text, capture_rng, restore_rng, save_checkpoint
 from training.config import TrainConfig
 from training.data.cache import EncodedItem
-from training.errors import CheckpointError
+from training.errors import CheckpointError, TrainingDiverged
 from training.evaluate import ValBatch, validation_loss
 from training.lora import Injection, load_trainable_state, trainable_state
 from training.objective import diffusion_loss, draw_noise, lr_lambda, target_for
@@ -323,9 +323,7 @@ class Trainer:
                         self.epoch, self.position = self.epoch + 1, 0
                     train_loss = sum(losses) / len(losses)
                     if not math.isfinite(train_loss):
-                        raise FloatingPointError(
-                            f"loss became {train_loss} at step {self.step}; lower --lr or use fp32"
-                        )
+                        raise TrainingDiverged(f"the training loss became {train_loss} at step {self.step}")
                     last = self.step >= p.total_steps
                     val_loss = self._validate() if (self._due(cfg.validate_every) or last) else None
                     self.metrics.append(
