@@ -22,6 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--snapshot-every", type=int, default=None, help="also save OUTPUT.snapshot every N UNet steps"
     )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="keep this pretrained folder's VAE; continue its UNet + text encoder",
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak UNet and text-encoder learning rate")
     parser.add_argument("--batch", type=int, default=32, help="VAE and UNet batch size")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)"
@@ -30,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     minutes = args.minutes
+    if args.resume:
+        args.vae_steps = 0
     if minutes is None and (args.vae_steps is None or args.unet_steps is None):
         minutes = 30.0
     recipe = Recipe(
@@ -40,8 +49,14 @@ def run(args: argparse.Namespace) -> int:
         vae_batch=args.batch,
         unet_batch=args.batch,
         threads=args.threads,
+        unet_lr=args.lr,
+        text_lr=args.lr,
+        resume=str(args.resume) if args.resume else None,
     )
-    command = "loraswap model pretrain-tiny " + shlex.join(sys.argv[1:])
+    argv = sys.argv[1:]
+    if "pretrain-tiny" in argv:  # called as `loraswap model pretrain-tiny …`
+        argv = argv[argv.index("pretrain-tiny") + 1 :]
+    command = shlex.join(["loraswap", "model", "pretrain-tiny", *argv])
     out = pretrain(args.output, recipe, command=command, snapshot_every=args.snapshot_every)
     print(f"pretrained tiny-sd at {out} (vae {recipe.vae_steps} steps, unet {recipe.unet_steps} steps)")
     return 0

@@ -48,6 +48,7 @@ class Recipe:
     min_snr_gamma: float = 5.0
     warmup: int = 50
     threads: int = 1
+    resume: str | None = None  # continue UNet + text encoder training from this pretrained folder
     log: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,8 +74,21 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _load_part(folder: str, part: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return {k: v.float() for k, v in load_file(str(Path(folder) / part / name)).items()}
+
+
 def train_vae(recipe: Recipe, budget_s: float | None) -> tuple[Any, int]:
     vae: Any = build_vae(recipe.seed + 1)
+    if recipe.resume:  # keep the pretrained VAE and its latent scale
+        vae.load_state_dict(_load_part(recipe.resume, "vae"))
+        config = json.loads((Path(recipe.resume) / "vae" / "config.json").read_text())
+        vae.register_to_config(scaling_factor=config["scaling_factor"])
+        vae.eval()
+        return vae, 0
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(recipe.seed * 1000 + 11)
@@ -127,6 +141,9 @@ def train_unet(
     tokenizer = build_tokenizer()
     unet: Any = build_unet(recipe.seed)
     text_encoder = build_text_encoder(tokenizer, recipe.seed + 2)
+    if recipe.resume:
+        unet.load_state_dict(_load_part(recipe.resume, "unet"))
+        text_encoder.load_state_dict(_load_part(recipe.resume, "text_encoder"))
     unet.train()
     text_encoder.train()
     params: list[dict[str, Any]] = [
@@ -248,8 +265,9 @@ def pretrain(
     torch.use_deterministic_algorithms(True)
     budget = None if recipe.minutes is None else recipe.minutes * 60
     t0 = time.perf_counter()
-    vae, _ = train_vae(recipe, None if budget is None else budget * VAE_SHARE)
-    vae.register_to_config(scaling_factor=latent_scale(vae, recipe.seed))
+    vae, _ = train_vae(recipe, None if budget is None or recipe.resume else budget * VAE_SHARE)
+    if not recipe.resume:
+        vae.register_to_config(scaling_factor=latent_scale(vae, recipe.seed))
     t1 = time.perf_counter()
     remaining = None if budget is None else max(60.0, budget - (t1 - t0))
 

@@ -1,0 +1,83 @@
+"""The pretrained embedded model shipped in ``basemodel/weights/tiny-sd`` (fp16 safetensors).
+
+``install(output)`` checks every shipped file against its ``SHA256SUMS`` and expands the folder to
+fp32 (weights cast exactly, the text encoder's ``dtype`` set to float32, so a plain
+``from_pretrained`` gives one dtype throughout, as every other local model does), into a folder that
+appears atomically with its own ``SHA256SUMS``; ``ensure_pretrained(models_dir)`` does that once under
+``$LORASWAP_HOME/models``. The expansion is deterministic. Nothing is trained or downloaded at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from basemodel.errors import BaseModelError
+
+PRETRAINED_NAME = "tiny-sd-pretrained"
+SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "tiny-sd"
+CHECKSUMS = "SHA256SUMS"
+
+
+def checksums(folder: Path = SHIPPED) -> dict[str, str]:
+    """``{relative path: sha256}`` from a folder's ``SHA256SUMS``."""
+    lines = (Path(folder) / CHECKSUMS).read_text().splitlines()
+    return {name: digest for digest, name in (line.split("  ", 1) for line in lines if line)}
+
+
+def install(output: Path, source: Path = SHIPPED) -> Path:
+    """Copy the shipped diffusers folder to ``output`` (sha256-checked; the folder appears atomically)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        for name, digest in checksums(source).items():
+            data = (source / name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise BaseModelError(
+                    f"shipped tiny-sd file {name} does not match its sha256",
+                    detail={"path": str(source / name)},
+                    hint="Reinstall loraswap, or rebuild it with 'loraswap model pretrain-tiny'.",
+                )
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(_expand(name, data))
+        _write_checksums(staging)
+        staging.chmod(0o755)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def _expand(name: str, data: bytes) -> bytes:
+    """fp16 weights → fp32 (exact); configs that record a float16 dtype → float32; the rest as is."""
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load, save
+
+        return save({k: v.float() for k, v in load(data).items()}, metadata={"format": "pt"})
+    if name.endswith("config.json"):
+        config = json.loads(data)
+        if config.get("dtype") == "float16":
+            config["dtype"] = "float32"
+            return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    return data
+
+
+def _write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder)}\n" for p in files]
+    (folder / CHECKSUMS).write_text("".join(lines))
+
+
+def ensure_pretrained(models_dir: Path, name: str = PRETRAINED_NAME) -> Path:
+    """The installed pretrained model under ``models_dir``, copied from the package on first use."""
+    target = Path(models_dir) / name
+    if not (target / "model_index.json").is_file() or not (target / CHECKSUMS).is_file():
+        install(target)
+    return target
