@@ -96,7 +96,8 @@ def test_many_options_together(loraswap_home: Path, mixed_sizes: Path, tmp_path:
     assert conv.dim() == 4  # LoCon-style conv LoRA exported in the canonical layout
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert first.report["cache"]["misses"] > 0
-    second = train(make_config(mixed_sizes, tmp_path / "b", **options), **quiet)
+    cheaper = options | {"steps": 1, "clip_model": None, "eval_samples": 0, "sample_steps": 1}
+    second = train(make_config(mixed_sizes, tmp_path / "b", **cheaper), **quiet)
     assert second.report is not None
     assert second.report["cache"]["misses"] == 0 and second.report["cache"]["hits"] == 10  # latents reused
 
