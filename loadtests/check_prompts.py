@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--base-model", default="tiny-sd")
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed … first-seed+seeds-1")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("LORASWAP_THREADS", "1")))
@@ -94,7 +95,7 @@ def main() -> None:
 
     name, pipe = load(args.base_model)
     prompts = prompt_set(args.prompts)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     start = time.perf_counter()
     images = generate(pipe, prompts, seeds, args.steps, args.guidance)
     seconds = time.perf_counter() - start
