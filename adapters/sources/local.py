@@ -37,6 +37,10 @@ class LocalStore:
             raise StoreError(f"store key {key!r} resolves outside the store root", reason="bad_key")
         return path
 
+    def local_path(self, key: str) -> Path:
+        """The file behind ``key`` (validated: inside the root), for callers that read it directly."""
+        return self._path(key)
+
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()

@@ -11,6 +11,7 @@ concurrent requests for the same cold adapter share one load (single flight).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapters.records import AdapterVersion
+from adapters.records import AdapterVersion, blob_key
 from adapters.registry import LoadedAdapter, Registry
 from adapters.sources.local import LocalStore
 from service.lora.weights import DeviceAdapter
@@ -67,44 +68,62 @@ class TierStats:
     nbytes: dict[str, int] = field(default_factory=dict)
 
 
+Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of a file as read
+
+
+def read_stamped(path: Path) -> tuple[bytes, Stamp] | None:
+    """A file's bytes and the stamp of exactly the file that was read (fstat on the same handle)."""
+    try:
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            return fh.read(), (info.st_ino, info.st_size, info.st_mtime_ns)
+    except FileNotFoundError:
+        return None
+
+
 class DiskTier:
-    """Verified local copies of remote blobs (``<sha256>.safetensors``), LRU by mtime."""
+    """Verified local copies of remote blobs (``<sha256>.safetensors``), LRU by mtime.
+
+    Entry count and bytes are kept as running totals (one directory scan at start-up), so publishing
+    metrics never lists the directory.
+    """
 
     def __init__(self, root: Path, budget: int) -> None:
         self.root = root
         self.budget = budget
         self.root.mkdir(parents=True, exist_ok=True)
+        files = list(self.root.glob("*.safetensors"))
+        self.entries = len(files)
+        self.nbytes = sum(f.stat().st_size for f in files)
 
     def path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.safetensors"
 
-    def read(self, sha256: str) -> bytes | None:
-        path = self.path(sha256)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        os.utime(path)  # LRU by mtime
-        return data
-
     def write(self, sha256: str, data: bytes) -> int:
+        """Store a verified blob; returns how many older copies were evicted to stay in budget."""
+        target = self.path(sha256)
+        existed = target.exists()
         tmp = self.root / f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_bytes(data)
-        os.replace(tmp, self.path(sha256))
-        return self._evict()
+        os.replace(tmp, target)
+        if not existed:
+            self.entries += 1
+            self.nbytes += len(data)
+        return self._evict() if self.nbytes > self.budget else 0
 
-    def usage(self) -> tuple[int, int]:
-        files = list(self.root.glob("*.safetensors"))
-        return len(files), sum(f.stat().st_size for f in files)
+    def touch(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(sha256))  # LRU by mtime
 
     def _evict(self) -> int:
         files = sorted(self.root.glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns)
-        total = sum(f.stat().st_size for f in files)
         evicted = 0
-        while total > self.budget and len(files) > 1:
+        while self.nbytes > self.budget and len(files) > 1:
             victim = files.pop(0)
-            total -= victim.stat().st_size
+            size = victim.stat().st_size
             victim.unlink(missing_ok=True)
+            self.entries -= 1
+            self.nbytes -= size
             evicted += 1
         return evicted
 
@@ -134,6 +153,10 @@ class AdapterCache:
         )
         self._device: OrderedDict[CacheKey, _DeviceEntry] = OrderedDict()
         self._host: OrderedDict[CacheKey, _HostEntry] = OrderedDict()
+        self._device_bytes = 0
+        self._host_bytes = 0
+        # sha256 → stamp of a local file whose bytes were verified against that sha256 in this process
+        self._verified: dict[str, Stamp] = {}
         self._lock = threading.Lock()
         self._inflight: dict[CacheKey, asyncio.Future[DeviceAdapter]] = {}
         self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="loraswap-load")
@@ -180,10 +203,10 @@ class AdapterCache:
         dropped = 0
         with self._lock:
             for key in [k for k, e in self._device.items() if predicate(k) and not e.leases and not e.pinned]:
-                del self._device[key]
+                self._device_bytes -= self._device.pop(key).adapter.nbytes
                 dropped += 1
             for key in [k for k in self._host if predicate(k)]:
-                del self._host[key]
+                self._host_bytes -= self._host.pop(key).nbytes
             self._publish()
         return dropped
 
@@ -213,7 +236,9 @@ class AdapterCache:
                 )
             host = _HostEntry(loaded, sum(t.nbytes for t in loaded.tensors.values()))
             with self._lock:
-                self._host[key] = host
+                if key not in self._host:
+                    self._host[key] = host
+                    self._host_bytes += host.nbytes
                 self._evict_host()
         else:
             self._miss("device")
@@ -235,14 +260,25 @@ class AdapterCache:
         return adapter
 
     def _read(self, version: AdapterVersion) -> tuple[LoadedAdapter, str]:
-        """Bytes from the disk tier (or a local store), else the store; verified and parsed."""
-        if self.disk is None:
+        """Bytes from the disk tier (or a local store), else the store; verified and parsed.
+
+        The sha256 of a local file is checked on its first read in this process and again whenever the
+        file read is not the one verified (other inode, size or mtime); every read still runs the
+        registry's structural and value checks.
+        """
+        local = self._local_path(version)
+        stamped = read_stamped(local) if local is not None else None
+        if stamped is not None:
+            data, stamp = stamped
             self._hit("disk")
+            if self.disk is not None:
+                self.disk.touch(version.sha256)
+            verify = self._verified.get(version.sha256) != stamp
+            loaded = self.registry.open_data(version, data, verify_sha256=verify)
+            self._verified[version.sha256] = stamp
+            return loaded, "disk"
+        if self.disk is None:  # a local store whose blob is gone: let the registry raise its error
             return self.registry.open_data(version, self.registry.read_blob(version)), "disk"
-        data = self.disk.read(version.sha256)
-        if data is not None:
-            self._hit("disk")
-            return self.registry.open_data(version, data), "disk"
         self._miss("disk")
         data = self.registry.read_blob(version)
         loaded = self.registry.open_data(version, data)  # verifies the sha256 before caching
@@ -250,42 +286,49 @@ class AdapterCache:
         self.metrics.cache_evictions.labels(tier="disk").inc(evicted)
         return loaded, "store"
 
+    def _local_path(self, version: AdapterVersion) -> Path | None:
+        if self.disk is not None:
+            return self.disk.path(version.sha256)
+        store = self.registry.store
+        return store.local_path(blob_key(version.sha256)) if isinstance(store, LocalStore) else None
+
     # -- bookkeeping (call with the lock held) ------------------------------------------------------
     def _insert_device(self, key: CacheKey, adapter: DeviceAdapter, scale: float | None) -> _DeviceEntry:
-        entry = self._device.get(key) or _DeviceEntry(adapter, scale)
-        self._device[key] = entry
+        entry = self._device.get(key)
+        if entry is None:
+            entry = self._device[key] = _DeviceEntry(adapter, scale)
+            self._device_bytes += adapter.nbytes
         self._device.move_to_end(key)
         return entry
 
     def _evict_device(self) -> None:
-        total = sum(e.adapter.nbytes for e in self._device.values())
+        if self._device_bytes <= self.budgets.device_bytes:
+            return
         for key in list(self._device):
-            if total <= self.budgets.device_bytes:
+            if self._device_bytes <= self.budgets.device_bytes:
                 break
             entry = self._device[key]
             if entry.leases or entry.pinned:
                 continue
             del self._device[key]
-            total -= entry.adapter.nbytes
+            self._device_bytes -= entry.adapter.nbytes
             self.metrics.cache_evictions.labels(tier="device").inc()
 
     def _evict_host(self) -> None:
-        total = sum(e.nbytes for e in self._host.values())
-        while total > self.budgets.host_bytes and len(self._host) > 1:
+        while self._host_bytes > self.budgets.host_bytes and len(self._host) > 1:
             _, entry = self._host.popitem(last=False)
-            total -= entry.nbytes
+            self._host_bytes -= entry.nbytes
             self.metrics.cache_evictions.labels(tier="host").inc()
 
     def _publish(self) -> None:
         m = self.metrics
         m.cache_entries.labels(tier="device").set(len(self._device))
-        m.cache_bytes.labels(tier="device").set(sum(e.adapter.nbytes for e in self._device.values()))
+        m.cache_bytes.labels(tier="device").set(self._device_bytes)
         m.cache_entries.labels(tier="host").set(len(self._host))
-        m.cache_bytes.labels(tier="host").set(sum(e.nbytes for e in self._host.values()))
+        m.cache_bytes.labels(tier="host").set(self._host_bytes)
         if self.disk is not None:
-            entries, nbytes = self.disk.usage()
-            m.cache_entries.labels(tier="disk").set(entries)
-            m.cache_bytes.labels(tier="disk").set(nbytes)
+            m.cache_entries.labels(tier="disk").set(self.disk.entries)
+            m.cache_bytes.labels(tier="disk").set(self.disk.nbytes)
 
     def _hit(self, tier: str) -> None:
         self.metrics.cache_hits.labels(tier=tier).inc()

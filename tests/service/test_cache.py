@@ -114,3 +114,25 @@ def test_remote_store_blobs_are_cached_on_local_disk(
     assert value(samples, "loraswap_adapter_cache_hits_total", tier="disk") == 1
     assert value(samples, "loraswap_adapter_load_seconds_count", source="disk") == 1
     assert value(samples, "loraswap_adapter_cache_entries", tier="disk") == 1
+
+
+def test_a_modified_blob_is_verified_again(
+    base_model: Any, manager: LoRAModelManager, lora_bytes: list[bytes], tmp_path: Path
+) -> None:
+    from adapters.errors import AdapterCorrupt
+    from adapters.records import blob_key
+
+    registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
+    version = registry.register(lora_bytes[0], "a")
+    cache = make_cache(registry, manager, tmp_path, device_bytes=1 << 30)
+    cache.load_blocking(version)
+    cache.drop(lambda key: True)  # evict from device and host: the next load reads the file again
+    cache.load_blocking(version)  # unchanged file: same stamp, loads without re-hashing
+    cache.drop(lambda key: True)
+    blob = tmp_path / "store" / blob_key(version.sha256)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01  # flip one bit of the last tensor; the header still parses
+    blob.write_bytes(bytes(data))
+    with pytest.raises(AdapterCorrupt, match="sha256"):
+        cache.load_blocking(version)
+    cache.close()
