@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep this pretrained folder's VAE; continue its UNet + text encoder",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak UNet and text-encoder learning rate")
+    parser.add_argument(
+        "--high-noise-weight", type=float, default=None, help="weight high-noise steps by min(1 + 1/SNR, W)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="VAE and UNet batch size")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)"
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         unet_lr=args.lr,
         text_lr=args.lr,
         resume=str(args.resume) if args.resume else None,
+        high_noise_weight=args.high_noise_weight,
     )
     argv = sys.argv[1:]
     if "pretrain-tiny" in argv:  # called as `loraswap model pretrain-tiny …`

@@ -46,6 +46,7 @@ class Recipe:
     text_lr: float = 1e-3
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    high_noise_weight: float | None = None  # extra weight min(1 + 1/SNR, this) on high-noise steps
     warmup: int = 50
     threads: int = 1
     resume: str | None = None  # continue UNet + text encoder training from this pretrained folder
@@ -186,6 +187,8 @@ def train_unet(
         hidden = text_encoder(ids_for(captions))[0]
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         weight = snr[t].clamp(max=recipe.min_snr_gamma) / snr[t]
+        if recipe.high_noise_weight:  # the v-loss weighting (1 + 1/SNR), clipped
+            weight = weight * (1 + 1 / snr[t]).clamp(max=recipe.high_noise_weight)
         loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
