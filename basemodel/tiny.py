@@ -76,7 +76,11 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    text_encoder = CLIPTextModel(text_config)
+    return assemble_pipeline(vae, CLIPTextModel(text_config), tokenizer, unet)
+
+
+def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
+    """A StableDiffusionPipeline from parts, with SD1.5's DDIM schedule and no safety checker."""
     pipe: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -10,25 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from basemodel.tiny import assemble_pipeline as assemble
 from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 
 RESOLUTION = 32
 LATENT_SIZE = RESOLUTION // 2
-
-# SD1.5's scheduler constants: the noise schedule is the model's contract, so keep it exact.
-SD15_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
 
 
 def build_unet(seed: int) -> UNet2DConditionModel:
@@ -77,21 +66,6 @@ def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
         pad_token_id=eos,
     )
     return CLIPTextModel(config)
-
-
-def assemble(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: Any) -> Any:
-    pipe: Any = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def build_pipeline(seed: int = 0) -> Any:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from basemodel.pretrain.data import sample_batch
-from basemodel.pretrain.model import SD15_SCHEDULER, build_text_encoder, build_unet, build_vae
+from basemodel.pretrain.model import build_text_encoder, build_unet, build_vae
+from basemodel.tiny import SD15_SCHEDULER
 from basemodel.tokenizer import MAX_LENGTH, build_tokenizer
 
 VAE_SHARE = 0.15  # share of a wall-clock budget spent on the VAE
