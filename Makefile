@@ -35,5 +35,9 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+SHAPE ?= tiny
+bench: $(STAMP)  # hot-swap benchmark: make bench [SHAPE=sd15]; training: $(PY) -m loadtests.bench_train
+	$(PY) -m loadtests.bench_swap --shape $(SHAPE)
+
 clean:
 	rm -rf $(VENV) .loraswap .pytest_cache .mypy_cache .ruff_cache *.egg-info
