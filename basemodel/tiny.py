@@ -38,7 +38,6 @@ SD15_SCHEDULER = {
 def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
     """Build the random-init tiny pipeline deterministically on CPU in fp32."""
     tokenizer = build_tokenizer()
-    bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))  # type: ignore[arg-type]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -64,11 +63,18 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
         norm_num_groups=32,
         sample_size=64,
     )
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
+    text_encoder = build_text_encoder(tokenizer, seed + 2, hidden_size=32, intermediate_size=64)
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def build_text_encoder(tokenizer: Any, seed: int, *, hidden_size: int, intermediate_size: int) -> Any:
+    """A 2-layer CLIP text encoder sized to ``tokenizer``, initialised from ``seed``."""
+    bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH,
@@ -76,7 +82,7 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    return assemble_pipeline(vae, CLIPTextModel(text_config), tokenizer, unet)
+    return CLIPTextModel(config)
 
 
 def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:

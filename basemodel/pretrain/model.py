@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from basemodel import tiny
 from basemodel.tiny import assemble_pipeline as assemble
-from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
+from basemodel.tokenizer import build_tokenizer
 
 RESOLUTION = 32
 LATENT_SIZE = RESOLUTION // 2
@@ -52,20 +53,10 @@ def build_vae(seed: int) -> AutoencoderKL:
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
-    bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))  # type: ignore[arg-type]
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
+    text_encoder: CLIPTextModel = tiny.build_text_encoder(
+        tokenizer, seed, hidden_size=64, intermediate_size=256
     )
-    return CLIPTextModel(config)
+    return text_encoder
 
 
 def build_pipeline(seed: int = 0) -> Any:
