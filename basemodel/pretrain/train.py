@@ -8,7 +8,6 @@ counts are recorded in ``recipe.json`` so the same bytes can be reproduced with 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from basemodel.fingerprint import sha256_file
 from basemodel.pretrain.data import sample_batch
 from basemodel.pretrain.model import build_text_encoder, build_unet, build_vae
 from basemodel.tiny import SD15_SCHEDULER
@@ -216,17 +216,9 @@ def train_unet(
     return unet, text_encoder, tokenizer, total
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_checksums(folder: Path) -> dict[str, str]:
     sums = {
-        str(p.relative_to(folder)): sha256_of(p)
+        str(p.relative_to(folder)): sha256_file(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != "SHA256SUMS"
     }
