@@ -104,10 +104,26 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("output", type=Path, help="target folder")
     synth.add_argument("--n", type=int, default=64, help="number of training images [default: 64]")
     synth.add_argument("--val", type=int, default=0, help="also write this many images under val/")
-    synth.add_argument("--style", default="sunset", help="sunset, neon, pastel, pixel or stripes")
-    synth.add_argument("--size", type=int, default=64, help="image side in px [default: 64]")
+    kind = synth.add_mutually_exclusive_group()
+    kind.add_argument("--style", help="sunset, neon, pastel, pixel or stripes [default: sunset]")
+    kind.add_argument(
+        "--concept",
+        help="a concept the pretrained tiny-sd never saw, in its own 32 px domain: pink "
+        "(captions 'TRIGGER, a pink circle on a blue background'; see docs/training.md)",
+    )
+    synth.add_argument("--size", type=int, help="image side in px [default: 64; 32 with --concept]")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--trigger-word", help="prepend this trigger word to every caption")
+    synth.add_argument(
+        "--trigger-word",
+        help="prepend this trigger word to every caption (with --concept: to the concept captions; "
+        "default sks)",
+    )
+    synth.add_argument(
+        "--regularisation",
+        type=float,
+        default=None,
+        help="with --concept: share of ordinary images (ordinary captions, no trigger word) [default: 0.25]",
+    )
     synth.add_argument("--format", choices=("txt", "caption", "jsonl"), default="txt", help="caption storage")
     synth.set_defaults(func=_synth)
 
@@ -192,19 +208,53 @@ def _fmt(value: float | None) -> str:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    if args.concept:
+        return _synth_concept(args)
     from training.data.synth import synth_dataset
+    from training.errors import DatasetError
 
+    if args.regularisation is not None:
+        raise DatasetError("--regularisation needs --concept")
+    style, size = args.style or "sunset", args.size or 64
     written = synth_dataset(
         args.output,
         n=args.n,
-        style=args.style,
-        size=args.size,
+        style=style,
+        size=size,
         seed=args.seed,
         trigger_word=args.trigger_word,
         caption_format=args.format,
         val=args.val,
     )
-    print(f"wrote {len(written)} images ({args.style}, {args.size}px) to {args.output}")
+    print(f"wrote {len(written)} images ({style}, {size}px) to {args.output}")
+    return 0
+
+
+def _synth_concept(args: argparse.Namespace) -> int:
+    from basemodel.pretrain.concepts import DEFAULT_TRIGGER
+    from basemodel.pretrain.data import RESOLUTION
+    from training.data.concept import DEFAULT_REGULARISATION, synth_concept_dataset
+
+    trigger = args.trigger_word or DEFAULT_TRIGGER
+    share = DEFAULT_REGULARISATION if args.regularisation is None else args.regularisation
+    size = args.size or RESOLUTION
+    written = synth_concept_dataset(
+        args.output,
+        concept=args.concept,
+        n=args.n,
+        val=args.val,
+        seed=args.seed,
+        trigger_word=trigger,
+        regularisation=share,
+        size=size,
+        caption_format=args.format,
+    )
+    regular = round(args.n * share)
+    print(
+        f"wrote {len(written)} images ({args.concept} concept, {size}px) to {args.output}: "
+        f"{args.n - regular} '{trigger}, a {args.concept} …' + {regular} ordinary (no trigger), "
+        f"{args.val} val"
+    )
     return 0
 
 

@@ -73,8 +73,12 @@ def _to_tensor(images: Any) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def _nearest(rgb: torch.Tensor) -> list[str]:
-    return [COLOURS[int(i)] for i in torch.cdist(rgb, _PALETTE).argmin(dim=1)]
+def _nearest(rgb: torch.Tensor, palette: dict[str, tuple[float, float, float]] | None = None) -> list[str]:
+    if palette is None:
+        names, table = COLOURS, _PALETTE
+    else:
+        names, table = list(palette), torch.tensor(list(palette.values()))
+    return [names[int(i)] for i in torch.cdist(rgb, table).argmin(dim=1)]
 
 
 def _background(x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +106,15 @@ def load_classifier(path: Path = CLASSIFIER_PATH) -> ShapeClassifier:
 
 
 @torch.no_grad()
-def read_images(images: Any, classifier: ShapeClassifier | None = None) -> list[Reading]:
+def read_images(
+    images: Any,
+    classifier: ShapeClassifier | None = None,
+    *,
+    shape_palette: dict[str, tuple[float, float, float]] | None = None,
+) -> list[Reading]:
+    """Read every image. ``shape_palette`` (default ``PALETTE``) is the set of names the shape colour
+    snaps to; concept scoring passes ``concepts.concept_palette`` (the background always uses ``PALETTE``).
+    """
     x = _to_tensor(images)
     classifier = classifier or load_classifier()
     distance, bg = soft_masks(x)
@@ -116,7 +128,7 @@ def read_images(images: Any, classifier: ShapeClassifier | None = None) -> list[
             readings.append(Reading(backgrounds[i], None, None, count))
             continue
         core = distance[i, 0] >= distance[i, 0][mask].median()  # the most distinct half: no edge blend
-        colour = _nearest(x[i][:, core & mask].median(dim=1).values.view(1, 3))[0]
+        colour = _nearest(x[i][:, core & mask].median(dim=1).values.view(1, 3), shape_palette)[0]
         readings.append(Reading(backgrounds[i], colour, SHAPES[kinds[i]], count))
     return readings
 
