@@ -8,24 +8,28 @@ from pathlib import Path
 
 from basemodel.settings import load_settings
 
-TINY_NAME = "tiny-sd"
-
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     model = subparsers.add_parser("model", help="build or inspect base models")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
-    init = model_sub.add_parser("init-tiny", help="build the embedded tiny-sd pipeline (diffusers format)")
-    init.add_argument("--output", type=Path, help="target folder (default: $LORASWAP_HOME/models/tiny-sd)")
-    init.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")
-    init.add_argument("--if-missing", action="store_true", help="do nothing when the folder already exists")
-    variant = init.add_mutually_exclusive_group()
-    variant.add_argument("--random", action="store_true", help="the random-init build (the default for now)")
-    variant.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="install the shipped pretrained weights (default: $LORASWAP_HOME/models/tiny-sd-pretrained)",
+    init = model_sub.add_parser(
+        "init-tiny", help="install the embedded tiny-sd (or build its random-init variant), diffusers format"
     )
+    init.add_argument(
+        "--output",
+        type=Path,
+        help="target folder (default: $LORASWAP_HOME/models/tiny-sd, or tiny-sd-random with --random)",
+    )
+    init.add_argument(
+        "--if-missing", action="store_true", help="do nothing when an up-to-date install is already there"
+    )
+    init.add_argument(
+        "--random",
+        action="store_true",
+        help="build the random-init variant (same architecture, weights from --seed) instead",
+    )
+    init.add_argument("--seed", type=int, default=0, help="with --random: weights seed (same bytes)")
     init.set_defaults(func=_init_tiny)
 
     from basemodel.pretrain.__main__ import add_arguments
@@ -43,23 +47,20 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from basemodel.pretrain.shipped import PRETRAINED_NAME, install
-    from basemodel.tiny import save_tiny
+    from basemodel.pretrain.shipped import ensure_installed, install
+    from basemodel.tiny import RANDOM_NAME, TINY_NAME, save_tiny
 
-    if args.pretrained:
-        output = args.output or load_settings().models_dir / PRETRAINED_NAME
+    if args.random:
+        output = args.output or load_settings().models_dir / RANDOM_NAME
         if args.if_missing and (output / "model_index.json").is_file():
-            print(f"{PRETRAINED_NAME} already at {output}")
+            print(f"{RANDOM_NAME} already at {output}")
             return 0
-        install(output)
-        print(f"installed {PRETRAINED_NAME} (shipped pretrained weights) at {output}")
+        save_tiny(output, seed=args.seed)
+        print(f"built {RANDOM_NAME} (random init, seed {args.seed}) at {output}")
         return 0
     output = args.output or load_settings().models_dir / TINY_NAME
-    if args.if_missing and (output / "model_index.json").is_file():
-        print(f"{TINY_NAME} already at {output}")
-        return 0
-    save_tiny(output, seed=args.seed)
-    print(f"built {TINY_NAME} (seed {args.seed}) at {output}")
+    (ensure_installed if args.if_missing else install)(output)
+    print(f"installed {TINY_NAME} (shipped pretrained weights, sha256-checked) at {output}")
     return 0
 
 

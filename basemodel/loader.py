@@ -1,7 +1,7 @@
 """Resolve a ``--base-model`` spec to files and load it as a resident pipeline.
 
-Specs: ``tiny-sd`` (embedded; built on first use under ``$LORASWAP_HOME/models``), ``tiny-sd-pretrained``
-(the shipped pretrained embedded model, copied there on first use), a local diffusers
+Specs: ``tiny-sd`` (the embedded pretrained model, installed from the package on first use under
+``$LORASWAP_HOME/models``), ``tiny-sd-random`` (the same architecture with random weights), a local diffusers
 folder (has ``model_index.json``), or a single-file SD1.x ``.safetensors`` checkpoint. Nothing is
 ever downloaded, and pickle checkpoints (``.ckpt``/``.pt``/``.bin``/``.pth``) are refused unopened.
 """
@@ -18,8 +18,7 @@ from diffusers import StableDiffusionPipeline
 
 from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
 from basemodel.fingerprint import Architecture, architecture_of, fingerprint
-from basemodel.pretrain.shipped import PRETRAINED_NAME, ensure_pretrained
-from basemodel.tiny import TINY_NAME, ensure_tiny
+from basemodel.tiny import RANDOM_NAME, TINY_NAME, ensure_random_tiny, ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,8 @@ class BaseModelRef:
 def resolve_base_model(spec: str, models_dir: Path) -> BaseModelRef:
     if spec == TINY_NAME:
         return BaseModelRef(TINY_NAME, ensure_tiny(models_dir), "tiny")
-    if spec == PRETRAINED_NAME:  # the shipped pretrained embedded model (docs/tiny-sd.md)
-        return BaseModelRef(PRETRAINED_NAME, ensure_pretrained(models_dir), "tiny")
+    if spec == RANDOM_NAME:
+        return BaseModelRef(RANDOM_NAME, ensure_random_tiny(models_dir), "tiny")
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UnsafeFormat(

@@ -1,8 +1,18 @@
-"""The embedded base model ``tiny-sd``: a real, small StableDiffusionPipeline built from a seed.
+"""The embedded base model ``tiny-sd``: a small StableDiffusionPipeline that follows simple prompts.
+
+``tiny-sd`` is the pretrained model shipped in ``basemodel/weights/tiny-sd`` (fp16 safetensors made by
+``loraswap model pretrain-tiny``; docs/tiny-sd.md). It draws "a {colour} {shape} on a {colour}
+background" at 32 px. ``ensure_tiny`` installs it, sha256-checked, under ``$LORASWAP_HOME/models`` on
+first use; nothing is trained or downloaded at start-up.
+
+``tiny-sd-random`` (``loraswap model init-tiny --random``) is the same architecture with random weights
+built from a seed; the same seed always gives byte-identical weight files.
 
 Module names follow SD1.5 (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` …) so
 adapters, converters and tests exercise the same paths as on a full model; only widths and depths
-are small. The same seed always gives byte-identical weight files.
+are small: a UNet2DConditionModel (CrossAttn down/up blocks) on 16×16×4 latents, an AutoencoderKL
+with factor-2 downsampling and 4 latent channels, a 2-layer 64-wide CLIPTextModel, and DDIM with
+SD1.5's schedule constants.
 """
 
 from __future__ import annotations
@@ -15,12 +25,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 
 TINY_NAME = "tiny-sd"
+RANDOM_NAME = "tiny-sd-random"
 DEFAULT_SEED = 0
+RESOLUTION = 32
+LATENT_SIZE = RESOLUTION // 2
 
 # SD1.5's scheduler constants: the noise schedule is the model's contract, so keep it exact.
 SD15_SCHEDULER = {
@@ -35,24 +48,25 @@ SD15_SCHEDULER = {
 }
 
 
-def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
-    """Build the random-init tiny pipeline deterministically on CPU in fp32."""
-    tokenizer = build_tokenizer()
+def build_unet(seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(64, 128),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+
+
+def build_vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(32, 64),
@@ -61,20 +75,18 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=32,
-        sample_size=64,
+        sample_size=RESOLUTION,
     )
-    text_encoder = build_text_encoder(tokenizer, seed + 2, hidden_size=32, intermediate_size=64)
-    return assemble_pipeline(vae, text_encoder, tokenizer, unet)
 
 
-def build_text_encoder(tokenizer: Any, seed: int, *, hidden_size: int, intermediate_size: int) -> Any:
-    """A 2-layer CLIP text encoder sized to ``tokenizer``, initialised from ``seed``."""
-    bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))
+def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    """A 2-layer, 64-wide CLIP text encoder sized to ``tokenizer``, initialised from ``seed``."""
+    bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))  # type: ignore[arg-type]
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
+        hidden_size=64,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH,
@@ -101,13 +113,22 @@ def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) ->
     return pipe
 
 
+def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
+    """The random-init pipeline (the shipped model's architecture), on CPU in fp32, from ``seed``."""
+    tokenizer = build_tokenizer()
+    return assemble_pipeline(
+        build_vae(seed + 1), build_text_encoder(tokenizer, seed + 2), tokenizer, build_unet(seed)
+    )
+
+
 def save_tiny(output: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Build and save tiny-sd in diffusers format; the folder appears atomically."""
+    """Build the random-init variant and save it in diffusers format; the folder appears atomically."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+        staging.chmod(0o755)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
@@ -116,9 +137,16 @@ def save_tiny(output: Path, seed: int = DEFAULT_SEED) -> Path:
     return output
 
 
-def ensure_tiny(models_dir: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Return the tiny-sd folder under ``models_dir``, building it on first use."""
-    target = Path(models_dir) / TINY_NAME
+def ensure_tiny(models_dir: Path) -> Path:
+    """The installed pretrained ``tiny-sd`` under ``models_dir``, (re)installed when missing or stale."""
+    from basemodel.pretrain.shipped import ensure_installed
+
+    return ensure_installed(Path(models_dir) / TINY_NAME)
+
+
+def ensure_random_tiny(models_dir: Path, seed: int = DEFAULT_SEED) -> Path:
+    """The random-init variant under ``models_dir``, built from ``seed`` on first use."""
+    target = Path(models_dir) / RANDOM_NAME
     if not (target / "model_index.json").is_file():
         save_tiny(target, seed)
     return target

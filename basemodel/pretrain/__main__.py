@@ -28,6 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep this pretrained folder's VAE; continue its UNet + text encoder",
     )
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="take this pretrained folder's VAE; train a fresh UNet + text encoder",
+    )
+    parser.add_argument(
+        "--noise-offset",
+        type=float,
+        default=0.0,
+        help="add N * randn(batch, channels, 1, 1) to the noise (kohya's --noise_offset)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak UNet and text-encoder learning rate")
     parser.add_argument(
         "--high-noise-weight", type=float, default=None, help="weight high-noise steps by min(1 + 1/SNR, W)"
@@ -40,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     minutes = args.minutes
-    if args.resume:
+    if args.resume or args.vae_from:
         args.vae_steps = 0
     if minutes is None and (args.vae_steps is None or args.unet_steps is None):
         minutes = 30.0
@@ -56,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         text_lr=args.lr,
         resume=str(args.resume) if args.resume else None,
         high_noise_weight=args.high_noise_weight,
+        noise_offset=args.noise_offset,
+        vae_from=str(args.vae_from) if args.vae_from else None,
     )
     argv = sys.argv[1:]
     if "pretrain-tiny" in argv:  # called as `loraswap model pretrain-tiny …`

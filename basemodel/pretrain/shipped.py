@@ -3,8 +3,10 @@
 ``install(output)`` checks every shipped file against its ``SHA256SUMS`` and expands the folder to
 fp32 (weights cast exactly, the text encoder's ``dtype`` set to float32, so a plain
 ``from_pretrained`` gives one dtype throughout, as every other local model does), into a folder that
-appears atomically with its own ``SHA256SUMS``; ``ensure_pretrained(models_dir)`` does that once under
-``$LORASWAP_HOME/models``. The expansion is deterministic. Nothing is trained or downloaded at start-up.
+appears atomically with its own ``SHA256SUMS`` and a ``SOURCE_SHA256`` stamp (the sha256 of the shipped
+``SHA256SUMS``). ``ensure_installed(target)`` installs once, and again when the shipped weights change
+(a newer package) or the folder is an older random-init ``tiny-sd``. The expansion is deterministic.
+Nothing is trained or downloaded at start-up.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import tempfile
 from pathlib import Path
 
 from basemodel.errors import BaseModelError
+from basemodel.fingerprint import sha256_file
 
-PRETRAINED_NAME = "tiny-sd-pretrained"
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "tiny-sd"
 CHECKSUMS = "SHA256SUMS"
+SOURCE_STAMP = "SOURCE_SHA256"
 
 
 def checksums(folder: Path = SHIPPED) -> dict[str, str]:
@@ -45,7 +48,8 @@ def install(output: Path, source: Path = SHIPPED) -> Path:
                 )
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(_expand(name, data))
-        _write_checksums(staging)
+        write_checksums(staging)
+        (staging / SOURCE_STAMP).write_text(source_digest(source) + "\n")
         staging.chmod(0o755)
         if output.exists():
             shutil.rmtree(output)
@@ -69,15 +73,27 @@ def _expand(name: str, data: bytes) -> bytes:
     return data
 
 
-def _write_checksums(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder)}\n" for p in files]
-    (folder / CHECKSUMS).write_text("".join(lines))
+def write_checksums(folder: Path) -> dict[str, str]:
+    """Write ``folder/SHA256SUMS`` (every file but itself, sorted) and return ``{name: sha256}``."""
+    sums = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
+    (Path(folder) / CHECKSUMS).write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
+    return sums
 
 
-def ensure_pretrained(models_dir: Path, name: str = PRETRAINED_NAME) -> Path:
-    """The installed pretrained model under ``models_dir``, copied from the package on first use."""
-    target = Path(models_dir) / name
-    if not (target / "model_index.json").is_file() or not (target / CHECKSUMS).is_file():
-        install(target)
+def source_digest(source: Path = SHIPPED) -> str:
+    """sha256 of a shipped folder's ``SHA256SUMS``: names the exact weights an install came from."""
+    return hashlib.sha256((Path(source) / CHECKSUMS).read_bytes()).hexdigest()
+
+
+def ensure_installed(target: Path, source: Path = SHIPPED) -> Path:
+    """``target`` holding an install of ``source``; (re)installed when missing or from other weights."""
+    target = Path(target)
+    stamp = target / SOURCE_STAMP
+    current = stamp.is_file() and stamp.read_text().strip() == source_digest(source)
+    if not current or not (target / "model_index.json").is_file():
+        install(target, source)
     return target

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from basemodel.fingerprint import sha256_file
 from basemodel.pretrain.data import sample_batch
-from basemodel.pretrain.model import build_text_encoder, build_unet, build_vae
-from basemodel.tiny import SD15_SCHEDULER
+from basemodel.pretrain.shipped import write_checksums
+from basemodel.tiny import SD15_SCHEDULER, build_text_encoder, build_unet, build_vae
 from basemodel.tokenizer import MAX_LENGTH, build_tokenizer
 
 VAE_SHARE = 0.15  # share of a wall-clock budget spent on the VAE
@@ -48,9 +47,11 @@ class Recipe:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     high_noise_weight: float | None = None  # extra weight min(1 + 1/SNR, this) on high-noise steps
+    noise_offset: float = 0.0  # kohya's --noise_offset: per-(image, channel) constant added to the noise
     warmup: int = 50
     threads: int = 1
     resume: str | None = None  # continue UNet + text encoder training from this pretrained folder
+    vae_from: str | None = None  # take the VAE (and its latent scale) from this folder; fresh UNet
     log: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,9 +86,10 @@ def _load_part(folder: str, part: str) -> dict[str, torch.Tensor]:
 
 def train_vae(recipe: Recipe, budget_s: float | None) -> tuple[Any, int]:
     vae: Any = build_vae(recipe.seed + 1)
-    if recipe.resume:  # keep the pretrained VAE and its latent scale
-        vae.load_state_dict(_load_part(recipe.resume, "vae"))
-        config = json.loads((Path(recipe.resume) / "vae" / "config.json").read_text())
+    source = recipe.resume or recipe.vae_from
+    if source:  # keep the pretrained VAE and its latent scale
+        vae.load_state_dict(_load_part(source, "vae"))
+        config = json.loads((Path(source) / "vae" / "config.json").read_text())
         vae.register_to_config(scaling_factor=config["scaling_factor"])
         vae.eval()
         return vae, 0
@@ -183,6 +185,8 @@ def train_unet(
             eps0 = torch.randn(posterior.mean.shape, generator=noise_gen)
             latents = (posterior.mean + posterior.std * eps0) * scale
         noise = torch.randn(latents.shape, generator=noise_gen)
+        if recipe.noise_offset:  # hides the latent mean that survives even at t = 999 (offset noise)
+            noise = noise + recipe.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=noise_gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=noise_gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         hidden = text_encoder(ids_for(captions))[0]
@@ -216,16 +220,6 @@ def train_unet(
     return unet, text_encoder, tokenizer, total
 
 
-def write_checksums(folder: Path) -> dict[str, str]:
-    sums = {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "SHA256SUMS"
-    }
-    (folder / "SHA256SUMS").write_text("".join(f"{h}  {name}\n" for name, h in sums.items()))
-    return sums
-
-
 def _save_fp16(pipe: Any, output: Path, extra: dict[str, str]) -> None:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -255,14 +249,15 @@ def pretrain(
     """
     import copy
 
-    from basemodel.pretrain.model import assemble
+    from basemodel.tiny import assemble_pipeline as assemble
 
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
     budget = None if recipe.minutes is None else recipe.minutes * 60
     t0 = time.perf_counter()
-    vae, _ = train_vae(recipe, None if budget is None or recipe.resume else budget * VAE_SHARE)
-    if not recipe.resume:
+    reuse_vae = bool(recipe.resume or recipe.vae_from)
+    vae, _ = train_vae(recipe, None if budget is None or reuse_vae else budget * VAE_SHARE)
+    if not reuse_vae:
         vae.register_to_config(scaling_factor=latent_scale(vae, recipe.seed))
     t1 = time.perf_counter()
     remaining = None if budget is None else max(60.0, budget - (t1 - t0))

@@ -46,7 +46,7 @@ def _kohya(case: LoraCase) -> dict[str, torch.Tensor]:
     return kohya_layout(case)
 
 
-def _pair(rank: int = 4, in_f: int = 32, out_f: int = 32) -> dict[str, torch.Tensor]:
+def _pair(rank: int = 4, in_f: int = 64, out_f: int = 64) -> dict[str, torch.Tensor]:
     return {f"{Q}.lora_A.weight": torch.randn(rank, in_f), f"{Q}.lora_B.weight": torch.randn(out_f, rank)}
 
 
@@ -124,14 +124,14 @@ CASES: dict[str, tuple[Callable[[LoraCase], bytes], type[Exception], str]] = {
     "shape-mismatch": (lambda c: save_bytes(_pair(in_f=48)), AdapterIncompatible, "shape_mismatch"),
     "rank-inconsistent": (
         lambda c: save_bytes(
-            {f"{Q}.lora_A.weight": torch.zeros(4, 32), f"{Q}.lora_B.weight": torch.zeros(32, 3)}
+            {f"{Q}.lora_A.weight": torch.zeros(4, 64), f"{Q}.lora_B.weight": torch.zeros(64, 3)}
         ),
         AdapterIncompatible,
         "shape_mismatch",
     ),
-    "rank-over-max": (lambda c: save_bytes(_pair(rank=32)), AdapterInvalid, "rank_too_large"),
+    "rank-over-max": (lambda c: save_bytes(_pair(rank=64)), AdapterInvalid, "rank_too_large"),
     "nan": (
-        lambda c: save_bytes({**_pair(), f"{Q}.lora_B.weight": torch.full((32, 4), float("nan"))}),
+        lambda c: save_bytes({**_pair(), f"{Q}.lora_B.weight": torch.full((64, 4), float("nan"))}),
         AdapterInvalid,
         "non_finite",
     ),
@@ -153,7 +153,7 @@ CASES: dict[str, tuple[Callable[[LoraCase], bytes], type[Exception], str]] = {
         "unsupported_dtype",
     ),
     "missing-up": (
-        lambda c: save_bytes({f"{Q}.lora_A.weight": torch.zeros(4, 32)}),
+        lambda c: save_bytes({f"{Q}.lora_A.weight": torch.zeros(4, 64)}),
         AdapterInvalid,
         "incomplete_pair",
     ),

@@ -20,8 +20,8 @@ from basemodel.pretrain.checker import (
     score,
 )
 from basemodel.pretrain.data import COLOURS, MARGIN, SHAPES, caption, prompt_set, sample_batch
-from basemodel.pretrain.model import build_pipeline
 from basemodel.pretrain.train import Recipe, pretrain
+from basemodel.tiny import build_tiny_pipeline
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "basemodel" / "weights"
 SHIPPED = WEIGHTS / "tiny-sd"
@@ -52,7 +52,7 @@ def test_shipped_weights_load_as_fp16_sd_pipeline_with_the_pretrain_architecture
         with safe_open(str(weights), framework="pt") as handle:
             assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F16"}, weights  # noqa: SIM118
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True, use_safetensors=True)
-    random_init = build_pipeline(0)
+    random_init = build_tiny_pipeline(0)
     for part in ("unet", "vae", "text_encoder"):
         shipped = {k: tuple(v.shape) for k, v in getattr(pipe, part).state_dict().items()}
         fresh = {k: tuple(v.shape) for k, v in getattr(random_init, part).state_dict().items()}
@@ -64,15 +64,15 @@ def test_shipped_weights_load_as_fp16_sd_pipeline_with_the_pretrain_architecture
     ]  # fmt: skip
 
 
-def test_pretrained_spec_installs_the_shipped_weights_checked(tmp_path: Path) -> None:
+def test_tiny_sd_spec_installs_the_shipped_weights_checked(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from basemodel.errors import BaseModelError
     from basemodel.loader import resolve_base_model
     from basemodel.pretrain.shipped import checksums, install
 
-    ref = resolve_base_model("tiny-sd-pretrained", tmp_path / "models")
-    assert ref.path == tmp_path / "models" / "tiny-sd-pretrained"
+    ref = resolve_base_model("tiny-sd", tmp_path / "models")
+    assert ref.path == tmp_path / "models" / "tiny-sd"
     assert set(checksums(ref.path)) == set(checksums(SHIPPED))
     for name, digest in checksums(ref.path).items():  # installed files match their own checksums
         assert hashlib.sha256((ref.path / name).read_bytes()).hexdigest() == digest, name
@@ -95,6 +95,26 @@ def test_pretrained_spec_installs_the_shipped_weights_checked(tmp_path: Path) ->
     assert not (tmp_path / "again").exists()
 
 
+def test_stale_or_random_install_is_replaced_by_the_shipped_weights(tmp_path: Path) -> None:
+    from basemodel.loader import resolve_base_model
+    from basemodel.pretrain.shipped import SOURCE_STAMP, checksums, source_digest
+    from basemodel.tiny import save_tiny
+
+    models = tmp_path / "models"
+    save_tiny(models / "tiny-sd", seed=0)  # what `tiny-sd` was before the pretrained weights
+    ref = resolve_base_model("tiny-sd", models)
+    assert (ref.path / SOURCE_STAMP).read_text().strip() == source_digest()
+    assert set(checksums(ref.path)) == set(checksums(SHIPPED))
+    (ref.path / SOURCE_STAMP).write_text("0" * 64 + "\n")  # installed from other (older) weights
+    weights = ref.path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"stale")
+    resolve_base_model("tiny-sd", models)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert digest == checksums(ref.path)["unet/diffusion_pytorch_model.safetensors"]
+    random_ref = resolve_base_model("tiny-sd-random", models)
+    assert random_ref.path == models / "tiny-sd-random" and not (random_ref.path / SOURCE_STAMP).exists()
+
+
 def test_cli_installs_the_pretrained_model(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -103,7 +123,7 @@ def test_cli_installs_the_pretrained_model(tmp_path: Path) -> None:
 
     out = tmp_path / "pre"
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "model", "init-tiny", "--pretrained", "--output", str(out)],
+        [sys.executable, "-m", "service.cli", "model", "init-tiny", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from basemodel.errors import BaseModelError, UnsafeFormat
 from basemodel.single_file import SD15_CONFIG_DIR, build_clip_tokenizer, load_single_file
-from basemodel.tiny import build_tiny_pipeline
 
 # --- diffusers → original LDM key layout (the inverse of diffusers' single-file conversion) ---------
 
@@ -134,8 +133,13 @@ def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Any:
-    return build_tiny_pipeline()
+def tiny(tiny_model_dir: Path) -> Any:
+    """The embedded model as installed (its configs are the ``config_dir`` below), in fp32."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +204,7 @@ def test_round_trip_restores_every_weight(
         p.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(0)
         return p(
-            "a red circle", num_inference_steps=2, height=64, width=64, generator=generator, output_type="np"
+            "a red circle", num_inference_steps=2, height=32, width=32, generator=generator, output_type="np"
         )
 
     assert (generate(pipe).images == generate(tiny).images).all()
@@ -213,7 +217,7 @@ def test_round_trip_casts_to_requested_dtype(tiny: Any, ldm_file: Path, tiny_mod
 
 
 def test_default_config_is_sd15_and_rejects_a_mismatched_checkpoint(ldm_file: Path) -> None:
-    with pytest.raises(BaseModelError, match="cross-attention width 32"):
+    with pytest.raises(BaseModelError, match="cross-attention width 64"):
         load_single_file(ldm_file, torch.float32)
 
 

@@ -26,12 +26,25 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_same_seed_gives_byte_identical_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+
+
+def test_random_variant_same_seed_gives_byte_identical_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+    first = save_tiny(tmp_path / "first", seed=0)
     rebuilt = save_tiny(tmp_path / "again", seed=0)
     other = save_tiny(tmp_path / "other", seed=1)
-    assert tree_digest(rebuilt) == tree_digest(tiny_model_dir)
+    assert tree_digest(rebuilt) == tree_digest(first)
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert tree_digest(other)[weights] != tree_digest(rebuilt)[weights]
+    # the random-init variant is the pretrained model's architecture with other weights
+    assert tree_digest(first)[weights] != tree_digest(tiny_model_dir)[weights]
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        name = f"{part}.safetensors"
+        assert tensor_shapes(first / name) == tensor_shapes(tiny_model_dir / name)
 
 
 def test_tiny_is_a_real_sd_pipeline_with_sd15_names(base_model: Any) -> None:
@@ -41,8 +54,8 @@ def test_tiny_is_a_real_sd_pipeline_with_sd15_names(base_model: Any) -> None:
     assert type(pipe.vae).__name__ == "AutoencoderKL"
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
     modules = base_model.architecture.modules
-    assert modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == (32, 32)
-    assert modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] == (32, 32)
+    assert modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == (64, 64)
+    assert modules["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] == (128, 64)
     assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0" in modules
     # transformers 5 dropped CLIPTextModel's `text_model.` level; 4.x still has it
     assert any(
@@ -52,7 +65,7 @@ def test_tiny_is_a_real_sd_pipeline_with_sd15_names(base_model: Any) -> None:
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
         )
     )
-    assert base_model.native_size == 64
+    assert base_model.native_size == 32
 
 
 def test_tokenizer_keeps_common_words_whole(base_model: Any) -> None:

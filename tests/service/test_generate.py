@@ -29,7 +29,7 @@ def test_generate_returns_pngs_seed_and_timings(server: Any) -> None:
     for img in body["images"]:
         picture = decode(img)
         assert picture.format == "PNG"
-        assert picture.size == (64, 64)
+        assert picture.size == (32, 32)
         assert picture.mode == "RGB"
     assert set(body["timings"]) >= {
         "queue_s",
@@ -51,7 +51,7 @@ def test_png_carries_a1111_parameters(server: Any) -> None:
     lines = text.splitlines()
     assert lines[0] == "a red fox"
     assert lines[1] == "Negative prompt: blurry"
-    assert "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 64x64" in lines[2]
+    assert "Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 32x32" in lines[2]
     assert "Model: tiny-sd" in lines[2]
 
 

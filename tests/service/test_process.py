@@ -76,7 +76,7 @@ def test_generate_cli_writes_png(serve_process: Any, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "seed 1" in done.stdout
-    assert Image.open(out).size == (64, 64)
+    assert Image.open(out).size == (32, 32)
     failed = subprocess.run(
         [sys.executable, "-m", "service.cli", "generate", "x", "--server", url, "--steps", "0"],
         capture_output=True,
