@@ -40,7 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="add N * randn(batch, channels, 1, 1) to the noise (kohya's --noise_offset)",
     )
+    parser.add_argument(
+        "--edge-weight",
+        type=float,
+        default=0.0,
+        help="up-weight the loss on latent pixels along each shape's outline by 1 + W",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop the UNet stage after N steps (the LR schedule still spans --unet-steps)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak UNet and text-encoder learning rate")
+    parser.add_argument("--text-lr", type=float, default=None, help="peak text-encoder learning rate (default --lr)")
     parser.add_argument(
         "--high-noise-weight", type=float, default=None, help="weight high-noise steps by min(1 + 1/SNR, W)"
     )
@@ -65,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
         unet_batch=args.batch,
         threads=args.threads,
         unet_lr=args.lr,
-        text_lr=args.lr,
+        text_lr=args.text_lr or args.lr,
         resume=str(args.resume) if args.resume else None,
         high_noise_weight=args.high_noise_weight,
         noise_offset=args.noise_offset,
+        edge_weight=args.edge_weight,
+        stop_after=args.stop_after,
         vae_from=str(args.vae_from) if args.vae_from else None,
     )
     argv = sys.argv[1:]

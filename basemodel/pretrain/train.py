@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from basemodel.pretrain.checker import FG_DISTANCE, soft_masks
 from basemodel.pretrain.data import sample_batch
 from basemodel.pretrain.shipped import write_checksums
 from basemodel.tiny import SD15_SCHEDULER, build_text_encoder, build_unet, build_vae
@@ -48,6 +49,8 @@ class Recipe:
     min_snr_gamma: float = 5.0
     high_noise_weight: float | None = None  # extra weight min(1 + 1/SNR, this) on high-noise steps
     noise_offset: float = 0.0  # kohya's --noise_offset: per-(image, channel) constant added to the noise
+    edge_weight: float = 0.0  # extra loss weight on latent pixels along each shape's outline
+    stop_after: int | None = None  # end the UNet stage after this many steps (the schedule keeps unet_steps)
     warmup: int = 50
     threads: int = 1
     resume: str | None = None  # continue UNet + text encoder training from this pretrained folder
@@ -136,6 +139,17 @@ def latent_scale(vae: Any, seed: int, n: int = 512) -> float:
     return float(1.0 / vae.encode(x).latent_dist.mean.std())
 
 
+def outline_map(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 1, size, size) in {0, 1}: a 2-px band around each shape's outline, max-pooled to ``size``.
+
+    The shape mask is read like the checker reads it (distance from the border's median colour).
+    """
+    distance, _ = soft_masks((images + 1) / 2)
+    shape = (distance > FG_DISTANCE).float()
+    band = F.max_pool2d(shape, 3, 1, 1) + F.max_pool2d(-shape, 3, 1, 1)  # dilation minus erosion
+    return F.adaptive_max_pool2d(band, size)
+
+
 def train_unet(
     recipe: Recipe,
     vae: Any,
@@ -194,7 +208,13 @@ def train_unet(
         weight = snr[t].clamp(max=recipe.min_snr_gamma) / snr[t]
         if recipe.high_noise_weight:  # the v-loss weighting (1 + 1/SNR), clipped
             weight = weight * (1 + 1 / snr[t]).clamp(max=recipe.high_noise_weight)
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        error = (pred - noise) ** 2
+        if recipe.edge_weight:  # a masked loss (kohya's --masked_loss) that stresses the shape's outline
+            w = 1 + recipe.edge_weight * outline_map(batch.images, error.shape[-1])
+            per_image = (w * error).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * error.shape[1])
+        else:
+            per_image = error.mean(dim=(1, 2, 3))
+        loss = (weight * per_image).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
@@ -209,9 +229,10 @@ def train_unet(
     else:
         done = 0
     start = time.perf_counter()
-    for i in range(done, total):
+    end = total if recipe.stop_after is None else min(total, recipe.stop_after)
+    for i in range(done, end):
         loss = step(i)
-        if i % 25 == 0 or i == total - 1:
+        if i % 25 == 0 or i == end - 1:
             _say(f"unet step {i + 1}/{total} loss {loss:.4f} ({time.perf_counter() - start:.0f}s)")
         if on_step is not None:
             on_step(i + 1, unet, text_encoder, tokenizer)
