@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop the UNet stage after N steps (the LR schedule still spans --unet-steps)",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak UNet and text-encoder learning rate")
-    parser.add_argument("--text-lr", type=float, default=None, help="peak text-encoder learning rate (default --lr)")
+    parser.add_argument(
+        "--text-lr", type=float, default=None, help="peak text-encoder learning rate (default --lr)"
+    )
     parser.add_argument(
         "--high-noise-weight", type=float, default=None, help="weight high-noise steps by min(1 + 1/SNR, W)"
     )
