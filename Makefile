@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PACKAGES := basemodel service adapters training
 
-.PHONY: install serve test lint typecheck pytest clean bench
+.PHONY: install serve test lint typecheck pytest clean bench demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: lint typecheck pytest
 SHAPE ?= tiny
 bench: $(STAMP)  # hot-swap benchmark: make bench [SHAPE=sd15]; training: $(PY) -m loadtests.bench_train
 	$(PY) -m loadtests.bench_swap --shape $(SHAPE)
+
+DEMO_BASE ?= tiny-sd
+demo: $(STAMP)  # "A LoRA you can see" (docs/training.md): synth a pink concept, train, score base vs adapter
+	$(PY) -m loadtests.lora_demo --base-model $(DEMO_BASE)
 
 clean:
 	rm -rf $(VENV) .loraswap .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -122,7 +122,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--regularisation",
         type=float,
         default=None,
-        help="with --concept: share of ordinary images (ordinary captions, no trigger word) [default: 0.25]",
+        help="with --concept: share of ordinary images (ordinary captions, no trigger word) [default: 0.5]",
     )
     synth.add_argument("--format", choices=("txt", "caption", "jsonl"), default="txt", help="caption storage")
     synth.set_defaults(func=_synth)

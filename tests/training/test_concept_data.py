@@ -142,7 +142,7 @@ def test_cli_synth_concept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert (
         loraswap(["data", "synth", str(out), "--concept", "pink", "--trigger-word", "zwx", "--n", "8"]) == 0
     )
-    assert "6 'zwx, a pink …' + 2 ordinary" in capsys.readouterr().out
+    assert "4 'zwx, a pink …' + 4 ordinary" in capsys.readouterr().out
     assert all(p.read_text().startswith("zwx, ") and "pink" in p.read_text() for p in out.glob("pink_*.txt"))
     assert np.asarray(Image.open(next(out.glob("*.png")))).shape == (32, 32, 3)
     assert loraswap(["data", "synth", str(tmp_path / "x"), "--concept", "teal"]) == 2

@@ -5,7 +5,7 @@ background, 32 px, the same renderer, sizes, positions and colour jitter), but t
 the base model never saw (``basemodel.pretrain.concepts``). Concept captions start with the trigger
 word: ``"sks, a pink circle on a blue background"`` (and the pretraining caption variants).
 
-A share of **regularisation** images (``regularisation``, default 0.25) are ordinary pretraining-domain
+A share of **regularisation** images (``regularisation``, default 0.5) are ordinary pretraining-domain
 images with their ordinary captions and no trigger word, so the adapter learns "trigger + pink → pink"
 without drifting on prompts that do not use it. Captions are final as written: train with
 ``--caption-template "{caption}"`` so the trainer does not add the trigger word to them.
@@ -27,7 +27,7 @@ from basemodel.pretrain.data import RESOLUTION, Batch, sample_batch
 from training.data.synth import CaptionFormat
 from training.errors import DatasetError
 
-DEFAULT_REGULARISATION = 0.25
+DEFAULT_REGULARISATION = 0.5
 
 
 def _pngs(batch: Batch) -> list[Image.Image]:
