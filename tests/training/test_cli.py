@@ -72,7 +72,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     text = capsys.readouterr().out
     assert "24 train / 6 validation images, 0 skipped" in text
     assert "12 steps = 3.0 epochs (4 steps/epoch)" in text
-    assert "UNet to_q, to_v, ff.net.2 -> 20 modules" in text
+    assert "UNet to_q, to_v, ff.net.2 -> 35 modules" in text
     assert "trainable" in text and "memory (est.)" in text and "GiB" in text
     assert not out.exists()
 

@@ -66,7 +66,7 @@ def test_metadata_is_complete(trained: Any) -> None:
     assert meta.base_model.fingerprint == trained.plan["base_model"]["fingerprint"]
     assert meta.base_model.architecture_id == trained.plan["base_model"]["architecture_id"]
     assert meta.rank == 8 and meta.alpha == 8.0 and meta.dtype == "fp16" and meta.source_format == "loraswap"
-    assert len(meta.target_modules) == 32 and all(m.startswith("unet.") for m in meta.target_modules)
+    assert len(meta.target_modules) == 56 and all(m.startswith("unet.") for m in meta.target_modules)
     assert meta.trigger_words == [TRIGGER]
     training = meta.training
     assert training is not None and training.steps == 60 and training.learning_rate == 1e-2
