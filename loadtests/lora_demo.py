@@ -17,7 +17,7 @@ One command (``make demo``) runs the whole story with the real CLI and the serve
    writes ``loadtests/results/lora_demo-<base>.json``::
 
     python -m loadtests.lora_demo [--base-model tiny-sd] [--work .loraswap/lora-demo] [--steps 500]
-        [--lr 1e-3] [--seeds 4] [--images docs/images] [--threads 2]
+        [--lr 1e-3] [--seeds 4] [--images docs/images] [--threads 1]
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=d.scale)
     parser.add_argument("--skip-train", action="store_true", help="reuse WORK/run/adapter.safetensors")
     parser.add_argument("--images", type=Path, default=Path("docs/images"), help="where the grids go")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("LORASWAP_THREADS", "0")) or None)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("LORASWAP_THREADS", "1")))
     parser.add_argument("--json", type=Path, help="results file (default loadtests/results/…)")
     args = parser.parse_args()
     if args.threads:
