@@ -39,15 +39,19 @@ def load(spec: str) -> tuple[str, Any]:
     return base.name, base.pipe
 
 
-@torch.no_grad()
 def generate(
     pipe: Any, prompts: list[tuple[str, str, str]], seeds: list[int], steps: int, guidance: float
 ) -> np.ndarray:
-    """uint8 images (len(seeds), len(prompts), h, w, 3).
+    """uint8 images (len(seeds), len(prompts), h, w, 3) for (shape, fg, bg) prompts."""
+    return generate_texts(pipe, [caption(*p) for p in prompts], seeds, steps, guidance)
+
+
+@torch.no_grad()
+def generate_texts(pipe: Any, texts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+    """uint8 images (len(seeds), len(texts), h, w, 3).
 
     Image (s, p) starts from torch seed ``seeds[s] * 1000 + p``.
     """
-    texts = [caption(*p) for p in prompts]
     out = []
     for seed in seeds:
         generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(texts))]

@@ -47,6 +47,7 @@ from basemodel.pretrain.concepts import (
     read_concept_images,
 )
 from basemodel.pretrain.data import caption, prompt_set
+from loadtests.check_prompts import generate_texts as generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTRIBUTES = ("background_pct", "shape_colour_pct", "shape_kind_pct")
@@ -161,24 +162,6 @@ class HotSwap:
 
     def close(self) -> None:
         self.manager.remove()
-
-
-@torch.no_grad()
-def generate(pipe: Any, texts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
-    """uint8 (len(seeds), len(texts), h, w, 3); image (s, p) starts from torch seed ``seed * 1000 + p``
-    (the convention of ``loadtests.check_prompts``)."""
-    out = []
-    for seed in seeds:
-        generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(texts))]
-        images = pipe(
-            prompt=texts,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="np",
-        ).images
-        out.append((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 def evaluate(pipe: Any, swap: HotSwap | None, s: DemoSettings, *, standard: bool = True) -> dict[str, Any]:
