@@ -23,14 +23,12 @@ import torch
 from basemodel.pretrain.data import (
     COLOUR_JITTER,
     COLOURS,
-    MARGIN,
     PALETTE,
     RESOLUTION,
     SHAPES,
-    TEMPLATES,
     Batch,
     caption,
-    render,
+    place_and_draw,
 )
 
 DEFAULT_TRIGGER = "sks"
@@ -76,8 +74,8 @@ def sample_concept_batch(
 ) -> Batch:
     """n images like ``data.sample_batch`` but with the concept colour as shape colour.
 
-    Geometry, jitter and caption templates follow ``data.sample_batch`` (kept in step with it; the
-    tests compare the two). ``Batch.fg`` is -1 (the concept colour is not a base palette index);
+    Geometry, jitter and caption templates are ``data.sample_batch``'s (``data.place_and_draw``).
+    ``Batch.fg`` is -1 (the concept colour is not a base palette index);
     captions carry no trigger word (``with_trigger`` adds it).
     """
     g = generator
@@ -87,20 +85,7 @@ def sample_concept_batch(
     jitter = (torch.rand(n, 2, 3, generator=g) * 2 - 1) * COLOUR_JITTER
     fg_rgb = (torch.tensor(concept.rgb).expand(n, 3) + jitter[:, 0]).clamp(0, 1)
     bg_rgb = (palette[bg] + jitter[:, 1]).clamp(0, 1)
-    r = resolution * (0.16 + 0.16 * torch.rand(n, generator=g))
-    extent = 1.3 * r + MARGIN
-    span = (resolution - 2 * extent).clamp(min=0)
-    cx = extent + span * torch.rand(n, generator=g)
-    cy = extent + span * torch.rand(n, generator=g)
-    images = render(shape, fg_rgb, bg_rgb, cx, cy, r, resolution) * 2 - 1
-    template = torch.randint(len(TEMPLATES), (n,), generator=g).tolist()
-    big = (r > resolution * 0.24).tolist()
-    captions = [
-        TEMPLATES[t].format(
-            fg=concept.name, shape=SHAPES[int(s)], bg=COLOURS[int(b)], size="large" if large else "small"
-        )
-        for t, s, b, large in zip(template, shape, bg, big, strict=True)
-    ]
+    images, captions = place_and_draw(shape, fg_rgb, bg_rgb, [concept.name] * n, bg, g, resolution)
     return Batch(images, shape, torch.full((n,), -1), bg, captions)
 
 

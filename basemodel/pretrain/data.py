@@ -94,16 +94,21 @@ def render(
     return alpha * fg_rgb.view(-1, 3, 1, 1) + (1 - alpha) * bg_rgb.view(-1, 3, 1, 1)
 
 
-def sample_batch(n: int, generator: torch.Generator, resolution: int = RESOLUTION) -> Batch:
-    """n random captioned images; the caption template is drawn from TEMPLATES."""
-    g = generator
-    shape = torch.randint(len(SHAPES), (n,), generator=g)
-    fg = torch.randint(len(COLOURS), (n,), generator=g)
-    bg = (fg + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)  # bg != fg
-    palette = torch.tensor([PALETTE[c] for c in COLOURS])
-    jitter = (torch.rand(n, 2, 3, generator=g) * 2 - 1) * COLOUR_JITTER
-    fg_rgb = (palette[fg] + jitter[:, 0]).clamp(0, 1)
-    bg_rgb = (palette[bg] + jitter[:, 1]).clamp(0, 1)
+def place_and_draw(
+    shape: torch.Tensor,
+    fg_rgb: torch.Tensor,
+    bg_rgb: torch.Tensor,
+    fg_names: list[str],
+    bg: torch.Tensor,
+    g: torch.Generator,
+    resolution: int = RESOLUTION,
+) -> tuple[torch.Tensor, list[str]]:
+    """Random size and position for each shape, then the images in [-1, 1] and their captions.
+
+    Draws from ``g`` in a fixed order (radius, x, y, caption template): the shipped weights were trained
+    on exactly this stream.
+    """
+    n = shape.shape[0]
     r = resolution * (0.16 + 0.16 * torch.rand(n, generator=g))  # 5.1 … 10.2 px at 32 px
     extent = 1.3 * r + MARGIN  # every shape fits within 1.3 r of its centre
     span = (resolution - 2 * extent).clamp(min=0)
@@ -114,10 +119,24 @@ def sample_batch(n: int, generator: torch.Generator, resolution: int = RESOLUTIO
     big = (r > resolution * 0.24).tolist()
     captions = [
         TEMPLATES[t].format(
-            fg=COLOURS[int(f)], shape=SHAPES[int(s)], bg=COLOURS[int(b)], size="large" if bg_ else "small"
+            fg=f, shape=SHAPES[int(s)], bg=COLOURS[int(b)], size="large" if large else "small"
         )
-        for t, f, s, b, bg_ in zip(template, fg, shape, bg, big, strict=True)
+        for t, f, s, b, large in zip(template, fg_names, shape, bg, big, strict=True)
     ]
+    return images, captions
+
+
+def sample_batch(n: int, generator: torch.Generator, resolution: int = RESOLUTION) -> Batch:
+    """n random captioned images; the caption template is drawn from TEMPLATES."""
+    g = generator
+    shape = torch.randint(len(SHAPES), (n,), generator=g)
+    fg = torch.randint(len(COLOURS), (n,), generator=g)
+    bg = (fg + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)  # bg != fg
+    palette = torch.tensor([PALETTE[c] for c in COLOURS])
+    jitter = (torch.rand(n, 2, 3, generator=g) * 2 - 1) * COLOUR_JITTER
+    fg_rgb = (palette[fg] + jitter[:, 0]).clamp(0, 1)
+    bg_rgb = (palette[bg] + jitter[:, 1]).clamp(0, 1)
+    images, captions = place_and_draw(shape, fg_rgb, bg_rgb, [COLOURS[int(f)] for f in fg], bg, g, resolution)
     return Batch(images, shape, fg, bg, captions)
 
 
