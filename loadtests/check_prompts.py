@@ -78,7 +78,9 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 12, scale: int = 3)
         r, c = divmod(i, columns)
         grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = im
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(grid).resize(
+        (grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST
+    ).save(path)
 
 
 def main() -> None:
