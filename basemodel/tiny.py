@@ -17,9 +17,6 @@ SD1.5's schedule constants.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from basemodel.atomic import staged_folder
 from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 
 TINY_NAME = "tiny-sd"
@@ -124,16 +122,8 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
 def save_tiny(output: Path, seed: int = DEFAULT_SEED) -> Path:
     """Build the random-init variant and save it in diffusers format; the folder appears atomically."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
-        staging.chmod(0o755)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

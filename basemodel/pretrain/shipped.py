@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from basemodel.atomic import staged_folder
 from basemodel.errors import BaseModelError
 from basemodel.fingerprint import sha256_file
 
@@ -35,9 +33,7 @@ def checksums(folder: Path = SHIPPED) -> dict[str, str]:
 def install(output: Path, source: Path = SHIPPED) -> Path:
     """Copy the shipped diffusers folder to ``output`` (sha256-checked; the folder appears atomically)."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:
         for name, digest in checksums(source).items():
             data = (source / name).read_bytes()
             if hashlib.sha256(data).hexdigest() != digest:
@@ -50,12 +46,6 @@ def install(output: Path, source: Path = SHIPPED) -> Path:
             (staging / name).write_bytes(_expand(name, data))
         write_checksums(staging)
         (staging / SOURCE_STAMP).write_text(source_digest(source) + "\n")
-        staging.chmod(0o755)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

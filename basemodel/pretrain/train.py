@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from basemodel.atomic import staged_folder
 from basemodel.pretrain.checker import FG_DISTANCE, soft_masks
 from basemodel.pretrain.data import sample_batch
 from basemodel.pretrain.shipped import write_checksums
@@ -242,22 +240,13 @@ def train_unet(
 
 
 def _save_fp16(pipe: Any, output: Path, extra: dict[str, str]) -> None:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(Path(output)) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         for name, text in extra.items():
             (staging / name).write_text(text)
         write_checksums(staging)
         for p in staging.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)
-        staging.chmod(0o755)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def pretrain(
