@@ -26,6 +26,7 @@ import torch
 
 from basemodel.pretrain.checker import procedural_accuracy, read_images, score
 from basemodel.pretrain.data import caption, prompt_set
+from basemodel.pretrain.evaluate import generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,33 +38,6 @@ def load(spec: str) -> tuple[str, Any]:
     settings = load_settings(base_model=spec)
     base = load_base_model(settings.base_model, settings.models_dir, device="cpu", dtype="fp32")
     return base.name, base.pipe
-
-
-def generate(
-    pipe: Any, prompts: list[tuple[str, str, str]], seeds: list[int], steps: int, guidance: float
-) -> np.ndarray:
-    """uint8 images (len(seeds), len(prompts), h, w, 3) for (shape, fg, bg) prompts."""
-    return generate_texts(pipe, [caption(*p) for p in prompts], seeds, steps, guidance)
-
-
-@torch.no_grad()
-def generate_texts(pipe: Any, texts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
-    """uint8 images (len(seeds), len(texts), h, w, 3).
-
-    Image (s, p) starts from torch seed ``seeds[s] * 1000 + p``.
-    """
-    out = []
-    for seed in seeds:
-        generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(texts))]
-        images = pipe(
-            prompt=texts,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="np",
-        ).images
-        out.append((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8))
-    return np.stack(out)
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 12, scale: int = 3) -> None:

@@ -47,7 +47,7 @@ from basemodel.pretrain.concepts import (
     read_concept_images,
 )
 from basemodel.pretrain.data import caption, prompt_set
-from loadtests.check_prompts import generate_texts as generate
+from basemodel.pretrain.evaluate import generate_texts as generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTRIBUTES = ("background_pct", "shape_colour_pct", "shape_kind_pct")

@@ -10,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
+
 from basemodel.pretrain.train import Recipe, pretrain
 
 
@@ -63,9 +65,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared CPU)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:N]; data and noise are drawn on the CPU either way"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="every N UNet steps, score the 48-prompt set (seeds 100, 101) into OUTPUT.evals.jsonl and "
+        "keep the best-scoring pipeline as OUTPUT.best",
+    )
+    parser.add_argument(
+        "--evals", type=int, default=None, help="like --eval-every, but N evaluations spread over the run"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
     minutes = args.minutes
     if args.resume or args.vae_from:
         args.vae_steps = 0
@@ -87,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         edge_weight=args.edge_weight,
         stop_after=args.stop_after,
         vae_from=str(args.vae_from) if args.vae_from else None,
+        device=args.device,
+        eval_every=args.eval_every,
+        evals=args.evals,
     )
     argv = sys.argv[1:]
     if "pretrain-tiny" in argv:  # called as `loraswap model pretrain-tiny …`

@@ -82,7 +82,7 @@ def _nearest(rgb: torch.Tensor, palette: dict[str, tuple[float, float, float]] |
 
 
 def _background(x: torch.Tensor) -> torch.Tensor:
-    frame = torch.ones(x.shape[-2:], dtype=torch.bool)
+    frame = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device)
     frame[FRAME:-FRAME, FRAME:-FRAME] = False
     return x[:, :, frame].median(dim=2).values  # (n, 3)
 
