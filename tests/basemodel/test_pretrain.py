@@ -214,3 +214,50 @@ def test_checker_accepts_uint8_arrays_of_any_size(size: int) -> None:
     arrays = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     readings = read_images(arrays)
     assert [r.background for r in readings] == [COLOURS[int(b)] for b in batch.bg]
+
+
+def test_eval_during_pretraining_logs_scores_and_keeps_the_best(tmp_path: Path, monkeypatch) -> None:
+    from basemodel.pretrain import train
+
+    monkeypatch.setattr(train, "EVAL_PROMPTS", 5)
+    monkeypatch.setattr(train, "EVAL_STEPS", 2)
+    monkeypatch.setattr(train, "EVAL_SEEDS", [7])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = pretrain(
+            tmp_path / "run",
+            Recipe(vae_from=str(SHIPPED), unet_steps=3, unet_batch=4, evals=2),
+        )
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    lines = [json.loads(x) for x in Path(f"{out}.evals.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]  # every 3 // 2 = 1 step, and the last one
+    assert all(x["images"] == 5.0 and x["seeds"] == [7] for x in lines)
+    assert all(0.0 <= x["shape_kind_pct"] <= 100.0 for x in lines)
+    best = Path(f"{out}.best")
+    chosen = json.loads((best / "eval.json").read_text())
+    rank = [(min(x["target_margin"], 1.0), x["all_three_pct"]) for x in lines]
+    assert (min(chosen["target_margin"], 1.0), chosen["all_three_pct"]) == max(rank)
+    assert int((best / "step.txt").read_text()) == chosen["step"]
+    assert (
+        _weight_sums(best)["vae/diffusion_pytorch_model.safetensors"]
+        == _sums(SHIPPED)["vae/diffusion_pytorch_model.safetensors"]
+    )  # --vae-from keeps the VAE bit for bit
+
+
+def test_shipped_model_follows_prompts() -> None:
+    """A small slice of the reported check (docs/benchmarks.md): 15 prompts, 3 per shape, one seed."""
+    from diffusers import StableDiffusionPipeline
+
+    from basemodel.pretrain.evaluate import prompt_scores
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        SHIPPED, local_files_only=True, use_safetensors=True, torch_dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    result = prompt_scores(pipe, seeds=[0], prompts=15, steps=20)
+    assert result["background_pct"] >= 90.0
+    assert result["shape_colour_pct"] >= 80.0
+    assert result["shape_kind_pct"] >= 70.0
