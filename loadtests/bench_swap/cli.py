@@ -1,0 +1,199 @@
+"""``python -m loadtests.bench_swap``: the arguments, the run (setup, each phase), the table, the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import SUMMARY
+from .cold import bench_cold
+from .config import CUDA_OVERRIDES, MIB, RESULTS_DIR, SIZES, Sizes
+from .fixtures import Bench, build_bench
+from .machine import loadavg, log, quiet_libraries, rss_bytes
+from .memory import bench_memory
+from .mixed import bench_mixed
+from .report import TARGETS, render, table_rows
+from .request import bench_request
+from .switch import bench_switch
+from .unet_step import bench_unet_step
+
+PHASES: dict[str, Callable[[Bench], None]] = {
+    "cold": bench_cold,
+    "switch": bench_switch,
+    "unet_step": bench_unet_step,
+    "request": bench_request,
+    "mixed": bench_mixed,
+    "memory": bench_memory,
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the arguments resolve to."""
+
+    shape: str
+    quick: bool
+    device: torch.device
+    dtype: torch.dtype
+    sizes: Sizes
+    phases: list[str]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_swap", description=SUMMARY)
+    parser.add_argument("--shape", choices=["tiny", "sd15"], required=True)
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
+    parser.add_argument(
+        "--adapters", type=int, default=None, help="adapter files to generate (default per shape)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run with tiny sizes")
+    parser.add_argument(
+        "--only",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run (default: all of {','.join(PHASES)})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default on CPU: 1 — on a shared machine oversubscribed OpenMP threads made "
+        "every number 3-4× slower and noisy; on CUDA: torch's default)",
+    )
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default: loadtests/results/…)")
+    return parser.parse_args(argv)
+
+
+def configure(args: argparse.Namespace) -> Run | str:
+    """The device, dtype, torch threads, sizes and phases the arguments ask for, or why they can't be."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available"
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.threads is not None or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    sizes = SIZES[(args.shape, args.quick)]
+    if device.type == "cuda" and not args.quick:
+        sizes = replace(sizes, **CUDA_OVERRIDES.get(args.shape, {}))
+    if args.adapters is not None:
+        if args.adapters < 2:
+            return "--adapters must be at least 2"
+        sizes = replace(sizes, adapters=args.adapters)
+    phases = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        return f"unknown phase(s) {unknown}; choose from {list(PHASES)}"
+    return Run(args.shape, args.quick, device, dtype, sizes, phases)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    run = configure(args)
+    if isinstance(run, str):
+        print(run, file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    meta = describe_run(run, sys.argv[1:] if argv is None else argv)
+    rss_start = rss_bytes()
+    with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
+        bench, described = build_bench(run.shape, run.sizes, run.device, run.dtype, Path(tmp))
+        meta.update(
+            described,
+            sizes=asdict(run.sizes),
+            rss_at_start_bytes=rss_start,
+            rss_after_setup_bytes=rss_bytes(),
+            setup_s=round(time.perf_counter() - started, 2),
+        )
+        log(f"setup done in {meta['setup_s']} s ({meta['lora_modules']} LoRA modules)")
+        for name in run.phases:
+            PHASES[name](bench)
+        bench.manager.remove()
+
+    meta["load_average_end"] = loadavg()
+    meta["wall_s"] = round(time.perf_counter() - started, 2)
+    table = render(table_rows(bench.results, run.device))
+    suffix = "-quick" if run.quick else ""
+    output = args.output or RESULTS_DIR / f"bench_swap-{run.shape}-{run.device.type}{suffix}.json"
+    write_json(output, {"meta": meta, "targets": TARGETS, "results": bench.results, "table": table})
+    print_summary(run, meta, table)
+    failed = [name for name, out in bench.results.items() if "error" in out]
+    for name in failed:
+        print(f"\nphase {name} failed:\n{bench.results[name]['error']}")
+    print(f"\nJSON: {output}")
+    return 1 if failed else 0
+
+
+def describe_run(run: Run, argv: Sequence[str]) -> dict[str, Any]:
+    """The run's settings, the machine and the library versions (the JSON's ``meta``, before setup)."""
+    import diffusers
+    import peft
+    import transformers
+
+    meta: dict[str, Any] = {
+        "shape": run.shape,
+        "device": str(run.device),
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "quick": run.quick,
+        "command": "python -m loadtests.bench_swap " + " ".join(argv),
+        "load_average_start": loadavg(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    if run.device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(run.device)
+    return meta
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path | torch.device | torch.dtype):
+        return str(value)
+    return value
+
+
+def write_json(output: Path, document: dict[str, Any]) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(jsonable(document), indent=2) + "\n")
+
+
+def print_summary(run: Run, meta: dict[str, Any], table: str) -> None:
+    sizes = run.sizes
+    print(
+        f"\nbench_swap --shape {run.shape} on {run.device} ({meta['dtype']}); {meta['cpu_count']} CPUs; "
+        f"load average {meta['load_average_start']} → {meta['load_average_end']}; {meta['wall_s']} s"
+    )
+    print(
+        f"adapters: {sizes.adapters} × rank {sizes.rank} on {meta['lora_modules']} attention modules, "
+        f"{meta['adapter_file_bytes'] / MIB:.2f} MiB {sizes.file_dtype} each; "
+        f"UNet {meta['unet_params'] / 1e6:.0f}M params"
+    )
+    print(table)

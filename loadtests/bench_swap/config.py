@@ -1,0 +1,163 @@
+"""What the benchmark runs with: model/request constants and the sizes (repeats, resolutions) per shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"  # loadtests/results
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+PROMPT = "a red circle on a blue background"
+SCHEDULER = "ddim"
+GUIDANCE = 7.5
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rank: int
+    adapters: int  # adapter files generated (and registered)
+    resident: tuple[int, ...]  # resident counts for the switch table
+    cold_repeats: int
+    hotswap_repeats: int
+    set_adapters_calls: int  # diffusers set_adapters calls per resident count
+    switch_loops: int  # our activate/leave pairs per timing sample
+    switch_samples: int
+    acquire_loops: int  # acquire + activate + release per timing sample
+    request_px: int
+    request_steps: int
+    request_repeats: int
+    forward_repeats: int  # rounds of base / ours / diffusers UNet forwards
+    no_hooks: bool  # also run the base request with our hooks removed (idle-hook cost)
+    mixed_requests: int
+    mixed_px: int
+    mixed_steps: int
+    mixed_repeats: int
+    mem_adapters: int
+    mem_device_slots: int
+    mem_swaps: int
+    mem_forward: bool  # one UNet forward (batch 1) inside every swap
+    mem_forward_px: int
+    file_dtype: str = "fp16"
+    warmup: int = 1
+
+
+SIZES: dict[tuple[str, bool], Sizes] = {
+    ("tiny", False): Sizes(
+        rank=4,
+        adapters=64,
+        resident=(1, 4, 16, 64),
+        cold_repeats=15,
+        hotswap_repeats=15,
+        set_adapters_calls=20,
+        switch_loops=20000,
+        switch_samples=15,
+        acquire_loops=3000,
+        request_px=64,
+        request_steps=20,
+        request_repeats=5,
+        forward_repeats=10,
+        no_hooks=True,
+        mixed_requests=8,
+        mixed_px=64,
+        mixed_steps=20,
+        mixed_repeats=3,
+        mem_adapters=50,
+        mem_device_slots=8,
+        mem_swaps=2000,
+        mem_forward=True,
+        mem_forward_px=16,
+    ),
+    ("tiny", True): Sizes(
+        rank=4,
+        adapters=16,
+        resident=(1, 4, 16),
+        cold_repeats=3,
+        hotswap_repeats=3,
+        set_adapters_calls=5,
+        switch_loops=500,
+        switch_samples=3,
+        acquire_loops=100,
+        request_px=64,
+        request_steps=4,
+        request_repeats=2,
+        forward_repeats=2,
+        no_hooks=True,
+        mixed_requests=8,
+        mixed_px=64,
+        mixed_steps=4,
+        mixed_repeats=1,
+        mem_adapters=16,
+        mem_device_slots=4,
+        mem_swaps=200,
+        mem_forward=True,
+        mem_forward_px=16,
+    ),
+    ("sd15", False): Sizes(
+        rank=16,
+        adapters=64,
+        resident=(1, 4, 16, 64),
+        cold_repeats=7,
+        hotswap_repeats=5,
+        set_adapters_calls=7,
+        switch_loops=20000,
+        switch_samples=15,
+        acquire_loops=2000,
+        request_px=128,
+        request_steps=4,
+        request_repeats=3,
+        forward_repeats=4,
+        no_hooks=False,
+        mixed_requests=8,
+        mixed_px=128,
+        mixed_steps=2,
+        mixed_repeats=1,
+        mem_adapters=50,
+        mem_device_slots=8,
+        mem_swaps=2000,
+        mem_forward=False,
+        mem_forward_px=64,
+    ),
+    ("sd15", True): Sizes(
+        rank=16,
+        adapters=4,
+        resident=(1, 4),
+        cold_repeats=2,
+        hotswap_repeats=1,
+        set_adapters_calls=2,
+        switch_loops=200,
+        switch_samples=2,
+        acquire_loops=20,
+        request_px=64,
+        request_steps=1,
+        request_repeats=1,
+        forward_repeats=1,
+        no_hooks=False,
+        mixed_requests=4,
+        mixed_px=64,
+        mixed_steps=1,
+        mixed_repeats=1,
+        mem_adapters=4,
+        mem_device_slots=2,
+        mem_swaps=40,
+        mem_forward=False,
+        mem_forward_px=64,
+    ),
+}
+
+# On CUDA the whole sd15 run is cheap: use SD1.5's real 512 px and 20 steps for the request numbers.
+CUDA_OVERRIDES: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "request_px": 512,
+        "request_steps": 20,
+        "request_repeats": 5,
+        "forward_repeats": 10,
+        "no_hooks": True,
+        "mixed_px": 512,
+        "mixed_steps": 20,
+        "mixed_repeats": 3,
+        "mem_forward": True,
+        "mem_forward_px": 512,
+    }
+}

@@ -1,0 +1,236 @@
+"""What every phase works on: the pipeline, the adapter files, the registry and the shared ``Bench`` state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from adapters.identity import BaseIdentity
+from adapters.records import AdapterVersion, blob_key
+from adapters.registry import Registry
+from adapters.sources import LocalStore
+from basemodel.fingerprint import architecture_of
+from basemodel.loader import family_of
+from service.engine.sampler import SampleParams
+from service.lora.cache import AdapterCache, Budgets
+from service.lora.model_manager import LoRAModelManager
+from service.lora.request import AppliedAdapter
+from service.lora.weights import DeviceAdapter
+from service.metrics import Metrics
+
+from .config import GUIDANCE, PROMPT, SCHEDULER, TARGET_MODULES, Sizes
+from .machine import loadavg, log
+
+UNBOUNDED = 1 << 40  # a cache budget nothing in the benchmark reaches
+FILE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+# -- the model and the adapter files -----------------------------------------------------------------
+
+
+def build_pipeline(shape: str) -> Any:
+    """tiny-sd, or an SD1.5-shaped random-init pipeline from the shipped configs (nothing downloaded)."""
+    if shape == "tiny":
+        from basemodel.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline()
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from basemodel.single_file import SD15_CONFIG_DIR, build_clip_tokenizer
+
+    def config(name: str) -> dict[str, Any]:
+        return dict(json.loads((SD15_CONFIG_DIR / name / "config.json").read_text()))
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config("unet"))
+    vae = AutoencoderKL.from_config(config("vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
+    scheduler_config = json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    pipe: Any = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def peft_layout(unet: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """PEFT's LoRA keys and shapes for ``unet`` (injected into a weightless meta-device copy)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    with torch.device("meta"):
+        skeleton = type(unet).from_config(unet.config)  # type: ignore[attr-defined]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGET_MODULES, init_lora_weights=False)
+    inject_adapter_in_model(config, skeleton)
+    return {key: tuple(t.shape) for key, t in get_peft_model_state_dict(skeleton).items()}
+
+
+def write_adapter_files(
+    layout: dict[str, tuple[int, ...]], count: int, dtype: torch.dtype, folder: Path
+) -> list[Path]:
+    """``count`` adapters with distinct seeded values; nn.Linear's default init as peft leaves it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1234)
+    files = []
+    for index in range(count):
+        tensors = {}
+        for key, shape in layout.items():
+            bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform(a=√5) of nn.Linear(in=shape[1])
+            values = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            tensors[f"unet.{key}"] = values.to(dtype).contiguous()
+        path = folder / f"lora_{index:02d}.safetensors"
+        safetensors.torch.save_file(tensors, str(path))
+        files.append(path)
+    return files
+
+
+# -- shared state ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    shape: str
+    sizes: Sizes
+    device: torch.device
+    dtype: torch.dtype
+    pipe: Any
+    manager: LoRAModelManager
+    registry: Registry
+    versions: list[AdapterVersion]
+    files: list[Path]
+    workdir: Path
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store(self) -> LocalStore:
+        store = self.registry.store
+        assert isinstance(store, LocalStore)
+        return store
+
+    def blob(self, version: AdapterVersion) -> Path:
+        return self.store.root / blob_key(version.sha256)
+
+    def new_cache(self, device_bytes: int, host_bytes: int) -> tuple[AdapterCache, Metrics]:
+        metrics = Metrics()
+        cache = AdapterCache(
+            self.registry,
+            self.manager.targets,
+            self.device,
+            self.dtype,
+            Budgets(device_bytes=device_bytes, host_bytes=host_bytes, disk_bytes=UNBOUNDED),
+            self.workdir / "disk-cache",
+            metrics,
+        )
+        return cache, metrics
+
+    def unbounded_cache(self) -> AdapterCache:
+        """A cache whose device and host tiers hold every adapter."""
+        return self.new_cache(device_bytes=UNBOUNDED, host_bytes=UNBOUNDED)[0]
+
+    def params(
+        self, px: int, steps: int, seed: int = 0, adapters: tuple[AppliedAdapter, ...] = ()
+    ) -> SampleParams:
+        return SampleParams(PROMPT, "", steps, GUIDANCE, px, px, seed, 1, SCHEDULER, adapters)
+
+    def applied(self, index: int, adapter: DeviceAdapter) -> AppliedAdapter:
+        return AppliedAdapter(self.versions[index], adapter, 1.0)
+
+    def reinstall_hooks(self) -> None:
+        self.manager = LoRAModelManager(self.pipe.unet, self.pipe.text_encoder)
+
+
+def build_bench(
+    shape: str, sizes: Sizes, device: torch.device, dtype: torch.dtype, workdir: Path
+) -> tuple[Bench, dict[str, Any]]:
+    """The pipeline on ``device``, the adapter files, registered in a local store; and what they are."""
+    log(f"building {shape} on {device} ({str(dtype).removeprefix('torch.')})")
+    pipe = build_pipeline(shape)
+    pipe.to(device=device, dtype=dtype)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval()  # as from_pretrained leaves them (built models start in training mode)
+    identity = BaseIdentity(
+        name=f"bench-{shape}",
+        fingerprint=hashlib.sha256(f"bench-swap/{shape}/seed0".encode()).hexdigest(),
+        architecture=architecture_of(pipe.unet, pipe.text_encoder, family=family_of(pipe)),
+    )
+    log(f"writing {sizes.adapters} rank-{sizes.rank} adapter files ({sizes.file_dtype})")
+    layout = peft_layout(pipe.unet, sizes.rank)
+    files = write_adapter_files(layout, sizes.adapters, FILE_DTYPES[sizes.file_dtype], workdir / "files")
+    registry = Registry(LocalStore(workdir / "store"), identity, max_rank=max(64, sizes.rank))
+    versions = [registry.register(path, f"bench-{i:02d}") for i, path in enumerate(files)]
+    manager = LoRAModelManager(pipe.unet, pipe.text_encoder)
+    bench = Bench(shape, sizes, device, dtype, pipe, manager, registry, versions, files, workdir)
+    described = {
+        "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+        "text_encoder_params": sum(p.numel() for p in pipe.text_encoder.parameters()),
+        "lora_modules": len(layout) // 2,
+        "lora_rank": sizes.rank,
+        "lora_targets": TARGET_MODULES,
+        "adapter_file_bytes": files[0].stat().st_size,
+        "adapter_file_dtype": sizes.file_dtype,
+        "hooked_modules": len(manager.targets),
+    }
+    return bench, described
+
+
+# -- what the phases share ---------------------------------------------------------------------------
+
+
+@contextmanager
+def phase(bench: Bench, name: str) -> Iterator[dict[str, Any]]:
+    """Collects one phase's results into ``bench.results[name]``; a failure is recorded, not raised."""
+    out: dict[str, Any] = {"load_average_start": loadavg()}
+    log(f"{name} …")
+    started = time.perf_counter()
+    try:
+        yield out
+    except Exception as exc:  # record it and go on with the other phases
+        out["error"] = "".join(traceback.format_exception(exc))
+        log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+        with suppress(Exception):
+            bench.pipe.unload_lora_weights()
+    finally:
+        out["wall_s"] = round(time.perf_counter() - started, 2)
+        out["load_average_end"] = loadavg()
+        bench.results[name] = out
+        log(f"{name} done in {out['wall_s']} s")
+
+
+def assert_no_peft_layers(bench: Bench) -> None:
+    """After diffusers' unload, the UNet holds its original modules (the ones our hooks sit on)."""
+    modules = dict(bench.pipe.unet.named_modules())
+    for name, module in bench.manager.targets.items():
+        if name.startswith("unet."):
+            assert modules.get(name[len("unet.") :]) is module, f"{name} was replaced"
+    assert not any("lora_" in name for name in modules), "peft layers left in the UNet"
+
+
+def images_diff(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Largest per-pixel difference (0…255) between two lists of PIL images."""
+    return float(
+        max(
+            np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max()
+            for x, y in zip(a, b, strict=True)
+        )
+    )
