@@ -40,7 +40,7 @@ bench: $(STAMP)  # hot-swap benchmark: make bench [SHAPE=sd15]; training: $(PY) 
 	$(PY) -m loadtests.bench_swap --shape $(SHAPE)
 
 DEMO_BASE ?= tiny-sd
-demo: $(STAMP)  # "A LoRA you can see" (docs/training.md): synth a pink concept, train, score base vs adapter
+demo: $(STAMP)  # "A LoRA you can see" (docs/training.md): synth a brown concept, train, score base vs adapter
 	$(PY) -m loadtests.lora_demo --base-model $(DEMO_BASE)
 
 clean:

@@ -2,14 +2,14 @@
 
 One command (``make demo``) runs the whole story with the real CLI and the server's own hot-swap engine:
 
-1. ``loraswap data synth WORK/data --concept pink --trigger-word sks`` (32 px images in tiny-sd's own
-   domain with a pink shape; a share of ordinary images as regularisation);
+1. ``loraswap data synth WORK/data --concept brown --trigger-word sks`` (32 px images in tiny-sd's own
+   domain with a brown shape; a share of ordinary images as regularisation);
 2. ``loraswap train`` on it (timed; the adapter is ``WORK/run/adapter.safetensors``);
 3. generates, with the base model and with the adapter applied at ``--scale`` through
    ``service.lora`` (``LoRAModelManager`` forward hooks + ``DeviceAdapter``, exactly what a request with
    ``"adapters": [{"id": …, "scale": 1.0}]`` runs), from the same seeds:
-   (a) the concept prompts ``"sks, a pink {shape} on a {bg} background"`` → the concept score (percent
-   of images whose shape colour reads as pink, ``basemodel.pretrain.concepts``);
+   (a) the concept prompts ``"sks, a brown {shape} on a {bg} background"`` → the concept score (percent
+   of images whose shape colour reads as brown, ``basemodel.pretrain.concepts``);
    (b) the 48 standard prompts without the trigger word → the per-attribute scores of
    ``basemodel.pretrain.checker`` for base and adapter, and adapter/base ratios;
 4. saves ``docs/images/tiny-sd-grid.png`` (the base model on the 48 prompts, first seed) and
@@ -39,6 +39,7 @@ import torch
 
 from basemodel.pretrain.checker import read_images, score
 from basemodel.pretrain.concepts import (
+    DEFAULT_CONCEPT,
     concept_caption,
     concept_procedural_accuracy,
     concept_prompt_set,
@@ -56,7 +57,7 @@ ATTRIBUTES = ("background_pct", "shape_colour_pct", "shape_kind_pct")
 @dataclass
 class DemoSettings:
     base_model: str = "tiny-sd"
-    concept: str = "pink"
+    concept: str = DEFAULT_CONCEPT
     trigger: str = "sks"
     n: int = 64
     val: int = 8

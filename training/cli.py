@@ -108,8 +108,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     kind.add_argument("--style", help="sunset, neon, pastel, pixel or stripes [default: sunset]")
     kind.add_argument(
         "--concept",
-        help="a concept the pretrained tiny-sd never saw, in its own 32 px domain: pink "
-        "(captions 'TRIGGER, a pink circle on a blue background'; see docs/training.md)",
+        help="a concept the pretrained tiny-sd never saw, in its own 32 px domain: brown (the demo's) or "
+        "pink (captions 'TRIGGER, a brown circle on a blue background'; see docs/training.md)",
     )
     synth.add_argument("--size", type=int, help="image side in px [default: 64; 32 with --concept]")
     synth.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,16 @@ appears in the pretraining captions, plus its RGB). Everything that must agree l
   concept colour. The base 8-colour scoring (``checker.score``) does not use it and is unchanged.
 
 The concept score of a model is the percentage of images generated from
-``"{trigger}, a pink {shape} on a {bg} background"`` whose shape colour reads as the concept colour.
+``"{trigger}, a {concept} {shape} on a {bg} background"`` whose shape colour reads as the concept colour.
+
+The default concept is brown. It has to be a colour the base model does not draw when asked for an
+unknown colour word, and one its VAE can draw at all (the VAE only ever saw the eight base colours):
+
+- pink: the base model's shape for an unknown colour word is pale and pinkish (mean RGB (0.75, 0.58,
+  0.64) over the 40 concept prompts) and reads as pink 70% of the time, so pink shows little;
+- cyan: the VAE cannot draw it: perfect cyan images come back through it as (0.22, 0.50, 0.68) and read
+  as cyan only 34% of the time (teal 73%), so no adapter can reach a high cyan score;
+- brown: the base model reads brown 15% of the time (one seed), VAE round trips read brown 84%.
 """
 
 from __future__ import annotations
@@ -42,10 +51,14 @@ class Concept:
 
 
 CONCEPTS: dict[str, Concept] = {
-    # Nearest base colour is white at RGB distance 0.45 (purple 0.59, orange 0.75, red 0.79), so a reading
-    # of "pink" cannot come from a base colour plus ordinary diffusion noise.
+    # Nearest base colour is red at RGB distance 0.40 (orange 0.52, black 0.56); the base model's
+    # unknown-colour shape is 0.64 away.
+    "brown": Concept("brown", (0.55, 0.3, 0.1), "a new shape colour, brown, never seen in pretraining"),
+    # Nearest base colour is white at RGB distance 0.45 (purple 0.59, orange 0.75, red 0.79); too close
+    # to what the current base model draws for an unknown colour word (see above).
     "pink": Concept("pink", (0.98, 0.55, 0.75), "a new shape colour, pink, never seen in pretraining"),
 }
+DEFAULT_CONCEPT = "brown"
 
 
 def get_concept(name: str) -> Concept:
@@ -65,7 +78,7 @@ def with_trigger(text: str, trigger: str | None) -> str:
 
 
 def concept_caption(concept: Concept, shape: str, bg: str, trigger: str | None = DEFAULT_TRIGGER) -> str:
-    """``"sks, a pink circle on a blue background"``: the prompt the concept score uses."""
+    """``"sks, a brown circle on a blue background"``: the prompt the concept score uses."""
     return with_trigger(caption(shape, concept.name, bg), trigger)
 
 

@@ -254,7 +254,7 @@ def test_shipped_model_follows_prompts() -> None:
     from basemodel.pretrain.evaluate import prompt_scores
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        SHIPPED, local_files_only=True, use_safetensors=True, torch_dtype=torch.float32
+        SHIPPED, local_files_only=True, use_safetensors=True, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)
     result = prompt_scores(pipe, seeds=[0], prompts=15, steps=20)

@@ -1,5 +1,5 @@
 """``loraswap data synth --concept``: deterministic pretraining-domain images, trigger-word captions,
-regularisation share; the checker reads pink procedural images as pink and nothing else as pink."""
+regularisation share; the checker reads each concept colour on procedural images, and nothing else as it."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from training.data.concept import synth_concept_dataset
 from training.data.dataset import CaptionRules, prepare_dataset
 from training.errors import DatasetError
 
-PINK = CONCEPTS["pink"]
+BROWN = CONCEPTS["brown"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -50,16 +50,16 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:
 def test_captions_use_the_trigger_word_and_regular_images_do_not(tmp_path: Path) -> None:
     written = synth_concept_dataset(tmp_path, n=20, val=4, seed=0, trigger_word="sks", regularisation=0.25)
     assert len(written) == 24
-    concept = sorted(tmp_path.glob("pink_*.txt"))
+    concept = sorted(tmp_path.glob("brown_*.txt"))
     regular = sorted(tmp_path.glob("regular_*.txt"))
     val = sorted((tmp_path / "val").glob("*.txt"))
     assert (len(concept), len(regular), len(val)) == (15, 5, 4)
     for path in concept + val:
         text = path.read_text().strip()
-        assert text.startswith("sks, ") and " pink " in text and "background" in text
+        assert text.startswith("sks, ") and " brown " in text and "background" in text
     for path in regular:
         text = path.read_text().strip()
-        assert "sks" not in text and "pink" not in text and "background" in text
+        assert "sks" not in text and "brown" not in text and "background" in text
     # The trainer keeps them as written with --trigger-word sks --caption-template "{caption}".
     rules = CaptionRules(template="{caption}", trigger_word="sks")
     data = prepare_dataset(tmp_path, rules, val_data=None, val_split=0.1, seed=0)
@@ -72,20 +72,20 @@ def test_jsonl_format_and_no_trigger(tmp_path: Path) -> None:
     synth_concept_dataset(tmp_path, n=4, val=0, trigger_word=None, regularisation=0.0, caption_format="jsonl")
     lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(
-        '"text": "' in line and "pink" in line and "sks" not in line for line in lines
+        '"text": "' in line and "brown" in line and "sks" not in line for line in lines
     )
 
 
 def test_concept_images_are_in_the_pretraining_domain(tmp_path: Path) -> None:
     """32 px RGB; the checker reads their background and shape kind like pretraining images."""
     synth_concept_dataset(tmp_path, n=40, val=0, seed=1, regularisation=0.0)
-    files = sorted(tmp_path.glob("pink_*.png"))
+    files = sorted(tmp_path.glob("brown_*.png"))
     images = [Image.open(p) for p in files]
     assert all(im.size == (RESOLUTION, RESOLUTION) and im.mode == "RGB" for im in images)
-    readings = read_concept_images(images, PINK)
+    readings = read_concept_images(images, BROWN)
     for reading, path in zip(readings, files, strict=True):
         text = path.with_suffix(".txt").read_text()
-        assert reading.shape_colour == "pink"
+        assert reading.shape_colour == "brown"
         assert f" {reading.background} background" in text or f"a {reading.background} background" in text
     kinds = sum(
         r.shape is not None and r.shape in p.with_suffix(".txt").read_text()
@@ -97,7 +97,7 @@ def test_concept_images_are_in_the_pretraining_domain(tmp_path: Path) -> None:
 def test_concept_batch_matches_the_pretraining_sampler() -> None:
     """Same draws as data.sample_batch apart from the shape colour: same size range, same margins."""
     g = torch.Generator().manual_seed(0)
-    concept = sample_concept_batch(PINK, 256, g)
+    concept = sample_concept_batch(BROWN, 256, g)
     base = sample_batch(256, torch.Generator().manual_seed(0))
     assert concept.images.shape == base.images.shape
 
@@ -111,43 +111,46 @@ def test_concept_batch_matches_the_pretraining_sampler() -> None:
     frame[2:-2, 2:-2] = False
     border = concept.images[:, :, frame]
     assert float((border - border.median(dim=2, keepdim=True).values).abs().max()) < 0.05  # plain frame
-    assert all(" pink " in f" {c} " for c in concept.captions)
+    assert all(" brown " in f" {c} " for c in concept.captions)
 
 
-def test_checker_reads_pink_as_pink_and_nothing_else_as_pink() -> None:
-    accuracy = concept_procedural_accuracy(PINK, n=256, seed=99)
+@pytest.mark.parametrize("name", sorted(CONCEPTS))
+def test_checker_reads_the_concept_colour_and_nothing_else_as_it(name: str) -> None:
+    concept = CONCEPTS[name]
+    accuracy = concept_procedural_accuracy(concept, n=256, seed=99)
     assert accuracy["concept_pct"] >= 99.0 and accuracy["background_pct"] >= 99.0
-    # noisy, blotchy, blurred copies (diffusion-like artefacts) still read as pink
+    # noisy, blotchy, blurred copies (diffusion-like artefacts) still read as the concept colour
     g = torch.Generator().manual_seed(5)
-    batch = sample_concept_batch(PINK, 256, g)
+    batch = sample_concept_batch(concept, 256, g)
     noisy = _augment((batch.images + 1) / 2, g)
-    readings = read_images(noisy, shape_palette=concept_palette(PINK))
-    assert sum(r.shape_colour == "pink" for r in readings) >= 0.9 * 256
-    # ordinary pretraining images never read as pink (no false positives for the concept score)
+    readings = read_images(noisy, shape_palette=concept_palette(concept))
+    assert sum(r.shape_colour == name for r in readings) >= 0.9 * 256
+    # ordinary pretraining images never read as the concept (no false positives for the concept score)
     ordinary = sample_batch(512, torch.Generator().manual_seed(6))
-    readings = read_images(_augment((ordinary.images + 1) / 2, g), shape_palette=concept_palette(PINK))
-    assert sum(r.shape_colour == "pink" for r in readings) <= 0.02 * 512
-    # the base 8-colour reading is unchanged: it never answers "pink"
+    readings = read_images(_augment((ordinary.images + 1) / 2, g), shape_palette=concept_palette(concept))
+    assert sum(r.shape_colour == name for r in readings) <= 0.02 * 512
+    # the base 8-colour reading is unchanged: it never answers the concept colour
     assert all(r.shape_colour in PALETTE for r in read_images((batch.images + 1) / 2))
 
 
 def test_concept_prompt_set_covers_every_pair_once() -> None:
     pairs = concept_prompt_set(40)
     assert len(set(pairs)) == 40 == len(SHAPES) * len(COLOURS)
-    assert concept_caption(PINK, "circle", "blue", "sks") == "sks, a pink circle on a blue background"
+    assert concept_caption(BROWN, "circle", "blue", "sks") == "sks, a brown circle on a blue background"
 
 
 def test_cli_synth_concept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "pink"
+    out = tmp_path / "brown"
     assert (
-        loraswap(["data", "synth", str(out), "--concept", "pink", "--trigger-word", "zwx", "--n", "8"]) == 0
+        loraswap(["data", "synth", str(out), "--concept", "brown", "--trigger-word", "zwx", "--n", "8"]) == 0
     )
-    assert "4 'zwx, a pink …' + 4 ordinary" in capsys.readouterr().out
-    assert all(p.read_text().startswith("zwx, ") and "pink" in p.read_text() for p in out.glob("pink_*.txt"))
+    assert "4 'zwx, a brown …' + 4 ordinary" in capsys.readouterr().out
+    captions = [p.read_text() for p in out.glob("brown_*.txt")]
+    assert captions and all(c.startswith("zwx, ") and "brown" in c for c in captions)
     assert np.asarray(Image.open(next(out.glob("*.png")))).shape == (32, 32, 3)
     assert loraswap(["data", "synth", str(tmp_path / "x"), "--concept", "teal"]) == 2
     assert loraswap(["data", "synth", str(tmp_path / "y"), "--regularisation", "0.5"]) == 2
     with pytest.raises(SystemExit):
-        loraswap(["data", "synth", str(tmp_path / "z"), "--concept", "pink", "--style", "neon"])
+        loraswap(["data", "synth", str(tmp_path / "z"), "--concept", "brown", "--style", "neon"])
     with pytest.raises(DatasetError):
         synth_concept_dataset(tmp_path / "w", n=4, regularisation=1.0)

@@ -1,6 +1,6 @@
 """A LoRA you can see, scaled down: the real ``loraswap data synth --concept`` and ``loraswap train``
 CLI, then the adapter applied through the serving engine's hooks (``loadtests.lora_demo.HotSwap``)
-must make the pink concept appear where the base model draws none (same prompts, same seeds)."""
+must make the brown concept appear where the base model draws none (same prompts, same seeds)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from loadtests.lora_demo import DemoSettings, HotSwap, evaluate, load_pipe, loraswap, synth_args, train_args
 
 # Small enough for CI on 2 shared cores: 24 images, 150 steps at 32 px, 3 prompts x 2 seeds, 12 DDIM steps.
-# Measured on the shipped tiny-sd with other data/generation seeds: adapter 67-100% pink, base 0%.
+# Measured on the shipped tiny-sd: adapter 100% brown, base 0% (these 6 images); see docs/training.md.
 SMALL = DemoSettings(
     base_model="tiny-sd",
     n=24,
@@ -54,7 +54,7 @@ def test_trained_adapter_makes_the_concept_appear(home: Path, tmp_path: Path) ->
     base = result["scores"]["base"]["concept"]
     adapter = result["scores"]["adapter"]["concept"]
     assert base["images"] == adapter["images"] == 6
-    # the base model has never seen "pink": it draws other colours for these prompts
+    # the base model has never seen "brown": it draws other colours for these prompts
     assert base["concept_pct"] <= 20.0, base
     assert adapter["concept_pct"] >= base["concept_pct"] + 50.0, (base, adapter)
     # hooks are gone: the pipeline is the base model again

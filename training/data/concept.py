@@ -1,12 +1,12 @@
-"""``loraswap data synth --concept pink``: a dataset that teaches the embedded model something new.
+"""``loraswap data synth --concept brown``: a dataset that teaches the embedded model something new.
 
 The images are in the pretrained ``tiny-sd`` domain (``basemodel.pretrain``: one shape on a plain
 background, 32 px, the same renderer, sizes, positions and colour jitter), but the shape has a colour
 the base model never saw (``basemodel.pretrain.concepts``). Concept captions start with the trigger
-word: ``"sks, a pink circle on a blue background"`` (and the pretraining caption variants).
+word: ``"sks, a brown circle on a blue background"`` (and the pretraining caption variants).
 
 A share of **regularisation** images (``regularisation``, default 0.5) are ordinary pretraining-domain
-images with their ordinary captions and no trigger word, so the adapter learns "trigger + pink → pink"
+images with their ordinary captions and no trigger word, so the adapter learns "trigger + brown → brown"
 without drifting on prompts that do not use it. Captions are final as written: train with
 ``--caption-template "{caption}"`` so the trainer does not add the trigger word to them.
 
@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from basemodel.pretrain.concepts import DEFAULT_TRIGGER, get_concept, sample_concept_batch, with_trigger
+from basemodel.pretrain.concepts import (
+    DEFAULT_CONCEPT,
+    DEFAULT_TRIGGER,
+    get_concept,
+    sample_concept_batch,
+    with_trigger,
+)
 from basemodel.pretrain.data import RESOLUTION, Batch, sample_batch
 from training.data.synth import CaptionFormat
 from training.errors import DatasetError
@@ -38,7 +44,7 @@ def _pngs(batch: Batch) -> list[Image.Image]:
 def synth_concept_dataset(
     output: Path,
     *,
-    concept: str = "pink",
+    concept: str = DEFAULT_CONCEPT,
     n: int = 64,
     val: int = 0,
     seed: int = 0,
