@@ -17,7 +17,7 @@ One command (``make demo``) runs the whole story with the real CLI and the serve
    writes ``loadtests/results/lora_demo-<base>.json``::
 
     python -m loadtests.lora_demo [--base-model tiny-sd] [--work .loraswap/lora-demo] [--steps 500]
-        [--lr 1e-3] [--seeds 4] [--images docs/images] [--threads 1]
+        [--lr 3e-3] [--seeds 4] [--images docs/images] [--threads 1]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class DemoSettings:
     regularisation: float = 0.5
     data_seed: int = 0
     steps: int = 500
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch_size: int = 4
     extra_train_args: list[str] = field(default_factory=list)
     concept_prompts: int = 40
