@@ -103,6 +103,7 @@ def synth_args(s: DemoSettings, data: Path) -> list[str]:
         str(s.regularisation),
         "--seed",
         str(s.data_seed),
+        "--overwrite",  # the work folder is reused between runs
     ]
 
 

@@ -114,6 +114,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--size", type=int, help="image side in px [default: 64; 32 with --concept]")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the images and captions already in OUTPUT (and OUTPUT/val) first",
+    )
+    synth.add_argument(
         "--trigger-word",
         help="prepend this trigger word to every caption (with --concept: to the concept captions; "
         "default sks)",
@@ -208,10 +213,12 @@ def _fmt(value: float | None) -> str:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from training.data.synth import prepare_output, synth_dataset
+    from training.errors import DatasetError
+
+    prepare_output(args.output, args.overwrite)
     if args.concept:
         return _synth_concept(args)
-    from training.data.synth import synth_dataset
-    from training.errors import DatasetError
 
     if args.regularisation is not None:
         raise DatasetError("--regularisation needs --concept")

@@ -12,6 +12,12 @@ class DatasetError(ValidationFailed):
     hint = "Point --data at a folder of images with same-name .txt/.caption files or a metadata.jsonl."
 
 
+class SynthOutputError(DatasetError):
+    """``loraswap data synth`` was pointed at a folder that already holds a dataset."""
+
+    hint = "Pick an empty output folder, or pass --overwrite to delete the dataset files in it first."
+
+
 class TrainConfigError(ConfigError):
     """Training options that are invalid or cannot work together."""
 

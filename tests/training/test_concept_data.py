@@ -154,3 +154,19 @@ def test_cli_synth_concept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         loraswap(["data", "synth", str(tmp_path / "z"), "--concept", "brown", "--style", "neon"])
     with pytest.raises(DatasetError):
         synth_concept_dataset(tmp_path / "w", n=4, regularisation=1.0)
+
+
+def test_cli_synth_refuses_to_mix_with_an_earlier_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "data"
+    assert loraswap(["data", "synth", str(out), "--concept", "pink", "--n", "4", "--val", "2"]) == 0
+    (out / "notes.md").write_text("mine\n")
+    assert loraswap(["data", "synth", str(out), "--concept", "brown", "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds 12 dataset files" in err and "--overwrite" in err
+    assert not list(out.glob("brown_*"))  # nothing written
+    assert loraswap(["data", "synth", str(out), "--concept", "brown", "--n", "4", "--overwrite"]) == 0
+    names = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert not [n for n in names if n.startswith("pink_")]  # the earlier concept is gone, val/ too
+    assert "notes.md" in names and len([n for n in names if n.endswith(".png")]) == 4

@@ -17,7 +17,35 @@ from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from training.errors import DatasetError
+from training.errors import DatasetError, SynthOutputError
+
+DATASET_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".txt", ".caption")
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Make sure a synth into ``output`` cannot mix with an earlier dataset there.
+
+    A folder that already holds images, caption files or ``metadata.jsonl`` (top level or ``val/``) is
+    refused unless ``overwrite``; with it, exactly those files are deleted (nothing else is touched).
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise DatasetError(f"{output} exists and is not a folder")
+    stale = [
+        path
+        for folder in (output, output / "val")
+        if folder.is_dir()
+        for path in folder.iterdir()
+        if path.is_file() and (path.suffix.lower() in DATASET_SUFFIXES or path.name == "metadata.jsonl")
+    ]
+    if stale and not overwrite:
+        raise SynthOutputError(
+            f"{output} already holds {len(stale)} dataset files; synthesising into it would mix them with "
+            "the new ones"
+        )
+    for path in stale:
+        path.unlink()
+
 
 RGB = tuple[int, int, int]
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "ring", "cross", "hexagon")
