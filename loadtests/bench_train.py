@@ -128,7 +128,8 @@ def run_diffusers(home: str, data: str, steps: int, warmup: int, device: str) ->
     dev = torch.device(device)
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(dev)
+    text_encoder: Any = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    text_encoder.to(dev)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(dev)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(dev)
     for module in (unet, vae, text_encoder):
@@ -233,7 +234,7 @@ def measure(name: str, args: tuple[Any, ...]) -> dict[str, Any]:
 def machine(device: str) -> dict[str, Any]:
     import torch
 
-    info = {
+    info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
@@ -282,11 +283,14 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    def median(name: str, key: str) -> float | None:
+    def median(name: str, key: str) -> Any:
+        """The median over repeats, None where no repeat measured it (CUDA memory on CPU)."""
         values = [s[key] for s in samples[name] if s.get(key) is not None]
         return statistics.median(values) if values else None
 
-    summary = {name: {k: median(name, k) for k in samples[name][0]} for name in VARIANTS}
+    summary: dict[str, dict[str, Any]] = {
+        name: {k: median(name, k) for k in samples[name][0]} for name in VARIANTS
+    }
     ours, base = (summary[n] for n in VARIANTS)
     ratio = {
         "steps_per_s": ours["steps_per_s"] / base["steps_per_s"],
