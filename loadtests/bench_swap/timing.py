@@ -87,8 +87,12 @@ def rotated(round_: int, items: Sequence[T]) -> list[T]:
 
 
 def rotated_mirrored(round_: int, items: Sequence[T]) -> list[T]:
-    """``rotated``, read backwards on odd rounds (for two items this gives A B every round)."""
+    """``rotated``, read backwards on odd rounds, so that with three or more items each one follows
+    each other one in some round. Two items just alternate (mirroring a rotation of two would undo it
+    and put the same item first in every round)."""
     order = rotated(round_, items)
+    if len(items) <= 2:
+        return order
     return order if round_ % 2 == 0 else order[::-1]
 
 
