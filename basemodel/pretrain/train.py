@@ -60,6 +60,11 @@ class Recipe:
     evals: int | None = None  # or: score it this many times, evenly spaced over the UNet steps
     log: dict[str, Any] = field(default_factory=dict)
 
+    def unet_end(self) -> int:
+        """The last UNet step this run takes: ``unet_steps``, or ``stop_after`` when that is earlier."""
+        total = self.unet_steps or 0
+        return total if self.stop_after is None else min(total, self.stop_after)
+
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10%."""
@@ -69,21 +74,19 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _steps_for(budget_s: float, step: Callable[[int], float], probe: int = 4) -> int:
-    """Time ``probe`` steps (after one warm-up step) and size the run to fill ``budget_s``.
+def _size_run(budget_s: float, step: Callable[[int], float], device: str) -> tuple[int, int]:
+    """Time a few steps (after one warm-up step) and size the run to fill ``budget_s``.
 
+    Returns (total steps, steps already taken). The probe steps train too: they are part of the run.
     Each step returns a float loss, which waits for the device, so the timing is real on CUDA too.
     """
+    probe = 4 if device == "cpu" else 20  # GPU steps are short and their first ones noisy
     step(0)
     start = time.perf_counter()
     for i in range(probe):
         step(i + 1)
     per_step = (time.perf_counter() - start) / probe
-    return max(probe + 1, int(budget_s / per_step))
-
-
-def _probe_steps(device: str) -> int:
-    return 4 if device == "cpu" else 20  # GPU steps are short and their first ones noisy
+    return max(probe + 1, int(budget_s / per_step)), probe + 1
 
 
 def _say(message: str) -> None:
@@ -130,10 +133,8 @@ def train_vae(recipe: Recipe, budget_s: float | None) -> tuple[Any, int]:
     if recipe.vae_steps is None:
         assert budget_s is not None
         # probing trains too; it is part of the run, and the LR schedule is set from the count
-        probe = _probe_steps(recipe.device)
-        total = _steps_for(budget_s, step, probe)
+        total, done = _size_run(budget_s, step, recipe.device)
         recipe.vae_steps = total
-        done = probe + 1
     else:
         done = 0
     start = time.perf_counter()
@@ -239,14 +240,12 @@ def train_unet(
 
     if recipe.unet_steps is None:
         assert budget_s is not None
-        probe = _probe_steps(device)
-        total = _steps_for(budget_s, step, probe)
+        total, done = _size_run(budget_s, step, device)
         recipe.unet_steps = total
-        done = probe + 1
     else:
         done = 0
     start = time.perf_counter()
-    end = total if recipe.stop_after is None else min(total, recipe.stop_after)
+    end = recipe.unet_end()
     for i in range(done, end):
         loss = step(i)
         if i % 25 == 0 or i == end - 1:
@@ -312,10 +311,8 @@ class _Watcher:
 
     def _eval_due(self, step: int) -> bool:
         r = self.recipe
-        total = r.unet_steps or 0
-        every = r.eval_every or (max(1, total // r.evals) if r.evals else 0)
-        last = total if r.stop_after is None else min(total, r.stop_after)
-        return bool(every) and (step % every == 0 or step == last)
+        every = r.eval_every or (max(1, (r.unet_steps or 0) // r.evals) if r.evals else 0)
+        return bool(every) and (step % every == 0 or step == r.unet_end())
 
     def evaluate(self, step: int, pipe: Any) -> None:
         from basemodel.pretrain.evaluate import prompt_scores, target_margin
