@@ -17,26 +17,27 @@ from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from training.data.dataset import CAPTION_EXTS, IMAGE_EXTS, METADATA
 from training.errors import DatasetError, SynthOutputError
-
-DATASET_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".txt", ".caption")
 
 
 def prepare_output(output: Path, overwrite: bool) -> None:
     """Make sure a synth into ``output`` cannot mix with an earlier dataset there.
 
-    A folder that already holds images, caption files or ``metadata.jsonl`` (top level or ``val/``) is
-    refused unless ``overwrite``; with it, exactly those files are deleted (nothing else is touched).
+    A folder that already holds files the dataset reader would read (images, caption files,
+    ``metadata.jsonl``; top level or ``val/``) is refused unless ``overwrite``; with it, exactly those
+    files are deleted (nothing else is touched).
     """
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise DatasetError(f"{output} exists and is not a folder")
+    readable = IMAGE_EXTS | set(CAPTION_EXTS)
     stale = [
         path
         for folder in (output, output / "val")
         if folder.is_dir()
         for path in folder.iterdir()
-        if path.is_file() and (path.suffix.lower() in DATASET_SUFFIXES or path.name == "metadata.jsonl")
+        if path.is_file() and (path.suffix.lower() in readable or path.name == METADATA)
     ]
     if stale and not overwrite:
         raise SynthOutputError(
