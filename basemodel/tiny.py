@@ -95,14 +95,15 @@ def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
-    """A StableDiffusionPipeline from parts, with SD1.5's DDIM schedule and no safety checker."""
+def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any = None) -> Any:
+    """A StableDiffusionPipeline from parts, no safety checker, progress bars off; ``scheduler`` defaults
+    to DDIM with SD1.5's schedule."""
     pipe: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        scheduler=scheduler if scheduler is not None else DDIMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -47,10 +47,11 @@ def build_pipeline(shape: str) -> Any:
 
         return build_tiny_pipeline()
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from basemodel.single_file import SD15_CONFIG_DIR, build_clip_tokenizer
+    from basemodel.tiny import assemble_pipeline
 
     def config(name: str) -> dict[str, Any]:
         return dict(json.loads((SD15_CONFIG_DIR / name / "config.json").read_text()))
@@ -61,18 +62,7 @@ def build_pipeline(shape: str) -> Any:
     text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
     scheduler_config = json.loads((SD15_CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text())
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    pipe: Any = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, text_encoder, build_clip_tokenizer(), unet, scheduler=scheduler)
 
 
 def peft_layout(unet: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
