@@ -1,0 +1,1 @@
+"""Fuzz suite: structured mutations of adapter files (Hypothesis) and schemathesis against /schema."""

@@ -1,0 +1,1 @@
+"""Load and soak suite: locust (headless, loopback, bounded) against a real server."""

@@ -1,0 +1,1 @@
+"""Reliability suites: store outages, crash consistency, hostile input, load and soak."""
