@@ -10,6 +10,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread per process (inherited by the servers and CLIs the tests start). The models here
+# are tiny, so a second thread buys little when idle, and on a loaded 2-core machine OpenMP threads that
+# spin-wait for a core turn a 20 s test into minutes. Set before torch is imported anywhere.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.conftest import metric_value, wait_until
 
 SLOW = {"prompt": "a slow fox", "steps": 60, "seed": 1}
 
@@ -84,8 +85,8 @@ def test_failed_load_is_reported(start_server: Any) -> None:
         raise RuntimeError("disk on fire")
 
     server = start_server(loader=broken_loader, wait=False)
-    time.sleep(0.3)
     with server.client() as http:
+        wait_until(lambda: http.get("/readyz").json()["status"] == "failed", "the load to fail")
         readyz = http.get("/readyz")
         refused = http.post("/v1/generate", json={"prompt": "a"})
     assert readyz.status_code == 503
@@ -104,12 +105,21 @@ def test_disconnected_client_work_is_dropped(start_server: Any) -> None:
 
     blocker = threading.Thread(target=occupy)
     blocker.start()
-    time.sleep(0.3)  # the first job is running; the next one waits in the queue
+    # the first job is running; the next one waits in the queue
+    wait_until(
+        lambda: metric_value(server.url, "loraswap_generations_in_flight") == 1, "the first job to run"
+    )
     with server.client(timeout=0.5) as impatient, contextlib.suppress(httpx.TimeoutException):
         impatient.post("/v1/generate", json={"prompt": "never drawn", "steps": 2})
     blocker.join(120)
     assert results and results[0].status_code == 200
-    time.sleep(0.5)  # let the worker drain
+    wait_until(
+        lambda: (
+            metric_value(server.url, "loraswap_generations_in_flight") == 0
+            and metric_value(server.url, "loraswap_queue_depth") == 0
+        ),
+        "the worker to drain",
+    )
     samples = metric_samples(server)
     assert value(samples, "loraswap_images_generated_total") == 1.0
     assert value(samples, "loraswap_queue_depth") == 0.0

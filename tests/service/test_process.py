@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, metric_value, wait_until
 
 
 @pytest.fixture
@@ -93,16 +93,22 @@ def test_sigterm_finishes_in_flight_then_exits(serve_process: Any) -> None:
 
     def slow_request() -> None:
         result["response"] = httpx.post(
-            f"{url}/v1/generate", json={"prompt": "a", "steps": 15, "seed": 2}, timeout=120
+            f"{url}/v1/generate", json={"prompt": "a", "steps": 60, "seed": 2}, timeout=300
         )
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    time.sleep(1.0)  # the request is being generated
+    wait_until(lambda: metric_value(url, "loraswap_generations_in_flight") == 1, "the request to run")
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{url}/healthz", timeout=2)  # no longer accepting
-    worker.join(120)
+    wait_until(lambda: not _accepting(url), "the server to stop accepting")
+    worker.join(300)
     assert result["response"].status_code == 200, proc.log_path.read_text()
     assert proc.wait(60) == 0, proc.log_path.read_text()
+
+
+def _accepting(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
