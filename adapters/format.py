@@ -180,7 +180,7 @@ def _check_entries(entries: dict[str, Any], data_len: int) -> None:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise AdapterInvalid(f"malformed header entry for tensor {name!r}", reason="malformed_header")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise AdapterInvalid(
                 f"unsupported tensor dtype {dtype} (in {name}); fp32, fp16 and bf16 are accepted",
                 reason="unsupported_dtype",

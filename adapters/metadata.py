@@ -199,13 +199,20 @@ def parse_header_metadata(header: dict[str, str]) -> AdapterMetadata | None:
     return coerce_metadata(data)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
 def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
     """Best-effort training summary from a kohya-trained file's ``ss_*`` keys."""
     fields: dict[str, Any] = {}
     for key, name, cast in (
         ("ss_steps", "steps", int),
         ("ss_epoch", "epochs", int),
-        ("ss_learning_rate", "learning_rate", float),
+        ("ss_learning_rate", "learning_rate", _finite_float),
         ("ss_seed", "seed", int),
         ("ss_mixed_precision", "mixed_precision", str),
         ("ss_lr_scheduler", "lr_scheduler", str),

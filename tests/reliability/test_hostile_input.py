@@ -372,6 +372,32 @@ def test_kohya_alpha_up_to_the_documented_multiple_of_rank_is_accepted(
         normalise(tensors, base_identity.architecture)
 
 
+def test_an_embedded_alpha_is_bounded_too(
+    base_identity: BaseIdentity, adapter_bytes: bytes, tmp_path: Path
+) -> None:
+
+    tensors, _ = read_adapter(adapter_bytes)
+    registry = Registry(LocalStore(tmp_path / "store"), base_identity)
+    for alpha in (-4.0, 3e38):
+        hostile = save_bytes(tensors, {"loraswap": json.dumps({"alpha": alpha})})
+        with pytest.raises(AdapterInvalid) as err:
+            registry.register(hostile, "style")
+        assert err.value.reason == "bad_alpha"
+    assert registry.list() == []
+
+
+def test_kohya_training_values_that_are_not_finite_are_dropped(
+    lora_case: LoraCase, base_identity: BaseIdentity, tmp_path: Path
+) -> None:
+    header = {"ss_learning_rate": "nan", "ss_steps": "100", "ss_training_started_at": "1e400"}
+    data = save_bytes(kohya_layout(lora_case), header)
+    registry = Registry(LocalStore(tmp_path / "store"), base_identity)
+    version = registry.register(data, "style")
+    training = registry.read_metadata(version).training
+    assert training is not None and training.steps == 100
+    assert training.learning_rate is None and training.started_at is None
+
+
 # -- ids, paths, queries -------------------------------------------------------------------------------
 
 
