@@ -212,7 +212,10 @@ def test_registry_checks_the_bytes_it_stores(
 
 
 def test_show_of_an_unreadable_stored_header_is_not_a_500(
-    start_server: Callable[..., RunningServer], base_identity: BaseIdentity, adapter_bytes: bytes, tmp_path: Path
+    start_server: Callable[..., RunningServer],
+    base_identity: BaseIdentity,
+    adapter_bytes: bytes,
+    tmp_path: Path,
 ) -> None:
     store = tmp_path / "store"
     Registry(LocalStore(store), base_identity).register(adapter_bytes, "old", {"title": "t" * 4000})
@@ -308,6 +311,10 @@ def test_prompt_tags_cannot_bypass_the_scale_limit(store_server: RunningServer, 
 # -- strict types --------------------------------------------------------------------------------------
 
 
+def with_adapter(**spec: Any) -> dict[str, Any]:
+    return {"prompt": "x", "adapters": [{"id": "style", **spec}]}
+
+
 def test_numbers_and_booleans_are_not_coerced(store_server: RunningServer, adapter_bytes: bytes) -> None:
     with store_server.client() as http:
         assert upload(http, adapter_bytes, "style").status_code == 201
@@ -318,8 +325,8 @@ def test_numbers_and_booleans_are_not_coerced(store_server: RunningServer, adapt
             "width float": ("/v1/generate", {"prompt": "x", "width": 32.0}, "width"),
             "num_images bool": ("/v1/generate", {"prompt": "x", "num_images": True}, "num_images"),
             "guidance str": ("/v1/generate", {"prompt": "x", "guidance_scale": "7"}, "guidance_scale"),
-            "scale str": ("/v1/generate", {"prompt": "x", "adapters": [{"id": "style", "scale": "1"}]}, None),
-            "version str": ("/v1/generate", {"prompt": "x", "adapters": [{"id": "style", "version": "1"}]}, None),
+            "scale str": ("/v1/generate", with_adapter(scale="1"), "adapters.0.scale"),
+            "version float": ("/v1/generate", with_adapter(version=1.0), "adapters.0.version"),
             "preload version": ("/v1/adapters/style/preload", {"version": "1"}, "version"),
             "preload pin": ("/v1/adapters/style/preload", {"pin": 1}, "pin"),
             "register scale": (
@@ -331,8 +338,7 @@ def test_numbers_and_booleans_are_not_coerced(store_server: RunningServer, adapt
         for name, (path, body, field) in refused.items():
             response = http.post(path, json=body)
             assert response.status_code == 422, (name, response.text)
-            if field is not None:
-                assert [e["field"] for e in error_of(response)["detail"]["errors"]] == [field], name
+            assert [e["field"] for e in error_of(response)["detail"]["errors"]] == [field], name
         ints_for_floats = http.post(
             "/v1/generate",
             json={"prompt": "x", "steps": 1, "guidance_scale": 7, "adapters": [{"id": "style", "scale": 1}]},
