@@ -21,7 +21,7 @@ STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def adapter_id_field(**kwargs: Any) -> Any:
-    return Field(pattern=ID_PATTERN.pattern, max_length=64, **kwargs)
+    return Field(pattern=ID_PATTERN.pattern, **kwargs)
 
 
 def version_field(description: str) -> Any:
