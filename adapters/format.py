@@ -12,7 +12,6 @@ metadata entry and the kohya/modelspec keys, atomically when given a path.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import tempfile
@@ -25,7 +24,13 @@ import safetensors.torch
 import torch
 
 from adapters.errors import AdapterInvalid, AdapterTooLarge, AdapterUnsafeFormat
-from adapters.metadata import METADATA_KEY, AdapterMetadata, interop_keys
+from adapters.metadata import (
+    METADATA_KEY,
+    AdapterMetadata,
+    interop_keys,
+    parse_header_metadata,
+    untrusted_json,
+)
 from adapters.normalise import NormaliseInfo, normalise, to_kohya
 from adapters.validate import check_canonical, dominant
 
@@ -33,6 +38,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "Limits",
     "NormaliseInfo",
+    "check_readable",
     "data_sha256",
     "normalise",
     "read_adapter",
@@ -153,10 +159,7 @@ def _parse_header(data: bytes, limits: Limits) -> tuple[dict[str, dict[str, Any]
             reason="truncated",
         )
     raw = data[8 : 8 + header_len]
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise AdapterInvalid("safetensors header is not valid JSON", reason="malformed_header") from None
+    header = untrusted_json(raw, "the safetensors header", reason="malformed_header")
     if not isinstance(header, dict):
         raise AdapterInvalid("safetensors header is not a JSON object", reason="malformed_header")
     metadata = header.pop("__metadata__", None) or {}
@@ -177,7 +180,7 @@ def _check_entries(entries: dict[str, Any], data_len: int) -> None:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise AdapterInvalid(f"malformed header entry for tensor {name!r}", reason="malformed_header")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise AdapterInvalid(
                 f"unsupported tensor dtype {dtype} (in {name}); fp32, fp16 and bf16 are accepted",
                 reason="unsupported_dtype",
@@ -223,6 +226,25 @@ def read_adapter(
     except Exception as exc:  # safetensors raises its own SafetensorError / ValueError variants
         raise AdapterInvalid(f"unreadable safetensors data: {exc}", reason="malformed_header") from None
     return tensors, metadata
+
+
+def check_readable(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Run on bytes about to be stored the header checks every reader of a stored file applies.
+
+    ``read_adapter`` (open, preload) and ``read_header_only`` + ``parse_header_metadata`` (show) read
+    stored files with ``limits``: the file size, the header size and depth, the entries and the
+    ``loraswap`` entry. Metadata that fits its own limits can still push the header over them (the title
+    is written twice), so a registration refuses here (413/422) instead of storing what cannot be read.
+    """
+    try:
+        _, header = read_header(load_source(data, limits), limits)
+        parse_header_metadata(header)
+    except (AdapterTooLarge, AdapterInvalid) as exc:
+        raise type(exc)(
+            f"the adapter as it would be stored, with its metadata, is refused: {exc.message}",
+            detail=exc.detail,
+            hint="Shorten the metadata (title, description), or raise LORASWAP_MAX_ADAPTER_HEADER_BYTES.",
+        ) from None
 
 
 def data_sha256(data: bytes) -> str:

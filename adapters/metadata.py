@@ -15,25 +15,48 @@ Fields the registry owns (``adapter_id``, ``version``, ``created_at``, ``base_mo
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters.errors import AdapterInvalid
+from basemodel.errors import JSONTooDeep, ValidationFailed
+from basemodel.jsonlimits import loads
 
 SCHEMA_VERSION: Literal[1] = 1
 METADATA_KEY = "loraswap"
+MIN_SCALE, MAX_SCALE = -4.0, 4.0
+"""Every adapter weight (a request's ``scale``, a prompt tag's weight, ``scale_default``) is in this range."""
+MAX_METADATA_BYTES = 64 << 10
+"""User-owned metadata, as JSON, is at most this long (it goes into the file header; the title twice)."""
 
 SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "loraswap"]
 TensorDType = Literal["fp32", "fp16", "bf16"]
 
 
+def check_scale(value: float, *, field: str) -> float:
+    """``value`` if it is a finite adapter weight in [MIN_SCALE, MAX_SCALE], else ``ValidationFailed``.
+
+    The one check for every weight that enters: request adapters, prompt tags, ``scale_default``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        ok = False
+    else:
+        ok = MIN_SCALE <= value <= MAX_SCALE
+    if not ok:
+        raise ValidationFailed(
+            f"{field} must be a finite number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}",
+            detail={"field": field, "min": MIN_SCALE, "max": MAX_SCALE},
+        )
+    return float(value)
+
+
 class _Section(BaseModel):
     """Optional free-form section: known fields are typed, anything else is kept as given."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class BaseModelInfo(BaseModel):
@@ -88,7 +111,7 @@ class InferencePlan(_Section):
 class AdapterMetadata(BaseModel):
     """Everything known about one adapter artifact. All optional sections default to ``None``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     adapter_id: str | None = None
@@ -108,7 +131,7 @@ class AdapterMetadata(BaseModel):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     dtype: TensorDType | None = None
 
-    scale_default: float | None = None
+    scale_default: float | None = Field(default=None, ge=MIN_SCALE, le=MAX_SCALE)
     trigger_words: list[str] | None = None
     training: TrainingInfo | None = None
     dataset: DatasetInfo | None = None
@@ -132,9 +155,9 @@ def coerce_metadata(value: AdapterMetadata | dict[str, Any] | str | None) -> Ada
         return AdapterMetadata()
     if isinstance(value, AdapterMetadata):
         return value
+    if isinstance(value, str):
+        value = untrusted_json(value, "the metadata", reason="bad_metadata")
     try:
-        if isinstance(value, str):
-            return AdapterMetadata.model_validate_json(value)
         return AdapterMetadata.model_validate(value)
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in e['loc']) or 'metadata'}: {e['msg']}" for e in exc.errors()]
@@ -146,15 +169,25 @@ def coerce_metadata(value: AdapterMetadata | dict[str, Any] | str | None) -> Ada
         ) from None
 
 
+def untrusted_json(raw: bytes | str, what: str, *, reason: str) -> Any:
+    """Parse JSON from a file or a client (``basemodel.jsonlimits.loads``) as ``AdapterInvalid``.
+
+    Too deep → reason ``json_too_deep``; otherwise invalid → ``reason``.
+    """
+    try:
+        return loads(raw, what=what)
+    except JSONTooDeep as exc:
+        raise AdapterInvalid(exc.message, reason="json_too_deep", detail=exc.detail) from None
+    except ValidationFailed:
+        raise AdapterInvalid(f"{what} is not valid JSON", reason=reason) from None
+
+
 def parse_header_metadata(header: dict[str, str]) -> AdapterMetadata | None:
     """The ``loraswap`` entry of a safetensors header, or ``None`` when the file has none."""
     raw = header.get(METADATA_KEY)
     if raw is None:
         return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise AdapterInvalid("the 'loraswap' header entry is not JSON", reason="bad_metadata") from None
+    data = untrusted_json(raw, "the 'loraswap' header entry", reason="bad_metadata")
     if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise AdapterInvalid(
             f"unsupported loraswap metadata schema {data.get('schema_version')!r}",
@@ -166,13 +199,20 @@ def parse_header_metadata(header: dict[str, str]) -> AdapterMetadata | None:
     return coerce_metadata(data)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
 def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
     """Best-effort training summary from a kohya-trained file's ``ss_*`` keys."""
     fields: dict[str, Any] = {}
     for key, name, cast in (
         ("ss_steps", "steps", int),
         ("ss_epoch", "epochs", int),
-        ("ss_learning_rate", "learning_rate", float),
+        ("ss_learning_rate", "learning_rate", _finite_float),
         ("ss_seed", "seed", int),
         ("ss_mixed_precision", "mixed_precision", str),
         ("ss_lr_scheduler", "lr_scheduler", str),

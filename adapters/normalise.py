@@ -33,6 +33,7 @@ from adapters.errors import AdapterInvalid
 from adapters.metadata import AdapterMetadata, SourceFormat
 from adapters.validate import (
     DTYPE_NAMES,
+    check_alpha,
     check_dtypes,
     check_finite,
     check_modules_exist,
@@ -333,9 +334,7 @@ def _alpha_of(module: str, parts: _Module, rank: int, default: float | Mapping[s
         value = float(default)
     else:
         value = float(rank)
-    if value == 0.0:
-        raise AdapterInvalid(f"alpha for {module} is 0 (the LoRA would do nothing)", reason="bad_alpha")
-    return value
+    return check_alpha(module, value, rank, parts.keys.get("alpha"))
 
 
 def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:

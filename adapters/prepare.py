@@ -15,12 +15,19 @@ from typing import Any
 
 import torch
 
-from adapters.errors import AdapterIncompatible
+from adapters.errors import AdapterIncompatible, AdapterTooLarge
 from adapters.format import DEFAULT_LIMITS, Limits, read_adapter
 from adapters.identity import BaseIdentity
-from adapters.metadata import AdapterMetadata, parse_header_metadata, training_from_kohya
+from adapters.metadata import (
+    MAX_METADATA_BYTES,
+    AdapterMetadata,
+    check_scale,
+    parse_header_metadata,
+    training_from_kohya,
+)
 from adapters.normalise import NormaliseInfo, normalise
 from adapters.records import AdapterVersion, tensor_digest
+from adapters.validate import check_alpha
 
 REGISTRY_FIELDS = frozenset(
     {
@@ -79,12 +86,25 @@ def prepare(
         )
     fields = user_fields(embedded, user, header)
     if scale_default is not None:
-        fields["scale_default"] = scale_default
+        fields["scale_default"] = check_scale(scale_default, field="scale_default")
     summary = tensor_summary(info, embedded)
     meta = AdapterMetadata(**fields, **summary, base_model=base.info(), base_model_match=match)
+    check_metadata_size(meta)
     stable = meta.model_dump(mode="json", exclude=set(VOLATILE_FIELDS))
     digest = tensor_digest(canonical, json.dumps(stable, sort_keys=True).encode())
     return Prepared(canonical, meta, digest)
+
+
+def check_metadata_size(meta: AdapterMetadata) -> None:
+    """Refuse (413) user-owned metadata longer than ``MAX_METADATA_BYTES`` as JSON."""
+    size = len(meta.model_dump_json(exclude=set(REGISTRY_FIELDS), exclude_none=True).encode())
+    if size > MAX_METADATA_BYTES:
+        raise AdapterTooLarge(
+            f"the adapter metadata is {size} bytes as JSON, over the {MAX_METADATA_BYTES}-byte limit",
+            reason="metadata_too_large",
+            detail={"size": size, "limit": MAX_METADATA_BYTES},
+            hint="Shorten the title, description or other metadata fields.",
+        )
 
 
 def check_declared_architecture(embedded: AdapterMetadata | None, base: BaseIdentity) -> None:
@@ -151,6 +171,9 @@ def tensor_summary(info: NormaliseInfo, embedded: AdapterMetadata | None) -> dic
         return summary
     summary["source_format"] = embedded.source_format or "loraswap"
     if embedded.alpha is not None and info.source_format == "diffusers":
+        pattern = {k: v for k, v in embedded.alpha_pattern.items() if k in info.ranks}
+        for module, rank in info.ranks.items():  # recorded only, but bounded like an alpha we fold
+            check_alpha(module, pattern.get(module, embedded.alpha), rank)
         summary["alpha"] = embedded.alpha
-        summary["alpha_pattern"] = {k: v for k, v in embedded.alpha_pattern.items() if k in info.ranks}
+        summary["alpha_pattern"] = pattern
     return summary

@@ -13,7 +13,7 @@ MAX_VERSION = 10**9
 
 def validate_id(adapter_id: str) -> str:
     """Return ``adapter_id`` if it is a valid id (safe as one path segment / object-key segment)."""
-    if not isinstance(adapter_id, str) or ID_PATTERN.match(adapter_id) is None or ".." in adapter_id:
+    if not isinstance(adapter_id, str) or ID_PATTERN.fullmatch(adapter_id) is None or ".." in adapter_id:
         raise InvalidAdapterRef(
             f"invalid adapter id {adapter_id!r}",
             reason="bad_id",

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapters.errors import AdapterCorrupt, AdapterNotFound, StoreError
+from adapters.errors import AdapterCorrupt, AdapterInvalid, AdapterNotFound, StoreError
 from adapters.format import (
     DEFAULT_LIMITS,
     Limits,
+    check_readable,
     load_source,
     read_adapter,
     read_header_only,
@@ -56,6 +57,17 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 64
 HEADER_PROBE = 256 << 10  # first read of a blob's header; most headers fit
+
+
+def check_storable(data: bytes, record: AdapterVersion, limits: Limits) -> None:
+    """The file and the record of a new version pass every check their readers apply (413/422)."""
+    check_readable(data, limits)
+    try:
+        AdapterVersion.model_validate_json(record.record_json())
+    except ValueError as exc:
+        raise AdapterInvalid(
+            f"the version record would not read back: {exc}", reason="unreadable_record"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -161,10 +173,11 @@ class Registry:
         )
         data = write_adapter(None, prepared.tensors, meta)
         sha = hashlib.sha256(data).hexdigest()
-        wrote_blob = self.store.create(blob_key(sha), data)
         record = AdapterVersion.from_metadata(
             meta, sha256=sha, content_sha256=prepared.digest, size=len(data)
         )
+        check_storable(data, record, self.limits)  # nothing is written that a reader would refuse
+        wrote_blob = self.store.create(blob_key(sha), data)
         if self.store.create(version_key(adapter_id, number), record.record_json()):
             self.store.put(content_key(adapter_id, prepared.digest), json.dumps({"version": number}).encode())
             log.info("registered %s (%d bytes, sha256 %s)", record.ref, len(data), sha[:12])

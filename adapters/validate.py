@@ -23,6 +23,8 @@ DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp
 COMPONENTS = ("unet", "text_encoder")
 CANONICAL_KEY = re.compile(r"^(?P<module>(?:unet|text_encoder)\..+)\.lora_(?P<role>[AB])\.weight$")
 SHOW = 5  # how many offending keys an error message lists
+MAX_ALPHA_RATIO = 64
+"""alpha may be at most this multiple of its module's rank (alpha/rank is folded into lora_B)."""
 
 
 def first(items: Iterable[str], n: int = SHOW) -> list[str]:
@@ -132,6 +134,18 @@ def check_rank(ranks: Mapping[str, int], max_rank: int | None) -> None:
             detail={"max_rank": max_rank, "modules": {m: over[m] for m in first(over)}},
             hint="Use a lower-rank adapter or raise LORASWAP_MAX_LORA_RANK.",
         )
+
+
+def check_alpha(module: str, alpha: float, rank: int, key: str | None = None) -> float:
+    """``alpha`` if it is finite and ``0 < alpha <= MAX_ALPHA_RATIO * rank``; else ``AdapterInvalid``."""
+    if not (math.isfinite(alpha) and 0 < alpha <= MAX_ALPHA_RATIO * rank):
+        where = f"{key} (module {module})" if key else f"module {module}"
+        raise AdapterInvalid(
+            f"alpha {alpha!r} of {where} is out of range: 0 < alpha <= {MAX_ALPHA_RATIO} x rank ({rank})",
+            reason="bad_alpha",
+            detail={"keys": [key] if key else [], "modules": [module], "rank": rank},
+        )
+    return alpha
 
 
 def dominant(values: Mapping[str, int | float]) -> tuple[int | float, dict[str, int | float]]:

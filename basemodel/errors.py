@@ -39,6 +39,13 @@ class ValidationFailed(LoraswapError):
     hint = "Fix the field named in detail and retry."
 
 
+class JSONTooDeep(ValidationFailed):
+    """JSON nested deeper than ``basemodel.jsonlimits.MAX_JSON_DEPTH``, refused before it is parsed."""
+
+    type = "json_too_deep"
+    hint = "Send JSON nested at most 64 levels deep (docs/reliability.md, 'Hostile input')."
+
+
 class UnsafeFormat(ValidationFailed):
     """A file in a format we refuse to open (pickle checkpoints, unknown containers)."""
 

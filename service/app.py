@@ -12,16 +12,19 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.pydantic import PydanticPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
+from service.bodies import CheckedRequest
 from service.controllers.adapters import AdapterController
 from service.controllers.generate import GenerateController
 from service.controllers.health import HealthController
 from service.engine.runtime import Runtime, package_version
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import Metrics
+from service.openapi import prune_openapi
 
 
 def instrument(handler: ASGIApp, metrics: Metrics) -> ASGIApp:
@@ -77,6 +80,8 @@ def create_app(
         state=State({"settings": settings, "metrics": metrics, "runtime": runtime}),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_class=CheckedRequest,
+        plugins=[PydanticPlugin(validate_strict=True)],  # Litestar passes strict=False otherwise
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="loraswap",
@@ -87,6 +92,7 @@ def create_app(
         ),
         debug=False,
     )
+    prune_openapi(app)
     app.asgi_handler = instrument(app.asgi_handler, metrics)
     return app
 

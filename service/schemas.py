@@ -1,36 +1,49 @@
-"""Request and response models of the HTTP API (pydantic; validated by Litestar → 422)."""
+"""Request and response models of the HTTP API (pydantic; validated by Litestar → 422).
+
+Request models are strict (``STRICT``): a number is a JSON number and a boolean is ``true``/``false``;
+``"1"``, ``true`` or ``1.0`` for an integer are refused, as are strings for numbers and numbers for
+booleans. A float field also takes an integer (``7`` for ``7.0``).
+"""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from adapters.metadata import MAX_SCALE, MIN_SCALE
+from adapters.refs import ID_PATTERN, MAX_VERSION
+
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
 MAX_SEED = 2**63 - 1 - 64  # image i uses seed + i; stay inside torch's int64 seed range
-ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+"""Every request model: no unknown fields, no type coercion, no NaN/Infinity."""
+
+
+def adapter_id_field(**kwargs: Any) -> Any:
+    return Field(pattern=ID_PATTERN.pattern, **kwargs)
+
+
+def version_field(description: str) -> Any:
+    return Field(None, ge=1, le=MAX_VERSION, description=description)
+
+
+def scale_field(description: str) -> Any:
+    return Field(None, ge=MIN_SCALE, le=MAX_SCALE, description=description)
 
 
 class AdapterSpec(BaseModel):
     """One adapter to apply: ``id``, optional pinned ``version`` (else latest), optional ``scale``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    id: str = Field(description="Adapter id, e.g. 'watercolor'.", examples=["watercolor"])
-    version: int | None = Field(None, ge=1, description="Pinned version; latest when absent.")
-    scale: float | None = Field(None, ge=-4.0, le=4.0, description="Weight; adapter default or 1.0.")
-
-    @field_validator("id")
-    @classmethod
-    def _valid_id(cls, value: str) -> str:
-        if not ADAPTER_ID.match(value):
-            raise ValueError("adapter id must match ^[a-z0-9][a-z0-9._-]{0,63}$")
-        return value
+    id: str = adapter_id_field(description="Adapter id, e.g. 'watercolor'.", examples=["watercolor"])
+    version: int | None = version_field("Pinned version; latest when absent.")
+    scale: float | None = scale_field("Weight, -4..4; the adapter's scale_default or 1.0 when absent.")
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     prompt: str = Field(max_length=4000, description="What to draw.", examples=["a red fox"])
     negative_prompt: str = Field("", max_length=4000, description="What to steer away from.")

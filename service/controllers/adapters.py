@@ -8,7 +8,6 @@ moves bytes. Registration accepts either a ``multipart/form-data`` upload (strea
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +23,24 @@ from litestar.openapi.spec import (
     Schema,
 )
 from litestar.params import Parameter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from adapters.metadata import coerce_metadata
+from adapters.errors import AdapterCorrupt
+from adapters.metadata import MAX_SCALE, MIN_SCALE, coerce_metadata
 from adapters.records import AdapterVersion
-from adapters.refs import validate_id
+from adapters.refs import ID_PATTERN, validate_id
 from adapters.registry import Registry
 from adapters.sources.remote import fetch_s3, parse_s3_uri
 from basemodel.errors import LoraswapError, NotReady, ValidationFailed
+from basemodel.jsonlimits import loads
 from service.auth import require
 from service.engine.runtime import Runtime
 from service.errors import status_for
+from service.lora.request import adapter_request
 from service.lora.worker_manager import AdapterManager
+from service.openapi import ROUTE_ERRORS
+from service.schemas import STRICT, adapter_id_field, scale_field, version_field
 from service.uploads import blocking, read_body, read_upload, upload_arguments
 
 MULTIPART = "multipart/form-data"
@@ -62,18 +66,18 @@ def adapter_manager(runtime: Runtime) -> AdapterManager:
 class RegisterFromSource(BaseModel):
     """JSON registration: fetch the adapter file from S3."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    id: str = Field(description="Adapter id, ^[a-z0-9][a-z0-9._-]{0,63}$.", examples=["watercolor"])
+    id: str = adapter_id_field(description="Adapter id.", examples=["watercolor"])
     source: str = Field(description="s3://bucket/key of a .safetensors file.", examples=["s3://b/k"])
     metadata: dict[str, Any] | None = Field(None, description="AdapterMetadata fields (docs/adapters.md).")
-    scale_default: float | None = Field(None, description="Weight used when a request gives none.")
+    scale_default: float | None = scale_field("Weight, -4..4, used when a request gives none.")
 
 
 class PreloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    version: int | None = Field(None, ge=1, description="Version to load; latest when absent.")
+    version: int | None = version_field("Version to load; latest when absent.")
     pin: bool = Field(False, description="Never evict it from the device tier.")
 
 
@@ -114,8 +118,12 @@ def adapter_detail(registry: Registry, adapter_id: str) -> dict[str, Any]:
 
 
 def describe_version(registry: Registry, ref: str) -> dict[str, Any]:
+    """The record and the header metadata; a header that cannot be read gives ``metadata_error``."""
     version = registry.resolve(ref)
-    metadata = registry.read_metadata(version)
+    try:
+        metadata = registry.read_metadata(version)
+    except AdapterCorrupt as exc:  # e.g. stored before its header was checked against the cap
+        return {**version.to_dict(), "metadata": None, "metadata_error": exc.to_dict()}
     return {**version.to_dict(), "metadata": metadata.model_dump(mode="json", exclude_none=True)}
 
 
@@ -128,8 +136,13 @@ class RegisterOperation(Operation):
     """OpenAPI for the register route, which reads its body itself: both accepted encodings."""
 
     def __post_init__(self) -> None:
-        id_schema = _string("Adapter id.", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
-        scale = Schema(type=OpenAPIType.NUMBER, description="Weight used when a request gives none.")
+        id_schema = _string("Adapter id.", pattern=ID_PATTERN.pattern)
+        scale = Schema(
+            type=OpenAPIType.NUMBER,
+            minimum=MIN_SCALE,
+            maximum=MAX_SCALE,
+            description="Weight, -4..4, used when a request gives none.",
+        )
         self.request_body = RequestBody(
             required=True,
             content={
@@ -176,6 +189,7 @@ class AdapterController(Controller):
         status_code=201,
         request_max_body_size=None,  # enforced in the handler: max_adapter_bytes / max_body_bytes
         operation_class=RegisterOperation,
+        responses=ROUTE_ERRORS["register"],
         summary="Register an adapter version.",
         description=(
             "Either `multipart/form-data` with `file` (a LoRA .safetensors), `id`, optional `metadata` "
@@ -209,10 +223,7 @@ class AdapterController(Controller):
                     await blocking(upload.cleanup)
             elif content_type == JSON:
                 raw = await read_body(request, settings.max_body_bytes)
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    raise ValidationFailed("the body is not valid JSON", detail={"field": "body"}) from None
+                body = loads(raw, what="the request body", field="body")
                 spec: RegisterFromSource = validated(RegisterFromSource, body)
                 parse_s3_uri(spec.source)
                 data = await blocking(
@@ -242,6 +253,7 @@ class AdapterController(Controller):
         "/",
         guards=[require("generate")],
         summary="List adapters.",
+        responses=ROUTE_ERRORS["list"],
         description="Every adapter id with its latest live version and version counts.",
     )
     async def list_adapters(
@@ -259,6 +271,7 @@ class AdapterController(Controller):
         "/{adapter_id:str}",
         guards=[require("generate")],
         summary="Show an adapter: its live versions and the latest.",
+        responses=ROUTE_ERRORS["show"],
     )
     async def show_adapter(self, adapter_id: str, runtime: Runtime) -> dict[str, Any]:
         registry = adapter_manager(runtime).registry
@@ -268,6 +281,7 @@ class AdapterController(Controller):
         "/{adapter_id:str}/versions/{version:int}",
         guards=[require("generate")],
         summary="Show one version: its record and the metadata stored in its file's header.",
+        responses=ROUTE_ERRORS["show"],
     )
     async def show_version(self, adapter_id: str, version: int, runtime: Runtime) -> dict[str, Any]:
         registry = adapter_manager(runtime).registry
@@ -278,6 +292,7 @@ class AdapterController(Controller):
         guards=[require("admin")],
         status_code=200,
         summary="Delete every live version of an adapter.",
+        responses=ROUTE_ERRORS["delete"],
         description="Versions are tombstoned; their numbers are never reused.",
     )
     async def delete_adapter(self, adapter_id: str, runtime: Runtime) -> dict[str, Any]:
@@ -288,6 +303,7 @@ class AdapterController(Controller):
         guards=[require("admin")],
         status_code=200,
         summary="Delete one version of an adapter.",
+        responses=ROUTE_ERRORS["delete"],
     )
     async def delete_version(self, adapter_id: str, version: int, runtime: Runtime) -> dict[str, Any]:
         return await self._delete(runtime, f"{plain_id(adapter_id)}@{version}")
@@ -306,6 +322,7 @@ class AdapterController(Controller):
         guards=[require("admin")],
         status_code=200,
         summary="Load an adapter into the device cache now (optionally pinned).",
+        responses=ROUTE_ERRORS["preload"],
         description=(
             "`version` (latest when absent) and `pin` come from the query or a JSON body. Returns the "
             "version record and `load_s`, the seconds the load took (near 0 when already resident)."
@@ -322,11 +339,10 @@ class AdapterController(Controller):
         pin: bool = Parameter(default=False, query="pin", description="Never evict it."),
     ) -> dict[str, Any]:
         manager = adapter_manager(runtime)
-        plain_id(adapter_id)
         if data is not None:
             version = data.version if data.version is not None else version
             pin = pin or data.pin
-        ref = f"{adapter_id}@{version}" if version is not None else adapter_id
+        ref = adapter_request(plain_id(adapter_id), version, None, field="version").ref
         started = time.perf_counter()
         loaded = await blocking(manager.preload, ref, pin=pin)
         return {**loaded.to_dict(), "load_s": round(time.perf_counter() - started, 6), "pinned": pin}

@@ -10,6 +10,7 @@ from litestar.status_codes import HTTP_200_OK
 from basemodel.errors import ValidationFailed
 from service.auth import require
 from service.engine.runtime import Runtime
+from service.openapi import ROUTE_ERRORS
 from service.schemas import GenerateRequest, GenerateResponse
 
 PNG = "image/png"
@@ -42,7 +43,7 @@ class GenerateController(Controller):
             "with num_images=1 to get the PNG bytes directly. Image i uses seed+i, as diffusers does with "
             "a list of CPU generators. PNGs carry A1111-style parameters in a 'parameters' text chunk."
         ),
-        responses={},
+        responses=ROUTE_ERRORS["generate"],
     )
     async def generate(
         self, data: GenerateRequest, request: Request[Any, Any, Any], runtime: Runtime

@@ -20,7 +20,7 @@ from service.engine.png import encode_png
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
 from service.engine.schedulers import a1111_label
 from service.engine.worker import InferenceWorker, Job
-from service.lora.request import AdapterRequest, extract_prompt_adapters
+from service.lora.request import adapter_request, extract_prompt_adapters
 from service.lora.worker_manager import AdapterManager
 from service.metrics import Metrics
 from service.schemas import GenerateRequest
@@ -158,7 +158,8 @@ class Runtime:
         """Validate against the server limits, fix the seed, and resolve + lease the adapters."""
         base = self.check_ready()
         prompt, tagged = extract_prompt_adapters(request.prompt)
-        wanted = [AdapterRequest(a.id, a.version, a.scale) for a in request.adapters] + tagged
+        named = enumerate(request.adapters)
+        wanted = [adapter_request(a.id, a.version, a.scale, field=f"adapters.{i}") for i, a in named] + tagged
         width = request.width or base.native_size
         height = request.height or base.native_size
         self._check_limits(width, height, request)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from adapters.errors import InvalidAdapterRef
+from adapters.metadata import check_scale
 from adapters.records import AdapterVersion
+from adapters.refs import MAX_VERSION, parse_ref, validate_id
 from basemodel.errors import ValidationFailed
 from service.lora.weights import DeviceAdapter
 
@@ -41,22 +44,49 @@ class AppliedAdapter:
         }
 
 
+def adapter_request(
+    adapter_id: str, version: int | None, scale: float | None, *, field: str
+) -> AdapterRequest:
+    """The one validation of an adapter named by a request: JSON ``adapters``, prompt tags, preload.
+
+    Id as ``adapters.refs.validate_id``, version 1..``MAX_VERSION``, scale as ``check_scale`` (finite,
+    −4..4); anything else → 422 naming ``field``.
+    """
+    try:
+        validate_id(adapter_id)
+    except InvalidAdapterRef as exc:
+        exc.detail["field"] = field
+        raise
+    if version is not None and (isinstance(version, bool) or not 1 <= version <= MAX_VERSION):
+        raise InvalidAdapterRef(
+            f"{field}: version must be from 1 to {MAX_VERSION}, got {version!r}",
+            reason="bad_ref",
+            detail={"field": field},
+        )
+    return AdapterRequest(adapter_id, version, None if scale is None else check_scale(scale, field=field))
+
+
 def extract_prompt_adapters(prompt: str) -> tuple[str, list[AdapterRequest]]:
-    """Strip ``<lora:…>`` tags from ``prompt`` and return them as adapter requests."""
+    """Strip ``<lora:…>`` tags from ``prompt`` and return them as adapter requests (``adapter_request``)."""
     found: list[AdapterRequest] = []
     for match in PROMPT_TAG.finditer(prompt):
-        name, _, version = match["name"].strip().partition("@")
+        tag = match.group(0)
         weight = (match["weight"] or "").strip()
         try:
+            ref = parse_ref(match["name"].strip().lower())
             scale = float(weight) if weight else None
-            number = int(version) if version and version != "latest" else None
-        except ValueError:
+        except (ValueError, InvalidAdapterRef):
             raise ValidationFailed(
-                f"bad prompt tag {match.group(0)!r}",
+                f"bad prompt tag {tag!r}",
                 detail={"field": "prompt"},
                 hint="Write <lora:ID:WEIGHT> or <lora:ID@VERSION:WEIGHT>.",
             ) from None
-        found.append(AdapterRequest(name.lower(), number, scale))
+        try:
+            found.append(adapter_request(ref.adapter_id, ref.version, scale, field="prompt"))
+        except ValidationFailed as exc:
+            raise ValidationFailed(
+                f"prompt tag {tag!r}: {exc.message}", detail=exc.detail, hint=exc.hint
+            ) from None
     if not found:
         return prompt, []
     return " ".join(PROMPT_TAG.sub(" ", prompt).split()), found

@@ -65,6 +65,11 @@ def _offsets_lie() -> bytes:
     return len(header).to_bytes(8, "little") + header + bytes(32)
 
 
+def _dtype_list() -> bytes:
+    header = json.dumps({"x.lora_A.weight": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}})
+    return len(header).to_bytes(8, "little") + header.encode() + bytes(4)
+
+
 CASES: dict[str, tuple[Callable[[LoraCase], bytes], type[Exception], str]] = {
     "pickle": (lambda c: pickle.dumps({"w": 1}), AdapterUnsafeFormat, "pickle"),
     "torch-zip": (lambda c: b"PK\x03\x04" + bytes(64), AdapterUnsafeFormat, "pickle"),
@@ -79,6 +84,12 @@ CASES: dict[str, tuple[Callable[[LoraCase], bytes], type[Exception], str]] = {
     ),
     "header-not-object": (lambda c: (2).to_bytes(8, "little") + b"[]", AdapterInvalid, "malformed_header"),
     "offsets-lie": (lambda c: _offsets_lie(), AdapterInvalid, "malformed_header"),
+    "dtype-not-a-string": (lambda c: _dtype_list(), AdapterInvalid, "unsupported_dtype"),
+    "header-too-deep": (
+        lambda c: (200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000,
+        AdapterInvalid,
+        "json_too_deep",
+    ),
     "no-tensors": (lambda c: save_bytes({}), AdapterInvalid, "empty"),
     "unknown-layout": (
         lambda c: save_bytes({"model.diffusion_model.w": torch.zeros(2)}),
