@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapters.validate import MAX_ALPHA_RATIO
 from training.errors import TrainConfigError
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -207,6 +208,11 @@ class TrainConfig(BaseModel):
             raise ValueError("caption_template must contain {caption}")
         if self.caption_template and "{trigger}" in self.caption_template and not self.trigger_word:
             raise ValueError("caption_template uses {trigger} but no trigger_word is set")
+        if self.lora_scale > MAX_ALPHA_RATIO:  # the registry refuses such files: fail before training
+            raise ValueError(
+                f"alpha {self.lora_alpha:g} gives a LoRA scale of {self.lora_scale:g} at rank {self.rank}; "
+                f"the registry accepts at most {MAX_ALPHA_RATIO} (alpha <= {MAX_ALPHA_RATIO} x rank)"
+            )
         return self
 
     # -- derived values --------------------------------------------------------------------------------

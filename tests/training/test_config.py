@@ -43,6 +43,14 @@ def test_clear_validation_messages() -> None:
         build_config({"data": "d", "output": "o", "register": "x", "export": False})
 
 
+def test_alpha_the_registry_would_refuse_fails_before_training() -> None:
+    assert build_config({"data": "d", "output": "o", "rank": 4, "alpha": 256}).lora_scale == 64
+    with pytest.raises(TrainConfigError, match="alpha <= 64 x rank"):
+        build_config({"data": "d", "output": "o", "rank": 4, "alpha": 257})
+    with pytest.raises(TrainConfigError, match="LoRA scale of 128"):  # rsLoRA: alpha / sqrt(rank)
+        build_config({"data": "d", "output": "o", "rank": 4, "alpha": 256, "rslora": True})
+
+
 def test_config_file_then_cli_overrides(tmp_path: Path) -> None:
     toml = tmp_path / "train.toml"
     toml.write_text(
