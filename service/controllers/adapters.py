@@ -1,9 +1,11 @@
 """``/v1/adapters``: register, list, show, delete and preload LoRA adapters over HTTP.
 
 Registry and store I/O is blocking, so every call into it runs on a worker thread; the event loop only
-moves bytes. Registration accepts either a ``multipart/form-data`` upload (streamed and size-checked by
-``service/uploads.py``) or a JSON body naming an ``s3://`` object (fetched by
-``adapters/sources/remote.py``).
+moves bytes. Reads (list, show) wait for the store until ``store_deadline_s`` and answer 503 with
+``Retry-After`` after that; writes (register, delete) are bounded by the store's own timeouts and fail
+at once while its circuit breaker is open. Registration accepts either a ``multipart/form-data``
+upload (streamed and size-checked by ``service/uploads.py``) or a JSON body naming an ``s3://``
+object (fetched by ``adapters/sources/remote.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from adapters.metadata import coerce_metadata
 from adapters.records import AdapterVersion
 from adapters.refs import validate_id
 from adapters.registry import Registry
+from adapters.sources import store_timeouts
 from adapters.sources.remote import fetch_s3, parse_s3_uri
 from basemodel.errors import LoraswapError, NotReady, ValidationFailed
 from service.auth import require
 from service.engine.runtime import Runtime
 from service.errors import status_for
+from service.lora.resolver import STALE_HEADER
 from service.lora.worker_manager import AdapterManager
 from service.uploads import blocking, read_body, read_upload, upload_arguments
 
@@ -216,7 +220,11 @@ class AdapterController(Controller):
                 spec: RegisterFromSource = validated(RegisterFromSource, body)
                 parse_s3_uri(spec.source)
                 data = await blocking(
-                    fetch_s3, spec.source, settings.s3_endpoint_url, settings.max_adapter_bytes
+                    fetch_s3,
+                    spec.source,
+                    settings.s3_endpoint_url,
+                    settings.max_adapter_bytes,
+                    timeouts=store_timeouts(settings),
                 )
                 version, created = await blocking(
                     register, manager.registry, data, spec.id, spec.metadata, spec.scale_default
@@ -232,6 +240,8 @@ class AdapterController(Controller):
                 counter.labels(outcome="rejected").inc()
             raise
         counter.labels(outcome="created" if created else "existing").inc()
+        if created:
+            manager.registered(version)
         return Response(
             {**version.to_dict(), "created": created},
             status_code=201 if created else 200,
@@ -251,8 +261,10 @@ class AdapterController(Controller):
             default=False, description="Also list ids whose versions are all deleted."
         ),
     ) -> dict[str, Any]:
-        registry = adapter_manager(runtime).registry
-        summaries = await blocking(registry.list, include_deleted=include_deleted)
+        manager = adapter_manager(runtime)
+        summaries = await manager.read(
+            manager.registry.list, include_deleted=include_deleted, what="listing adapters"
+        )
         return {"adapters": [s.to_dict() for s in summaries]}
 
     @get(
@@ -261,8 +273,10 @@ class AdapterController(Controller):
         summary="Show an adapter: its live versions and the latest.",
     )
     async def show_adapter(self, adapter_id: str, runtime: Runtime) -> dict[str, Any]:
-        registry = adapter_manager(runtime).registry
-        return await blocking(adapter_detail, registry, plain_id(adapter_id))
+        manager = adapter_manager(runtime)
+        return await manager.read(
+            adapter_detail, manager.registry, plain_id(adapter_id), what=f"for adapter {adapter_id}"
+        )
 
     @get(
         "/{adapter_id:str}/versions/{version:int}",
@@ -270,8 +284,9 @@ class AdapterController(Controller):
         summary="Show one version: its record and the metadata stored in its file's header.",
     )
     async def show_version(self, adapter_id: str, version: int, runtime: Runtime) -> dict[str, Any]:
-        registry = adapter_manager(runtime).registry
-        return await blocking(describe_version, registry, f"{plain_id(adapter_id)}@{version}")
+        manager = adapter_manager(runtime)
+        ref = f"{plain_id(adapter_id)}@{version}"
+        return await manager.read(describe_version, manager.registry, ref, what=f"for {ref}")
 
     @delete(
         "/{adapter_id:str}",
@@ -295,10 +310,7 @@ class AdapterController(Controller):
     async def _delete(self, runtime: Runtime, ref: str) -> dict[str, Any]:
         manager = adapter_manager(runtime)
         removed = await blocking(manager.registry.delete, ref)
-        if removed:
-            adapter_id = removed[0].adapter_id
-            numbers = {v.version for v in removed}
-            manager.cache.drop(lambda key: key[0] == adapter_id and key[1] in numbers)
+        manager.deleted(removed)
         return {"deleted": [v.to_dict() for v in removed]}
 
     @post(
@@ -308,7 +320,9 @@ class AdapterController(Controller):
         summary="Load an adapter into the device cache now (optionally pinned).",
         description=(
             "`version` (latest when absent) and `pin` come from the query or a JSON body. Returns the "
-            "version record and `load_s`, the seconds the load took (near 0 when already resident)."
+            "version record and `load_s`, the seconds the load took (near 0 when already resident); "
+            "`stale: true` and `X-Loraswap-Stale: adapters` when a remembered latest was used because "
+            "the store did not answer."
         ),
     )
     async def preload(
@@ -320,7 +334,7 @@ class AdapterController(Controller):
             default=None, query="version", ge=1, description="Version; latest if absent."
         ),
         pin: bool = Parameter(default=False, query="pin", description="Never evict it."),
-    ) -> dict[str, Any]:
+    ) -> Response[dict[str, Any]]:
         manager = adapter_manager(runtime)
         plain_id(adapter_id)
         if data is not None:
@@ -328,5 +342,12 @@ class AdapterController(Controller):
             pin = pin or data.pin
         ref = f"{adapter_id}@{version}" if version is not None else adapter_id
         started = time.perf_counter()
-        loaded = await blocking(manager.preload, ref, pin=pin)
-        return {**loaded.to_dict(), "load_s": round(time.perf_counter() - started, 6), "pinned": pin}
+        resolution = await manager.preload(ref, pin=pin)
+        body = {
+            **resolution.version.to_dict(),
+            "load_s": round(time.perf_counter() - started, 6),
+            "pinned": pin,
+        }
+        if resolution.stale:
+            body["stale"] = True
+        return Response(body, headers={STALE_HEADER: "adapters"} if resolution.stale else {})
