@@ -2,10 +2,10 @@
 
 Registry and store I/O is blocking, so every call into it runs on a worker thread; the event loop only
 moves bytes. Reads (list, show) wait for the store until ``store_deadline_s`` and answer 503 with
-``Retry-After`` after that; writes (register, delete) are bounded by the store's own timeouts and fail
-at once while its circuit breaker is open. Registration accepts either a ``multipart/form-data``
-upload (streamed and size-checked by ``service/uploads.py``) or a JSON body naming an ``s3://``
-object (fetched by ``adapters/sources/remote.py``).
+``Retry-After`` after that. Writes (register, delete) start only after a listing of the id answered
+within that deadline, and are then bounded by the store's own timeouts. Registration accepts either a
+``multipart/form-data`` upload (streamed and size-checked by ``service/uploads.py``) or a JSON body
+naming an ``s3://`` object (fetched by ``adapters/sources/remote.py``).
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ class AdapterController(Controller):
                 try:
                     adapter_id, metadata, scale = upload_arguments(upload)
                     assert upload.path is not None
+                    await manager.check_store(adapter_id)
                     version, created = await blocking(
                         register, manager.registry, upload.path, adapter_id, metadata, scale
                     )
@@ -219,6 +220,7 @@ class AdapterController(Controller):
                     raise ValidationFailed("the body is not valid JSON", detail={"field": "body"}) from None
                 spec: RegisterFromSource = validated(RegisterFromSource, body)
                 parse_s3_uri(spec.source)
+                await manager.check_store(spec.id)
                 data = await blocking(
                     fetch_s3,
                     spec.source,
@@ -309,6 +311,7 @@ class AdapterController(Controller):
 
     async def _delete(self, runtime: Runtime, ref: str) -> dict[str, Any]:
         manager = adapter_manager(runtime)
+        await manager.check_store(ref.partition("@")[0])
         removed = await blocking(manager.registry.delete, ref)
         manager.deleted(removed)
         return {"deleted": [v.to_dict() for v in removed]}

@@ -90,6 +90,10 @@ class AdapterManager:
         """Run a blocking registry read (listing, show) off the event loop, waiting until the deadline."""
         return await self.gate.call(fn, *args, deadline=self.deadline(), what=what, **kwargs)
 
+    async def check_store(self, adapter_id: str) -> None:
+        """Before a write: one listing of ``adapter_id`` within the deadline, else 503 at once."""
+        await self.read(self.registry.state, adapter_id, what=f"for adapter {adapter_id}")
+
     # -- resolution -----------------------------------------------------------------------------------
     def _checked(self, resolution: Resolution) -> Resolution:
         """Refused (409) when the version does not fit the resident base model."""
