@@ -4,16 +4,18 @@ What the server remembers per adapter id: the last listing of its versions (all 
 deleted ones, with the time it was taken), every version record it read (records are immutable) and
 the version ``latest`` last resolved to. With that:
 
-- ``id@N`` is answered from memory while the listing is younger than ``ttl_s``; when it is older and
-  the version is held by the cache (device, host or disk tier) it is still answered at once and the
-  listing is refreshed in the background, so a resident ``id@N`` never waits for the store and a
-  deletion made elsewhere stops it being served within about one TTL. A known tombstone is a 404.
+- Only versions the cache holds (device, host or disk tier) are answered from memory: for any other,
+  the file has to come from the store anyway, and asking the store first (within the deadline) is
+  what makes an uncached adapter fail fast when the store does not answer.
+- ``id@N`` held by the cache is answered at once; when its listing is older than ``ttl_s`` it is
+  re-listed in the background, so a resident ``id@N`` never waits for the store and a deletion made
+  elsewhere stops it being served within about one TTL. A known tombstone is a 404 at once.
 - ``id`` (latest) is answered from memory while the listing is younger than ``ttl_s``; after that the
   store is asked (one listing, plus one record read for a version not seen before). If the store
   fails, the remembered ``latest`` is served, marked stale, while the listing is younger than
   ``stale_max_s`` and the version is held by the cache.
-- Everything else asks the store. Callers wait for the store until their deadline, never longer
-  (``StoreGate``): the call goes on in the background and its result still lands in memory.
+- Callers wait for the store until their deadline, never longer (``StoreGate``): the call goes on
+  in the background and its result still lands in memory.
 
 Registrations and deletions made through this server update the memory at once.
 """
@@ -175,14 +177,14 @@ class AdapterResolver:
                 if number in listing.deleted:
                     self._pick(request, listing)  # raises: deleted
                 record = self._records.get((adapter_id, number))
-        if record is None:
+        if record is None or not self._holds(record):  # its file must come from the store: ask it first
             return None
         if request.version is None:
             self._remember_latest(record)
             return Resolution(record)
         if fresh:
             return Resolution(record)
-        if self.ttl_s > 0 and self._holds(record):  # serve now, re-list in the background
+        if self.ttl_s > 0:  # serve now, re-list in the background
             self.gate.submit(f"listing:{adapter_id}", partial(self._refresh_quietly, adapter_id))
             return Resolution(record)
         return None
