@@ -94,12 +94,12 @@ class StoreGate:
     async def wait(self, future: Future[T], deadline: float, what: str) -> T:
         """``future``'s result, or ``StoreError(reason="deadline")`` once ``deadline`` (monotonic) passed."""
         waiter = asyncio.wrap_future(future)
+        waiter.add_done_callback(_consume)  # also when this wait is abandoned or cancelled
         remaining = deadline - time.monotonic()
         if remaining > 0:
             await asyncio.wait({waiter}, timeout=remaining)
         if waiter.done():
             return waiter.result()
-        waiter.add_done_callback(_consume)
         raise StoreError(
             f"the adapter store did not answer {what} in time",
             reason="deadline",
