@@ -195,6 +195,8 @@ class BreakerStore:
     def _settle(self, exc: Exception) -> None:
         if is_outage(exc):
             self.breaker.failed(exc)
+            if isinstance(exc, StoreError):  # the cool-down this failure may just have started
+                exc.detail.setdefault("retry_after_s", self.breaker.retry_after_s())
         elif isinstance(exc, StoreError) and exc.reason == "bad_key":
             self.breaker.released()  # refused before reaching the store
         else:

@@ -85,11 +85,12 @@ def parts(clock: Clock) -> tuple[BreakerStore, FlakyStore, list[str], Counter[st
 def test_consecutive_outage_errors_open_it_and_it_fails_fast(parts: Any, clock: Clock) -> None:
     store, inner, states, errors = parts
     assert isinstance(store, Store)
-    inner.error = OUTAGE
-    for _ in range(3):
+    for attempt in range(3):
+        inner.error = StoreError("refused", reason="unavailable", detail={"code": "EndpointConnectionError"})
         with pytest.raises(StoreError) as failed:
             store.list("adapters/")
         assert failed.value.reason == "unavailable"
+        assert failed.value.detail["retry_after_s"] == (5 if attempt == 2 else 1)  # the one that opened it
     assert states == ["open"]
     assert store.breaker.snapshot()["last_error"] == "unavailable: EndpointConnectionError"
     clock.now += 2
