@@ -67,6 +67,9 @@ def roundtrip(sock: socket.socket, data: bytes) -> bytes:
 def test_pass_forwards_both_ways(proxy: FaultProxy) -> None:
     with connect(proxy) as sock:
         assert roundtrip(sock, PAYLOAD) == PAYLOAD
+    deadline = time.monotonic() + 10  # the proxy counts a chunk just after sending it on
+    while proxy.stats.snapshot()["from_target"] < len(PAYLOAD) and time.monotonic() < deadline:
+        time.sleep(0.01)
     stats = proxy.stats.snapshot()
     assert stats["accepted"] == 1
     assert stats["to_target"] == stats["from_target"] == len(PAYLOAD)
@@ -81,7 +84,7 @@ def test_refuse_resets_new_and_open_connections(proxy: FaultProxy) -> None:
             open_one.sendall(b"again")
             if not open_one.recv(10):
                 raise ConnectionResetError("closed")
-    with connect(proxy) as sock, pytest.raises(OSError):
+    with pytest.raises(OSError), connect(proxy) as sock:  # the reset may already fail the connect
         sock.sendall(b"hello")
         if not sock.recv(10):
             raise ConnectionResetError("closed")

@@ -182,23 +182,26 @@ def test_black_holed_store_answers_503_within_the_deadline(outage: Any, lora_fil
 def test_latest_ttl_stale_marker_and_recovery(outage: Any, lora_files: list[bytes]) -> None:
     """``latest`` is re-resolved after its TTL (not per request), served marked stale while the store is
     down, and the first request after the breaker's Retry-After, once the store is back, succeeds."""
-    env = outage(latest_ttl_s=1, store_breaker_failures=1, store_breaker_cooldown_s=1)
+    ttl = 3.0  # long enough for a registration between two requests on a loaded machine
+    env = outage(latest_ttl_s=ttl, store_breaker_failures=1, store_breaker_cooldown_s=1)
     env.registry.register(lora_files[0], "style")
     env.registry.register(lora_files[1], "cold")
     with env.http() as http:
         assert http.post("/v1/generate", json=generate({"id": "style"})).json()["adapters"][0]["version"] == 1
+        resolved = time.monotonic()  # the listing was taken before this
         env.registry.register(lora_files[2], "style")  # another replica registers v2
         env.store.calls.clear()
         within = http.post("/v1/generate", json=generate({"id": "style"}))
         assert within.json()["adapters"][0]["version"] == 1  # within the TTL: no listing, no record read
         assert env.store.calls == Counter()
-        time.sleep(1.2)
+        time.sleep(max(0.0, resolved + ttl + 0.2 - time.monotonic()))
         after = http.post("/v1/generate", json=generate({"id": "style"}))
+        resolved = time.monotonic()
         assert after.json()["adapters"][0]["version"] == 2
         assert env.store.calls == Counter({"list": 1, "get": 2})  # a listing, the new record, its file
 
         env.proxy.set_mode("refuse")
-        time.sleep(1.2)
+        time.sleep(max(0.0, resolved + ttl + 0.2 - time.monotonic()))
         stale = http.post("/v1/generate", json=generate({"id": "style"}))
         assert stale.status_code == 200, stale.text
         assert stale.headers["x-loraswap-stale"] == "adapters"
