@@ -46,7 +46,7 @@ from adapters.records import (
     version_key,
 )
 from adapters.refs import AdapterRef, parse_ref, validate_id
-from adapters.sources import KeyMissing, Store, open_store
+from adapters.sources import KeyMissing, Store, open_settings_store
 from adapters.validate import check_canonical
 from basemodel.errors import ConfigError, LoraswapError
 
@@ -102,8 +102,12 @@ class Registry:
         self.limits = limits
 
     @classmethod
-    def from_settings(cls, settings: Settings, base: BaseIdentity | None = None) -> Registry:
-        store = open_store(settings.adapter_store_uri, s3_endpoint_url=settings.s3_endpoint_url)
+    def from_settings(
+        cls, settings: Settings, base: BaseIdentity | None = None, *, store: Store | None = None
+    ) -> Registry:
+        """A registry over ``store`` or, by default, the settings' store with their timeouts."""
+        if store is None:
+            store = open_settings_store(settings)
         limits = Limits(
             max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes
         )
@@ -216,6 +220,18 @@ class Registry:
         parsed = parse_ref(ref)
         versions, deleted = self._state(parsed.adapter_id)
         return self._record(parsed.adapter_id, self._pick(parsed, versions, deleted))
+
+    def state(self, adapter_id: str) -> tuple[set[int], set[int]]:
+        """(every version number, the deleted ones) of ``adapter_id``: one listing, no record read."""
+        return self._state(validate_id(adapter_id))
+
+    def pick(self, ref: AdapterRef, versions: set[int], deleted: set[int]) -> int:
+        """The version number ``ref`` selects in a ``state``; the not-found errors ``resolve`` raises."""
+        return self._pick(ref, versions, deleted)
+
+    def record(self, adapter_id: str, number: int) -> AdapterVersion:
+        """The stored record of ``adapter_id@number`` (one read; tombstones are not checked)."""
+        return self._record(adapter_id, number)
 
     def latest_version(self, adapter_id: str) -> int | None:
         """Latest live version number (one listing, no record read): cheap change detection."""

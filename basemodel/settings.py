@@ -89,6 +89,29 @@ class Settings(BaseSettings):
 
     # --- end adapter registry ---
 
+    # --- Store outages: bounded calls, circuit breaker, remembered resolutions (docs/reliability.md) ---
+    store_connect_timeout_s: float = Field(2.0, gt=0, le=120, description="Connect timeout of a store call.")
+    store_read_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="Timeout of one socket read of a store call (not of a whole download)."
+    )
+    store_max_attempts: int = Field(2, ge=1, le=10, description="Attempts per store call (retries + 1).")
+    store_deadline_s: float = Field(
+        3.0, gt=0, le=600, description="How long a request waits for store reads before 503."
+    )
+    store_breaker_failures: int = Field(
+        3, ge=1, le=1000, description="Consecutive store failures that open the circuit breaker."
+    )
+    store_breaker_cooldown_s: float = Field(
+        5.0, gt=0, le=3600, description="How long an open breaker fails fast before one probe call."
+    )
+    latest_ttl_s: float = Field(
+        5.0, ge=0, le=86_400, description="How long a resolution of 'latest' is reused (0: every request)."
+    )
+    latest_stale_max_s: float = Field(
+        3600.0, ge=0, le=30 * 86_400, description="How old a remembered 'latest' may be served in an outage."
+    )
+    # --- end store outages ---
+
     # --- Hot-swap engine: adapter cache tiers and batching ---
     adapter_cache_device_mb: int = Field(1024, ge=1, description="Device tier (ready-to-run adapters).")
     adapter_cache_host_mb: int = Field(4096, ge=1, description="Host RAM tier (pinned on CUDA).")

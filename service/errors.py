@@ -7,6 +7,7 @@ overloaded → 429, validation → 422, not found → 404, incompatible → 409,
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from litestar import Request, Response
@@ -68,6 +69,13 @@ def status_for(exc: LoraswapError) -> int:
     return HTTP_500_INTERNAL_SERVER_ERROR
 
 
+def retry_after(value: Any) -> int:
+    """Whole seconds for a ``Retry-After`` header: ``value`` when it is a positive number, else 1."""
+    if isinstance(value, int | float) and math.isfinite(value):
+        return max(1, min(math.ceil(value), 86_400))
+    return 1
+
+
 def error_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> Response[dict[str, Any]]:
@@ -87,6 +95,8 @@ def handle_domain_error(request: Request[Any, Any, Any], exc: LoraswapError) -> 
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, NotReady):
         headers["Retry-After"] = "5"
+    if isinstance(exc, StoreError):  # the breaker's remaining cool-down when it set one
+        headers["Retry-After"] = str(retry_after(exc.detail.get("retry_after_s")))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     _count(request, exc.type)

@@ -62,6 +62,18 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
             registry=r,
         )
+        self.store_errors = Counter(
+            "loraswap_store_errors",
+            "Failed adapter store calls by operation (list, read, write, create, stat, delete), including "
+            "calls refused at once by the open circuit breaker.",
+            ["operation"],
+            registry=r,
+        )
+        self.store_breaker = Gauge(
+            "loraswap_store_breaker_state",
+            "Adapter store circuit breaker: 0 closed, 1 half-open (probing), 2 open (failing fast).",
+            registry=r,
+        )
         self.adapter_registrations = Counter(
             "loraswap_adapter_registrations",
             "Adapter registrations over HTTP by outcome.",

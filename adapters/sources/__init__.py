@@ -6,18 +6,51 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from adapters.errors import StoreConfigError
 from adapters.identity import BaseIdentity
-from adapters.sources.base import KeyMissing, Store
+from adapters.sources.base import KeyMissing, Store, StoreTimeouts
 from adapters.sources.local import LocalStore
 
-__all__ = ["BaseIdentity", "KeyMissing", "LocalStore", "Store", "open_store"]
+if TYPE_CHECKING:
+    from basemodel.settings import Settings
+
+__all__ = [
+    "BaseIdentity",
+    "KeyMissing",
+    "LocalStore",
+    "Store",
+    "StoreTimeouts",
+    "open_settings_store",
+    "open_store",
+    "store_timeouts",
+]
 
 
-def open_store(uri: str | Path, *, s3_endpoint_url: str | None = None) -> Store:
-    """The store for ``uri``; a plain path is a local store (created on first write)."""
+def store_timeouts(settings: Settings) -> StoreTimeouts:
+    """The bounds of remote store calls in the settings (``LORASWAP_STORE_*_TIMEOUT_S``, ``…_ATTEMPTS``)."""
+    return StoreTimeouts(
+        connect_s=settings.store_connect_timeout_s,
+        read_s=settings.store_read_timeout_s,
+        attempts=settings.store_max_attempts,
+    )
+
+
+def open_settings_store(settings: Settings) -> Store:
+    """The adapter store the settings name, with their timeouts."""
+    timeouts = store_timeouts(settings)
+    return open_store(settings.adapter_store_uri, s3_endpoint_url=settings.s3_endpoint_url, timeouts=timeouts)
+
+
+def open_store(
+    uri: str | Path, *, s3_endpoint_url: str | None = None, timeouts: StoreTimeouts | None = None
+) -> Store:
+    """The store for ``uri``; a plain path is a local store (created on first write).
+
+    ``timeouts`` bound every call of a remote store (default: ``StoreTimeouts()``, the settings' defaults).
+    """
     if isinstance(uri, Path):
         return LocalStore(uri)
     text = uri.strip()
@@ -40,7 +73,7 @@ def open_store(uri: str | Path, *, s3_endpoint_url: str | None = None) -> Store:
             )
         from adapters.sources.s3 import S3Store
 
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=s3_endpoint_url)
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=s3_endpoint_url, timeouts=timeouts)
     raise StoreConfigError(
         f"unsupported store URI scheme {parsed.scheme!r}; use file:// , a path or s3://", reason="bad_uri"
     )

@@ -8,11 +8,31 @@ or an object key unvalidated. The registry builds all keys; backends only store 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from adapters.errors import StoreError
 
 SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+# StoreError reasons that mean "the store did not answer properly" (unreachable, timed out, 5xx, disk I/O):
+# what a circuit breaker counts. Others (a missing key, a refused key, a 4xx) mean it answered.
+OUTAGE_REASONS = frozenset({"unavailable", "io_error"})
+
+
+@dataclass(frozen=True)
+class StoreTimeouts:
+    """Bounds of one remote store call: connect and per-socket-read timeouts, and total attempts.
+
+    The read timeout applies to each socket read, so a large blob that keeps arriving is never cut
+    off; a store that stops sending fails after ``read_s``. Worst case of one call:
+    ``attempts * (connect_s | read_s)`` plus botocore's jittered backoff (< 1 s per retry here).
+    """
+
+    connect_s: float = 2.0
+    read_s: float = 5.0
+    attempts: int = 2
 
 
 class KeyMissing(KeyError):

@@ -6,6 +6,11 @@ The endpoint comes from ``--s3-endpoint-url`` / ``LORASWAP_S3_ENDPOINT_URL`` or 
 ``PutObject(IfNoneMatch="*")``: S3 answers 412 ``PreconditionFailed`` (or 409
 ``ConditionalRequestConflict`` while a competing write is in flight) when the key exists, so exactly
 one concurrent creator wins. The store must support conditional writes (AWS S3 does since 2024-08).
+
+Every call is bounded (``StoreTimeouts``: connect and per-socket-read timeouts, total attempts with
+botocore's "standard" jittered backoff). Failures that mean the store is not answering (connection
+errors, timeouts, 5xx, throttling) are ``StoreError(reason="unavailable")``, the reason a circuit
+breaker counts; other S3 errors (a 403, a missing bucket) are ``reason="s3_error"``.
 """
 
 from __future__ import annotations
@@ -16,10 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from adapters.errors import StoreConfigError, StoreError
-from adapters.sources.base import KeyMissing, check_key, check_prefix
+from adapters.sources.base import KeyMissing, StoreTimeouts, check_key, check_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -27,8 +38,33 @@ else:
     S3Client = Any
 
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+IP_LIKE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+UNAVAILABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"}
 CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+def valid_bucket(name: str) -> bool:
+    """S3's bucket naming rules: 3–63 of ``[a-z0-9.-]``, alphanumeric at both ends, no ``..``, not an IP
+    address, none of the reserved prefixes and suffixes."""
+    return (
+        BUCKET.match(name) is not None
+        and ".." not in name
+        and IP_LIKE.match(name) is None
+        and not name.startswith(RESERVED_BUCKET_PREFIXES)
+        and not name.endswith(RESERVED_BUCKET_SUFFIXES)
+    )
+
+
+def client_config(timeouts: StoreTimeouts) -> Config:
+    """botocore settings for bounded calls: timeouts and total attempts with standard backoff."""
+    return Config(
+        connect_timeout=timeouts.connect_s,
+        read_timeout=timeouts.read_s,
+        retries={"total_max_attempts": timeouts.attempts, "mode": "standard"},
+    )
 
 
 class S3Store:
@@ -39,8 +75,9 @@ class S3Store:
         *,
         client: S3Client | None = None,
         endpoint_url: str | None = None,
+        timeouts: StoreTimeouts | None = None,
     ) -> None:
-        if BUCKET.match(bucket) is None:
+        if not valid_bucket(bucket):
             raise StoreConfigError(f"invalid S3 bucket name {bucket!r}", reason="bad_uri")
         prefix = prefix.strip("/")
         if prefix and not _valid_prefix(prefix):
@@ -48,6 +85,7 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix
         self._endpoint_url = endpoint_url
+        self.timeouts = timeouts or StoreTimeouts()
         self._client = client
         self._lock = threading.Lock()
 
@@ -62,7 +100,7 @@ class S3Store:
     def client(self) -> S3Client:
         with self._lock:  # boto3 clients are thread-safe, but creating one is not
             if self._client is None:
-                config = Config(retries={"max_attempts": 5, "mode": "standard"})
+                config = client_config(self.timeouts)
                 self._client = boto3.client("s3", endpoint_url=self._endpoint_url, config=config)
             return self._client
 
@@ -78,7 +116,7 @@ class S3Store:
             if _code(exc) in MISSING_CODES:
                 raise KeyMissing(key) from None
             raise _store_error("read", key, exc) from exc
-        except BotoCoreError as exc:
+        except (BotoCoreError, OSError) as exc:  # OSError: a socket error while reading the body
             raise _store_error("read", key, exc) from exc
 
     def get_range(self, key: str, start: int, stop: int) -> bytes:
@@ -95,7 +133,7 @@ class S3Store:
             if _code(exc) == "InvalidRange":  # start at or past the end of the object
                 return b""
             raise _store_error("read", key, exc) from exc
-        except BotoCoreError as exc:
+        except (BotoCoreError, OSError) as exc:
             raise _store_error("read", key, exc) from exc
 
     def put(self, key: str, data: bytes) -> None:
@@ -162,6 +200,18 @@ def _code(exc: ClientError) -> str:
     return code if code else str(status)
 
 
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def unavailable(exc: Exception) -> bool:
+    """Whether a boto error means the store did not answer properly (vs. answered with a refusal)."""
+    if isinstance(exc, ClientError):
+        return _status(exc) >= 500 or _code(exc) in UNAVAILABLE_CODES
+    return isinstance(exc, BotoConnectionError | HTTPClientError | IncompleteReadError | OSError)
+
+
 def _store_error(action: str, key: str, exc: Exception) -> StoreError:
     code = _code(exc) if isinstance(exc, ClientError) else type(exc).__name__
-    return StoreError(f"S3 {action} of {key} failed: {exc}", reason="s3_error", detail={"code": code})
+    reason = "unavailable" if unavailable(exc) else "s3_error"
+    return StoreError(f"S3 {action} of {key} failed: {exc}", reason=reason, detail={"code": code})

@@ -1,9 +1,11 @@
 """``/v1/adapters``: register, list, show, delete and preload LoRA adapters over HTTP.
 
 Registry and store I/O is blocking, so every call into it runs on a worker thread; the event loop only
-moves bytes. Registration accepts either a ``multipart/form-data`` upload (streamed and size-checked by
-``service/uploads.py``) or a JSON body naming an ``s3://`` object (fetched by
-``adapters/sources/remote.py``).
+moves bytes. Reads (list, show) wait for the store until ``store_deadline_s`` and answer 503 with
+``Retry-After`` after that. Writes (register, delete) start only after a listing of the id answered
+within that deadline, and are then bounded by the store's own timeouts. Registration accepts either a
+``multipart/form-data`` upload (streamed and size-checked by ``service/uploads.py``) or a JSON body
+naming an ``s3://`` object (fetched by ``adapters/sources/remote.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from adapters.metadata import MAX_SCALE, MIN_SCALE, coerce_metadata
 from adapters.records import AdapterVersion
 from adapters.refs import ID_PATTERN, validate_id
 from adapters.registry import Registry
+from adapters.sources import store_timeouts
 from adapters.sources.remote import fetch_s3, parse_s3_uri
 from basemodel.errors import LoraswapError, NotReady, ValidationFailed
 from basemodel.jsonlimits import loads
@@ -38,6 +41,7 @@ from service.auth import require
 from service.engine.runtime import Runtime
 from service.errors import status_for
 from service.lora.request import adapter_request
+from service.lora.resolver import STALE_HEADER
 from service.lora.worker_manager import AdapterManager
 from service.openapi import ROUTE_ERRORS
 from service.schemas import STRICT, adapter_id_field, scale_field, version_field
@@ -216,6 +220,7 @@ class AdapterController(Controller):
                 try:
                     adapter_id, metadata, scale = upload_arguments(upload)
                     assert upload.path is not None
+                    await manager.check_store(adapter_id)
                     version, created = await blocking(
                         register, manager.registry, upload.path, adapter_id, metadata, scale
                     )
@@ -226,8 +231,13 @@ class AdapterController(Controller):
                 body = loads(raw, what="the request body", field="body")
                 spec: RegisterFromSource = validated(RegisterFromSource, body)
                 parse_s3_uri(spec.source)
+                await manager.check_store(spec.id)
                 data = await blocking(
-                    fetch_s3, spec.source, settings.s3_endpoint_url, settings.max_adapter_bytes
+                    fetch_s3,
+                    spec.source,
+                    settings.s3_endpoint_url,
+                    settings.max_adapter_bytes,
+                    timeouts=store_timeouts(settings),
                 )
                 version, created = await blocking(
                     register, manager.registry, data, spec.id, spec.metadata, spec.scale_default
@@ -243,6 +253,8 @@ class AdapterController(Controller):
                 counter.labels(outcome="rejected").inc()
             raise
         counter.labels(outcome="created" if created else "existing").inc()
+        if created:
+            manager.registered(version)
         return Response(
             {**version.to_dict(), "created": created},
             status_code=201 if created else 200,
@@ -263,8 +275,10 @@ class AdapterController(Controller):
             default=False, description="Also list ids whose versions are all deleted."
         ),
     ) -> dict[str, Any]:
-        registry = adapter_manager(runtime).registry
-        summaries = await blocking(registry.list, include_deleted=include_deleted)
+        manager = adapter_manager(runtime)
+        summaries = await manager.read(
+            manager.registry.list, include_deleted=include_deleted, what="listing adapters"
+        )
         return {"adapters": [s.to_dict() for s in summaries]}
 
     @get(
@@ -274,8 +288,10 @@ class AdapterController(Controller):
         responses=ROUTE_ERRORS["show"],
     )
     async def show_adapter(self, adapter_id: str, runtime: Runtime) -> dict[str, Any]:
-        registry = adapter_manager(runtime).registry
-        return await blocking(adapter_detail, registry, plain_id(adapter_id))
+        manager = adapter_manager(runtime)
+        return await manager.read(
+            adapter_detail, manager.registry, plain_id(adapter_id), what=f"for adapter {adapter_id}"
+        )
 
     @get(
         "/{adapter_id:str}/versions/{version:int}",
@@ -284,8 +300,9 @@ class AdapterController(Controller):
         responses=ROUTE_ERRORS["show"],
     )
     async def show_version(self, adapter_id: str, version: int, runtime: Runtime) -> dict[str, Any]:
-        registry = adapter_manager(runtime).registry
-        return await blocking(describe_version, registry, f"{plain_id(adapter_id)}@{version}")
+        manager = adapter_manager(runtime)
+        ref = f"{plain_id(adapter_id)}@{version}"
+        return await manager.read(describe_version, manager.registry, ref, what=f"for {ref}")
 
     @delete(
         "/{adapter_id:str}",
@@ -310,11 +327,9 @@ class AdapterController(Controller):
 
     async def _delete(self, runtime: Runtime, ref: str) -> dict[str, Any]:
         manager = adapter_manager(runtime)
+        await manager.check_store(ref.partition("@")[0])
         removed = await blocking(manager.registry.delete, ref)
-        if removed:
-            adapter_id = removed[0].adapter_id
-            numbers = {v.version for v in removed}
-            manager.cache.drop(lambda key: key[0] == adapter_id and key[1] in numbers)
+        manager.deleted(removed)
         return {"deleted": [v.to_dict() for v in removed]}
 
     @post(
@@ -325,7 +340,9 @@ class AdapterController(Controller):
         responses=ROUTE_ERRORS["preload"],
         description=(
             "`version` (latest when absent) and `pin` come from the query or a JSON body. Returns the "
-            "version record and `load_s`, the seconds the load took (near 0 when already resident)."
+            "version record and `load_s`, the seconds the load took (near 0 when already resident); "
+            "`stale: true` and `X-Loraswap-Stale: adapters` when a remembered latest was used because "
+            "the store did not answer."
         ),
     )
     async def preload(
@@ -337,12 +354,19 @@ class AdapterController(Controller):
             default=None, query="version", ge=1, description="Version; latest if absent."
         ),
         pin: bool = Parameter(default=False, query="pin", description="Never evict it."),
-    ) -> dict[str, Any]:
+    ) -> Response[dict[str, Any]]:
         manager = adapter_manager(runtime)
         if data is not None:
             version = data.version if data.version is not None else version
             pin = pin or data.pin
         ref = adapter_request(plain_id(adapter_id), version, None, field="version").ref
         started = time.perf_counter()
-        loaded = await blocking(manager.preload, ref, pin=pin)
-        return {**loaded.to_dict(), "load_s": round(time.perf_counter() - started, 6), "pinned": pin}
+        resolution = await manager.preload(ref, pin=pin)
+        body = {
+            **resolution.version.to_dict(),
+            "load_s": round(time.perf_counter() - started, 6),
+            "pinned": pin,
+        }
+        if resolution.stale:
+            body["stale"] = True
+        return Response(body, headers={STALE_HEADER: "adapters"} if resolution.stale else {})

@@ -10,6 +10,7 @@ from litestar.status_codes import HTTP_200_OK
 from basemodel.errors import ValidationFailed
 from service.auth import require
 from service.engine.runtime import Runtime
+from service.lora.resolver import STALE_HEADER
 from service.openapi import ROUTE_ERRORS
 from service.schemas import GenerateRequest, GenerateResponse
 
@@ -41,7 +42,10 @@ class GenerateController(Controller):
         description=(
             "JSON in, JSON out (base64 PNGs, the seed, per-stage timings). Send `Accept: image/png` "
             "with num_images=1 to get the PNG bytes directly. Image i uses seed+i, as diffusers does with "
-            "a list of CPU generators. PNGs carry A1111-style parameters in a 'parameters' text chunk."
+            "a list of CPU generators. PNGs carry A1111-style parameters in a 'parameters' text chunk. "
+            "`X-Loraswap-Stale: adapters` (and `stale: true` on the adapter's entry) when an adapter "
+            "named without a version was served from the server's last resolution because the adapter "
+            "store did not answer."
         ),
         responses=ROUTE_ERRORS["generate"],
     )
@@ -62,6 +66,8 @@ class GenerateController(Controller):
         if result is None:
             return Response(b"", status_code=499)  # client closed request (nginx's convention)
         headers = {"X-Loraswap-Seed": str(work.params.seed)}
+        if any(a.stale for a in work.params.adapters):
+            headers[STALE_HEADER] = "adapters"
         if png_only:
             headers["X-Loraswap-Timings"] = ",".join(f"{k}={v}" for k, v in result.timings.items())
             return Response(result.pngs[0], media_type=PNG, headers=headers)

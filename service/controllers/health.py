@@ -18,13 +18,23 @@ class HealthController(Controller):
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503.")
+    @get(
+        "/readyz",
+        summary="Readiness: 200 once the model is loaded and warmed up, else 503.",
+        description=(
+            "`store` reports the adapter store as the server's last calls saw it: `state` ok, degraded "
+            "or down, the circuit `breaker` (closed, half_open, open) and the `last_error`. A failing "
+            "store does not make the server unready: adapters it holds are still served."
+        ),
+    )
     async def readyz(self, runtime: Runtime) -> Response[dict[str, Any]]:
         body: dict[str, Any] = {"status": runtime.state}
         if runtime.error:
             body["error"] = runtime.error
         if runtime.base is not None:
             body["model"] = {"name": runtime.base.name, "fingerprint": runtime.base.fingerprint}
+        if runtime.adapters is not None:  # informative only: a failing store does not make it unready
+            body["store"] = runtime.adapters.store_health()
         return Response(body, status_code=200 if runtime.ready else 503)
 
     @get("/metrics", summary="Prometheus metrics.", include_in_schema=False)

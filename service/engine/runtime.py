@@ -135,7 +135,7 @@ class Runtime:
         assert self.adapters is not None
         for ref in self.settings.pinned_adapters:
             try:
-                version = self.adapters.preload(ref, pin=True)
+                version = self.adapters.preload_blocking(ref, pin=True)
                 log.info("pinned adapter %s", version.ref)
             except Exception as exc:  # a missing pin must not keep the server down; say so loudly
                 log.error("could not pin adapter %s: %s", ref, exc)

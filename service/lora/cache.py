@@ -27,6 +27,7 @@ from torch import nn
 
 from adapters.records import AdapterVersion, blob_key
 from adapters.registry import LoadedAdapter, Registry
+from adapters.sources.breaker import unwrap
 from adapters.sources.local import LocalStore
 from service.lora.weights import DeviceAdapter
 from service.metrics import Metrics
@@ -149,7 +150,9 @@ class AdapterCache:
         self.metrics = metrics
         # a local store already is a disk tier: no second copy of its blobs
         self.disk = (
-            None if isinstance(registry.store, LocalStore) else DiskTier(disk_root, budgets.disk_bytes)
+            None
+            if isinstance(unwrap(registry.store), LocalStore)
+            else DiskTier(disk_root, budgets.disk_bytes)
         )
         self._device: OrderedDict[CacheKey, _DeviceEntry] = OrderedDict()
         self._host: OrderedDict[CacheKey, _HostEntry] = OrderedDict()
@@ -213,6 +216,15 @@ class AdapterCache:
     def resident(self) -> list[CacheKey]:
         with self._lock:
             return list(self._device)
+
+    def holds(self, version: AdapterVersion) -> bool:
+        """Whether ``version`` can be made ready without the store: on the device, in host RAM or in
+        the disk tier (a local store's own files do not count: reading them is store I/O)."""
+        key = key_of(version)
+        with self._lock:
+            if key in self._device or key in self._host:
+                return True
+        return self.disk is not None and self.disk.path(version.sha256).is_file()
 
     # -- loading ----------------------------------------------------------------------------------
     def _load(self, version: AdapterVersion, pin: bool = False) -> DeviceAdapter:
@@ -289,7 +301,7 @@ class AdapterCache:
     def _local_path(self, version: AdapterVersion) -> Path | None:
         if self.disk is not None:
             return self.disk.path(version.sha256)
-        store = self.registry.store
+        store = unwrap(self.registry.store)
         return store.local_path(blob_key(version.sha256)) if isinstance(store, LocalStore) else None
 
     # -- bookkeeping (call with the lock held) ------------------------------------------------------

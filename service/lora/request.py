@@ -34,14 +34,18 @@ class AppliedAdapter:
     version: AdapterVersion
     adapter: DeviceAdapter
     scale: float
+    stale: bool = False  # a remembered 'latest' served while the store could not confirm it
 
     def describe(self) -> dict[str, object]:
-        return {
+        described: dict[str, object] = {
             "id": self.version.adapter_id,
             "version": self.version.version,
             "sha256": self.version.sha256,
             "scale": self.scale,
         }
+        if self.stale:
+            described["stale"] = True
+        return described
 
 
 def adapter_request(

@@ -1,40 +1,63 @@
 """Everything the server does with adapters: resolve, check, load (cached), lease, release, pin.
 
-The model side (hooks) is ``LoRAModelManager``; the memory side is ``AdapterCache``; this class ties
-them to the registry. It notices new versions: whenever a ``latest`` request resolves to a newer
-version than the one seen before, cache entries of that id's other versions are dropped (pinned
-``id@N`` requests still work: they just load again), so versions registered by the CLI, the trainer
-or another replica are picked up by the next request.
+The model side (hooks) is ``LoRAModelManager``; the memory side is ``AdapterCache``; references are
+resolved by ``AdapterResolver`` (from memory for what the server holds, within a deadline otherwise),
+over a registry whose store calls go through a circuit breaker. It notices new versions: whenever
+``latest`` resolves to another version than the one seen before, cache entries of that id's other
+versions are dropped (pinned ``id@N`` requests still work: they just load again), so versions
+registered by the CLI, the trainer or another replica are picked up within ``latest_ttl_s``, and
+versions registered through this server at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from adapters.identity import BaseIdentity
 from adapters.prepare import check_open_compatible
 from adapters.records import AdapterVersion
+from adapters.refs import parse_ref
 from adapters.registry import Registry
+from adapters.sources import open_settings_store
+from adapters.sources.breaker import BreakerStore, CircuitBreaker, State
 from basemodel.errors import ValidationFailed
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
 from service.lora.cache import AdapterCache, Budgets
 from service.lora.model_manager import LoRAModelManager
 from service.lora.request import AdapterRequest, AppliedAdapter
+from service.lora.resolver import AdapterResolver, Resolution, StoreGate
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
+T = TypeVar("T")
+STORE_OPERATIONS = ("list", "read", "write", "create", "stat", "delete")
+BREAKER_LEVEL: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class AdapterManager:
     def __init__(self, settings: Settings, base: BaseModel, metrics: Metrics) -> None:
         self.identity = BaseIdentity.from_base_model(base)
-        self.registry = Registry.from_settings(settings, self.identity)
+        self.breaker = CircuitBreaker(
+            settings.store_breaker_failures,
+            settings.store_breaker_cooldown_s,
+            on_state=lambda state: metrics.store_breaker.set(BREAKER_LEVEL[state]),
+        )
+        for operation in STORE_OPERATIONS:
+            metrics.store_errors.labels(operation=operation)
+        store = BreakerStore(
+            open_settings_store(settings),
+            self.breaker,
+            on_error=lambda operation, _: metrics.store_errors.labels(operation=operation).inc(),
+        )
+        self.registry = Registry.from_settings(settings, self.identity, store=store)
         self.strict_base = settings.strict_base
+        self.store_deadline_s = settings.store_deadline_s
         self.models = LoRAModelManager(base.pipe.unet, base.pipe.text_encoder)
         self.cache = AdapterCache(
             self.registry,
@@ -49,31 +72,58 @@ class AdapterManager:
             settings.home / "cache" / "adapters",
             metrics,
         )
-        self._latest: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.gate = StoreGate(self.breaker.retry_after_s)
+        self.resolver = AdapterResolver(
+            self.registry,
+            self.gate,
+            self.cache.holds,
+            ttl_s=settings.latest_ttl_s,
+            stale_max_s=settings.latest_stale_max_s,
+            on_latest=self._latest_changed,
+        )
 
-    # -- resolution (blocking: store I/O) -------------------------------------------------------------
-    def resolve(self, request: AdapterRequest) -> AdapterVersion:
-        """Reference → live version, refused (409) when it does not fit the resident base model."""
-        version = self.registry.resolve(request.ref)
-        check_open_compatible(version, self.identity, self.strict_base)
-        if request.version is None:
-            self._note_latest(version)
-        return version
+    def deadline(self) -> float:
+        """The monotonic time until which a request started now may wait for the store."""
+        return time.monotonic() + self.store_deadline_s
 
-    def _note_latest(self, version: AdapterVersion) -> None:
-        with self._lock:
-            seen = self._latest.get(version.adapter_id)
-            self._latest[version.adapter_id] = version.version
-        if seen is not None and seen != version.version:
-            dropped = self.cache.drop(lambda key: key[0] == version.adapter_id and key[1] != version.version)
-            log.info(
-                "%s: latest is now v%d (was v%d); dropped %d stale entries",
-                version.adapter_id,
-                version.version,
-                seen,
-                dropped,
-            )
+    async def read(self, fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+        """Run a blocking registry read (listing, show) off the event loop, waiting until the deadline."""
+        return await self.gate.call(fn, *args, deadline=self.deadline(), what=what, **kwargs)
+
+    async def check_store(self, adapter_id: str) -> None:
+        """Before a write: one listing of ``adapter_id`` within the deadline, else 503 at once."""
+        await self.read(self.registry.state, adapter_id, what=f"for adapter {adapter_id}")
+
+    # -- resolution -----------------------------------------------------------------------------------
+    def _checked(self, resolution: Resolution) -> Resolution:
+        """Refused (409) when the version does not fit the resident base model."""
+        check_open_compatible(resolution.version, self.identity, self.strict_base)
+        return resolution
+
+    def _latest_changed(self, version: AdapterVersion, previous: int | None) -> None:
+        if previous is None:
+            return
+        dropped = self.cache.drop(lambda key: key[0] == version.adapter_id and key[1] != version.version)
+        log.info(
+            "%s: latest is now v%d (was v%d); dropped %d stale entries",
+            version.adapter_id,
+            version.version,
+            previous,
+            dropped,
+        )
+
+    def registered(self, version: AdapterVersion) -> None:
+        """A version created through this server: requests see it at once."""
+        self.resolver.note_registered(version)
+
+    def deleted(self, removed: Sequence[AdapterVersion]) -> None:
+        """Versions deleted through this server: 404 at once; unpinned cache entries are dropped."""
+        if not removed:
+            return
+        adapter_id = removed[0].adapter_id
+        numbers = {v.version for v in removed}
+        self.resolver.note_deleted(adapter_id, numbers)
+        self.cache.drop(lambda key: key[0] == adapter_id and key[1] in numbers)
 
     # -- per request --------------------------------------------------------------------------------
     async def prepare(self, requests: Sequence[AdapterRequest]) -> tuple[AppliedAdapter, ...]:
@@ -81,12 +131,16 @@ class AdapterManager:
         ids = [r.adapter_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValidationFailed("an adapter is listed twice", detail={"field": "adapters", "ids": ids})
-        versions = await asyncio.to_thread(lambda: [self.resolve(r) for r in requests])
+        deadline = self.deadline()
+        resolved = [self._checked(await self.resolver.resolve(r, deadline)) for r in requests]
         applied: list[AppliedAdapter] = []
         try:
-            for request, version in zip(requests, versions, strict=True):
+            for request, resolution in zip(requests, resolved, strict=True):
+                version = resolution.version
                 adapter = await self.cache.acquire(version)
-                applied.append(AppliedAdapter(version, adapter, _scale(request, version)))
+                applied.append(
+                    AppliedAdapter(version, adapter, _scale(request, version), stale=resolution.stale)
+                )
         except BaseException:
             self.release(applied)
             raise
@@ -97,18 +151,42 @@ class AdapterManager:
             self.cache.release(item.version)
 
     # -- warming ----------------------------------------------------------------------------------
-    def preload(self, ref: str, *, pin: bool = False) -> AdapterVersion:
-        """Make ``ref`` device-resident now (blocking)."""
-        from service.lora.request import extract_prompt_adapters
+    async def preload(self, ref: str, *, pin: bool = False) -> Resolution:
+        """Make ``ref`` device-resident now (the HTTP route: resolution bounded by the deadline)."""
+        resolution = self._checked(await self.resolver.resolve(_request(ref), self.deadline()))
+        await asyncio.to_thread(self.cache.load_blocking, resolution.version, pin=pin)
+        return resolution
 
-        _, parsed = extract_prompt_adapters(f"<lora:{ref}>")
-        version = self.resolve(parsed[0])
-        self.cache.load_blocking(version, pin=pin)
-        return version
+    def preload_blocking(self, ref: str, *, pin: bool = False) -> AdapterVersion:
+        """Make ``ref`` device-resident now from a plain thread (pins at start-up)."""
+        resolution = self._checked(self.resolver.resolve_blocking(_request(ref)))
+        self.cache.load_blocking(resolution.version, pin=pin)
+        return resolution.version
+
+    # -- health -------------------------------------------------------------------------------------
+    def store_health(self) -> dict[str, Any]:
+        """The store as the last calls saw it: ok, degraded (failures, probing) or down (breaker open)."""
+        snapshot = self.breaker.snapshot()
+        if snapshot["breaker"] == "open":
+            state = "down"
+        elif snapshot["breaker"] == "half_open" or snapshot["consecutive_failures"]:
+            state = "degraded"
+        else:
+            state = "ok"
+        health = {"state": state, **snapshot}
+        if state == "down":
+            health["retry_after_s"] = self.breaker.retry_after_s()
+        return health
 
     def close(self) -> None:
+        self.gate.close()
         self.cache.close()
         self.models.remove()
+
+
+def _request(ref: str) -> AdapterRequest:
+    parsed = parse_ref(ref)
+    return AdapterRequest(parsed.adapter_id, parsed.version)
 
 
 def _scale(request: AdapterRequest, version: AdapterVersion) -> float:

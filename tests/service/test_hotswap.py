@@ -216,7 +216,8 @@ def test_new_versions_are_picked_up_and_pins_still_work(
     start_server: Any, registry: Registry, lora_files: dict[str, bytes]
 ) -> None:
     registry.register(lora_files["style"], "style")
-    server = start_server(store=registry.store.uri)
+    # latest_ttl_s=0: every 'latest' request asks the store (the TTL: tests/reliability/test_store_outage.py)
+    server = start_server(store=registry.store.uri, latest_ttl_s=0)
     first = generate(server, adapters=[{"id": "style"}])
     assert first["adapters"][0]["version"] == 1
     registry.register(lora_files["other"], "style")  # another process registers v2 in the store
