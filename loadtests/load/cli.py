@@ -30,11 +30,12 @@ from loadtests.load.suite import Outcome, Plan, run_suite
 
 # (full run, --quick)
 DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "users": ("1,2,4,8", "1,2,4"),
+    "users": ("1,2,4,8", "1,2"),
     "multiples": ("1,2,4,8", "1,8"),
     "ramp_seconds": (20, 3),
     "phase_seconds": (30, 4),
-    "compare_rounds": (2, 1),
+    "compare_rounds": (4, 1),
+    "compare_seconds": (15, 4),
     "soak_minutes": (3.0, 0.15),
     "warmup_seconds": (3.0, 1.0),
     "rss_interval": (2.0, 1.0),
@@ -51,13 +52,15 @@ def int_list(text: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.load", description=SUMMARY)
     p.add_argument("--quick", action="store_true", help="a ≤ ~60 s run: short phases, a 9 s soak")
-    p.add_argument("--users", type=int_list, help="ramp: users per step (default 1,2,4,8; quick 1,2,4)")
+    p.add_argument("--users", type=int_list, help="ramp: users per step (default 1,2,4,8; quick 1,2)")
     p.add_argument(
         "--multiples", type=int_list, help="× saturation users to run at (default 1,2,4,8; quick 1,8)"
     )
+    p.add_argument("--saturation", type=int, help="saturating users, instead of the ramp's verdict")
     p.add_argument("--ramp-seconds", type=int, help="seconds per ramp step (default 20; quick 3)")
-    p.add_argument("--phase-seconds", type=int, help="seconds per ×m and compare phase (30; quick 4)")
-    p.add_argument("--compare-rounds", type=int, help="base/Zipf pairs (default 2; quick 1)")
+    p.add_argument("--phase-seconds", type=int, help="seconds per ×m phase (default 30; quick 4)")
+    p.add_argument("--compare-rounds", type=int, help="base/Zipf pairs, alternating (default 4; quick 1)")
+    p.add_argument("--compare-seconds", type=int, help="seconds per compare phase (default 15; quick 4)")
     p.add_argument("--soak-minutes", type=float, help="soak length; 0 skips it (default 3)")
     p.add_argument("--warmup-seconds", type=float, help="left out at the start of every phase (3; quick 1)")
     p.add_argument("--rss-interval", type=float, help="seconds between RSS samples (2; quick 1)")
@@ -89,9 +92,11 @@ def plan_of(args: argparse.Namespace) -> Plan:
         multiples=args.multiples,
         phase_seconds=args.phase_seconds,
         compare_rounds=args.compare_rounds,
+        compare_seconds=args.compare_seconds,
         soak_seconds=round(args.soak_minutes * 60),
         warmup_s=args.warmup_seconds,
         rss_interval_s=args.rss_interval,
+        saturation=args.saturation,
     )
 
 
@@ -125,12 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or RESULTS_DIR / f"load{'-quick' if args.quick else ''}.json"
     load = Load([], args.zipf_s, args.base_share, args.steps, args.size)
     started, load_start = time.monotonic(), loadavg()
-    with sigterm_as_interrupt(), work_folder(args.workdir) as workdir:
-        ensure_tiny(workdir / "home" / "models")
-        options = ServerOptions(
-            workdir / "home", args.max_queue, args.device_cache_mb, args.request_timeout, args.threads
-        )
-        outcome = run_suite(plan_of(args), load, options, workdir)
+    try:
+        with sigterm_as_interrupt(), work_folder(args.workdir) as workdir:
+            ensure_tiny(workdir / "home" / "models")
+            options = ServerOptions(
+                workdir / "home", args.max_queue, args.device_cache_mb, args.request_timeout, args.threads
+            )
+            outcome = run_suite(plan_of(args), load, options, workdir)
+    except KeyboardInterrupt:
+        log("interrupted; the server and locust were stopped")
+        return 130
     judged = verdicts(outcome.phases, outcome.post_check, args.rss_bound)
     document = describe(args, argv, outcome, judged)
     document["meta"].update(wall_s=round(time.monotonic() - started, 1), load_average_start=load_start)

@@ -69,29 +69,29 @@ def rss_slope_mib_per_min(samples: Sequence[tuple[float, int]], start: float, en
 
 
 def summarise(records: Sequence[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
-    """One phase's figures over its steady window: from ``warmup_s`` after the first request started
-    to the last response. Responses that finished before the window are left out."""
+    """One phase's figures. Throughput and latency are taken over the steady window, from ``warmup_s``
+    after the first request started to the last response (responses finished earlier are left out);
+    the counts — requests, 429s, Retry-After, other errors, statuses — over every response."""
     if not records:
         return {"requests": 0, "successes": 0, "window_s": 0.0, "img_per_s": math.nan, **_latency([])}
     window_start = min(r["t"] for r in records) + warmup_s
     window_end = max(r["t"] + r["latency_s"] for r in records)
-    steady = [r for r in records if r["t"] + r["latency_s"] >= window_start]
     window = max(window_end - window_start, 1e-9)
-    ok = [r for r in steady if outcome(r) == "ok"]
-    refused = [r for r in steady if outcome(r) == "429"]
+    ok = [r for r in records if outcome(r) == "ok" and r["t"] + r["latency_s"] >= window_start]
+    refused = [r for r in records if outcome(r) == "429"]
     return {
-        "requests": len(steady),
+        "requests": len(records),
         "successes": len(ok),
         "window_s": window,
         "img_per_s": len(ok) / window,
         **_latency([r["latency_s"] for r in ok]),
         "status_429": len(refused),
-        "share_429": len(refused) / len(steady) if steady else math.nan,
+        "share_429": len(refused) / len(records),
         "status_429_with_retry_after": sum(valid_retry_after(r["retry_after"]) for r in refused),
         "retry_after_values": dict(Counter(str(r["retry_after"]) for r in refused)),
-        "other_errors": len(steady) - len(ok) - len(refused),
-        "statuses": dict(Counter(str(r["status"]) for r in steady)),
-        "error_examples": sorted({str(r["error"]) for r in steady if r["error"]})[:5],
+        "other_errors": sum(outcome(r) == "error" for r in records),
+        "statuses": dict(Counter(str(r["status"]) for r in records)),
+        "error_examples": sorted({str(r["error"]) for r in records if r["error"]})[:5],
     }
 
 
@@ -106,13 +106,18 @@ def _latency(latencies: Sequence[float]) -> dict[str, float]:
     return {f"p{q}_s": percentile(latencies, q) for q in (50, 95, 99)}
 
 
-def saturation_users(ramp: Sequence[tuple[int, float]], fraction: float = 0.9) -> int:
-    """The fewest users whose throughput reaches ``fraction`` of the best in the ramp."""
-    measured = [(users, rate) for users, rate in ramp if not math.isnan(rate)]
+def saturation_users(ramp: Sequence[tuple[int, float, int]], fraction: float = 0.9) -> int:
+    """The saturating users of a ramp of ``(users, throughput, 429s)`` steps: the fewest users whose
+    throughput reaches ``fraction`` of the best step — or, if fewer, the first step that got 429s (the
+    queue was full, so the server was past saturation there, whatever a noisy machine made of its
+    throughput)."""
+    measured = [(users, rate, refused) for users, rate, refused in ramp if not math.isnan(rate)]
     if not measured:
         raise ValueError("no ramp step produced a throughput")
-    best = max(rate for _, rate in measured)
-    return min(users for users, rate in measured if rate >= fraction * best)
+    best = max(rate for _, rate, _ in measured)
+    candidates = [users for users, rate, _ in measured if rate >= fraction * best]
+    candidates += [users for users, _, refused in measured if refused > 0][:1]
+    return min(candidates)
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -2,7 +2,7 @@
 
 1. **ramp**: ``ramp_users`` one after another; saturation = the fewest users whose throughput reaches
    90 % of the best step (one worker thread runs one batch at a time, so throughput levels off once a
-   job is always waiting).
+   job is always waiting), or the first step with 429s if that comes first; ``--saturation`` fixes it.
 2. **×m**: ``m × saturation`` users for each multiple; where users exceed what the queue holds
    (``max_queue`` waiting + the batch running) the surplus gets 429 + ``Retry-After``.
 3. **compare**: base-only requests against the Zipf mix at the saturating load, back to back in
@@ -43,9 +43,11 @@ class Plan:
     multiples: list[int]
     phase_seconds: int
     compare_rounds: int
+    compare_seconds: int
     soak_seconds: int
     warmup_s: float
     rss_interval_s: float
+    saturation: int | None = None  # given: skip the ramp's verdict
     saturation_fraction: float = 0.9
 
 
@@ -82,11 +84,13 @@ def run_suite(plan: Plan, load: Load, options: ServerOptions, workdir: Path) -> 
 
 def drive(runner: Runner, plan: Plan, load: Load) -> Outcome:
     ramp = [runner.run(f"ramp-{users}", users, plan.ramp_seconds, load) for users in plan.ramp_users]
-    saturating = saturation_users([(p.users, p.figures["img_per_s"]) for p in ramp], plan.saturation_fraction)
-    log(f"saturation at {saturating} users")
+    saturating = plan.saturation or saturation_users(
+        [(p.users, p.figures["img_per_s"], p.figures["status_429"]) for p in ramp], plan.saturation_fraction
+    )
+    log(f"saturation at {saturating} users{' (given)' if plan.saturation else ''}")
     for multiple in plan.multiples:
         runner.run(f"x{multiple}", multiple * saturating, plan.phase_seconds, load)
-    compare = compare_mixes(runner, plan, load, saturating)
+    compare = compare_mixes(runner, plan, load, saturating) if plan.compare_rounds > 0 else {}
     if plan.soak_seconds > 0:
         runner.soak(max(plan.multiples) * saturating, plan.soak_seconds, load)
     return Outcome({}, saturating, runner.phases, compare, {})
@@ -99,7 +103,7 @@ def compare_mixes(runner: Runner, plan: Plan, load: Load, users: int) -> dict[st
     for round_ in range(plan.compare_rounds):
         ran = {}
         for label, variant in rotated(round_, variants):
-            ran[label] = runner.run(f"compare-{label}-{round_ + 1}", users, plan.phase_seconds, variant)
+            ran[label] = runner.run(f"compare-{label}-{round_ + 1}", users, plan.compare_seconds, variant)
         per_round.append(ran)
 
     def ratios(key: str) -> list[float]:

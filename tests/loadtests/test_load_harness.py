@@ -109,9 +109,10 @@ def record(
     }
 
 
-def test_summarise_counts_successes_429s_and_other_errors_in_the_steady_window() -> None:
+def test_summarise_times_the_steady_window_and_counts_every_response() -> None:
     records = [
-        record(0.0, 0.5, 200),  # finishes inside the 1 s warm-up: left out
+        record(0.0, 0.5, 200),  # finishes inside the 1 s warm-up: counted, not timed
+        record(0.1, 0.2, 502, error="502: bad gateway"),  # an error in the warm-up still counts
         *[record(1.0 + i, 0.1 * (i + 1), 200) for i in range(10)],  # 10 successes, 0.1 … 1.0 s
         record(2.0, 0.01, 429, "1"),
         record(3.0, 0.01, 429, None, "429 with Retry-After None"),
@@ -120,7 +121,7 @@ def test_summarise_counts_successes_429s_and_other_errors_in_the_steady_window()
         record(6.0, 60.0, 0, error="0: timed out"),
     ]
     out = summarise(records, warmup_s=1.0)
-    assert out["requests"] == 15
+    assert out["requests"] == 17
     assert out["successes"] == 10
     assert out["window_s"] == pytest.approx(66.0 - 1.0)
     assert out["img_per_s"] == pytest.approx(10 / 65.0)
@@ -128,9 +129,9 @@ def test_summarise_counts_successes_429s_and_other_errors_in_the_steady_window()
     assert out["p99_s"] == pytest.approx(0.991)
     assert out["status_429"] == 2
     assert out["status_429_with_retry_after"] == 1
-    assert out["share_429"] == pytest.approx(2 / 15)
-    assert out["other_errors"] == 3
-    assert out["statuses"] == {"200": 11, "429": 2, "504": 1, "0": 1}
+    assert out["share_429"] == pytest.approx(2 / 17)
+    assert out["other_errors"] == 4
+    assert out["statuses"] == {"200": 12, "429": 2, "502": 1, "504": 1, "0": 1}
     empty = summarise([], warmup_s=1.0)
     assert empty["requests"] == 0 and math.isnan(empty["img_per_s"])
 
@@ -138,9 +139,11 @@ def test_summarise_counts_successes_429s_and_other_errors_in_the_steady_window()
 def test_retry_after_and_saturation() -> None:
     assert valid_retry_after("3") and valid_retry_after(" 0 ")
     assert not valid_retry_after(None) and not valid_retry_after("") and not valid_retry_after("1.5")
-    assert saturation_users([(1, 7.0), (2, 7.4), (4, 7.2)]) == 1
-    assert saturation_users([(1, 2.0), (2, 3.9), (4, 4.0), (8, 4.1)]) == 2
-    assert saturation_users([(1, math.nan), (2, 3.0)]) == 2
+    assert saturation_users([(1, 7.0, 0), (2, 7.4, 0), (4, 7.2, 0)]) == 1
+    assert saturation_users([(1, 2.0, 0), (2, 3.9, 0), (4, 4.0, 0), (8, 4.1, 5)]) == 2
+    assert saturation_users([(1, math.nan, 0), (2, 3.0, 0)]) == 2
+    # a noisy machine made 8 users look fastest, but 4 users already filled the queue
+    assert saturation_users([(1, 2.0, 0), (2, 1.9, 0), (4, 2.1, 10), (8, 3.0, 68)]) == 4
 
 
 # -- a short run against a real server --------------------------------------------------------------------
