@@ -155,7 +155,9 @@ class Runtime:
         return self.base
 
     async def prepare(self, request: GenerateRequest) -> Work:
-        """Validate against the server limits, fix the seed, and resolve + lease the adapters."""
+        """Validate against the server limits, refuse if the queue is full, fix the seed, and resolve +
+        lease the adapters (invalid input is 422 even under overload; a full queue is 429 before any
+        adapter is resolved or loaded)."""
         base = self.check_ready()
         prompt, tagged = extract_prompt_adapters(request.prompt)
         named = enumerate(request.adapters)
@@ -163,6 +165,7 @@ class Runtime:
         width = request.width or base.native_size
         height = request.height or base.native_size
         self._check_limits(width, height, request)
+        self.worker.admit()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         started = time.perf_counter()
         applied = await self.adapters.prepare(wanted) if (wanted and self.adapters) else ()

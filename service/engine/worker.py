@@ -78,17 +78,27 @@ class InferenceWorker:
     def depth(self) -> int:
         return self._queue.qsize() + len(self._deferred)
 
+    def admit(self) -> None:
+        """Refuse at once (429) while the queue is full, before the request does any work for a job
+        (resolving and loading adapters): shedding load must cost next to nothing. ``submit`` still
+        decides; this only spares a request that would be refused anyway."""
+        if self._queue.full():
+            raise self._overloaded()
+
     def submit(self, job: Job[Any]) -> None:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            wait = math.ceil(self._avg_job_s * (self._queue.qsize() + 1))
-            raise Overloaded(
-                f"generation queue is full ({self._queue.maxsize} waiting)",
-                retry_after_s=max(1, wait),
-                detail={"queue_depth": self._queue.qsize()},
-            ) from None
+            raise self._overloaded() from None
         self._metrics.queue_depth.set(self.depth)
+
+    def _overloaded(self) -> Overloaded:
+        wait = math.ceil(self._avg_job_s * (self._queue.qsize() + 1))
+        return Overloaded(
+            f"generation queue is full ({self._queue.maxsize} waiting)",
+            retry_after_s=max(1, wait),
+            detail={"queue_depth": self._queue.qsize()},
+        )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish queued work, then end the thread (called after the server stopped accepting)."""

@@ -1,0 +1,78 @@
+"""Admission under overload: a full queue refuses (429) before the request resolves or loads adapters."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests.load.adapters import register_adapters, write_adapters
+
+QUICK = {"prompt": "a red circle", "steps": 2, "seed": 1}
+
+
+def gauges_and_loads(http: httpx.Client) -> tuple[dict[str, float], float]:
+    """Unlabelled gauges, and how many adapter loads the cache has done (any source)."""
+    gauges: dict[str, float] = {}
+    loads = 0.0
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if family.type == "gauge" and not sample.labels:
+                gauges[sample.name] = sample.value
+            elif sample.name == "loraswap_adapter_load_seconds_count":
+                loads += sample.value
+    return gauges, loads
+
+
+def test_full_queue_refuses_before_any_adapter_work(
+    start_server: Any, loraswap_home: Path, tmp_path: Path
+) -> None:
+    server = start_server(max_queue=1)
+    runtime = server.server.config.app.state.runtime
+    gate = threading.Event()
+    run_batch = runtime.worker._run
+
+    def gated(jobs: list[Any]) -> list[Any]:  # hold the worker until the probes are done
+        gate.wait(120)
+        return run_batch(jobs)
+
+    runtime.worker._run = gated
+    ids = register_adapters(server.url, write_adapters(loraswap_home / "models", 1, tmp_path / "files"))
+    responses: list[httpx.Response] = []
+
+    def occupy() -> None:
+        with server.client() as http:
+            responses.append(http.post("/v1/generate", json=QUICK))
+
+    blockers = [threading.Thread(target=occupy) for _ in range(2)]  # one running, one queued
+    try:
+        for blocker in blockers:
+            blocker.start()
+        with server.client() as http:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                gauges, loads_before = gauges_and_loads(http)
+                if gauges["loraswap_generations_in_flight"] == 1 and gauges["loraswap_queue_depth"] == 1:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"the queue never filled: {gauges}")
+            registered = http.post("/v1/generate", json={**QUICK, "adapters": [{"id": ids[0]}]})
+            unknown = http.post("/v1/generate", json={**QUICK, "adapters": [{"id": "never-registered"}]})
+            invalid = http.post("/v1/generate", json={**QUICK, "steps": 0})
+            loads_after = gauges_and_loads(http)[1]
+    finally:
+        gate.set()
+        for blocker in blockers:
+            blocker.join(120)
+    for refused in (registered, unknown):
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "overloaded"
+        assert int(refused.headers["retry-after"]) >= 1
+    assert loads_after == loads_before  # the refused request loaded nothing into the cache
+    assert invalid.status_code == 422  # invalid input is still 422 under overload
+    assert sorted(r.status_code for r in responses) == [200, 200]
