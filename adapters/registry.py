@@ -45,7 +45,7 @@ from adapters.records import (
     version_key,
 )
 from adapters.refs import AdapterRef, parse_ref, validate_id
-from adapters.sources import KeyMissing, Store, open_store
+from adapters.sources import KeyMissing, LocalStore, Store, open_store
 from adapters.validate import check_canonical
 from basemodel.errors import ConfigError, LoraswapError
 
@@ -90,14 +90,29 @@ class Registry:
         self.limits = limits
 
     @classmethod
-    def from_settings(cls, settings: Settings, base: BaseIdentity | None = None) -> Registry:
+    def from_settings(
+        cls, settings: Settings, base: BaseIdentity | None = None, *, sweep: bool = True
+    ) -> Registry:
+        """The registry of the configured store; ``sweep`` first removes what killed writers left."""
         store = open_store(settings.adapter_store_uri, s3_endpoint_url=settings.s3_endpoint_url)
         limits = Limits(
             max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes
         )
-        return cls(
+        registry = cls(
             store, base, strict_base=settings.strict_base, max_rank=settings.max_lora_rank, limits=limits
         )
+        if sweep:
+            registry.sweep_temps()
+        return registry
+
+    def sweep_temps(self) -> int:
+        """Remove temporary files of writers that are gone (a local store; S3 writes have none)."""
+        if not isinstance(self.store, LocalStore):
+            return 0
+        removed = self.store.sweep_temps()
+        for path in removed:
+            log.warning("removed %s, left by a writer that was killed mid-write", path)
+        return len(removed)
 
     # -- registration -------------------------------------------------------------------------
 
@@ -213,6 +228,10 @@ class Registry:
         """Token that changes whenever a version of ``adapter_id`` is added or deleted (one listing)."""
         versions, deleted = self._state(validate_id(adapter_id))
         return f"{max(versions, default=0)}:{len(versions)}:{len(deleted)}:{max(deleted, default=0)}"
+
+    def record(self, adapter_id: str, number: int, *, deleted: bool = False) -> AdapterVersion:
+        """The stored record of ``adapter_id`` version ``number`` (no listing; deleted or not)."""
+        return self._record(validate_id(adapter_id), number, deleted=deleted)
 
     def versions(self, adapter_id: str, *, include_deleted: bool = False) -> list[AdapterVersion]:
         versions, deleted = self._state(validate_id(adapter_id))

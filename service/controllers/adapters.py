@@ -37,7 +37,7 @@ from service.auth import require
 from service.engine.runtime import Runtime
 from service.errors import status_for
 from service.lora.worker_manager import AdapterManager
-from service.uploads import blocking, read_body, read_upload, upload_arguments
+from service.uploads import blocking, read_body, read_upload, spool_dir, upload_arguments
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
@@ -198,6 +198,7 @@ class AdapterController(Controller):
                     options.get("boundary"),
                     max_file_bytes=settings.max_adapter_bytes,
                     max_field_bytes=settings.max_body_bytes,
+                    spool=spool_dir(settings.home),
                 )
                 try:
                     adapter_id, metadata, scale = upload_arguments(upload)
