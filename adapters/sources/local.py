@@ -12,6 +12,7 @@ mid-write), never a live writer's — the CLI and a server may share one store f
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 from pathlib import Path
@@ -111,11 +112,11 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"cannot delete {key}: {exc}", reason="io_error") from exc
 
-    def temp_files(self) -> list[tempfiles.TempFile]:
+    def temp_files(self) -> builtins.list[tempfiles.TempFile]:
         """Temporary files under the root: a live writer's, and stale ones left by killed writers."""
         return tempfiles.find_temps(self.root, TMP_PREFIX)
 
-    def sweep_temps(self) -> list[Path]:
+    def sweep_temps(self) -> builtins.list[Path]:
         """Remove the temporary files of writers that are gone; the paths removed."""
         return tempfiles.sweep(self.root, TMP_PREFIX)
 
