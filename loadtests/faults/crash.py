@@ -38,7 +38,7 @@ from loadtests.faults.crash_kit import ADAPTER_IDS, REPO, RUN_TIMEOUT_S, Tally, 
 from loadtests.faults.crash_server import server_scenario
 
 # (store method, nth call): local stores write a temp file before each create/put.
-LOCAL_POINTS = (("temp", 1), ("create", 1), ("temp", 2), ("create", 2), ("put", 1))
+LOCAL_POINTS = (("temp", 1), ("create", 1), ("temp", 2), ("create", 2), ("temp", 3), ("put", 1))
 S3_POINTS = (("create", 1), ("create", 2), ("put", 1))
 
 
@@ -149,14 +149,16 @@ def cli_scenario(target: Target, rng: random.Random, plan: CliPlan) -> dict[str,
     """SIGKILL ``loraswap adapters register`` as ``plan`` says; check after each kill and at the end."""
     tally = Tally("cli", target.name)
 
-    def killed(proc: subprocess.Popen[str], timeout: float = RUN_TIMEOUT_S) -> None:
-        if wait_cli(proc, tally, timeout) is None:
-            tally.kills += 1
-            tally.check(target, after_restart=False, killed={})
+    def killed(proc: subprocess.Popen[str], timeout: float = RUN_TIMEOUT_S) -> bool:
+        if wait_cli(proc, tally, timeout) is not None:
+            return False  # it finished first
+        tally.kills += 1
+        tally.check(target, after_restart=False, killed={})
+        return True
 
     for kind, nth in plan.points:
-        proc = start_cli(target, register_argv(target, f"point-{kind}-{nth}"), f"{kind}:{nth}")
-        killed(proc)
+        if not killed(start_cli(target, register_argv(target, f"point-{kind}-{nth}"), f"{kind}:{nth}")):
+            raise RuntimeError(f"crash point {kind}:{nth} was never reached")
     run_s, phase_s = RUN_TIMEOUT_S, STORE_PHASE_S
     if plan.calibrate:
         started = time.monotonic()
