@@ -212,6 +212,7 @@ def _dead_pid() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang, not slowness: five Python-with-torch starts on a loaded machine
 def test_kill_9_of_the_cli_and_the_server_leaves_a_consistent_store(
     loraswap_home: Path, tmp_path: Path
 ) -> None:
