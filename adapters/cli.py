@@ -1,4 +1,4 @@
-"""``loraswap adapters …``: register, list, show, delete and convert LoRA adapters.
+"""``loraswap adapters …``: register, list, show, delete, convert and verify LoRA adapters.
 
 Every action takes ``--store`` / ``--s3-endpoint-url`` (default from settings: ``$LORASWAP_HOME/adapters``)
 and ``--base-model`` (default from settings, ``tiny-sd``). The base model's identity is computed only by
@@ -15,6 +15,7 @@ from typing import Any
 
 from adapters.errors import AdapterInvalid
 from adapters.format import Limits, load_source, write_adapter, write_kohya
+from adapters.fsck import verify_store
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata
 from adapters.prepare import check_open_compatible, prepare
@@ -71,6 +72,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors path")
     convert.set_defaults(func=_convert)
 
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check the store: every version opens with its sha256, no gaps, no reuse, no stray files",
+    )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=_verify)
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(
@@ -111,7 +120,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    registry = Registry.from_settings(_settings(args))
+    registry = Registry.from_settings(_settings(args), sweep=False)
     summaries = registry.list(include_deleted=args.all)
     if args.json:
         _print_json([s.to_dict() for s in summaries])
@@ -138,7 +147,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    registry = Registry.from_settings(settings)
+    registry = Registry.from_settings(settings, sweep=False)
     loaded = registry.open(args.ref)
     body: dict[str, Any] = {
         "version": loaded.version.to_dict(),
@@ -190,3 +199,21 @@ def _convert(args: argparse.Namespace) -> int:
     data = writer(args.output, prepared.tensors, prepared.metadata)
     print(f"wrote {args.output} ({args.to} layout, {len(prepared.tensors) // 2} modules, {len(data)} bytes)")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the store is consistent, 1 when it has problems (2: it could not be checked)."""
+    registry = Registry.from_settings(_settings(args), sweep=False)  # report stray files, do not remove them
+    report = verify_store(registry.store, limits=registry.limits)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0 if report.ok else 1
+    print(
+        f"{report.store}: {report.adapters} adapters, {report.live} live and {report.deleted} deleted "
+        f"versions, {report.blobs} blobs ({len(report.orphan_blobs)} unreferenced), "
+        f"{len(report.in_flight_temps)} temporary files in flight"
+    )
+    for problem in report.problems:
+        print(f"{problem.kind}: {problem.key}: {problem.message}")
+    print("ok" if report.ok else f"{len(report.problems)} problems")
+    return 0 if report.ok else 1

@@ -46,7 +46,8 @@ from adapters.records import (
     version_key,
 )
 from adapters.refs import AdapterRef, parse_ref, validate_id
-from adapters.sources import KeyMissing, Store, open_settings_store
+from adapters.sources import KeyMissing, LocalStore, Store, open_settings_store
+from adapters.sources.breaker import unwrap
 from adapters.validate import check_canonical
 from basemodel.errors import ConfigError, LoraswapError
 
@@ -103,17 +104,36 @@ class Registry:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, base: BaseIdentity | None = None, *, store: Store | None = None
+        cls,
+        settings: Settings,
+        base: BaseIdentity | None = None,
+        *,
+        store: Store | None = None,
+        sweep: bool = True,
     ) -> Registry:
-        """A registry over ``store`` or, by default, the settings' store with their timeouts."""
+        """A registry over ``store`` or, by default, the settings' store with their timeouts; ``sweep``
+        first removes what killed writers left."""
         if store is None:
             store = open_settings_store(settings)
         limits = Limits(
             max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes
         )
-        return cls(
+        registry = cls(
             store, base, strict_base=settings.strict_base, max_rank=settings.max_lora_rank, limits=limits
         )
+        if sweep:
+            registry.sweep_temps()
+        return registry
+
+    def sweep_temps(self) -> int:
+        """Remove temporary files of writers that are gone (a local store; S3 writes have none)."""
+        local = unwrap(self.store)
+        if not isinstance(local, LocalStore):
+            return 0
+        removed = local.sweep_temps()
+        for path in removed:
+            log.warning("removed %s, left by a writer that was killed mid-write", path)
+        return len(removed)
 
     # -- registration -------------------------------------------------------------------------
 
@@ -229,10 +249,6 @@ class Registry:
         """The version number ``ref`` selects in a ``state``; the not-found errors ``resolve`` raises."""
         return self._pick(ref, versions, deleted)
 
-    def record(self, adapter_id: str, number: int) -> AdapterVersion:
-        """The stored record of ``adapter_id@number`` (one read; tombstones are not checked)."""
-        return self._record(adapter_id, number)
-
     def latest_version(self, adapter_id: str) -> int | None:
         """Latest live version number (one listing, no record read): cheap change detection."""
         versions, deleted = self._state(validate_id(adapter_id))
@@ -242,6 +258,10 @@ class Registry:
         """Token that changes whenever a version of ``adapter_id`` is added or deleted (one listing)."""
         versions, deleted = self._state(validate_id(adapter_id))
         return f"{max(versions, default=0)}:{len(versions)}:{len(deleted)}:{max(deleted, default=0)}"
+
+    def record(self, adapter_id: str, number: int, *, deleted: bool = False) -> AdapterVersion:
+        """The stored record of ``adapter_id`` version ``number`` (no listing; deleted or not)."""
+        return self._record(validate_id(adapter_id), number, deleted=deleted)
 
     def versions(self, adapter_id: str, *, include_deleted: bool = False) -> list[AdapterVersion]:
         versions, deleted = self._state(validate_id(adapter_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +26,9 @@ from service.engine.runtime import Runtime, package_version
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import Metrics
 from service.openapi import prune_openapi
+from service.uploads import spool_dir, sweep_spool
+
+log = logging.getLogger(__name__)
 
 
 def instrument(handler: ASGIApp, metrics: Metrics) -> ASGIApp:
@@ -65,6 +69,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        for path in sweep_spool(spool_dir(settings.home)):
+            log.warning("removed %s, an upload spool file left by a server that was killed", path)
         runtime.start()
         try:
             yield

@@ -3,13 +3,14 @@
 The route sets no Litestar body limit of its own: this module enforces ``max_adapter_bytes`` on the file
 part (and ``max_body_bytes`` on the text fields) while the bytes arrive, with an early check of
 ``Content-Length``, so an oversized upload is refused with 413 before it is read. The file part is
-spooled to a temporary file, never held whole in memory.
+spooled to a temporary file under ``$LORASWAP_HOME/tmp/uploads`` (never held whole in memory), named
+after the server's pid (``adapters/tempfiles.py``) so that ``sweep_spool`` at the next start removes
+what a killed server left and nothing a running one still writes.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +21,7 @@ import anyio.to_thread
 from litestar import Request
 from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
 
+from adapters import tempfiles
 from adapters.errors import AdapterTooLarge, AdapterUnsafeFormat
 from adapters.format import PICKLE_SUFFIXES
 from basemodel.errors import TooLarge, ValidationFailed
@@ -30,6 +32,7 @@ FORM_FIELDS = frozenset({"file", "id", "metadata", "scale_default"})
 MAX_FORM_PARTS = 8
 FORM_OVERHEAD = 64 << 10  # part headers and boundaries on top of the file and the text fields
 SPOOL_FLUSH = 1 << 20  # write the upload to its temporary file in 1 MiB blocks (on a thread)
+SPOOL_PREFIX = "upload-"
 
 
 async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -75,10 +78,25 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     return b"".join(parts)
 
 
+def spool_dir(home: Path) -> Path:
+    """Where uploads are spooled: ``<home>/tmp/uploads``."""
+    return home / "tmp" / "uploads"
+
+
+def sweep_spool(folder: Path) -> list[Path]:
+    """Remove spool files of servers that are gone (killed mid-upload); the paths removed."""
+    return tempfiles.sweep(folder, SPOOL_PREFIX)
+
+
 async def read_upload(
-    request: Request[Any, Any, Any], boundary: str | None, *, max_file_bytes: int, max_field_bytes: int
+    request: Request[Any, Any, Any],
+    boundary: str | None,
+    *,
+    max_file_bytes: int,
+    max_field_bytes: int,
+    spool: Path,
 ) -> Upload:
-    """Stream-parse ``multipart/form-data``: the ``file`` part to a temporary file, the rest as text."""
+    """Stream-parse ``multipart/form-data``: the ``file`` part to a file in ``spool``, the rest as text."""
     if not boundary:
         raise ValidationFailed("multipart boundary missing in Content-Type", detail={"field": "body"})
     total_limit = max_file_bytes + max_field_bytes + FORM_OVERHEAD
@@ -110,7 +128,7 @@ async def read_upload(
                                 f"form field {segment.name!r} is given twice", detail={"field": segment.name}
                             )
                         if segment.name == "file":
-                            handle = await blocking(_open_spool, upload, segment.filename)
+                            handle = await blocking(_open_spool, upload, segment.filename, spool)
                     elif event is not None:  # a block of the current part's body
                         assert segment is not None
                         if segment.name == "file":
@@ -153,14 +171,14 @@ async def read_upload(
     return upload
 
 
-def _open_spool(upload: Upload, filename: str | None) -> IO[bytes]:
+def _open_spool(upload: Upload, filename: str | None, folder: Path) -> IO[bytes]:
     if filename and Path(filename).suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterUnsafeFormat(
             f"refusing pickle file {Path(filename).name}: only .safetensors adapters are accepted",
             reason="pickle",
         )
-    fd, name = tempfile.mkstemp(prefix="loraswap-upload-", suffix=".safetensors")
-    upload.path = Path(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, upload.path = tempfiles.make_temp(folder, SPOOL_PREFIX, ".safetensors")
     upload.filename = filename
     return os.fdopen(fd, "wb")
 

@@ -4,15 +4,20 @@ Atomicity: ``put`` writes a temporary file in the target folder, fsyncs and rena
 ``create`` writes a temporary file and hard-links it to the key (``link`` fails if the key exists,
 so exactly one concurrent creator wins and the key never shows partial content). Filesystems
 without hard links fall back to ``O_CREAT | O_EXCL``. Resolved paths must stay inside the root.
+
+Temporary files are named ``.tmp-<host>-<pid>-<random>`` (``adapters/tempfiles.py``): ``list`` never
+shows them, no key may name one, and ``sweep_temps`` removes those whose writer is gone (killed
+mid-write), never a live writer's — the CLI and a server may share one store folder.
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
-import tempfile
 from pathlib import Path
 
+from adapters import tempfiles
 from adapters.errors import StoreError
 from adapters.sources.base import KeyMissing, check_key, check_prefix
 
@@ -31,7 +36,9 @@ class LocalStore:
         return f"LocalStore({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        path = self.root / check_key(key)
+        if any(part.startswith(TMP_PREFIX) for part in check_key(key).split("/")):
+            raise StoreError(f"store key {key!r} names a temporary file", reason="bad_key")
+        path = self.root / key
         resolved = path.resolve()
         if resolved != self.root and self.root not in resolved.parents:
             raise StoreError(f"store key {key!r} resolves outside the store root", reason="bad_key")
@@ -89,7 +96,7 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self.root / check_prefix(prefix) if prefix else self.root
+        base = self._path(check_prefix(prefix)[:-1]) if prefix else self.root
         if not base.is_dir():
             return []
         keys: list[str] = []
@@ -105,17 +112,28 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"cannot delete {key}: {exc}", reason="io_error") from exc
 
+    def temp_files(self) -> builtins.list[tempfiles.TempFile]:
+        """Temporary files under the root: a live writer's, and stale ones left by killed writers."""
+        return tempfiles.find_temps(self.root, TMP_PREFIX)
+
+    def sweep_temps(self) -> builtins.list[Path]:
+        """Remove the temporary files of writers that are gone; the paths removed."""
+        return tempfiles.sweep(self.root, TMP_PREFIX)
+
     def _write_temp(self, path: Path, data: bytes) -> Path:
+        tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+            fd, tmp = tempfiles.make_temp(path.parent, TMP_PREFIX)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write under {path.parent}: {exc}", reason="io_error") from exc
-        return Path(name)
+        return tmp
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:

@@ -45,7 +45,7 @@ from service.lora.resolver import STALE_HEADER
 from service.lora.worker_manager import AdapterManager
 from service.openapi import ROUTE_ERRORS
 from service.schemas import STRICT, adapter_id_field, scale_field, version_field
-from service.uploads import blocking, read_body, read_upload, upload_arguments
+from service.uploads import blocking, read_body, read_upload, spool_dir, upload_arguments
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
@@ -216,6 +216,7 @@ class AdapterController(Controller):
                     options.get("boundary"),
                     max_file_bytes=settings.max_adapter_bytes,
                     max_field_bytes=settings.max_body_bytes,
+                    spool=spool_dir(settings.home),
                 )
                 try:
                     adapter_id, metadata, scale = upload_arguments(upload)
