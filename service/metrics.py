@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Generations take seconds: buckets reach minutes, with resolution at the sub-second end too.
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class CudaMemory:
+    """torch's CUDA caching-allocator figures for the model's device."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.allocated = Gauge(
+            "loraswap_cuda_memory_allocated_bytes",
+            "Bytes held by tensors on the model's CUDA device (torch.cuda.memory_allocated).",
+            registry=registry,
+        )
+        self.reserved = Gauge(
+            "loraswap_cuda_memory_reserved_bytes",
+            "Bytes the caching allocator holds on the model's CUDA device (torch.cuda.memory_reserved).",
+            registry=registry,
+        )
+
+    def update(self, device: torch.device) -> None:
+        self.allocated.set(torch.cuda.memory_allocated(device))
+        self.reserved.set(torch.cuda.memory_reserved(device))
 
 
 class Metrics:
@@ -80,3 +101,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self._cuda: CudaMemory | None = None  # registered by the first scrape that finds the model on CUDA
+
+    def observe_device_memory(self, device: torch.device | None) -> None:
+        """At scrape: the CUDA memory gauges of the model's device. Off CUDA (or before the model is
+        loaded) they stay absent and CUDA is never touched, so a CPU server never initialises it."""
+        if device is None or device.type != "cuda":
+            return
+        if self._cuda is None:
+            self._cuda = CudaMemory(self.registry)
+        self._cuda.update(device)

@@ -63,8 +63,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--compare-seconds", type=int, help="seconds per compare phase (default 15; quick 4)")
     p.add_argument("--soak-minutes", type=float, help="soak length; 0 skips it (default 3)")
     p.add_argument("--warmup-seconds", type=float, help="left out at the start of every phase (3; quick 1)")
-    p.add_argument("--rss-interval", type=float, help="seconds between RSS samples (2; quick 1)")
+    p.add_argument(
+        "--rss-interval", type=float, help="seconds between RSS (and CUDA memory) samples (2; quick 1)"
+    )
     p.add_argument("--rss-bound", type=float, default=1.0, help="allowed RSS slope, MiB/min (1.0)")
+    p.add_argument(
+        "--cuda-bound", type=float, default=1.0, help="allowed allocated CUDA memory slope, MiB/min (1.0)"
+    )
     p.add_argument("--adapters", type=int, default=50, help="adapters registered (50)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the adapter mix (1.1)")
     p.add_argument("--base-share", type=float, default=0.1, help="share of requests with no adapter (0.1)")
@@ -140,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; the server and locust were stopped")
         return 130
-    judged = verdicts(outcome.phases, outcome.post_check, args.rss_bound)
+    judged = verdicts(outcome.phases, outcome.post_check, args.rss_bound, args.cuda_bound)
     document = describe(args, argv, outcome, judged)
     document["meta"].update(wall_s=round(time.monotonic() - started, 1), load_average_start=load_start)
     write_json(out, document)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.bench_swap.machine import loadavg, log
-from loadtests.load.stats import rss_slope_mib_per_min, summarise
+from loadtests.load.stats import slope_mib_per_min, summarise
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +57,7 @@ class Phase:
     load_average: dict[str, list[float]]
     locust: dict[str, Any] = field(default_factory=dict)
     rss: dict[str, Any] = field(default_factory=dict)
+    cuda: dict[str, Any] = field(default_factory=dict)  # the soak's allocated CUDA memory; {} off CUDA
 
 
 def locust_command(url: str, users: int, seconds: int, csv_prefix: Path) -> list[str]:
@@ -106,12 +107,13 @@ def locust_request_count(log_path: Path) -> int | None:
 
 @dataclass
 class Runner:
-    """Runs phases against one server; ``rss_samples`` is the live list of the RSS sampler."""
+    """Runs phases against one server; ``memory`` is the live ``samples`` of the memory sampler
+    (``rss`` and, on CUDA, ``cuda_allocated``: (wall time, KiB))."""
 
     url: str
     workdir: Path
     warmup_s: float
-    rss_samples: list[tuple[float, int]]
+    memory: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     phases: list[Phase] = field(default_factory=list)
 
     def run(self, name: str, users: int, seconds: int, load: Load) -> Phase:
@@ -146,20 +148,21 @@ class Runner:
         return phase
 
     def rss_between(self, start: float, end: float) -> dict[str, Any]:
-        inside = [kib for t, kib in list(self.rss_samples) if start <= t <= end]
+        inside = [kib for t, kib in list(self.memory.get("rss", [])) if start <= t <= end]
         if not inside:
             return {}
         return {"start_mib": inside[0] / 1024, "end_mib": inside[-1] / 1024, "peak_mib": max(inside) / 1024}
 
     def soak(self, users: int, seconds: int, load: Load) -> Phase:
         phase = self.run("soak", users, seconds, load)
-        samples = list(self.rss_samples)
-        during = [
-            (round(t - phase.started, 2), kib) for t, kib in samples if phase.started <= t <= phase.ended
-        ]
-        phase.rss = {
-            **phase.rss,
-            **rss_slope_mib_per_min(samples, phase.started, phase.ended),
-            "samples_s_kib": during,
-        }
+        phase.rss = {**phase.rss, **self.trend("rss", phase)}
+        if "cuda_allocated" in self.memory:
+            phase.cuda = self.trend("cuda_allocated", phase)
         return phase
+
+    def trend(self, name: str, phase: Phase) -> dict[str, Any]:
+        """The slope of the memory figure ``name`` over the phase's second half, and its samples."""
+        samples = list(self.memory.get(name, []))
+        start, end = phase.started, phase.ended
+        during = [(round(t - start, 2), kib) for t, kib in samples if start <= t <= end]
+        return {**slope_mib_per_min(samples, start, end, name), "samples_s_kib": during}

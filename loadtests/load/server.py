@@ -1,4 +1,5 @@
-"""The server under load: a real ``loraswap serve`` subprocess on 127.0.0.1, and its RSS over time.
+"""The server under load: a real ``loraswap serve`` subprocess on 127.0.0.1, and its memory over time
+(its RSS and, when it runs on CUDA, its allocated CUDA memory as ``/metrics`` reports it).
 
 ``ServerProcess`` is a context manager that always ends the process (SIGTERM, then SIGKILL), on a normal
 exit, an exception or Ctrl-C; an ``atexit`` hook covers an interpreter exit on the way. The server runs in
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -16,13 +18,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 LOOPBACK = "127.0.0.1"
+CUDA_ALLOCATED = "loraswap_cuda_memory_allocated_bytes"
+
+Probe = Callable[[], float | None]  # one memory figure in KiB, or None when it cannot be read now
 
 
 @dataclass(frozen=True)
@@ -141,27 +149,70 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-class RssSampler:
-    """Samples a process's RSS every ``interval_s`` on a daemon thread: ``samples`` = (wall time, KiB)."""
+def scrape(text: str) -> dict[str, Any]:
+    """The counters and gauges the report uses, from the Prometheus text of ``/metrics``."""
+    errors: dict[str, float] = {}
+    gauges: dict[str, float] = {}
+    loads: dict[str, float] = {}
+    images = math.nan
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "loraswap_errors_total":
+                errors[sample.labels["type"]] = sample.value
+            elif sample.name == "loraswap_images_generated_total":
+                images = sample.value
+            elif sample.name == "loraswap_adapter_load_seconds_count":
+                loads[sample.labels["source"]] = sample.value
+            elif family.type == "gauge" and not sample.labels:
+                gauges[sample.name] = sample.value
+    return {"errors": errors, "images": images, "gauges": gauges, "adapter_loads": loads}
 
-    def __init__(self, pid: int, interval_s: float) -> None:
-        self.pid = pid
+
+def cuda_allocated_kib(metrics_text: str) -> float | None:
+    """The server's allocated CUDA memory (KiB) from its ``/metrics`` text; ``None`` off CUDA (the
+    gauge is absent there)."""
+    allocated = scrape(metrics_text)["gauges"].get(CUDA_ALLOCATED)
+    return None if allocated is None else allocated / 1024
+
+
+def scraped_cuda_allocated_kib(url: str) -> float | None:
+    try:
+        return cuda_allocated_kib(httpx.get(f"{url}/metrics", timeout=10).text)
+    except httpx.HTTPError:
+        return None
+
+
+def memory_probes(pid: int, url: str) -> dict[str, Probe]:
+    """What to sample: the process's RSS, and its allocated CUDA memory if ``/metrics`` has the gauge
+    (the server runs on CUDA; ask once it is ready, since the gauge appears with the loaded model)."""
+    probes: dict[str, Probe] = {"rss": lambda: rss_kib(pid)}
+    if scraped_cuda_allocated_kib(url) is not None:
+        probes["cuda_allocated"] = lambda: scraped_cuda_allocated_kib(url)
+    return probes
+
+
+class MemorySampler:
+    """Reads every probe each ``interval_s`` on a daemon thread: ``samples[name]`` = (wall time, KiB)."""
+
+    def __init__(self, probes: dict[str, Probe], interval_s: float) -> None:
+        self.probes = probes
         self.interval_s = interval_s
-        self.samples: list[tuple[float, int]] = []
+        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in probes}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> MemorySampler:
         self._thread.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
-        self._thread.join(self.interval_s + 5)
+        self._thread.join(self.interval_s + 15)  # a scrape may take up to its 10 s timeout
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            kib = rss_kib(self.pid)
-            if kib is not None:
-                self.samples.append((time.time(), kib))
+            for name, probe in self.probes.items():
+                value = probe()
+                if value is not None:
+                    self.samples[name].append((time.time(), value))
             self._stop.wait(self.interval_s)

@@ -1,4 +1,4 @@
-"""Figures from the locust records and the RSS samples: throughput, latency percentiles, 429s, slope.
+"""Figures from the locust records and the memory samples: throughput, latency percentiles, 429s, slopes.
 
 Pure Python (no torch, no locust): the harness and the tests import it, and the locustfile uses
 ``valid_retry_after`` so that the user and the report judge a 429 the same way.
@@ -48,11 +48,14 @@ def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
-def rss_slope_mib_per_min(samples: Sequence[tuple[float, int]], start: float, end: float) -> dict[str, Any]:
-    """RSS trend over the second half of ``[start, end]`` (the first half is warm-up).
+def slope_mib_per_min(
+    samples: Sequence[tuple[float, float]], start: float, end: float, name: str
+) -> dict[str, Any]:
+    """A memory figure's trend over the second half of ``[start, end]`` (the first half is warm-up).
 
-    ``samples`` are ``(wall time, RSS in KiB)``. Returns the slope (MiB/min, least squares), the number
-    of samples it used and the RSS (MiB) at the first and last of them and at the peak of the soak.
+    ``samples`` are ``(wall time, KiB)`` of the figure ``name`` (``rss``, ``cuda_allocated``). Returns
+    the slope (MiB/min, least squares), the number of samples it used and the figure (MiB) at the first
+    and last of them and at the peak of the whole window, as ``{name}_first_mib`` and so on.
     """
     middle = start + (end - start) / 2
     used = [(t, kib) for t, kib in samples if middle <= t <= end]
@@ -62,9 +65,9 @@ def rss_slope_mib_per_min(samples: Sequence[tuple[float, int]], start: float, en
         "slope_mib_per_min": slope,
         "samples": len(used),
         "window_s": end - middle,
-        "rss_first_mib": used[0][1] * MIB_PER_KIB if used else math.nan,
-        "rss_last_mib": used[-1][1] * MIB_PER_KIB if used else math.nan,
-        "rss_peak_mib": max(whole) * MIB_PER_KIB if whole else math.nan,
+        f"{name}_first_mib": used[0][1] * MIB_PER_KIB if used else math.nan,
+        f"{name}_last_mib": used[-1][1] * MIB_PER_KIB if used else math.nan,
+        f"{name}_peak_mib": max(whole) * MIB_PER_KIB if whole else math.nan,
     }
 
 

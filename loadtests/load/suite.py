@@ -7,8 +7,8 @@
    (``max_queue`` waiting + the batch running) the surplus gets 429 + ``Retry-After``.
 3. **compare**: base-only requests against the Zipf mix at the saturating load, back to back in
    alternating order per round; ratios of throughput and p99 (the price of hot-swapping under load).
-4. **soak**: ``soak_users`` (the largest multiple) for the soak time; the server's RSS slope over its
-   second half.
+4. **soak**: ``soak_users`` (the largest multiple) for the soak time; the slope of the server's RSS
+   (and, on CUDA, of its allocated CUDA memory) over its second half.
 5. **post-check**: the queue drains, one more request succeeds, the server is alive; its error
    counters by type.
 """
@@ -16,20 +16,18 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.bench_swap.machine import log
 from loadtests.bench_swap.timing import median, rotated
 from loadtests.load.adapters import register_adapters, write_adapters
 from loadtests.load.phases import Load, Phase, Runner
-from loadtests.load.server import RssSampler, ServerOptions, ServerProcess
+from loadtests.load.server import MemorySampler, ServerOptions, ServerProcess, memory_probes, scrape
 from loadtests.load.stats import ratio, saturation_users
 
 DRAIN_TIMEOUT_S = 60.0
@@ -67,8 +65,10 @@ def run_suite(plan: Plan, load: Load, options: ServerOptions, workdir: Path) -> 
         files = write_adapters(options.home / "models", plan.adapters, workdir / "adapter-files")
         load = replace(load, adapters=register_adapters(server.url, files))
         log(f"registered {len(load.adapters)} adapters")
-        with RssSampler(server.pid, plan.rss_interval_s) as rss:
-            runner = Runner(server.url, workdir, plan.warmup_s, rss.samples)
+        probes = memory_probes(server.pid, server.url)
+        log(f"sampling {', '.join(probes)} every {plan.rss_interval_s} s")
+        with MemorySampler(probes, plan.rss_interval_s) as sampler:
+            runner = Runner(server.url, workdir, plan.warmup_s, sampler.samples)
             outcome = drive(runner, plan, load)
             outcome.post_check = post_check(server)
         outcome.server = {
@@ -77,7 +77,7 @@ def run_suite(plan: Plan, load: Load, options: ServerOptions, workdir: Path) -> 
             "max_queue": options.max_queue,
             "device_cache_mb": options.device_cache_mb,
             "threads": options.threads,
-            "rss_samples": len(rss.samples),
+            **{f"{name}_samples": len(samples) for name, samples in sampler.samples.items()},
         }
         return outcome
 
@@ -153,22 +153,3 @@ def wait_drained(url: str) -> float | None:
                 return time.monotonic() - started
         time.sleep(0.5)
     return None
-
-
-def scrape(text: str) -> dict[str, Any]:
-    """The counters and gauges the report uses, from the Prometheus text of ``/metrics``."""
-    errors: dict[str, float] = {}
-    gauges: dict[str, float] = {}
-    loads: dict[str, float] = {}
-    images = math.nan
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "loraswap_errors_total":
-                errors[sample.labels["type"]] = sample.value
-            elif sample.name == "loraswap_images_generated_total":
-                images = sample.value
-            elif sample.name == "loraswap_adapter_load_seconds_count":
-                loads[sample.labels["source"]] = sample.value
-            elif family.type == "gauge" and not sample.labels:
-                gauges[sample.name] = sample.value
-    return {"errors": errors, "images": images, "gauges": gauges, "adapter_loads": loads}

@@ -40,4 +40,5 @@ class HealthController(Controller):
     @get("/metrics", summary="Prometheus metrics.", include_in_schema=False)
     async def metrics(self, metrics: Metrics, runtime: Runtime) -> Response[bytes]:
         metrics.queue_depth.set(runtime.worker.depth)
+        metrics.observe_device_memory(runtime.base.device if runtime.base is not None else None)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from loadtests.load.mix import ZipfMix, zipf_weights
+from loadtests.load.phases import Load, Phase, Runner
+from loadtests.load.report import phase_row, verdict_lines, verdicts
+from loadtests.load.server import cuda_allocated_kib, memory_probes
 from loadtests.load.stats import (
     least_squares_slope,
     percentile,
-    rss_slope_mib_per_min,
     saturation_users,
+    slope_mib_per_min,
     summarise,
     valid_retry_after,
 )
@@ -90,10 +99,110 @@ def test_rss_slope_uses_only_the_second_half_in_mib_per_minute() -> None:
     for second in range(0, 121, 2):
         mib = 500 + (100 * second / 60 if second <= 60 else 100 + 2 * (second - 60) / 60)
         samples.append((1000.0 + second, round(mib * 1024)))
-    out = rss_slope_mib_per_min(samples, start=1000.0, end=1120.0)
+    out = slope_mib_per_min(samples, start=1000.0, end=1120.0, name="rss")
     assert out["slope_mib_per_min"] == pytest.approx(2.0, abs=0.01)
     assert out["samples"] == 31
     assert out["rss_peak_mib"] == pytest.approx(602.0, abs=0.01)
+
+
+METRICS_ON_CUDA = """\
+# HELP loraswap_queue_depth Generation jobs waiting for the worker.
+# TYPE loraswap_queue_depth gauge
+loraswap_queue_depth 0.0
+# HELP loraswap_cuda_memory_allocated_bytes Bytes held by tensors on the model's CUDA device.
+# TYPE loraswap_cuda_memory_allocated_bytes gauge
+loraswap_cuda_memory_allocated_bytes 5.24288e+06
+# HELP loraswap_cuda_memory_reserved_bytes Bytes the caching allocator holds on the model's CUDA device.
+# TYPE loraswap_cuda_memory_reserved_bytes gauge
+loraswap_cuda_memory_reserved_bytes 2.097152e+07
+"""
+METRICS_ON_CPU = "\n".join(METRICS_ON_CUDA.splitlines()[:3]) + "\n"
+
+
+def test_cuda_probe_reads_the_allocated_gauge_and_only_on_cuda() -> None:
+    assert cuda_allocated_kib(METRICS_ON_CUDA) == 5120.0  # 5 MiB
+    assert cuda_allocated_kib(METRICS_ON_CPU) is None
+
+
+@contextmanager
+def metrics_endpoint(text: str) -> Iterator[str]:
+    """A loopback HTTP server answering ``text`` at ``/metrics``: its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_memory_probes_add_cuda_only_when_the_server_exports_it() -> None:
+    with metrics_endpoint(METRICS_ON_CUDA) as url:
+        probes = memory_probes(os.getpid(), url)
+        assert set(probes) == {"rss", "cuda_allocated"}
+        assert probes["cuda_allocated"]() == 5120.0
+        rss = probes["rss"]()
+        assert rss is not None and rss > 1024  # this process's RSS, KiB
+    with metrics_endpoint(METRICS_ON_CPU) as url:
+        assert set(memory_probes(os.getpid(), url)) == {"rss"}
+
+
+def soak_phase(cuda: dict[str, Any] | None = None) -> Phase:
+    figures = summarise([record(0.0, 0.1, 200)], warmup_s=0.0)
+    return Phase("soak", 1, 180, "zipf", figures, 1000.0, 1180.0, {}, cuda=cuda or {})
+
+
+def soak_of(memory: dict[str, list[tuple[float, float]]], monkeypatch: pytest.MonkeyPatch) -> Phase:
+    """``Runner.soak`` over canned memory samples (the locust phase itself replaced by a canned one)."""
+    runner = Runner("http://127.0.0.1:9", Path("."), warmup_s=0.0, memory=memory)
+    monkeypatch.setattr(runner, "run", lambda *_args: soak_phase())
+    return runner.soak(1, 180, Load([], 1.1, 0.1, 4, 32))
+
+
+def test_soak_reports_the_cuda_slope_with_the_rss_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    # RSS flat; allocated CUDA memory: 40 MiB of warm-up, then +3 MiB/min over the second half
+    seconds = range(0, 181, 2)
+    rss = [(1000.0 + s, 600 * 1024.0) for s in seconds]
+    cuda = [(1000.0 + s, 1024 * (100 + min(s, 90) * 40 / 90 + max(s - 90, 0) * 3 / 60)) for s in seconds]
+    phase = soak_of({"rss": rss, "cuda_allocated": cuda}, monkeypatch)
+    assert phase.cuda["slope_mib_per_min"] == pytest.approx(3.0, abs=0.01)
+    assert phase.cuda["cuda_allocated_first_mib"] == pytest.approx(140.0)
+    assert phase.cuda["samples"] == 46
+    assert len(phase.cuda["samples_s_kib"]) == 91
+    assert phase.rss["slope_mib_per_min"] == pytest.approx(0.0)
+
+    post = {"alive": True, "request_status": 200, "drained_s": 0.1, "errors_by_type": {}}
+    over = verdicts([phase], post, rss_bound=1.0, cuda_bound=1.0)
+    assert over["cuda"] and over["rss_within_bound"] and over["cuda_within_bound"] is False
+    assert not over["passed"]
+    assert "CUDA allocated memory slope over the soak's second half: +3.00 MiB/min" in "\n".join(
+        verdict_lines(over)
+    )
+    assert verdicts([phase], post, rss_bound=1.0, cuda_bound=5.0)["passed"]
+    assert phase_row(phase)[-1] == "+3.00 MiB/min"
+
+
+def test_soak_on_cpu_reports_no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    phase = soak_of({"rss": [(1000.0 + s, 600 * 1024.0) for s in range(0, 181, 2)]}, monkeypatch)
+    assert phase.cuda == {} and phase.rss["samples"] == 46
+    post = {"alive": True, "request_status": 200, "drained_s": 0.1, "errors_by_type": {}}
+    judged = verdicts([phase], post, rss_bound=1.0, cuda_bound=1.0)
+    assert judged["cuda"] is False and judged["cuda_within_bound"] is None and judged["passed"]
+    assert "CUDA allocated memory slope: n/a (no CUDA)" in verdict_lines(judged)
+    assert phase_row(phase)[-1] == "n/a (no CUDA)"
 
 
 def record(
@@ -154,14 +263,13 @@ def test_smoke_locust_against_a_real_server(loraswap_home: Path, tmp_path: Path)
     """A few seconds of overload (6 users, max_queue 1) with 3 adapters: only 200s and 429s, every 429
     with Retry-After, every 200 serving the adapter it was asked for; the server is gone afterwards."""
     from loadtests.load.adapters import register_adapters, write_adapters
-    from loadtests.load.phases import Load, Runner
     from loadtests.load.server import ServerOptions, ServerProcess, rss_kib
 
     options = ServerOptions(loraswap_home, max_queue=1, device_cache_mb=1, request_timeout_s=60, threads=1)
     with ServerProcess(options, tmp_path / "server.log") as server:
         server.wait_ready()
         ids = register_adapters(server.url, write_adapters(loraswap_home / "models", 3, tmp_path / "files"))
-        runner = Runner(server.url, tmp_path, warmup_s=0.0, rss_samples=[])
+        runner = Runner(server.url, tmp_path, warmup_s=0.0)
         load = Load(ids, zipf_s=1.1, base_share=0.2, steps=2, size=32, retry_after_cap_s=1.0)
         phase = runner.run("smoke", users=6, seconds=4, load=load)
         pid = server.pid

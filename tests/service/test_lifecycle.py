@@ -157,5 +157,7 @@ def test_metrics_exposition(server: Any) -> None:
     assert "loraswap_queue_depth" in samples
     assert "loraswap_generations_in_flight" in samples
     assert value(samples, "loraswap_ready") == 1.0
+    assert "loraswap_cuda_memory_allocated_bytes" not in samples  # a CPU model: no CUDA gauges
+    assert "loraswap_cuda_memory_reserved_bytes" not in samples
     buckets = [s for s in samples["loraswap_stage_duration_seconds_bucket"] if s.labels["stage"] == "denoise"]
     assert max(float(s.labels["le"]) for s in buckets if s.labels["le"] != "+Inf") >= 60
