@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters.errors import AdapterInvalid
+from basemodel.families import find_family
 
 SCHEMA_VERSION: Literal[1] = 1
 METADATA_KEY = "loraswap"
@@ -192,11 +193,13 @@ def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
 
 
 def _modelspec_architecture(family: str | None) -> str:
-    return "stable-diffusion-v1/lora" if family in (None, "sd1") else f"{family}/lora"
+    known = find_family(family or "sd1")
+    return known.modelspec_architecture() if known is not None else f"{family}/lora"
 
 
 def _kohya_base_version(family: str | None) -> str:
-    return "sd_v1" if family in (None, "sd1") else f"loraswap_{family}"
+    known = find_family(family or "sd1")
+    return known.kohya_base_version() if known is not None else f"loraswap_{family}"
 
 
 def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:

@@ -10,7 +10,6 @@ unexpected or misshapen tensor is a ``BaseModelError`` that says what was found.
 from __future__ import annotations
 
 import gzip
-import json
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +24,8 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from basemodel.errors import BaseModelError, UnsafeFormat
+from basemodel.families import FAMILIES, detect_checkpoint, read_json
+from basemodel.families.sd1 import SD1
 from basemodel.tokenizer import BOS, EOS, _bytes_to_unicode
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -37,10 +38,11 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 COMPONENT_PREFIXES = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", CLIP_PREFIX: "CLIP text encoder"}
 
-# Key prefixes that identify checkpoint families this loader does not take, checked in this order.
-OTHER_FAMILIES: tuple[tuple[str, str], ...] = (
-    ("conditioner.embedders.", "an SDXL checkpoint (conditioner.embedders.* keys)"),
-    ("cond_stage_model.model.", "an SD2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.* keys)"),
+# The family this loader converts; other families' checkpoints are recognised (``detect_checkpoint``)
+# and refused by name, and so are these other layouts, checked in this order.
+LOADS = SD1()
+OTHER_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("conditioner.embedders.", "an SDXL-style checkpoint (conditioner.embedders.* keys)"),
     ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint (joint_blocks keys)"),
     ("model.diffusion_model.double_blocks.", "a Flux checkpoint (double_blocks keys)"),
     ("double_blocks.", "a Flux checkpoint (double_blocks keys)"),
@@ -68,7 +70,7 @@ def load_single_file(
     if not path.is_file():
         raise BaseModelError(f"checkpoint {path} not found", detail={"path": str(path)})
     config_dir = Path(config_dir) if config_dir is not None else SD15_CONFIG_DIR
-    unet_config = _read_json(config_dir / "unet" / "config.json")
+    unet_config = read_json(config_dir / "unet" / "config.json")
     state = _read_checkpoint(path, unet_config)
 
     with init_empty_weights():
@@ -76,13 +78,13 @@ def load_single_file(
     unet_state = convert_ldm_unet_checkpoint(_subset(state, UNET_PREFIX), unet_config)
     _assign(unet, unet_state, "UNet", path, torch_dtype)
 
-    vae_config = _read_json(config_dir / "vae" / "config.json")
+    vae_config = read_json(config_dir / "vae" / "config.json")
     with init_empty_weights():
         vae = AutoencoderKL.from_config(vae_config)
     vae_state = convert_ldm_vae_checkpoint(_subset(state, VAE_PREFIX), vae_config)
     _assign(vae, vae_state, "VAE", path, torch_dtype)
 
-    text_config = CLIPTextConfig.from_dict(_read_json(config_dir / "text_encoder" / "config.json"))
+    text_config = CLIPTextConfig.from_dict(read_json(config_dir / "text_encoder" / "config.json"))
     with init_empty_weights():
         text_encoder = CLIPTextModel(text_config)
     clip_state = _convert_clip(state, nested=hasattr(text_encoder, "text_model"))
@@ -125,12 +127,12 @@ def _load_tokenizer(folder: Path) -> CLIPTokenizer:
     """The folder's own tokenizer files if it has them, else CLIP ViT-L/14's from the vendored merges."""
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    settings = _read_json(folder / "tokenizer_config.json") if folder.is_dir() else {}
+    settings = read_json(folder / "tokenizer_config.json") if folder.is_dir() else {}
     return build_clip_tokenizer(int(settings.get("model_max_length", 77)))
 
 
 def _load_scheduler(config_file: Path) -> SchedulerMixin:
-    config = _read_json(config_file)
+    config = read_json(config_file)
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise BaseModelError(
@@ -138,16 +140,6 @@ def _load_scheduler(config_file: Path) -> SchedulerMixin:
         )
     scheduler: SchedulerMixin = cls.from_config(config)
     return scheduler
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot read model config {file}: {exc}", detail={"path": str(file)}) from exc
-    if not isinstance(data, dict):
-        raise BaseModelError(f"model config {file} is not a JSON object", detail={"path": str(file)})
-    return data
 
 
 def _read_checkpoint(path: Path, unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -179,9 +171,12 @@ def _check_layout(
 
     if not keys:
         raise refuse("an empty file (no tensors)")
-    for prefix, family in OTHER_FAMILIES:
+    family = detect_checkpoint(keys)
+    if family is not None and family.name != LOADS.name:
+        raise refuse(family.checkpoint_description)
+    for prefix, layout in OTHER_LAYOUTS:
         if any(key.startswith(prefix) for key in keys):
-            raise refuse(family)
+            raise refuse(layout)
     if any(".lora_down." in key or ".lora_A." in key for key in keys):
         raise refuse("a LoRA adapter (lora_down/lora_A keys), not a base model")
     present = [prefix for prefix in COMPONENT_PREFIXES if any(key.startswith(prefix) for key in keys)]
@@ -202,8 +197,8 @@ def _check_layout(
     expected = unet_config.get("cross_attention_dim")
     if to_k is not None and shape_of(to_k)[1] != expected:
         context = shape_of(to_k)[1]
-        family = {1024: " (SD2.x)", 2048: " (SDXL)"}.get(context, "")
-        raise refuse(f"a UNet with cross-attention width {context}{family}; the config expects {expected}")
+        width = {f.context_width: f" ({f.label})" for f in FAMILIES if f.name != LOADS.name}.get(context, "")
+        raise refuse(f"a UNet with cross-attention width {context}{width}; the config expects {expected}")
 
 
 def _subset(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ class AdapterManager:
         self.identity = BaseIdentity.from_base_model(base)
         self.registry = Registry.from_settings(settings, self.identity)
         self.strict_base = settings.strict_base
-        self.models = LoRAModelManager(base.pipe.unet, base.pipe.text_encoder)
+        self.models = LoRAModelManager(base.lora_components)
         self.cache = AdapterCache(
             self.registry,
             self.models.targets,

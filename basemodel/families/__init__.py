@@ -1,0 +1,132 @@
+"""Model families — ``sd1``, ``sd2``, ``sdxl`` — one module each, and the registry that detects them.
+
+A family is detected from the model, never from its file name: for a diffusers folder from
+``model_index.json``'s ``_class_name`` (checked against the UNet config: ``addition_embed_type ==
+"text_time"`` for SDXL, ``cross_attention_dim`` 1024 for SD2.x) and for a single-file checkpoint from
+its keys (``conditioner.embedders.1.`` → SDXL, OpenCLIP ``cond_stage_model.model.`` → SD2.x,
+``cond_stage_model.transformer.`` → SD1.x, each beside ``model.diffusion_model.``).
+
+Adding a family (SD3, Flux …) means adding a module with a ``ModelFamily`` subclass and listing it in
+``FAMILIES``; detection asks the families in that order and the first that claims a model wins.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from basemodel.errors import BaseModelError
+from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.families.sd1 import SD1
+from basemodel.families.sd2 import SD2
+from basemodel.families.sdxl import SDXL
+
+__all__ = [
+    "FAMILIES",
+    "Conditioning",
+    "ModelFamily",
+    "ModelSignals",
+    "UNetInputs",
+    "detect",
+    "detect_checkpoint",
+    "detect_folder",
+    "detect_pipeline",
+    "find_family",
+    "get_family",
+]
+
+# Detection order: the more specific claim first (SD2.x is SD1.x's pipeline with a wider context).
+FAMILIES: tuple[ModelFamily, ...] = (SDXL(), SD2(), SD1())
+_BY_NAME = {family.name: family for family in FAMILIES}
+
+
+def names() -> list[str]:
+    return [family.name for family in FAMILIES]
+
+
+def find_family(name: str | None) -> ModelFamily | None:
+    """The family called ``name``; None for None or a name recorded by something else."""
+    return _BY_NAME.get(name or "")
+
+
+def get_family(name: str) -> ModelFamily:
+    family = find_family(name)
+    if family is None:
+        raise BaseModelError(
+            f"unknown model family {name!r}",
+            detail={"family": name, "known": names()},
+            hint=f"Known families: {', '.join(names())}.",
+        )
+    return family
+
+
+def detect(signals: ModelSignals, where: str = "the model") -> ModelFamily:
+    """The family that claims ``signals``; an unknown pipeline or a contradiction is a BaseModelError."""
+    for family in FAMILIES:
+        if not family.claims(signals):
+            continue
+        problems = family.problems(signals)
+        if problems:
+            raise BaseModelError(
+                f"{where} names {signals.pipeline_class or 'no pipeline'} ({family.label}), "
+                f"but {'; '.join(problems)}",
+                detail={"family": family.name, "problems": problems},
+                hint="The folder's model_index.json and component configs do not belong together.",
+            )
+        return family
+    supported = ", ".join(f"{f.label} ({f.pipeline_classes[0]})" for f in reversed(FAMILIES))
+    raise BaseModelError(
+        f"{where} is a {signals.pipeline_class or 'pipeline'} of no supported model family",
+        detail={"pipeline_class": signals.pipeline_class, "supported": names()},
+        hint=f"Supported: {supported}.",
+    )
+
+
+def detect_folder(path: Path) -> ModelFamily:
+    """The family of a diffusers folder, from ``model_index.json`` and ``unet/config.json``."""
+    index = read_index(path)
+    signals = ModelSignals(
+        pipeline_class=str(index.get("_class_name")),
+        unet=read_json(path / "unet" / "config.json"),
+        components={
+            name: (str(value[0]), str(value[1]))
+            for name, value in index.items()
+            if isinstance(value, list) and len(value) == 2 and value[0] is not None
+        },
+    )
+    return detect(signals, where=f"{path.name}/model_index.json")
+
+
+def detect_pipeline(pipe: Any) -> ModelFamily:
+    """The family of a loaded pipeline (its class and UNet config)."""
+    components = {
+        name: (type(module).__module__.split(".")[0], type(module).__name__)
+        for name, module in pipe.components.items()
+        if module is not None
+    }
+    return detect(ModelSignals(type(pipe).__name__, dict(pipe.unet.config), components))
+
+
+def detect_checkpoint(keys: Iterable[str]) -> ModelFamily | None:
+    """The family of a single-file (LDM/SGM-layout) checkpoint from its keys; None when none matches."""
+    keys = list(keys)
+    for family in FAMILIES:
+        if all(any(key.startswith(marker) for key in keys) for marker in family.checkpoint_markers):
+            return family
+    return None
+
+
+def read_index(path: Path) -> dict[str, Any]:
+    return read_json(path / "model_index.json")
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot read model config {file}: {exc}", detail={"path": str(file)}) from exc
+    if not isinstance(data, dict):
+        raise BaseModelError(f"model config {file} is not a JSON object", detail={"path": str(file)})
+    return data
