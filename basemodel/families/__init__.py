@@ -13,7 +13,7 @@ Adding a family (SD3, Flux …) means adding a module with a ``ModelFamily`` sub
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,14 @@ __all__ = [
     "ModelFamily",
     "ModelSignals",
     "UNetInputs",
+    "declared_by",
     "detect",
     "detect_checkpoint",
     "detect_folder",
     "detect_pipeline",
     "find_family",
     "get_family",
+    "label_of",
 ]
 
 # Detection order: the more specific claim first (SD2.x is SD1.x's pipeline with a wider context).
@@ -116,6 +118,35 @@ def detect_checkpoint(keys: Iterable[str]) -> ModelFamily | None:
         if all(any(key.startswith(marker) for key in keys) for marker in family.checkpoint_markers):
             return family
     return None
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def declared_by(header: Mapping[str, str]) -> tuple[ModelFamily, str] | None:
+    """The family an adapter file's header declares through the names other tools write
+    (``modelspec.architecture``, then kohya's ``ss_base_model_version``), with the key that said so;
+    None when it declares none this registry knows."""
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        value = header.get(key)
+        for family in FAMILIES:
+            if value and value in _interop_names(family, key):
+                return family, f"{key} {value!r}"
+    return None
+
+
+def _interop_names(family: ModelFamily, key: str) -> set[str]:
+    if key == "modelspec.architecture":
+        return {family.modelspec_architecture(p) for p in PREDICTION_TYPES}
+    return {family.kohya_base_version(p) for p in PREDICTION_TYPES}
+
+
+def label_of(name: str | None) -> str:
+    """A family name for messages: 'SDXL (sdxl)'; names no family here knows are shown as given."""
+    family = find_family(name)
+    if family is None:
+        return f"{name!r}" if name else "an unknown family"
+    return f"{family.label} ({family.name})"
 
 
 def read_index(path: Path) -> dict[str, Any]:
