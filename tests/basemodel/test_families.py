@@ -170,3 +170,87 @@ def test_sd1_architecture_ids_are_unchanged(base_model: Any) -> None:
     assert arch.family == "sd1"
     legacy = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in arch.modules.items())).encode())
     assert arch.architecture_id == legacy.hexdigest()
+
+
+def test_cli_builds_tiny_sdxl_random_and_reports_its_family(
+    sdxl_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    output = tmp_path / "xl"
+    assert main(["model", "init-tiny", "--random", "--family", "sdxl", "--output", str(output)]) == 0
+    assert tree_digest(output) == tree_digest(sdxl_dir)
+    capsys.readouterr()
+    assert main(["model", "info", "--base-model", str(output)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["family"], summary["pipeline"], summary["native_size"]) == (
+        "sdxl",
+        "StableDiffusionXLPipeline",
+        32,
+    )
+    assert main(["model", "init-tiny", "--family", "sdxl", "--output", str(tmp_path / "no")]) == 2
+    assert "needs --random" in capsys.readouterr().err
+
+
+def build_tiny_sd2(output: Path) -> Path:
+    """An SD2.x-shaped folder: StableDiffusionPipeline, 1024-wide context (the SD2 signal), linear
+    projections, a GELU text encoder and a v-prediction DDIM scheduler, as SD2.1 768-v."""
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from basemodel.tiny import SD15_SCHEDULER, assemble_pipeline, build_vae, clip_text_config
+    from basemodel.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=1024,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    )
+    config = clip_text_config(
+        tokenizer, hidden_size=1024, intermediate_size=256, num_hidden_layers=1, num_attention_heads=8
+    )
+    config.hidden_act = "gelu"
+    scheduler = DDIMScheduler(**{**SD15_SCHEDULER, "prediction_type": "v_prediction"})
+    pipe = assemble_pipeline(build_vae(1), CLIPTextModel(config), tokenizer, unet, scheduler=scheduler)
+    pipe.save_pretrained(output, safe_serialization=True)
+    return output
+
+
+def test_sd2_folder_loads_as_sd2_and_samples_with_v_prediction(tmp_path: Path) -> None:
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from service.engine.sampler import SampleParams, StageTimer, generators_for, sample
+    from service.engine.schedulers import make_scheduler
+
+    folder = build_tiny_sd2(tmp_path / "tiny-sd2")
+    base = load_base_model(str(folder), tmp_path, device="cpu", dtype="fp32")
+    assert (base.family.name, type(base.pipe).__name__) == ("sd2", "StableDiffusionPipeline")
+    assert base.family.prediction_type(base.pipe.scheduler.config) == "v_prediction"
+    assert base.architecture.architecture_id == BaseIdentity.from_spec(str(folder), tmp_path).architecture_id
+    params = SampleParams("a red circle", "", 3, 5.0, 32, 32, 4, 1, "euler")
+    ours = np.asarray(sample(base.pipe, params, StageTimer())[0], dtype=np.int16)
+
+    def reference(prediction_type: str) -> Any:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = make_scheduler(
+            "euler", {**pipe.scheduler.config, "prediction_type": prediction_type}
+        )
+        image = pipe(
+            "a red circle", num_inference_steps=3, guidance_scale=5.0, generator=generators_for(4, 1)
+        ).images[0]
+        return np.asarray(image, dtype=np.int16)
+
+    assert np.abs(ours - reference("v_prediction")).max() <= 1
+    assert np.abs(ours - reference("epsilon")).max() > 10, "v-prediction must matter for this model"
