@@ -219,3 +219,28 @@ def test_adapters_of_another_family_are_refused_naming_both(
     with pytest.raises(AdapterIncompatible, match=r"SDXL \(sdxl\).*SD1\.x \(sd1\)") as info:
         Registry(store, BaseIdentity.from_base_model(base_model)).register(xl_file, "x")
     assert info.value.reason == "family_mismatch"
+
+
+def test_sdxl_adapter_files_carry_sdxl_interop_names(
+    xl_registry: Registry, sdxl_files: dict[str, Path]
+) -> None:
+    from safetensors import safe_open
+
+    version = xl_registry.register(sdxl_files["full"], "full")
+    path = sdxl_files["full"].with_name("stored.safetensors")
+    path.write_bytes(xl_registry.read_blob(version))
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+        keys = set(handle.keys())
+    assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(key.startswith("text_encoder_2.text_model.") for key in keys)
+
+
+def test_training_on_sdxl_is_refused_until_it_is_supported(sdxl: BaseModel) -> None:
+    from basemodel.errors import NotSupported
+    from training.config import build_config
+    from training.setup import check_base
+
+    with pytest.raises(NotSupported, match=r"training on SDXL base models is not supported yet"):
+        check_base(build_config({"data": "d", "output": "o"}), sdxl)
