@@ -191,12 +191,23 @@ def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
     return TrainingInfo(**fields) if fields else None
 
 
+# What kohya sd-scripts and SAI's modelspec call each family (sd-scripts: library/sai_model_spec.py and
+# ss_base_model_version in train_network.py). Families without an entry are named after themselves.
+MODELSPEC_ARCHITECTURES = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
 def _modelspec_architecture(family: str | None) -> str:
-    return "stable-diffusion-v1/lora" if family in (None, "sd1") else f"{family}/lora"
+    name = family or "sd1"
+    return MODELSPEC_ARCHITECTURES.get(name, name) + "/lora"
 
 
 def _kohya_base_version(family: str | None) -> str:
-    return "sd_v1" if family in (None, "sd1") else f"loraswap_{family}"
+    return KOHYA_BASE_VERSIONS.get(family or "sd1", f"loraswap_{family}")
 
 
 def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """Key layouts → the canonical layout, and back out to kohya.
 
 Canonical layout: ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` where ``<component>`` is
-``unet`` or ``text_encoder`` and ``<module>`` is the module's name in the loaded diffusers/transformers
-model, i.e. exactly the keys of ``Architecture.modules``. alpha/rank is folded into ``lora_B`` so the
-adapter applies at scale 1.0 (what diffusers assumes when a file has no alphas).
+``unet``, ``text_encoder`` or (SDXL) ``text_encoder_2`` and ``<module>`` is the module's name in the
+loaded diffusers/transformers model, i.e. exactly the keys of ``Architecture.modules``. alpha/rank is
+folded into ``lora_B`` so the adapter applies at scale 1.0 (what diffusers assumes when a file has no alphas).
 
 Accepted input layouts (detected per key, one family per file):
 
@@ -12,9 +12,11 @@ Accepted input layouts (detected per key, one family per file):
 * ``diffusers-legacy``: ``….lora.down.weight`` / ``lora.up.weight``, ``….lora_linear_layer.down/up``,
   attention-processor keys ``…attn1.processor.to_q_lora.down.weight``;
 * ``kohya`` (A1111, LoCon): ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
-  / ``.alpha`` and ``lora_te_…`` for the text encoder. Names are mapped back by looking them up in a
-  table built from the base architecture (``path.replace('.', '_')``), never by guessing underscores.
-  LDM-style names (``lora_unet_input_blocks_…``) are refused as an unknown layout.
+  / ``.alpha``, ``lora_te_…`` / ``lora_te1_…`` for the text encoder and ``lora_te2_…`` for SDXL's second
+  one. Names are mapped back by looking them up in a table built from the base architecture
+  (``path.replace('.', '_')``), never by guessing underscores. LDM/SGM-style UNet names
+  (``lora_unet_input_blocks_…``, what kohya writes for SDXL) are looked up in the table
+  ``adapters.kohya_ldm`` derives from the base UNet's config.
 
 Text encoders from recent transformers have no ``text_model.`` level; names with and without it are
 both accepted and mapped onto whichever the base model has.
@@ -23,13 +25,14 @@ both accepted and mapped onto whichever the base model has.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from adapters.errors import AdapterInvalid
+from adapters.errors import AdapterIncompatible, AdapterInvalid
+from adapters.kohya_ldm import UnsupportedUNet, is_ldm_name, kohya_unet_names
 from adapters.metadata import AdapterMetadata, SourceFormat
 from adapters.validate import (
     DTYPE_NAMES,
@@ -67,6 +70,7 @@ PROCESSOR_NAMES = {
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 REFUSED_MARKERS = {
     "lora_mid": "LoCon/Tucker (lora_mid)",
     "hada_": "LoHa",
@@ -76,7 +80,6 @@ REFUSED_MARKERS = {
     "oft_": "OFT",
     "lora_embedding_": "embedding LoRA",
 }
-LDM_NAMES = ("input_blocks_", "middle_block_", "output_blocks_")
 PEFT_PREFIXES = ("base_model.model.",)
 TEXT_MODEL = "text_model."
 
@@ -144,6 +147,8 @@ def normalise(
     check_finite(tensors)
     parsed = _parse_keys(tensors)
     layout = _layout_of(parsed)
+    if layout == "kohya":
+        _check_kohya_family(parsed, architecture)
     modules = _group(tensors, parsed, architecture)
     pairs = {m: _pair(m, parts, architecture) for m, parts in modules.items()}
     ranks = check_pair_shapes(pairs, architecture)
@@ -203,7 +208,7 @@ def _parse_key(key: str) -> _ParsedKey | None:
             return _ParsedKey(layout, component, path.removesuffix(suffix), role)
     match = PROCESSOR_KEY.match(path)
     if match is not None:
-        names = PROCESSOR_NAMES["text_encoder" if component == "text_encoder" else "unet"]
+        names = PROCESSOR_NAMES["text_encoder" if component in TEXT_ENCODERS else "unet"]
         legacy_role: Role = "down" if match["role"] == "down" else "up"
         module = f"{match['prefix']}.{names[match['proj']]}"
         return _ParsedKey("diffusers-legacy", component, module, legacy_role)
@@ -236,7 +241,7 @@ def _layout_of(parsed: Mapping[str, _ParsedKey]) -> SourceFormat:
 def _group(
     tensors: Mapping[str, torch.Tensor], parsed: Mapping[str, _ParsedKey], architecture: Architecture
 ) -> dict[str, _Module]:
-    kohya_table = _kohya_table(architecture)
+    kohya_table = _kohya_table(architecture, parsed.values())
     modules: dict[str, _Module] = {}
     absent: set[str] = set()
     for key, part in parsed.items():
@@ -258,26 +263,72 @@ def _group(
 
 
 def _display_name(part: _ParsedKey) -> str:
-    if part.layout == "kohya" and part.name.startswith(LDM_NAMES):
-        raise AdapterInvalid(
-            f"unknown key layout: LDM-style kohya names (lora_unet_{part.name}) are not supported",
-            reason="unknown_layout",
-            hint="Re-save the LoRA with diffusers-style names (kohya sd-scripts does this for SD1.x).",
-        )
     prefix = part.component or "?"
     return f"{prefix}.{part.name}"
 
 
-def _kohya_table(architecture: Architecture) -> dict[tuple[str, str], str]:
-    """(component, underscore name) → canonical module, including the ``text_model_`` variants."""
+def _is_ldm(part: _ParsedKey) -> bool:
+    return part.layout == "kohya" and part.component == "unet" and is_ldm_name(part.name)
+
+
+def _kohya_table(architecture: Architecture, parts: Iterable[_ParsedKey] = ()) -> dict[tuple[str, str], str]:
+    """(component, underscore name) → canonical module, including the ``text_model_`` variants.
+
+    When ``parts`` has LDM/SGM UNet names, the UNet's LDM names (``kohya_ldm``) are added too.
+    """
     table: dict[tuple[str, str], str] = {}
     for module in architecture.modules:
         component, path = module.split(".", 1)
         table[(component, path.replace(".", "_"))] = module
-        if component == "text_encoder":
+        if component in TEXT_ENCODERS:
             alias = path.removeprefix(TEXT_MODEL) if path.startswith(TEXT_MODEL) else TEXT_MODEL + path
             table.setdefault((component, alias.replace(".", "_")), module)
+    if any(_is_ldm(part) for part in parts):
+        for name, path in _ldm_names(architecture).items():
+            if f"unet.{path}" in architecture.modules:
+                table[("unet", name)] = f"unet.{path}"
     return table
+
+
+def _ldm_names(architecture: Architecture) -> dict[str, str]:
+    """The base UNet's kohya LDM names → diffusers paths; refused when its config is unknown or odd."""
+    hint = "Re-save the LoRA with diffusers-style names (lora_unet_down_blocks_…), or use a base model "
+    if architecture.unet_config is None:
+        raise AdapterInvalid(
+            "unknown key layout: LDM-style kohya names (lora_unet_input_blocks_…) need the base UNet's "
+            "config to be mapped, and this base model's descriptor has none",
+            reason="unknown_layout",
+            hint=hint + "loaded from a diffusers folder or a single-file checkpoint.",
+        )
+    try:
+        return kohya_unet_names(architecture.unet_config)
+    except UnsupportedUNet as exc:
+        raise AdapterInvalid(
+            f"unknown key layout: LDM-style kohya names cannot be mapped onto this base UNet: {exc}",
+            reason="unknown_layout",
+            hint=hint + "with a standard SD1/SD2/SDXL UNet.",
+        ) from None
+
+
+def _check_kohya_family(parsed: Mapping[str, _ParsedKey], architecture: Architecture) -> None:
+    """``lora_te2_`` keys mean a two-text-encoder (SDXL) adapter: refused on a one-encoder base."""
+    if any(m.startswith("text_encoder_2.") for m in architecture.modules):
+        return
+    second = sorted(k for k in parsed if k.startswith("lora_te2_"))
+    if second:
+        raise AdapterIncompatible(
+            f"the adapter is for a model with two text encoders (SDXL): it has {len(second)} lora_te2_ "
+            f"key(s), e.g. {second[0]}; the base model ({architecture.family}) has one text encoder",
+            reason="modules_absent",
+            detail={
+                "modules": first({_display_name(parsed[k]) for k in second}),
+                "count": len(second),
+                "adapter_family": "sdxl",
+                "base_family": architecture.family,
+                "architecture_id": architecture.architecture_id,
+            },
+            hint="Use an adapter trained for this base model's family, or serve an SDXL base model.",
+        )
 
 
 def _resolve_module(
@@ -295,7 +346,7 @@ def _resolve_module(
 
 
 def _path_variants(component: str, path: str) -> list[str]:
-    if component != "text_encoder":
+    if component not in TEXT_ENCODERS:
         return [path]
     return [path, path.removeprefix(TEXT_MODEL), TEXT_MODEL + path]
 
@@ -343,15 +394,20 @@ def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def to_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_kohya(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture | None = None
+) -> dict[str, torch.Tensor]:
     """Canonical tensors → kohya/A1111 keys (``.lora_down``/``.lora_up``/``.alpha`` = rank).
 
     Text-encoder names get the conventional ``text_model_`` level back when the base model lacks it.
+    With two text encoders (SDXL) the names are sd-scripts' SDXL ones: ``lora_te1_``/``lora_te2_`` and,
+    when ``architecture`` carries the UNet config, LDM/SGM UNet names (``lora_unet_input_blocks_…``).
     """
+    names = _kohya_export_names(tensors, architecture)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in sorted(tensors.items()):
         module, role = key.rsplit(".lora_", 1)
-        name = _kohya_name(module)
+        name = _kohya_name(module, names)
         if role == "A.weight":
             out[f"{name}.lora_down.weight"] = tensor
             out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]), dtype=torch.float32)
@@ -362,12 +418,37 @@ def to_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _kohya_name(module: str) -> str:
+KOHYA_TE_PREFIXES = {"text_encoder": "lora_te_"}
+KOHYA_SDXL_TE_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+@dataclass(frozen=True)
+class _ExportNames:
+    text_prefixes: Mapping[str, str]
+    unet: Mapping[str, str]  # diffusers UNet path → kohya name (LDM for SDXL); others: dots → '_'
+
+
+def _kohya_export_names(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture | None
+) -> _ExportNames:
+    modules = architecture.modules if architecture is not None else {}
+    two_encoders = any(k.startswith("text_encoder_2.") for k in (*tensors, *modules))
+    if not two_encoders:
+        return _ExportNames(KOHYA_TE_PREFIXES, {})
+    config = architecture.unet_config if architecture is not None else None
+    try:
+        ldm = {path: name for name, path in kohya_unet_names(config).items()} if config is not None else {}
+    except UnsupportedUNet:  # a UNet LDM names do not describe: diffusers-style names, which readers accept
+        ldm = {}
+    return _ExportNames(KOHYA_SDXL_TE_PREFIXES, ldm)
+
+
+def _kohya_name(module: str, names: _ExportNames) -> str:
     component, path = module.split(".", 1)
     if component == "unet":
-        return "lora_unet_" + path.replace(".", "_")
-    if component == "text_encoder":
-        if not path.startswith(TEXT_MODEL):
+        return "lora_unet_" + names.unet.get(path, path.replace(".", "_"))
+    if component in names.text_prefixes:
+        if not path.startswith((TEXT_MODEL, "text_projection")):  # CLIPTextModelWithProjection's own
             path = TEXT_MODEL + path
-        return "lora_te_" + path.replace(".", "_")
+        return names.text_prefixes[component] + path.replace(".", "_")
     raise AdapterInvalid(f"cannot export module {module} to kohya names", reason="not_canonical")

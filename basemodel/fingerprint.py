@@ -6,7 +6,9 @@
   file, sorted by path. Computed once and cached beside the model, keyed by size and mtime.
 * ``architecture``: every LoRA-targetable module (``nn.Linear`` / ``nn.Conv2d``) of the UNet and
   text encoder, as ``"unet.<path>" / "text_encoder.<path>"`` → weight shape, plus its own sha256
-  (``architecture_id``) so two models can be compared in O(1).
+  (``architecture_id``) so two models can be compared in O(1). It also keeps the UNet's config
+  (``unet_config``, public keys only), from which ``adapters.kohya_ldm`` derives the LDM/SGM names of
+  the UNet's modules; the config is not part of ``architecture_id``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,7 @@ class Architecture:
 
     modules: dict[str, tuple[int, ...]] = field(repr=False)
     family: str = "sd1"
+    unet_config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def architecture_id(self) -> str:
@@ -90,17 +94,22 @@ class Architecture:
         return self.modules.get(module)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "family": self.family,
             "architecture_id": self.architecture_id,
             "modules": {k: list(v) for k, v in self.modules.items()},
         }
+        if self.unet_config is not None:
+            data["unet_config"] = self.unet_config
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        config = data.get("unet_config")
         return cls(
             modules={k: tuple(v) for k, v in data["modules"].items()},
             family=str(data.get("family", "sd1")),
+            unet_config=public_config(config) if isinstance(config, Mapping) else None,
         )
 
 
@@ -115,6 +124,15 @@ def describe_modules(prefix: str, model: nn.Module) -> dict[str, tuple[int, ...]
     }
 
 
+def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config as plain JSON-ready data, without its private ``_…`` keys."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not str(k).startswith("_")
+    }
+
+
 def architecture_of(unet: nn.Module, text_encoder: nn.Module, family: str = "sd1") -> Architecture:
     modules = describe_modules("unet", unet) | describe_modules("text_encoder", text_encoder)
-    return Architecture(modules=modules, family=family)
+    config = getattr(unet, "config", None)
+    unet_config = public_config(config) if isinstance(config, Mapping) else None
+    return Architecture(modules=modules, family=family, unet_config=unet_config)
