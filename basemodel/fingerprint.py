@@ -7,7 +7,9 @@
 * ``architecture``: the model family and every LoRA-targetable module (``nn.Linear`` / ``nn.Conv2d``)
   of the UNet and the text encoder(s), as ``"unet.<path>"`` / ``"text_encoder.<path>"`` /
   ``"text_encoder_2.<path>"`` → weight shape, plus its own sha256 (``architecture_id``, over the family
-  and the modules) so two models can be compared in O(1).
+  and the modules) so two models can be compared in O(1). It also keeps the UNet's config
+  (``unet_config``, public keys only), from which ``adapters.kohya_ldm`` derives the LDM/SGM names of
+  the UNet's modules; the config is not part of ``architecture_id`` nor of equality.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class Architecture:
 
     modules: dict[str, tuple[int, ...]] = field(repr=False)
     family: str = "sd1"
+    unet_config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def architecture_id(self) -> str:
@@ -101,17 +104,22 @@ class Architecture:
         return self.modules.get(module)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "family": self.family,
             "architecture_id": self.architecture_id,
             "modules": {k: list(v) for k, v in self.modules.items()},
         }
+        if self.unet_config is not None:
+            data["unet_config"] = self.unet_config
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        config = data.get("unet_config")
         return cls(
             modules={k: tuple(v) for k, v in data["modules"].items()},
             family=str(data.get("family", "sd1")),
+            unet_config=public_config(config) if isinstance(config, Mapping) else None,
         )
 
 
@@ -126,9 +134,19 @@ def describe_modules(prefix: str, model: nn.Module) -> dict[str, tuple[int, ...]
     }
 
 
+def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config as plain JSON-ready data, without its private ``_…`` keys."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not str(k).startswith("_")
+    }
+
+
 def architecture_of(components: Mapping[str, nn.Module], family: str) -> Architecture:
-    """The descriptor of ``components`` (name → module, e.g. ``unet``, ``text_encoder``)."""
+    """The descriptor of ``components`` (name → module, e.g. ``unet``, ``text_encoder``); the UNet's
+    config comes along when the ``unet`` component has one (diffusers models do)."""
     modules: dict[str, tuple[int, ...]] = {}
     for prefix, model in components.items():
         modules |= describe_modules(prefix, model)
-    return Architecture(modules=modules, family=family)
+    config = getattr(components.get("unet"), "config", None)
+    unet_config = public_config(config) if isinstance(config, Mapping) else None
+    return Architecture(modules=modules, family=family, unet_config=unet_config)

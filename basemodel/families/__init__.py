@@ -36,7 +36,9 @@ __all__ = [
     "detect_pipeline",
     "find_family",
     "get_family",
+    "kohya_components",
     "label_of",
+    "owners_of",
 ]
 
 # Detection order: the more specific claim first (SD2.x is SD1.x's pipeline with a wider context).
@@ -118,6 +120,23 @@ def detect_checkpoint(keys: Iterable[str]) -> ModelFamily | None:
         if all(any(key.startswith(marker) for key in keys) for marker in family.checkpoint_markers):
             return family
     return None
+
+
+def kohya_components() -> dict[str, str]:
+    """Every kohya key prefix any family writes → the component it names (``lora_te_`` and
+    ``lora_te1_`` → ``text_encoder``, ``lora_te2_`` → ``text_encoder_2``). Readers accept them all:
+    a prefix means the same component in every family, and a component the base lacks is refused."""
+    prefixes: dict[str, str] = {}
+    for family in FAMILIES:
+        for prefix, component in family.kohya_prefixes.items():
+            if prefixes.setdefault(prefix, component) != component:
+                raise AssertionError(f"kohya prefix {prefix} names two components")
+    return prefixes
+
+
+def owners_of(component: str) -> list[ModelFamily]:
+    """The families whose LoRA components include ``component`` (``text_encoder_2``: SDXL)."""
+    return [family for family in FAMILIES if component in ("unet", *family.text_encoders)]
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -75,8 +75,11 @@ class ModelFamily:
     default_resolution: ClassVar[int]
     # cross-attention width of the released models (tiny test models use their own widths)
     context_width: ClassVar[int]
-    # kohya/A1111 LoRA key prefix → component
+    # kohya/A1111 LoRA key prefix → component (what sd-scripts writes for this family)
     kohya_prefixes: ClassVar[dict[str, str]]
+    # how sd-scripts names this family's UNet modules: "diffusers" (``lora_unet_down_blocks_0_…``) or
+    # "ldm" (the SGM/LDM layout, ``lora_unet_input_blocks_4_1_…``, mapped by ``adapters.kohya_ldm``)
+    kohya_unet_layout: ClassVar[str] = "diffusers"
     # key prefixes that together identify this family's single-file (LDM/SGM) checkpoints, and in words
     checkpoint_markers: ClassVar[tuple[str, ...]]
     checkpoint_description: ClassVar[str]

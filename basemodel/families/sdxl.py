@@ -29,6 +29,7 @@ class SDXL(ModelFamily):
     default_resolution = 1024
     context_width = 2048
     kohya_prefixes = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+    kohya_unet_layout = "ldm"  # sd-scripts trains SDXL on the SGM UNet
     checkpoint_markers = ("model.diffusion_model.", "conditioner.embedders.1.")
     checkpoint_description = "an SDXL checkpoint (conditioner.embedders.* keys)"
     modelspec = "stable-diffusion-xl-v1-base"
