@@ -18,14 +18,18 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import load_file
 
 from adapters.errors import AdapterIncompatible
+from adapters.format import read_adapter
 from adapters.identity import BaseIdentity
+from adapters.kohya_ldm import kohya_unet_names
 from adapters.registry import Registry
 from adapters.sources import open_store
 from basemodel.loader import BaseModel, load_base_model
+from service.cli import main
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
+from tests.adapters.sgm_factory import random_kohya
 from tests.service.test_hotswap import pixels
 from tests.service.test_lifecycle import metric_samples, value
 
@@ -58,6 +62,29 @@ def sdxl_files(sdxl: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dic
         "full": tensors,
         "te2": {k: v for k, v in tensors.items() if k.startswith("text_encoder_2.")},
         "other": {k: (-0.7 * v if ".lora_B." in k else v) for k, v in tensors.items()},
+    }
+    for name, content in files.items():
+        (folder / f"{name}.safetensors").write_bytes(save_bytes(content))
+    return {name: folder / f"{name}.safetensors" for name in files}
+
+
+@pytest.fixture(scope="module")
+def kohya_files(sdxl: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """sd-scripts-style SDXL files, every UNet module under its SGM name (``lora_unet_input_blocks_…``,
+    ``middle_block_…``, ``output_blocks_…``, ``label_emb_…``): ``full`` with ``lora_te1_``/``lora_te2_``
+    MLP keys (diffusers 0.42 ignores kohya text-encoder *attention* keys, docs/adapters.md), ``te``
+    its text-encoder part alone, and ``attention`` with the text encoders' attention keys as well."""
+    folder = tmp_path_factory.mktemp("sdxl-kohya")
+
+    def kohya(text_targets: Any) -> dict[str, torch.Tensor]:
+        config = sdxl.pipe.unet.config
+        return random_kohya(sdxl.architecture, config, text_targets, te1_prefix="lora_te1_")[0]
+
+    full = kohya(lambda path: ".mlp." in path)
+    files = {
+        "full": full,
+        "te": {k: v for k, v in full.items() if k.startswith(("lora_te1_", "lora_te2_"))},
+        "attention": kohya(lambda path: ".mlp." in path or ".self_attn." in path),
     }
     for name, content in files.items():
         (folder / f"{name}.safetensors").write_bytes(save_bytes(content))
@@ -181,6 +208,73 @@ def test_sdxl_mixed_batch_rows_equal_requests_alone(
     assert batch_counts["1.0"] < value(samples, "loraswap_batch_size_count"), "no request was batched"
     for one, many in zip(alone, batched, strict=True):
         assert max_diff(one, many) <= 2
+
+
+def test_sdxl_kohya_sgm_file_matches_load_lora_weights(
+    start_server: Any, sdxl: BaseModel, xl_registry: Registry, kohya_files: dict[str, Path]
+) -> None:
+    """A kohya SDXL file (SGM UNet names + lora_te1_/lora_te2_) registers on tiny-sdxl-random and serves
+    like diffusers' load_lora_weights + set_adapters loading the same file."""
+    for name in ("full", "te"):
+        assert xl_registry.register(kohya_files[name], f"kohya-{name}").source_format == "kohya"
+    assert xl_registry.resolve("kohya-full").components == ["text_encoder", "text_encoder_2", "unet"]
+    assert xl_registry.resolve("kohya-te").components == ["text_encoder", "text_encoder_2"]
+    server = start_server(loader=lambda _: sdxl, store=xl_registry.store.uri)
+    plain = images(server)
+    ours = images(server, adapters=[{"id": "kohya-full", "scale": 0.8}])
+    assert max_diff(ours, diffusers_reference(sdxl.ref.path, [(kohya_files["full"], 0.8)])) <= 1
+    assert max_diff(ours, plain) > 10, "the adapter must visibly change the image"
+    text = images(server, prompt="a red circle <lora:kohya-te:1.0>")
+    assert max_diff(text, diffusers_reference(sdxl.ref.path, [(kohya_files["te"], 1.0)])) <= 1
+    assert max_diff(text, plain) > 3, "lora_te1_/lora_te2_ keys must change the image"
+
+
+def test_sdxl_convert_both_ways_and_diffusers_loads_the_results(
+    start_server: Any,
+    sdxl: BaseModel,
+    xl_registry: Registry,
+    kohya_files: dict[str, Path],
+    loraswap_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``loraswap adapters convert`` of an sd-scripts SDXL file (text-encoder attention and MLP) to
+    diffusers, that to kohya, and back: the kohya export has sd-scripts' SDXL names and converts back to
+    the same tensors; StableDiffusionXLPipeline draws the diffusers file exactly as loraswap serves the
+    original, and the kohya export exactly as it draws the original (both without the text-encoder
+    attention keys it drops from kohya files)."""
+    monkeypatch.setenv("LORASWAP_HOME", str(loraswap_home))
+    monkeypatch.setenv("LORASWAP_STORE", f"file://{tmp_path / 'store'}")
+    source = kohya_files["attention"]
+    outputs = {layout: tmp_path / f"{layout}.safetensors" for layout in ("diffusers", "kohya", "again")}
+
+    def convert(path: Path, layout: str, output: Path) -> dict[str, torch.Tensor]:
+        argv = ["adapters", "convert", str(path), "--to", layout, "-o", str(output)]
+        assert main([*argv, "--base-model", "tiny-sdxl-random"]) == 0, capsys.readouterr().err
+        tensors, header = read_adapter(output)
+        assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+        assert header["ss_base_model_version"] == "sdxl_base_v1-0"
+        return tensors
+
+    canonical = convert(source, "diffusers", outputs["diffusers"])
+    assert {k.split(".", 1)[0] for k in canonical} == {"unet", "text_encoder", "text_encoder_2"}
+    exported = convert(outputs["diffusers"], "kohya", outputs["kohya"])
+    assert {k.split("_", 2)[1] for k in exported} == {"unet", "te1", "te2"}
+    unet_names = {k.split(".")[0].removeprefix("lora_unet_") for k in exported if k.startswith("lora_unet_")}
+    assert unet_names == set(kohya_unet_names(sdxl.pipe.unet.config))  # SGM names, every module
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_") for k in exported)
+    again = convert(outputs["kohya"], "diffusers", outputs["again"])
+    assert again.keys() == canonical.keys()
+    for key, tensor in canonical.items():
+        torch.testing.assert_close(again[key], tensor, rtol=1e-6, atol=1e-7, msg=key)
+
+    xl_registry.register(source, "sd-scripts")
+    server = start_server(loader=lambda _: sdxl, store=xl_registry.store.uri)
+    ours = images(server, adapters=[{"id": "sd-scripts", "scale": 0.8}])
+    assert max_diff(diffusers_reference(sdxl.ref.path, [(outputs["diffusers"], 0.8)]), ours) <= 1
+    original = diffusers_reference(sdxl.ref.path, [(source, 0.8)])
+    assert max_diff(diffusers_reference(sdxl.ref.path, [(outputs["kohya"], 0.8)]), original) <= 1
 
 
 def _error(response: httpx.Response) -> dict[str, Any]:
