@@ -5,6 +5,7 @@ adapters of another family refused with 409 naming both families."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from adapters.errors import AdapterIncompatible
 from adapters.format import read_adapter
@@ -23,6 +24,7 @@ from adapters.identity import BaseIdentity
 from adapters.kohya_ldm import kohya_unet_names
 from adapters.registry import Registry
 from adapters.sources import open_store
+from basemodel import single_file
 from basemodel.loader import BaseModel, load_base_model
 from service.cli import main
 from service.engine.sampler import generators_for
@@ -30,6 +32,7 @@ from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
 from tests.adapters.sgm_factory import random_kohya
+from tests.basemodel.test_single_file_sdxl import sdxl_to_sgm
 from tests.service.test_hotswap import pixels
 from tests.service.test_lifecycle import metric_samples, value
 
@@ -275,6 +278,37 @@ def test_sdxl_convert_both_ways_and_diffusers_loads_the_results(
     assert max_diff(diffusers_reference(sdxl.ref.path, [(outputs["diffusers"], 0.8)]), ours) <= 1
     original = diffusers_reference(sdxl.ref.path, [(source, 0.8)])
     assert max_diff(diffusers_reference(sdxl.ref.path, [(outputs["kohya"], 0.8)]), original) <= 1
+
+
+def test_sdxl_single_file_base_serves_kohya_and_diffusers_adapters(
+    start_server: Any,
+    sdxl: BaseModel,
+    kohya_files: dict[str, Path],
+    sdxl_files: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--base-model model.safetensors`` with tiny-sdxl-random in the SGM layout (A1111/CivitAI): the
+    same family and architecture as the folder, and kohya and diffusers adapters serve on it as
+    diffusers' SDXL pipeline draws them on the folder. The shipped configs are SDXL base's, so this
+    tiny checkpoint's own configs stand in for them."""
+    checkpoint = tmp_path / "tiny-sdxl.safetensors"
+    save_file(sdxl_to_sgm(sdxl.pipe), str(checkpoint))
+    layout = dataclasses.replace(single_file.LAYOUTS["sdxl"], config_dir=sdxl.ref.path)
+    monkeypatch.setitem(single_file.LAYOUTS, "sdxl", layout)
+    base = load_base_model(str(checkpoint), tmp_path / "models", device="cpu", dtype="fp32")
+    assert base.family.name == "sdxl" and base.ref.kind == "single_file"
+    assert base.architecture.architecture_id == sdxl.architecture.architecture_id
+    registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base))
+    registry.register(kohya_files["full"], "kohya")
+    registry.register(sdxl_files["full"], "peft")
+    server = start_server(loader=lambda _: base, store=registry.store.uri)
+    kohya = images(server, adapters=[{"id": "kohya", "scale": 0.8}])
+    assert max_diff(kohya, diffusers_reference(sdxl.ref.path, [(kohya_files["full"], 0.8)])) <= 1
+    peft = images(server, prompt="a star <lora:peft:0.7>")
+    assert (
+        max_diff(peft, diffusers_reference(sdxl.ref.path, [(sdxl_files["full"], 0.7)], prompt="a star")) <= 1
+    )
 
 
 def _error(response: httpx.Response) -> dict[str, Any]:
