@@ -98,13 +98,13 @@ def load_single_file(
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
-    unet_state = convert_ldm_unet_checkpoint(subset(state, UNET_PREFIX), unet_config)
+    unet_state = converted("UNet", path, convert_ldm_unet_checkpoint, subset(state, UNET_PREFIX), unet_config)
     assign_weights(unet, unet_state, "UNet", path, torch_dtype)
 
     vae_config = read_json(config_dir / "vae" / "config.json")
     with init_empty_weights():
         vae = AutoencoderKL.from_config(vae_config)
-    vae_state = convert_ldm_vae_checkpoint(subset(state, VAE_PREFIX), vae_config)
+    vae_state = converted("VAE", path, convert_ldm_vae_checkpoint, subset(state, VAE_PREFIX), vae_config)
     assign_weights(vae, vae_state, "VAE", path, torch_dtype)
     return layout.assemble(state, unet, vae, config_dir, path, torch_dtype)
 
@@ -294,6 +294,21 @@ def _check_components(
         raise _refusal(
             path, f"a UNet with cross-attention width {context}{width}; the config expects {expected}"
         )
+
+
+def converted(
+    component: str, path: Path, convert: Callable[..., dict[str, Any]], *args: Any
+) -> dict[str, Any]:
+    """diffusers' converter's result; the errors it raises on missing or misshapen tensors (a
+    ``KeyError`` naming the LDM key, …) become a ``BaseModelError`` that names the component."""
+    try:
+        return convert(*args)
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        raise BaseModelError(
+            f"{path.name}: the {component} weights cannot be converted: missing or misshapen {exc}",
+            detail={"path": str(path), "component": component},
+            hint=HINT,
+        ) from exc
 
 
 def subset(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

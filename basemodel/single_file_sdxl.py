@@ -24,6 +24,7 @@ from basemodel.single_file import (
     SDXL_OPENCLIP_PREFIX,
     assign_weights,
     clip_text_encoder,
+    converted,
     load_scheduler,
     load_tokenizer,
     subset,
@@ -60,8 +61,10 @@ def open_clip_text_encoder(
     config = CLIPTextConfig.from_dict(read_json(config_folder / "config.json"))
     with init_empty_weights():
         model = CLIPTextModelWithProjection(config)
-    converted = convert_open_clip_checkpoint(model, subset(state, SDXL_OPENCLIP_PREFIX), SDXL_OPENCLIP_PREFIX)
+    component = "OpenCLIP text encoder"
+    weights = subset(state, SDXL_OPENCLIP_PREFIX)
+    keys = converted(component, path, convert_open_clip_checkpoint, model, weights, SDXL_OPENCLIP_PREFIX)
     if not hasattr(model, "text_model"):  # a flattened layout (no text_model level)
-        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    assign_weights(model, converted, "OpenCLIP text encoder", path, torch_dtype)
+        keys = {k.removeprefix("text_model."): v for k, v in keys.items()}
+    assign_weights(model, keys, component, path, torch_dtype)
     return model

@@ -23,33 +23,17 @@ from torch import nn
 from adapters.kohya_ldm import kohya_unet_names
 from basemodel.families import get_family
 from basemodel.fingerprint import Architecture, describe_modules, public_config
-from basemodel.single_file import SD15_CONFIG_DIR
+from basemodel.single_file import SD15_CONFIG_DIR, SDXL_CONFIG_DIR
 from basemodel.tiny_sdxl import build_tiny_sdxl_pipeline
 
 TINY_SD_CONFIG_PATH = SD15_CONFIG_DIR.parents[1] / "weights" / "tiny-sd" / "unet" / "config.json"
-
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from the defaults).
-SDXL_BASE = {
-    "sample_size": 128,
-    "block_out_channels": [320, 640, 1280],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-
 
 def _json(path: Any) -> dict[str, Any]:
     return public_config(json.loads(path.read_text()))
 
 
 SD15 = _json(SD15_CONFIG_DIR / "unet" / "config.json")
+SDXL_BASE = _json(SDXL_CONFIG_DIR / "unet" / "config.json")  # stable-diffusion-xl-base-1.0's, shipped
 SD15_SHAPED = {
     **SD15,
     "sample_size": 8,

@@ -158,3 +158,31 @@ def test_shipped_sdxl_configs_build_sdxl_base() -> None:
     assert unet.add_embedding.linear_1.in_features == 6 * 256 + two.config.projection_dim
     assert load_tokenizer(SDXL_CONFIG_DIR / "tokenizer_2").pad_token == "!"
     assert load_tokenizer(SDXL_CONFIG_DIR / "tokenizer").pad_token == "<|endoftext|>"
+
+
+def test_default_configs_are_sdxl_base_and_refuse_a_mismatched_checkpoint(
+    tiny_xl: tuple[Any, Path, Path],
+) -> None:
+    """Without a config folder the shipped SDXL base configs are used; the tiny checkpoint does not fit
+    them, which is a clean BaseModelError that says what was found."""
+    from basemodel.errors import BaseModelError
+
+    with pytest.raises(BaseModelError, match=r"cross-attention width 96; the config expects 2048"):
+        load_single_file(tiny_xl[2], torch.float32)
+
+
+def test_a_checkpoint_diffusers_cannot_convert_is_a_clean_error(tmp_path: Path) -> None:
+    """All four SDXL components present but the UNet is not a UNet: a BaseModelError naming it (diffusers'
+    converter raises a bare KeyError here)."""
+    from basemodel.errors import BaseModelError
+
+    keys = {
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (8,),
+        "conditioner.embedders.1.model.ln_final.weight": (8,),
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "first_stage_model.encoder.conv_in.weight": (8, 3, 3, 3),
+    }
+    path = tmp_path / "broken.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in keys.items()}, str(path))
+    with pytest.raises(BaseModelError, match=r"the UNet weights cannot be converted: missing .*label_emb"):
+        load_single_file(path, torch.float32)
