@@ -28,6 +28,7 @@ from basemodel.tiny_sdxl import build_tiny_sdxl_pipeline
 
 TINY_SD_CONFIG_PATH = SD15_CONFIG_DIR.parents[1] / "weights" / "tiny-sd" / "unet" / "config.json"
 
+
 def _json(path: Any) -> dict[str, Any]:
     return public_config(json.loads(path.read_text()))
 
