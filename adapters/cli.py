@@ -188,15 +188,18 @@ def _convert(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".safetensors":
         raise AdapterInvalid("the output file must end in .safetensors", reason="bad_output")
     limits = Limits(max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes)
+    base = _base(settings)
     prepared = prepare(
         load_source(args.file, limits),
-        _base(settings),
+        base,
         AdapterMetadata(),
         max_rank=settings.max_lora_rank,
         limits=limits,
     )
-    writer = write_adapter if args.to == "diffusers" else write_kohya
-    data = writer(args.output, prepared.tensors, prepared.metadata)
+    if args.to == "diffusers":
+        data = write_adapter(args.output, prepared.tensors, prepared.metadata)
+    else:
+        data = write_kohya(args.output, prepared.tensors, prepared.metadata, base.architecture)
     print(f"wrote {args.output} ({args.to} layout, {len(prepared.tensors) // 2} modules, {len(data)} bytes)")
     return 0
 

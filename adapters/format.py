@@ -33,6 +33,7 @@ from adapters.metadata import (
 )
 from adapters.normalise import NormaliseInfo, normalise, to_kohya
 from adapters.validate import check_canonical, dominant
+from basemodel.fingerprint import Architecture
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -307,11 +308,20 @@ def write_adapter(path: Path | None, tensors: dict[str, torch.Tensor], metadata:
     return data
 
 
-def write_kohya(path: Path | None, tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> bytes:
-    """Export canonical tensors in kohya/A1111 layout (``lora_unet_…``/``lora_te_…``, alpha = rank)."""
+def write_kohya(
+    path: Path | None,
+    tensors: dict[str, torch.Tensor],
+    metadata: AdapterMetadata,
+    architecture: Architecture | None = None,
+) -> bytes:
+    """Export canonical tensors in kohya/A1111 layout (``lora_unet_…``/``lora_te_…``, alpha = rank).
+
+    ``architecture`` (the base's) selects the names sd-scripts writes for its family, e.g. SDXL's LDM/SGM
+    UNet names and ``lora_te1_``/``lora_te2_`` (see ``adapters.normalise.to_kohya``).
+    """
     metadata = complete_metadata(tensors, metadata)
     header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
-    data = serialise(to_kohya(tensors), header)
+    data = serialise(to_kohya(tensors, architecture), header)
     if path is not None:
         write_bytes_atomic(Path(path), data)
     return data

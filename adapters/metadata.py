@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adapters.errors import AdapterInvalid
 from basemodel.errors import JSONTooDeep, ValidationFailed
+from basemodel.families import find_family
 from basemodel.jsonlimits import loads
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -232,11 +233,13 @@ def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
 
 
 def _modelspec_architecture(family: str | None) -> str:
-    return "stable-diffusion-v1/lora" if family in (None, "sd1") else f"{family}/lora"
+    known = find_family(family or "sd1")
+    return known.modelspec_architecture() if known is not None else f"{family}/lora"
 
 
 def _kohya_base_version(family: str | None) -> str:
-    return "sd_v1" if family in (None, "sd1") else f"loraswap_{family}"
+    known = find_family(family or "sd1")
+    return known.kohya_base_version() if known is not None else f"loraswap_{family}"
 
 
 def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """Key layouts → the canonical layout, and back out to kohya.
 
 Canonical layout: ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` where ``<component>`` is
-``unet`` or ``text_encoder`` and ``<module>`` is the module's name in the loaded diffusers/transformers
-model, i.e. exactly the keys of ``Architecture.modules``. alpha/rank is folded into ``lora_B`` so the
-adapter applies at scale 1.0 (what diffusers assumes when a file has no alphas).
+``unet``, ``text_encoder`` or (SDXL) ``text_encoder_2`` and ``<module>`` is the module's name in the
+loaded diffusers/transformers model, i.e. exactly the keys of ``Architecture.modules``. alpha/rank is
+folded into ``lora_B`` so the adapter applies at scale 1.0 (what diffusers assumes when a file has no alphas).
 
 Accepted input layouts (detected per key, one family per file):
 
@@ -12,24 +12,28 @@ Accepted input layouts (detected per key, one family per file):
 * ``diffusers-legacy``: ``….lora.down.weight`` / ``lora.up.weight``, ``….lora_linear_layer.down/up``,
   attention-processor keys ``…attn1.processor.to_q_lora.down.weight``;
 * ``kohya`` (A1111, LoCon): ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
-  / ``.alpha`` and ``lora_te_…`` for the text encoder. Names are mapped back by looking them up in a
-  table built from the base architecture (``path.replace('.', '_')``), never by guessing underscores.
-  LDM-style names (``lora_unet_input_blocks_…``) are refused as an unknown layout.
+  / ``.alpha``, ``lora_te_…`` / ``lora_te1_…`` for the text encoder and ``lora_te2_…`` for SDXL's second
+  one (the prefixes the families declare, ``basemodel.families.kohya_components``). Names are mapped
+  back by looking them up in a table built from the base architecture (``path.replace('.', '_')``),
+  never by guessing underscores. LDM/SGM-style UNet names (``lora_unet_input_blocks_…``, what kohya
+  writes for SDXL) are looked up in the table ``adapters.kohya_ldm`` derives from the base UNet's config.
 
 Text encoders from recent transformers have no ``text_model.`` level; names with and without it are
-both accepted and mapped onto whichever the base model has.
+both accepted and mapped onto whichever the base model has. Keys for a component the base lacks
+(``lora_te2_…`` on SD1.x) are refused as another family's adapter (``family_mismatch``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from adapters.errors import AdapterInvalid
+from adapters.errors import AdapterIncompatible, AdapterInvalid
+from adapters.kohya_ldm import UnsupportedUNet, is_ldm_name, kohya_unet_names
 from adapters.metadata import AdapterMetadata, SourceFormat
 from adapters.validate import (
     DTYPE_NAMES,
@@ -42,14 +46,17 @@ from adapters.validate import (
     dominant,
     first,
 )
+from basemodel.families import ModelFamily, find_family, get_family, kohya_components, label_of, owners_of
 from basemodel.fingerprint import Architecture
 
 Role = Literal["down", "up", "alpha"]
 
+# kohya prefix → component, over every family (lora_unet_, lora_te_, lora_te1_, lora_te2_)
+KOHYA_COMPONENTS = kohya_components()
 KOHYA_KEY = re.compile(
-    r"^lora_(?P<comp>unet|te|te1|te2)_(?P<name>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$"
+    rf"^(?P<prefix>{'|'.join(sorted(map(re.escape, KOHYA_COMPONENTS), key=len, reverse=True))})"
+    r"(?P<name>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$"
 )
-KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 KOHYA_ROLES: dict[str, Role] = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 DIFFUSERS_SUFFIXES: tuple[tuple[str, Role, SourceFormat], ...] = (
     (".lora_A.default.weight", "down", "diffusers"),
@@ -68,6 +75,7 @@ PROCESSOR_NAMES = {
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 REFUSED_MARKERS = {
     "lora_mid": "LoCon/Tucker (lora_mid)",
     "hada_": "LoHa",
@@ -77,7 +85,6 @@ REFUSED_MARKERS = {
     "oft_": "OFT",
     "lora_embedding_": "embedding LoRA",
 }
-LDM_NAMES = ("input_blocks_", "middle_block_", "output_blocks_")
 PEFT_PREFIXES = ("base_model.model.",)
 TEXT_MODEL = "text_model."
 
@@ -145,6 +152,7 @@ def normalise(
     check_finite(tensors)
     parsed = _parse_keys(tensors)
     layout = _layout_of(parsed)
+    _check_components(parsed, architecture)
     modules = _group(tensors, parsed, architecture)
     pairs = {m: _pair(m, parts, architecture) for m, parts in modules.items()}
     ranks = check_pair_shapes(pairs, architecture)
@@ -192,7 +200,8 @@ def _parse_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, _ParsedKey]:
 def _parse_key(key: str) -> _ParsedKey | None:
     match = KOHYA_KEY.match(key)
     if match is not None:
-        return _ParsedKey("kohya", KOHYA_COMPONENTS[match["comp"]], match["name"], KOHYA_ROLES[match["role"]])
+        owner = KOHYA_COMPONENTS[match["prefix"]]
+        return _ParsedKey("kohya", owner, match["name"], KOHYA_ROLES[match["role"]])
     if key.startswith("lora_"):
         return None
     stem = key
@@ -204,7 +213,7 @@ def _parse_key(key: str) -> _ParsedKey | None:
             return _ParsedKey(layout, component, path.removesuffix(suffix), role)
     match = PROCESSOR_KEY.match(path)
     if match is not None:
-        names = PROCESSOR_NAMES["text_encoder" if component == "text_encoder" else "unet"]
+        names = PROCESSOR_NAMES["text_encoder" if component in TEXT_ENCODERS else "unet"]
         legacy_role: Role = "down" if match["role"] == "down" else "up"
         module = f"{match['prefix']}.{names[match['proj']]}"
         return _ParsedKey("diffusers-legacy", component, module, legacy_role)
@@ -237,7 +246,7 @@ def _layout_of(parsed: Mapping[str, _ParsedKey]) -> SourceFormat:
 def _group(
     tensors: Mapping[str, torch.Tensor], parsed: Mapping[str, _ParsedKey], architecture: Architecture
 ) -> dict[str, _Module]:
-    kohya_table = _kohya_table(architecture)
+    kohya_table = _kohya_table(architecture, parsed.values())
     modules: dict[str, _Module] = {}
     absent: set[str] = set()
     for key, part in parsed.items():
@@ -259,26 +268,76 @@ def _group(
 
 
 def _display_name(part: _ParsedKey) -> str:
-    if part.layout == "kohya" and part.name.startswith(LDM_NAMES):
-        raise AdapterInvalid(
-            f"unknown key layout: LDM-style kohya names (lora_unet_{part.name}) are not supported",
-            reason="unknown_layout",
-            hint="Re-save the LoRA with diffusers-style names (kohya sd-scripts does this for SD1.x).",
-        )
     prefix = part.component or "?"
     return f"{prefix}.{part.name}"
 
 
-def _kohya_table(architecture: Architecture) -> dict[tuple[str, str], str]:
-    """(component, underscore name) → canonical module, including the ``text_model_`` variants."""
+def _is_ldm(part: _ParsedKey) -> bool:
+    return part.layout == "kohya" and part.component == "unet" and is_ldm_name(part.name)
+
+
+def _kohya_table(architecture: Architecture, parts: Iterable[_ParsedKey] = ()) -> dict[tuple[str, str], str]:
+    """(component, underscore name) → canonical module, including the ``text_model_`` variants.
+
+    When ``parts`` has LDM/SGM UNet names, the UNet's LDM names (``kohya_ldm``) are added too.
+    """
     table: dict[tuple[str, str], str] = {}
     for module in architecture.modules:
         component, path = module.split(".", 1)
         table[(component, path.replace(".", "_"))] = module
-        if component == "text_encoder":
+        if component in TEXT_ENCODERS:
             alias = path.removeprefix(TEXT_MODEL) if path.startswith(TEXT_MODEL) else TEXT_MODEL + path
             table.setdefault((component, alias.replace(".", "_")), module)
+    if any(_is_ldm(part) for part in parts):
+        for name, path in _ldm_names(architecture).items():
+            if f"unet.{path}" in architecture.modules:
+                table[("unet", name)] = f"unet.{path}"
     return table
+
+
+def _ldm_names(architecture: Architecture) -> dict[str, str]:
+    """The base UNet's kohya LDM names → diffusers paths; refused when its config is unknown or odd."""
+    hint = "Re-save the LoRA with diffusers-style names (lora_unet_down_blocks_…), or use a base model "
+    if architecture.unet_config is None:
+        raise AdapterInvalid(
+            "unknown key layout: LDM-style kohya names (lora_unet_input_blocks_…) need the base UNet's "
+            "config to be mapped, and this base model's descriptor has none",
+            reason="unknown_layout",
+            hint=hint + "loaded from a diffusers folder or a single-file checkpoint.",
+        )
+    try:
+        return kohya_unet_names(architecture.unet_config)
+    except UnsupportedUNet as exc:
+        raise AdapterInvalid(
+            f"unknown key layout: LDM-style kohya names cannot be mapped onto this base UNet: {exc}",
+            reason="unknown_layout",
+            hint=hint + "with a standard SD1/SD2/SDXL UNet.",
+        ) from None
+
+
+def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architecture) -> None:
+    """Keys for a component the base lacks (``lora_te2_`` / ``text_encoder_2.`` on a one-encoder base)
+    mean an adapter of another family: refused naming the families that have it and the base's."""
+    present = {module.split(".", 1)[0] for module in architecture.modules}
+    stray = sorted(k for k, part in parsed.items() if part.component not in (None, *present))
+    if not stray:
+        return
+    component = parsed[stray[0]].component or ""
+    owners = owners_of(component)
+    adapter = " or ".join(label_of(f.name) for f in owners) or "another model family"
+    raise AdapterIncompatible(
+        f"the adapter is for {adapter} base models: it has {len(stray)} key(s) for {component}, e.g. "
+        f"{stray[0]}; the base model is {label_of(architecture.family)}, which has no {component}",
+        reason="family_mismatch",
+        detail={
+            "modules": first({_display_name(parsed[k]) for k in stray}),
+            "count": len(stray),
+            "adapter_family": owners[0].name if owners else None,
+            "base_family": architecture.family,
+            "architecture_id": architecture.architecture_id,
+        },
+        hint="Use an adapter trained for this base model's family, or serve a base model of the adapter's.",
+    )
 
 
 def _resolve_module(
@@ -296,7 +355,7 @@ def _resolve_module(
 
 
 def _path_variants(component: str, path: str) -> list[str]:
-    if component != "text_encoder":
+    if component not in TEXT_ENCODERS:
         return [path]
     return [path, path.removeprefix(TEXT_MODEL), TEXT_MODEL + path]
 
@@ -342,15 +401,23 @@ def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def to_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_kohya(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture | None = None
+) -> dict[str, torch.Tensor]:
     """Canonical tensors → kohya/A1111 keys (``.lora_down``/``.lora_up``/``.alpha`` = rank).
 
-    Text-encoder names get the conventional ``text_model_`` level back when the base model lacks it.
+    The names are the ones sd-scripts writes for the base's family (``ModelFamily.kohya_prefixes`` and
+    ``kohya_unet_layout``): SD1.x/SD2.x ``lora_unet_down_blocks_…`` + ``lora_te_…``; SDXL LDM/SGM UNet
+    names from the UNet config (``lora_unet_input_blocks_…``) + ``lora_te1_…``/``lora_te2_…``. Without
+    an architecture, or for a family no registry knows, SD1.x's. Text-encoder names get the
+    conventional ``text_model_`` level back when the base model lacks it.
     """
+    family = (find_family(architecture.family) if architecture is not None else None) or get_family("sd1")
+    unet_names = _export_unet_names(family, architecture)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in sorted(tensors.items()):
         module, role = key.rsplit(".lora_", 1)
-        name = _kohya_name(module)
+        name = _kohya_name(module, family, unet_names)
         if role == "A.weight":
             out[f"{name}.lora_down.weight"] = tensor
             out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]), dtype=torch.float32)
@@ -361,12 +428,29 @@ def to_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _kohya_name(module: str) -> str:
+def _export_unet_names(family: ModelFamily, architecture: Architecture | None) -> Mapping[str, str]:
+    """diffusers UNet path → kohya name, for a family whose kohya names are LDM/SGM ones; empty: the
+    diffusers path with ``_`` for ``.``. A UNet the LDM layout does not describe keeps diffusers-style
+    names, which kohya readers (diffusers, A1111, loraswap) accept too."""
+    config = architecture.unet_config if architecture is not None else None
+    if family.kohya_unet_layout != "ldm" or config is None:
+        return {}
+    try:
+        return {path: name for name, path in kohya_unet_names(config).items()}
+    except UnsupportedUNet:
+        return {}
+
+
+def _kohya_name(module: str, family: ModelFamily, unet_names: Mapping[str, str]) -> str:
     component, path = module.split(".", 1)
+    try:
+        prefix = family.kohya_prefix(component)
+    except KeyError:
+        raise AdapterInvalid(
+            f"cannot export module {module} to {family.label} kohya names", reason="not_canonical"
+        ) from None
     if component == "unet":
-        return "lora_unet_" + path.replace(".", "_")
-    if component == "text_encoder":
-        if not path.startswith(TEXT_MODEL):
-            path = TEXT_MODEL + path
-        return "lora_te_" + path.replace(".", "_")
-    raise AdapterInvalid(f"cannot export module {module} to kohya names", reason="not_canonical")
+        return prefix + unet_names.get(path, path.replace(".", "_"))
+    if not path.startswith((TEXT_MODEL, "text_projection")):  # CLIPTextModelWithProjection's own
+        path = TEXT_MODEL + path
+    return prefix + path.replace(".", "_")

@@ -10,6 +10,7 @@ Strict-base mode refuses anything but True.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from adapters.metadata import (
 from adapters.normalise import NormaliseInfo, normalise
 from adapters.records import AdapterVersion, tensor_digest
 from adapters.validate import check_alpha
+from basemodel.families import declared_by, label_of
 
 REGISTRY_FIELDS = frozenset(
     {
@@ -74,7 +76,7 @@ def prepare(
 ) -> Prepared:
     tensors, header = read_adapter(data, limits=limits)
     embedded = parse_header_metadata(header)
-    check_declared_architecture(embedded, base)
+    check_declared_architecture(embedded, base, header)
     canonical, info = normalise(tensors, base.architecture, max_rank=max_rank)
     match = base_match(embedded, header, base)
     if strict_base and match is not True:
@@ -107,27 +109,44 @@ def check_metadata_size(meta: AdapterMetadata) -> None:
         )
 
 
-def check_declared_architecture(embedded: AdapterMetadata | None, base: BaseIdentity) -> None:
+def check_declared_architecture(
+    embedded: AdapterMetadata | None, base: BaseIdentity, header: Mapping[str, str] | None = None
+) -> None:
+    """The model family and architecture the file declares (our metadata, else modelspec/kohya keys)."""
     declared = embedded.base_model if embedded is not None else None
+    named = declared_by(header or {}) if declared is None else None
+    if named is not None and named[0].name != base.family:
+        family, source = named
+        raise AdapterIncompatible(
+            f"the adapter is for {label_of(family.name)} base models ({source}); "
+            f"{base.name!r} is {label_of(base.family)}",
+            reason="family_mismatch",
+            detail={"adapter_family": family.name, "base_family": base.family},
+        )
     if declared is None or declared.architecture_id in (None, base.architecture_id):
         return
     raise AdapterIncompatible(
         f"the adapter was made for base model {declared.name!r} whose architecture "
-        f"({declared.family or 'unknown family'}) differs from {base.name!r} ({base.family})",
+        f"({label_of(declared.family)}) differs from {base.name!r} ({label_of(base.family)})",
         reason="architecture_mismatch",
         detail={
             "adapter_architecture_id": declared.architecture_id,
             "base_architecture_id": base.architecture_id,
+            "adapter_family": declared.family,
+            "base_family": base.family,
         },
     )
 
 
 def check_open_compatible(version: AdapterVersion, base: BaseIdentity, strict: bool) -> None:
     """Opening a stored version for ``base``: same architecture always, same checkpoint if strict."""
-    if version.base_model.architecture_id not in (None, base.architecture_id):
+    recorded = version.base_model
+    if recorded.architecture_id not in (None, base.architecture_id):
         raise AdapterIncompatible(
-            f"{version.ref} was registered for another architecture than {base.name!r}",
+            f"{version.ref} was registered for base model {recorded.name!r} ({label_of(recorded.family)}), "
+            f"whose architecture differs from {base.name!r} ({label_of(base.family)})",
             reason="architecture_mismatch",
+            detail={"adapter_family": recorded.family, "base_family": base.family},
         )
     if strict and version.base_model.fingerprint != base.fingerprint:
         raise AdapterIncompatible(

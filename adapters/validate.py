@@ -20,8 +20,8 @@ from adapters.errors import AdapterIncompatible, AdapterInvalid
 from basemodel.fingerprint import Architecture
 
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-COMPONENTS = ("unet", "text_encoder")
-CANONICAL_KEY = re.compile(r"^(?P<module>(?:unet|text_encoder)\..+)\.lora_(?P<role>[AB])\.weight$")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second text encoder
+CANONICAL_KEY = re.compile(rf"^(?P<module>(?:{'|'.join(COMPONENTS)})\..+)\.lora_(?P<role>[AB])\.weight$")
 SHOW = 5  # how many offending keys an error message lists
 MAX_ALPHA_RATIO = 64
 """alpha may be at most this multiple of its module's rank (alpha/rank is folded into lora_B)."""
@@ -181,7 +181,7 @@ def canonical_pairs(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torc
             f"{len(stray)} key(s) are not in the canonical layout, e.g. {first(stray, 1)[0]}",
             reason="not_canonical",
             detail={"keys": first(stray)},
-            hint="Canonical keys are <unet|text_encoder>.<module>.lora_A.weight / .lora_B.weight.",
+            hint=f"Canonical keys are <{'|'.join(COMPONENTS)}>.<module>.lora_A.weight / .lora_B.weight.",
         )
     incomplete = [m for m, h in halves.items() if set(h) != {"A", "B"}]
     if incomplete:

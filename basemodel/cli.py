@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from basemodel.errors import ConfigError
 from basemodel.settings import load_settings
+from basemodel.tiny import RANDOM_MODELS
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +32,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="build the random-init variant (same architecture, weights from --seed) instead",
     )
     init.add_argument("--seed", type=int, default=0, help="with --random: weights seed (same bytes)")
+    init.add_argument(
+        "--family",
+        choices=sorted(RANDOM_MODELS),
+        default="sd1",
+        help="with --random: the model family (sd1: tiny-sd-random, sdxl: tiny-sdxl-random)",
+    )
     init.set_defaults(func=_init_tiny)
 
     from basemodel.pretrain.__main__ import add_arguments
@@ -48,16 +56,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def _init_tiny(args: argparse.Namespace) -> int:
     from basemodel.pretrain.shipped import ensure_installed, install
-    from basemodel.tiny import RANDOM_NAME, TINY_NAME, save_tiny
+    from basemodel.tiny import TINY_NAME, save_random
 
     if args.random:
-        output = args.output or load_settings().models_dir / RANDOM_NAME
+        name = RANDOM_MODELS[args.family]
+        output = args.output or load_settings().models_dir / name
         if args.if_missing and (output / "model_index.json").is_file():
-            print(f"{RANDOM_NAME} already at {output}")
+            print(f"{name} already at {output}")
             return 0
-        save_tiny(output, seed=args.seed)
-        print(f"built {RANDOM_NAME} (random init, seed {args.seed}) at {output}")
+        save_random(name, output, seed=args.seed)
+        print(f"built {name} (random init, seed {args.seed}) at {output}")
         return 0
+    if args.family != "sd1":
+        raise ConfigError(f"--family {args.family} needs --random: the shipped pretrained tiny-sd is SD1.x")
     output = args.output or load_settings().models_dir / TINY_NAME
     (ensure_installed if args.if_missing else install)(output)
     print(f"installed {TINY_NAME} (shipped pretrained weights, sha256-checked) at {output}")
@@ -80,7 +91,9 @@ def _info(args: argparse.Namespace) -> int:
         "kind": base.ref.kind,
         "path": str(base.ref.path),
         "fingerprint": base.fingerprint,
-        "family": base.architecture.family,
+        "family": base.family.name,
+        "pipeline": type(base.pipe).__name__,
+        "prediction_type": base.family.prediction_type(base.pipe.scheduler.config),
         "architecture_id": base.architecture.architecture_id,
         "targetable_modules": len(base.architecture.modules),
         "native_size": base.native_size,

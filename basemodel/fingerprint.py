@@ -4,9 +4,12 @@
   sha256 of the file (what A1111 and kohya's ``ss_new_sd_model_hash`` record); for a diffusers
   folder it is sha256 over ``relative path\\0sha256(file)\\n`` for every ``*.safetensors`` weight
   file, sorted by path. Computed once and cached beside the model, keyed by size and mtime.
-* ``architecture``: every LoRA-targetable module (``nn.Linear`` / ``nn.Conv2d``) of the UNet and
-  text encoder, as ``"unet.<path>" / "text_encoder.<path>"`` → weight shape, plus its own sha256
-  (``architecture_id``) so two models can be compared in O(1).
+* ``architecture``: the model family and every LoRA-targetable module (``nn.Linear`` / ``nn.Conv2d``)
+  of the UNet and the text encoder(s), as ``"unet.<path>"`` / ``"text_encoder.<path>"`` /
+  ``"text_encoder_2.<path>"`` → weight shape, plus its own sha256 (``architecture_id``, over the family
+  and the modules) so two models can be compared in O(1). It also keeps the UNet's config
+  (``unet_config``, public keys only), from which ``adapters.kohya_ldm`` derives the LDM/SGM names of
+  the UNet's modules; the config is not part of ``architecture_id`` nor of equality.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,10 @@ from typing import Any
 from torch import nn
 
 CACHE_NAME = ".loraswap-fingerprint.json"
+# Families whose ids predate families: StableDiffusionPipeline folders (SD1.x, SD2.x) loaded before the
+# family was part of the id, so their ids stay module-only and stored adapters keep opening. Their
+# modules already tell them apart (cross-attention width 1024 is what makes a model SD2.x).
+LEGACY_ID_FAMILIES = frozenset({"sd1", "sd2"})
 _CHUNK = 1 << 22
 
 
@@ -80,27 +88,38 @@ class Architecture:
 
     modules: dict[str, tuple[int, ...]] = field(repr=False)
     family: str = "sd1"
+    unet_config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def architecture_id(self) -> str:
-        blob = json.dumps(sorted((k, list(v)) for k, v in self.modules.items())).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """sha256 over the family and the modules; SD1.x/SD2.x ids hash the modules alone (see
+        ``LEGACY_ID_FAMILIES``), so any other family's id differs from theirs even for equal modules."""
+        modules = sorted((k, list(v)) for k, v in self.modules.items())
+        content: Any = (
+            modules if self.family in LEGACY_ID_FAMILIES else {"family": self.family, "modules": modules}
+        )
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
     def shape_of(self, module: str) -> tuple[int, ...] | None:
         return self.modules.get(module)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "family": self.family,
             "architecture_id": self.architecture_id,
             "modules": {k: list(v) for k, v in self.modules.items()},
         }
+        if self.unet_config is not None:
+            data["unet_config"] = self.unet_config
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        config = data.get("unet_config")
         return cls(
             modules={k: tuple(v) for k, v in data["modules"].items()},
             family=str(data.get("family", "sd1")),
+            unet_config=public_config(config) if isinstance(config, Mapping) else None,
         )
 
 
@@ -115,6 +134,19 @@ def describe_modules(prefix: str, model: nn.Module) -> dict[str, tuple[int, ...]
     }
 
 
-def architecture_of(unet: nn.Module, text_encoder: nn.Module, family: str = "sd1") -> Architecture:
-    modules = describe_modules("unet", unet) | describe_modules("text_encoder", text_encoder)
-    return Architecture(modules=modules, family=family)
+def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers config as plain JSON-ready data, without its private ``_…`` keys."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not str(k).startswith("_")
+    }
+
+
+def architecture_of(components: Mapping[str, nn.Module], family: str) -> Architecture:
+    """The descriptor of ``components`` (name → module, e.g. ``unet``, ``text_encoder``); the UNet's
+    config comes along when the ``unet`` component has one (diffusers models do)."""
+    modules: dict[str, tuple[int, ...]] = {}
+    for prefix, model in components.items():
+        modules |= describe_modules(prefix, model)
+    config = getattr(components.get("unet"), "config", None)
+    unet_config = public_config(config) if isinstance(config, Mapping) else None
+    return Architecture(modules=modules, family=family, unet_config=unet_config)

@@ -1,9 +1,11 @@
 """Resolve a ``--base-model`` spec to files and load it as a resident pipeline.
 
 Specs: ``tiny-sd`` (the embedded pretrained model, installed from the package on first use under
-``$LORASWAP_HOME/models``), ``tiny-sd-random`` (the same architecture with random weights), a local diffusers
-folder (has ``model_index.json``), or a single-file SD1.x ``.safetensors`` checkpoint. Nothing is
-ever downloaded, and pickle checkpoints (``.ckpt``/``.pt``/``.bin``/``.pth``) are refused unopened.
+``$LORASWAP_HOME/models``), ``tiny-sd-random`` (the same architecture with random weights),
+``tiny-sdxl-random`` (an SDXL-shaped random model), a local diffusers folder (has ``model_index.json``;
+SD1.x, SD2.x or SDXL, see ``basemodel.families``), or a single-file SD1.x ``.safetensors`` checkpoint.
+Nothing is ever downloaded, and pickle checkpoints (``.ckpt``/``.pt``/``.bin``/``.pth``) are refused
+unopened.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
-from basemodel.fingerprint import Architecture, architecture_of, fingerprint
-from basemodel.tiny import RANDOM_NAME, TINY_NAME, ensure_random_tiny, ensure_tiny
+from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family
+from basemodel.fingerprint import Architecture, fingerprint
+from basemodel.tiny import RANDOM_MODELS, TINY_NAME, ensure_random_tiny, ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,8 @@ class BaseModelRef:
 def resolve_base_model(spec: str, models_dir: Path) -> BaseModelRef:
     if spec == TINY_NAME:
         return BaseModelRef(TINY_NAME, ensure_tiny(models_dir), "tiny")
-    if spec == RANDOM_NAME:
-        return BaseModelRef(RANDOM_NAME, ensure_random_tiny(models_dir), "tiny")
+    if spec in RANDOM_MODELS.values():
+        return BaseModelRef(spec, ensure_random_tiny(models_dir, name=spec), "tiny")
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UnsafeFormat(
@@ -91,14 +93,9 @@ def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> Pipe
 
         pipe: Pipeline = load_single_file(ref.path, torch_dtype=dtype)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            ref.path,
-            dtype=dtype,
-            local_files_only=True,
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        family = detect_folder(ref.path)
+        pipe = family.pipeline_class().from_pretrained(
+            ref.path, dtype=dtype, local_files_only=True, use_safetensors=True, **family.load_kwargs()
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -120,11 +117,6 @@ def apply_attention(pipe: Pipeline, attention: str, device: torch.device) -> str
     return "xformers"
 
 
-def family_of(pipe: Pipeline) -> str:
-    dim = int(pipe.unet.config.cross_attention_dim)
-    return "sd1" if dim == 768 else f"custom-{dim}"
-
-
 @dataclass
 class BaseModel:
     """A loaded base model with its identity, ready for the server or the trainer."""
@@ -141,8 +133,18 @@ class BaseModel:
         return self.ref.name
 
     @property
+    def family(self) -> ModelFamily:
+        return get_family(self.architecture.family)
+
+    @property
     def native_size(self) -> int:
-        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        """Default width and height (the family's rule: the UNet's sample size in pixels)."""
+        return self.family.native_size(self.pipe)
+
+    @property
+    def lora_components(self) -> dict[str, Any]:
+        """Component name → module for every component LoRA may target (UNet, text encoder(s))."""
+        return self.family.lora_components(self.pipe)
 
 
 def load_base_model(
@@ -158,6 +160,7 @@ def load_base_model(
     log.info("loading base model %s (%s) on %s/%s", ref.name, ref.kind, torch_device, torch_dtype)
     pipe = load_pipeline(ref, torch_dtype)
     pipe.to(torch_device)
+    family = detect_pipeline(pipe)
+    family.after_load(pipe)
     apply_attention(pipe, attention, torch_device)
-    arch = architecture_of(pipe.unet, pipe.text_encoder, family=family_of(pipe))
-    return BaseModel(ref, pipe, fingerprint(ref.path), arch, torch_device, torch_dtype)
+    return BaseModel(ref, pipe, fingerprint(ref.path), family.architecture(pipe), torch_device, torch_dtype)

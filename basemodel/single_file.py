@@ -1,17 +1,20 @@
-"""Load a single-file SD1.x checkpoint (A1111/CivitAI style, original LDM key layout) fully offline.
+"""Load a single-file SD1.x or SDXL checkpoint (A1111/CivitAI style, LDM/SGM key layout) fully offline.
 
-The file must be ``.safetensors``: nothing is ever unpickled. Component configs come from a local
-diffusers-format folder (``configs/sd15`` by default: SD1.5's own configs, no weights) and the CLIP
-ViT-L/14 tokenizer is rebuilt from the vendored OpenAI BPE merges, so the Hub is never contacted.
-Weights are converted with diffusers' LDM→diffusers helpers and loaded strictly: a missing,
-unexpected or misshapen tensor is a ``BaseModelError`` that says what was found.
+The file must be ``.safetensors``: nothing is ever unpickled. Its family is detected from its keys
+(``basemodel.families.detect_checkpoint``). Component configs come from a local diffusers-format
+folder (by default the shipped ``configs/sd15`` or ``configs/sdxl``: the released models' own configs,
+no weights) and the CLIP tokenizers (ViT-L/14 and OpenCLIP ViT-bigG share the BPE) are rebuilt from
+the vendored OpenAI BPE merges, so the Hub is never contacted. Weights are converted with diffusers'
+LDM→diffusers helpers and loaded strictly: a missing, unexpected or misshapen tensor is a
+``BaseModelError`` that says what was found. SDXL's assembly lives in ``basemodel.single_file_sdxl``.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,39 +28,59 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from basemodel.errors import BaseModelError, UnsafeFormat
+from basemodel.families import FAMILIES, detect_checkpoint, read_json
+from basemodel.families.sd1 import SD1
 from basemodel.tokenizer import BOS, EOS, _bytes_to_unicode
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 SD15_CONFIG_DIR = CONFIGS_DIR / "sd15"
+SDXL_CONFIG_DIR = CONFIGS_DIR / "sdxl"
 CLIP_BPE_PATH = CONFIGS_DIR / "clip_bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 COMPONENT_PREFIXES = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", CLIP_PREFIX: "CLIP text encoder"}
 
-# Key prefixes that identify checkpoint families this loader does not take, checked in this order.
-OTHER_FAMILIES: tuple[tuple[str, str], ...] = (
-    ("conditioner.embedders.", "an SDXL checkpoint (conditioner.embedders.* keys)"),
-    ("cond_stage_model.model.", "an SD2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.* keys)"),
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's single-file layout: its shipped configs, its component key prefixes (→ in words)
+    and the function that assembles the pipeline from the checkpoint's tensors."""
+
+    config_dir: Path
+    components: dict[str, str]
+    assemble: Callable[..., Any]
+
+
+# The families this loader converts; other families' checkpoints are recognised (``detect_checkpoint``)
+# and refused by name, and so are these other layouts, checked in this order.
+LOADS = SD1()
+OTHER_LAYOUTS: tuple[tuple[str, str], ...] = (
+    (
+        "conditioner.embedders.",
+        "an SDXL-style checkpoint without both text encoders (conditioner.embedders.*)",
+    ),
     ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint (joint_blocks keys)"),
     ("model.diffusion_model.double_blocks.", "a Flux checkpoint (double_blocks keys)"),
     ("double_blocks.", "a Flux checkpoint (double_blocks keys)"),
     ("lora_unet_", "a LoRA adapter (lora_unet_* keys), not a base model"),
     ("lora_te", "a LoRA adapter (lora_te* keys), not a base model"),
 )
-HINT = "Pass an SD1.x (SD1.4/1.5 family) text-to-image checkpoint in .safetensors, or a diffusers folder."
+HINT = "Pass an SD1.x (SD1.4/1.5) or SDXL text-to-image checkpoint in .safetensors, or a diffusers folder."
 
 
 def load_single_file(
     path: Path, torch_dtype: torch.dtype = torch.float32, config_dir: Path | None = None
-) -> StableDiffusionPipeline:
-    """Load an SD1.x LDM-layout ``.safetensors`` checkpoint as a StableDiffusionPipeline, offline.
+) -> Any:
+    """Load an SD1.x or SDXL LDM/SGM-layout ``.safetensors`` checkpoint as its family's pipeline, offline.
 
-    ``config_dir`` is a diffusers-format folder whose component configs (``unet``, ``vae``,
-    ``text_encoder``, ``scheduler``, ``tokenizer``) describe the checkpoint; it defaults to the
-    shipped SD1.5 configs. Only its configs and tokenizer are read, never weights.
+    ``config_dir`` is a diffusers-format folder whose component configs (``unet``, ``vae``, the text
+    encoder(s), ``scheduler``, the tokenizer(s)) describe the checkpoint; it defaults to the shipped
+    configs of the checkpoint's family. Only its configs and tokenizers are read, never weights.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -67,44 +90,86 @@ def load_single_file(
         )
     if not path.is_file():
         raise BaseModelError(f"checkpoint {path} not found", detail={"path": str(path)})
-    config_dir = Path(config_dir) if config_dir is not None else SD15_CONFIG_DIR
-    unet_config = _read_json(config_dir / "unet" / "config.json")
-    state = _read_checkpoint(path, unet_config)
+    keys = _read_keys(path)
+    layout = _layout_of(path, keys)
+    config_dir = Path(config_dir) if config_dir is not None else layout.config_dir
+    unet_config = read_json(config_dir / "unet" / "config.json")
+    state = _read_checkpoint(path, layout, unet_config)
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
-    unet_state = convert_ldm_unet_checkpoint(_subset(state, UNET_PREFIX), unet_config)
-    _assign(unet, unet_state, "UNet", path, torch_dtype)
+    unet_state = converted("UNet", path, convert_ldm_unet_checkpoint, subset(state, UNET_PREFIX), unet_config)
+    assign_weights(unet, unet_state, "UNet", path, torch_dtype)
 
-    vae_config = _read_json(config_dir / "vae" / "config.json")
+    vae_config = read_json(config_dir / "vae" / "config.json")
     with init_empty_weights():
         vae = AutoencoderKL.from_config(vae_config)
-    vae_state = convert_ldm_vae_checkpoint(_subset(state, VAE_PREFIX), vae_config)
-    _assign(vae, vae_state, "VAE", path, torch_dtype)
+    vae_state = converted("VAE", path, convert_ldm_vae_checkpoint, subset(state, VAE_PREFIX), vae_config)
+    assign_weights(vae, vae_state, "VAE", path, torch_dtype)
+    return layout.assemble(state, unet, vae, config_dir, path, torch_dtype)
 
-    text_config = CLIPTextConfig.from_dict(_read_json(config_dir / "text_encoder" / "config.json"))
-    with init_empty_weights():
-        text_encoder = CLIPTextModel(text_config)
-    clip_state = _convert_clip(state, nested=hasattr(text_encoder, "text_model"))
-    _assign(text_encoder, clip_state, "CLIP text encoder", path, torch_dtype)
 
+def _assemble_sd1(
+    state: dict[str, torch.Tensor],
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    config_dir: Path,
+    path: Path,
+    torch_dtype: torch.dtype,
+) -> StableDiffusionPipeline:
+    text_encoder = clip_text_encoder(state, CLIP_PREFIX, config_dir / "text_encoder", path, torch_dtype)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_load_tokenizer(config_dir / "tokenizer"),
+        tokenizer=load_tokenizer(config_dir / "tokenizer"),
         unet=unet,
-        scheduler=_load_scheduler(config_dir / "scheduler" / "scheduler_config.json"),
+        scheduler=load_scheduler(config_dir / "scheduler" / "scheduler_config.json"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """CLIP ViT-L/14's tokenizer (49408 tokens), built from the vendored BPE merges as CLIP does."""
+def _assemble_sdxl(*args: Any) -> Any:
+    from basemodel.single_file_sdxl import assemble_sdxl
+
+    return assemble_sdxl(*args)
+
+
+LAYOUTS = {
+    "sd1": Layout(SD15_CONFIG_DIR, COMPONENT_PREFIXES, _assemble_sd1),
+    "sdxl": Layout(
+        SDXL_CONFIG_DIR,
+        {
+            UNET_PREFIX: "UNet",
+            VAE_PREFIX: "VAE",
+            SDXL_CLIP_PREFIX: "CLIP ViT-L text encoder",
+            SDXL_OPENCLIP_PREFIX: "OpenCLIP ViT-bigG text encoder",
+        },
+        _assemble_sdxl,
+    ),
+}
+
+
+def clip_text_encoder(
+    state: dict[str, torch.Tensor], prefix: str, config_folder: Path, path: Path, torch_dtype: torch.dtype
+) -> CLIPTextModel:
+    """A CLIP text encoder from LDM keys under ``prefix`` (transformers' names with a prefix)."""
+    text_config = CLIPTextConfig.from_dict(read_json(config_folder / "config.json"))
+    with init_empty_weights():
+        text_encoder = CLIPTextModel(text_config)
+    clip_state = _convert_clip(state, prefix, nested=hasattr(text_encoder, "text_model"))
+    assign_weights(text_encoder, clip_state, "CLIP text encoder", path, torch_dtype)
+    return text_encoder
+
+
+def build_clip_tokenizer(model_max_length: int = 77, pad_token: str | None = None) -> CLIPTokenizer:
+    """CLIP ViT-L/14's tokenizer (49408 tokens), built from the vendored BPE merges as CLIP does;
+    OpenCLIP ViT-bigG (SDXL's ``tokenizer_2``) is the same with ``pad_token="!"``."""
     vocab, merges = _clip_vocab_and_merges()
     pairs: Any = list(merges)  # tokenizers takes (a, b) pairs; transformers' hint says list[str]
-    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=model_max_length)
+    extra = {"pad_token": pad_token} if pad_token is not None else {}
+    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=model_max_length, **extra)
 
 
 @lru_cache(maxsize=1)
@@ -121,16 +186,20 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def _load_tokenizer(folder: Path) -> CLIPTokenizer:
-    """The folder's own tokenizer files if it has them, else CLIP ViT-L/14's from the vendored merges."""
+def load_tokenizer(folder: Path) -> CLIPTokenizer:
+    """The folder's own tokenizer files if it has them, else CLIP's from the vendored merges (with the
+    folder's ``model_max_length`` and ``pad_token``)."""
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    settings = _read_json(folder / "tokenizer_config.json") if folder.is_dir() else {}
-    return build_clip_tokenizer(int(settings.get("model_max_length", 77)))
+    settings = read_json(folder / "tokenizer_config.json") if folder.is_dir() else {}
+    pad = settings.get("pad_token")
+    return build_clip_tokenizer(
+        int(settings.get("model_max_length", 77)), pad if isinstance(pad, str) else None
+    )
 
 
-def _load_scheduler(config_file: Path) -> SchedulerMixin:
-    config = _read_json(config_file)
+def load_scheduler(config_file: Path) -> SchedulerMixin:
+    config = read_json(config_file)
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise BaseModelError(
@@ -140,23 +209,15 @@ def _load_scheduler(config_file: Path) -> SchedulerMixin:
     return scheduler
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot read model config {file}: {exc}", detail={"path": str(file)}) from exc
-    if not isinstance(data, dict):
-        raise BaseModelError(f"model config {file} is not a JSON object", detail={"path": str(file)})
-    return data
+def _read_keys(path: Path) -> list[str]:
+    with _readable(path), safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
 
 
-def _read_checkpoint(path: Path, unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Check the layout from keys and shapes, then read only the SD1.x component tensors."""
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            _check_layout(path, keys, lambda key: list(handle.get_slice(key).get_shape()), unet_config)
-            return {key: handle.get_tensor(key) for key in keys if key.startswith(tuple(COMPONENT_PREFIXES))}
+        yield
     except BaseModelError:
         raise
     except Exception as exc:  # safetensors raises its own error types for truncated or garbage files
@@ -167,61 +228,105 @@ def _read_checkpoint(path: Path, unet_config: dict[str, Any]) -> dict[str, torch
         ) from exc
 
 
-def _check_layout(
-    path: Path, keys: list[str], shape_of: Callable[[str], list[int]], unet_config: dict[str, Any]
-) -> None:
-    def refuse(found: str) -> BaseModelError:
-        return BaseModelError(
-            f"{path.name} is not an SD1.x checkpoint: detected {found}",
-            detail={"path": str(path), "detected": found},
-            hint=HINT,
-        )
+def _refusal(path: Path, found: str) -> BaseModelError:
+    return BaseModelError(
+        f"{path.name} is not an SD1.x or SDXL checkpoint: detected {found}",
+        detail={"path": str(path), "detected": found},
+        hint=HINT,
+    )
 
+
+def _layout_of(path: Path, keys: list[str]) -> Layout:
+    """The layout of the checkpoint's family; other families and layouts are refused by name. A file
+    no family claims is checked as SD1.x's, whose messages then say which component is missing."""
     if not keys:
-        raise refuse("an empty file (no tensors)")
-    for prefix, family in OTHER_FAMILIES:
+        raise _refusal(path, "an empty file (no tensors)")
+    family = detect_checkpoint(keys)
+    if family is not None:
+        if family.name not in LAYOUTS:
+            raise _refusal(path, family.checkpoint_description)
+        return LAYOUTS[family.name]
+    for prefix, layout in OTHER_LAYOUTS:
         if any(key.startswith(prefix) for key in keys):
-            raise refuse(family)
+            raise _refusal(path, layout)
+    return LAYOUTS[LOADS.name]
+
+
+def _read_checkpoint(path: Path, layout: Layout, unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Check the components from keys and shapes, then read only the component tensors."""
+    with _readable(path), safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+        _check_components(
+            path, keys, lambda key: list(handle.get_slice(key).get_shape()), layout, unet_config
+        )
+        return {key: handle.get_tensor(key) for key in keys if key.startswith(tuple(layout.components))}
+
+
+def _check_components(
+    path: Path,
+    keys: list[str],
+    shape_of: Callable[[str], list[int]],
+    layout: Layout,
+    unet_config: dict[str, Any],
+) -> None:
     if any(".lora_down." in key or ".lora_A." in key for key in keys):
-        raise refuse("a LoRA adapter (lora_down/lora_A keys), not a base model")
-    present = [prefix for prefix in COMPONENT_PREFIXES if any(key.startswith(prefix) for key in keys)]
+        raise _refusal(path, "a LoRA adapter (lora_down/lora_A keys), not a base model")
+    components = layout.components
+    present = [prefix for prefix in components if any(key.startswith(prefix) for key in keys)]
     if not present:
         tops = sorted({key.split(".", 1)[0] for key in keys})
-        raise refuse(f"an unknown layout (top-level key prefixes: {', '.join(tops[:8])})")
-    missing = [f"{COMPONENT_PREFIXES[p]} ({p}*)" for p in COMPONENT_PREFIXES if p not in present]
+        raise _refusal(path, f"an unknown layout (top-level key prefixes: {', '.join(tops[:8])})")
+    missing = [f"{components[p]} ({p}*)" for p in components if p not in present]
     if missing:
-        raise refuse(f"an incomplete LDM checkpoint without {' or '.join(missing)} weights")
+        raise _refusal(path, f"an incomplete LDM checkpoint without {' or '.join(missing)} weights")
     conv_in, expected = f"{UNET_PREFIX}input_blocks.0.0.weight", unet_config.get("in_channels")
     if conv_in in keys and shape_of(conv_in)[1] != expected:
         channels = shape_of(conv_in)[1]
         kind = {9: "an inpainting UNet", 8: "an instruct-pix2pix UNet"}.get(channels, "a UNet")
-        raise refuse(f"{kind} with {channels} input channels; the config expects {expected}")
+        raise _refusal(path, f"{kind} with {channels} input channels; the config expects {expected}")
     to_k = next(
         (key for key in keys if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight")), None
     )
     expected = unet_config.get("cross_attention_dim")
     if to_k is not None and shape_of(to_k)[1] != expected:
         context = shape_of(to_k)[1]
-        family = {1024: " (SD2.x)", 2048: " (SDXL)"}.get(context, "")
-        raise refuse(f"a UNet with cross-attention width {context}{family}; the config expects {expected}")
+        width = {f.context_width: f" ({f.label})" for f in FAMILIES}.get(context, "")
+        raise _refusal(
+            path, f"a UNet with cross-attention width {context}{width}; the config expects {expected}"
+        )
 
 
-def _subset(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def converted(
+    component: str, path: Path, convert: Callable[..., dict[str, Any]], *args: Any
+) -> dict[str, Any]:
+    """diffusers' converter's result; the errors it raises on missing or misshapen tensors (a
+    ``KeyError`` naming the LDM key, …) become a ``BaseModelError`` that names the component."""
+    try:
+        return convert(*args)
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        raise BaseModelError(
+            f"{path.name}: the {component} weights cannot be converted: missing or misshapen {exc}",
+            detail={"path": str(path), "component": component},
+            hint=HINT,
+        ) from exc
+
+
+def subset(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key: tensor for key, tensor in state.items() if key.startswith(prefix)}
 
 
-def _convert_clip(state: dict[str, torch.Tensor], nested: bool) -> dict[str, torch.Tensor]:
-    """LDM CLIP keys to transformers', old (no ``text_model.``) and new layouts alike."""
+def _convert_clip(state: dict[str, torch.Tensor], prefix: str, nested: bool) -> dict[str, torch.Tensor]:
+    """LDM CLIP keys under ``prefix`` to transformers', old (no ``text_model.``) and new layouts alike."""
     converted: dict[str, torch.Tensor] = {}
-    for full_key, tensor in _subset(state, CLIP_PREFIX).items():
-        key = full_key.removeprefix(CLIP_PREFIX).removeprefix("text_model.")
+    for full_key, tensor in subset(state, prefix).items():
+        key = full_key.removeprefix(prefix).removeprefix("text_model.")
         if key == "embeddings.position_ids":  # a buffer, rebuilt by the model; often stale in merges
             continue
         converted[f"text_model.{key}" if nested else key] = tensor
     return converted
 
 
-def _assign(
+def assign_weights(
     model: torch.nn.Module, state: dict[str, Any], component: str, path: Path, dtype: torch.dtype
 ) -> None:
     """Load ``state`` into a meta-initialised model strictly, with a readable error on any mismatch."""
@@ -246,4 +351,4 @@ def _assign(
             hint=HINT,
         )
     model.load_state_dict({k: v.to(dtype) for k, v in given.items()}, strict=True, assign=True)
-    model.eval()  # SD1.x models hold no float buffers, so the assigned tensors set the dtype
+    model.eval()  # these models hold no float buffers, so the assigned tensors set the dtype

@@ -6,7 +6,8 @@ background" at 32 px. ``ensure_tiny`` installs it, sha256-checked, under ``$LORA
 first use; nothing is trained or downloaded at start-up.
 
 ``tiny-sd-random`` (``loraswap model init-tiny --random``) is the same architecture with random weights
-built from a seed; the same seed always gives byte-identical weight files.
+built from a seed; the same seed always gives byte-identical weight files. ``tiny-sdxl-random``
+(``--random --family sdxl``) is its SDXL-shaped counterpart (``basemodel/tiny_sdxl.py``).
 
 Module names follow SD1.5 (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` …) so
 adapters, converters and tests exercise the same paths as on a full model; only widths and depths
@@ -29,11 +30,15 @@ from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 
 TINY_NAME = "tiny-sd"
 RANDOM_NAME = "tiny-sd-random"
+SDXL_RANDOM_NAME = "tiny-sdxl-random"
+# family → its random-weights test model (``loraswap model init-tiny --random --family F``)
+RANDOM_MODELS = {"sd1": RANDOM_NAME, "sdxl": SDXL_RANDOM_NAME}
 DEFAULT_SEED = 0
 RESOLUTION = 32
 LATENT_SIZE = RESOLUTION // 2
 
 # SD1.5's scheduler constants: the noise schedule is the model's contract, so keep it exact.
+SD15_VAE_SCALING = 0.18215
 SD15_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -62,7 +67,8 @@ def build_unet(seed: int) -> UNet2DConditionModel:
     )
 
 
-def build_vae(seed: int) -> AutoencoderKL:
+def build_vae(seed: int, scaling_factor: float = SD15_VAE_SCALING) -> AutoencoderKL:
+    """Factor-2 VAE with 4 latent channels; ``scaling_factor`` as the full-size family's VAE."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -74,25 +80,28 @@ def build_vae(seed: int) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=RESOLUTION,
+        scaling_factor=scaling_factor,
     )
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
-    """A 2-layer, 64-wide CLIP text encoder sized to ``tokenizer``, initialised from ``seed``."""
+def clip_text_config(tokenizer: CLIPTokenizer, **sizes: Any) -> CLIPTextConfig:
+    """A CLIP text config sized to ``tokenizer``; ``sizes`` override the 2-layer, 64-wide default."""
     bos, eos = (int(tokenizer.convert_tokens_to_ids(token)) for token in (BOS, EOS))  # type: ignore[arg-type]
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+    shape = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4}
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **(shape | sizes),
         max_position_embeddings=MAX_LENGTH,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    """A 2-layer, 64-wide CLIP text encoder sized to ``tokenizer``, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return CLIPTextModel(clip_text_config(tokenizer))
 
 
 def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any = None) -> Any:
@@ -135,9 +144,17 @@ def ensure_tiny(models_dir: Path) -> Path:
     return ensure_installed(Path(models_dir) / TINY_NAME)
 
 
-def ensure_random_tiny(models_dir: Path, seed: int = DEFAULT_SEED) -> Path:
-    """The random-init variant under ``models_dir``, built from ``seed`` on first use."""
-    target = Path(models_dir) / RANDOM_NAME
+def save_random(name: str, output: Path, seed: int = DEFAULT_SEED) -> Path:
+    """Build the random model ``name`` (a value of ``RANDOM_MODELS``) from ``seed`` into ``output``."""
+    from basemodel.tiny_sdxl import save_tiny_sdxl
+
+    builders = {RANDOM_NAME: save_tiny, SDXL_RANDOM_NAME: save_tiny_sdxl}
+    return builders[name](output, seed)
+
+
+def ensure_random_tiny(models_dir: Path, seed: int = DEFAULT_SEED, name: str = RANDOM_NAME) -> Path:
+    """The random model ``name`` under ``models_dir``, built from ``seed`` on first use."""
+    target = Path(models_dir) / name
     if not (target / "model_index.json").is_file():
-        save_tiny(target, seed)
+        save_random(name, target, seed)
     return target

@@ -148,11 +148,12 @@ class HotSwap:
 
     def __init__(self, pipe: Any, adapter_file: Path, key: str = "demo@1") -> None:
         from adapters.format import read_adapter
+        from basemodel.families import detect_pipeline
         from service.lora.model_manager import LoRAModelManager
         from service.lora.weights import DeviceAdapter
 
         tensors, _ = read_adapter(adapter_file)  # the canonical file the trainer exported
-        self.manager = LoRAModelManager(pipe.unet, pipe.text_encoder)
+        self.manager = LoRAModelManager(detect_pipeline(pipe).lora_components(pipe))
         self.adapter = DeviceAdapter.build(key, tensors, self.manager.targets, pipe.device, pipe.unet.dtype)
 
     @contextmanager

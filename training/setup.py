@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from basemodel.errors import BaseModelError
+from basemodel.errors import BaseModelError, NotSupported
 from basemodel.loader import BaseModel, load_base_model
 from training import TRAINER_NAME, TRAINER_VERSION
 from training.config import DEFAULT_STEPS, TrainConfig
@@ -115,6 +115,12 @@ def check_base(config: TrainConfig, base: BaseModel) -> None:
             f"base model {base.name} has fingerprint {base.fingerprint[:16]}…, expected {want[:16]}…",
             detail={"fingerprint": base.fingerprint, "expected": want},
             hint="Point --base-model at the pinned checkpoint or update --base-model-sha256.",
+        )
+    if not base.family.trainable:
+        raise NotSupported(
+            f"training on {base.family.label} base models is not supported yet ({base.name} is one)",
+            detail={"family": base.family.name},
+            hint="Train on an SD1.x or SD2.x base model; SDXL training is planned (issue 11).",
         )
     cross = int(base.pipe.unet.config.cross_attention_dim)
     hidden = int(base.pipe.text_encoder.config.hidden_size)

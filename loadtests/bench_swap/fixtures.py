@@ -21,8 +21,7 @@ from adapters.identity import BaseIdentity
 from adapters.records import AdapterVersion, blob_key
 from adapters.registry import Registry
 from adapters.sources import LocalStore
-from basemodel.fingerprint import architecture_of
-from basemodel.loader import family_of
+from basemodel.families import detect_pipeline
 from service.engine.sampler import SampleParams
 from service.lora.cache import AdapterCache, Budgets
 from service.lora.model_manager import LoRAModelManager
@@ -147,7 +146,7 @@ class Bench:
         return AppliedAdapter(self.versions[index], adapter, 1.0)
 
     def reinstall_hooks(self) -> None:
-        self.manager = LoRAModelManager(self.pipe.unet, self.pipe.text_encoder)
+        self.manager = LoRAModelManager(detect_pipeline(self.pipe).lora_components(self.pipe))
 
 
 def build_bench(
@@ -159,17 +158,18 @@ def build_bench(
     pipe.to(device=device, dtype=dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval()  # as from_pretrained leaves them (built models start in training mode)
+    family = detect_pipeline(pipe)
     identity = BaseIdentity(
         name=f"bench-{shape}",
         fingerprint=hashlib.sha256(f"bench-swap/{shape}/seed0".encode()).hexdigest(),
-        architecture=architecture_of(pipe.unet, pipe.text_encoder, family=family_of(pipe)),
+        architecture=family.architecture(pipe),
     )
     log(f"writing {sizes.adapters} rank-{sizes.rank} adapter files ({sizes.file_dtype})")
     layout = peft_layout(pipe.unet, sizes.rank)
     files = write_adapter_files(layout, sizes.adapters, FILE_DTYPES[sizes.file_dtype], workdir / "files")
     registry = Registry(LocalStore(workdir / "store"), identity, max_rank=max(64, sizes.rank))
     versions = [registry.register(path, f"bench-{i:02d}") for i, path in enumerate(files)]
-    manager = LoRAModelManager(pipe.unet, pipe.text_encoder)
+    manager = LoRAModelManager(family.lora_components(pipe))
     bench = Bench(shape, sizes, device, dtype, pipe, manager, registry, versions, files, workdir)
     described = {
         "unet_params": sum(p.numel() for p in pipe.unet.parameters()),

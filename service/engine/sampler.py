@@ -1,7 +1,10 @@
 """The text-to-image sampling loop, for one request or a batch of compatible requests.
 
-It follows diffusers' ``StableDiffusionPipeline.__call__`` step for step (same prompt encoding,
-latent initialisation, classifier-free guidance and VAE decode), so any result reproduces in plain
+It follows the model family's diffusers pipeline step for step — ``StableDiffusionPipeline.__call__``
+for SD1.x/SD2.x, ``StableDiffusionXLPipeline.__call__`` for SDXL: same prompt encoding, added
+conditioning, latent initialisation, classifier-free guidance and VAE decode. What differs between
+families (prompt encoding, added conditioning, scheduler start, decoding) comes from the
+``ModelFamily`` object, so the loop itself has no family branches. Any result reproduces in plain
 diffusers with ``generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]``. It is
 written out here because the server needs per-stage timings, per-step cancellation, a per-request
 scheduler, per-request LoRA adapters and batches that mix requests with different adapters.
@@ -24,6 +27,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from basemodel.families import UNetInputs, detect_pipeline
 from basemodel.loader import Pipeline
 from service.engine.schedulers import make_scheduler
 from service.lora.model_manager import ActiveLoRA, LoRAModelManager
@@ -133,29 +137,35 @@ def sample_batch(
 ) -> list[list[Image.Image]]:
     first = batch[0]
     assert all(p.batch_key() == first.batch_key() for p in batch), "incompatible requests in one batch"
+    family = detect_pipeline(pipe)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     do_cfg = first.guidance_scale > 1.0
     counts = [p.num_images for p in batch]
 
     started = time.perf_counter()
-    conds, unconds = [], []
+    conds: list[UNetInputs] = []
+    unconds: list[UNetInputs] = []
     for params in batch:
         with _using(lora, _whole(params.adapters)):
-            cond, uncond = pipe.encode_prompt(
+            encoded = family.encode(
+                pipe,
                 params.prompt,
-                device,
-                num_images_per_prompt=params.num_images,
-                do_classifier_free_guidance=do_cfg,
-                negative_prompt=params.negative_prompt or None,
+                params.negative_prompt,
+                num_images=params.num_images,
+                guidance=do_cfg,
+                width=first.width,
+                height=first.height,
             )
-        conds.append(cond)
-        unconds.append(uncond)
-    embeds = torch.cat(unconds + conds) if do_cfg else torch.cat(conds)
+        conds.append(encoded.cond)
+        if encoded.uncond is not None:
+            unconds.append(encoded.uncond)
+    inputs = UNetInputs.cat(unconds + conds).unet_kwargs()
     timer.add("text_encode", started)
 
     started = time.perf_counter()
     scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
     scheduler.set_timesteps(first.steps, device=device)
+    family.begin_denoising(scheduler)
     generators = [g for p in batch for g in generators_for(p.seed, p.num_images)]
     scale = pipe.vae_scale_factor
     shape = (sum(counts), pipe.unet.config.in_channels, first.height // scale, first.width // scale)
@@ -169,7 +179,7 @@ def sample_batch(
                 raise Cancelled
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = pipe.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            noise = pipe.unet(model_input, t, **inputs, return_dict=False)[0]
             if do_cfg:
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + guidance * (noise_cond - noise_uncond)
@@ -177,7 +187,7 @@ def sample_batch(
     timer.add("denoise", started)
 
     started = time.perf_counter()
-    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    decoded = family.decode(pipe, latents)
     images: list[Image.Image] = pipe.image_processor.postprocess(
         decoded, output_type="pil", do_denormalize=[True] * len(decoded)
     )

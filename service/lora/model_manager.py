@@ -1,6 +1,6 @@
 """Injects LoRA hooks into the resident model once and activates adapters per forward scope.
 
-Every targetable module (``Linear``/``Conv2d`` of the UNet and the text encoder) gets one forward hook
+Every targetable module (``Linear``/``Conv2d`` of the UNet and the text encoder(s)) gets one forward hook
 at start-up. The hooks share a ``LoRAContext``: while it holds no adapters they return at once, so the
 base model runs unchanged. ``activate`` sets the adapters (each with a scale, or per-row scales for
 mixed batches) for the duration of a ``with`` block and always clears them after, so no state can
@@ -10,7 +10,7 @@ whatever the number of resident adapters — there is no per-module loop as in `
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -56,13 +56,15 @@ def _apply(name: str, context: LoRAContext, x: torch.Tensor, output: torch.Tenso
 
 
 class LoRAModelManager:
-    """Owns the hooks on one pipeline's UNet and text encoder."""
+    """Owns the hooks on one pipeline's LoRA components (the UNet and the family's text encoders)."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+    def __init__(self, components: Mapping[str, nn.Module]) -> None:
+        """``components``: name → module, e.g. ``BaseModel.lora_components`` (``unet``,
+        ``text_encoder`` and, for SDXL, ``text_encoder_2``); hooked modules are ``<name>.<path>``."""
         self.context = LoRAContext()
         self.targets: dict[str, nn.Module] = {}
         self._handles: list[RemovableHandle] = []
-        for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        for prefix, model in components.items():
             for name, module in model.named_modules():
                 if isinstance(module, TARGETABLE):
                     full = f"{prefix}.{name}"

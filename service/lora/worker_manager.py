@@ -58,7 +58,7 @@ class AdapterManager:
         self.registry = Registry.from_settings(settings, self.identity, store=store)
         self.strict_base = settings.strict_base
         self.store_deadline_s = settings.store_deadline_s
-        self.models = LoRAModelManager(base.pipe.unet, base.pipe.text_encoder)
+        self.models = LoRAModelManager(base.lora_components)
         self.cache = AdapterCache(
             self.registry,
             self.models.targets,

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from torch import nn
+
+from adapters.kohya_ldm import kohya_unet_names
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"]
 TE_TARGETS = ["q_proj", "v_proj", "fc1"]
@@ -154,3 +157,15 @@ def expected_canonical(case: LoraCase) -> dict[str, torch.Tensor]:
 
 
 Layout = Callable[[LoraCase], dict[str, torch.Tensor]]
+
+
+def ldm_kohya_layout(kohya: dict[str, torch.Tensor], unet_config: Any) -> dict[str, torch.Tensor]:
+    """The same kohya file with its UNet names in the LDM/SGM layout (``lora_unet_input_blocks_…``)."""
+    to_ldm = {path.replace(".", "_"): ldm for ldm, path in kohya_unet_names(unet_config).items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in kohya.items():
+        if key.startswith("lora_unet_"):
+            name, role = key.removeprefix("lora_unet_").split(".", 1)
+            key = f"lora_unet_{to_ldm[name]}.{role}"
+        out[key] = tensor
+    return out

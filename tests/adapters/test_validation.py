@@ -96,15 +96,25 @@ CASES: dict[str, tuple[Callable[[LoraCase], bytes], type[Exception], str]] = {
         AdapterInvalid,
         "unknown_layout",
     ),
-    "ldm-kohya": (
+    "ldm-kohya-shape-mismatch": (  # LDM names are read (issue 11); this pair does not fit proj_in [64, 64]
         lambda c: save_bytes(
             {
                 "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32),
                 "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4),
             }
         ),
-        AdapterInvalid,
-        "unknown_layout",
+        AdapterIncompatible,
+        "shape_mismatch",
+    ),
+    "ldm-kohya-absent": (
+        lambda c: save_bytes(
+            {
+                "lora_unet_input_blocks_9_1_proj_in.lora_down.weight": torch.zeros(4, 64),
+                "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": torch.zeros(64, 4),
+            }
+        ),
+        AdapterIncompatible,
+        "modules_absent",
     ),
     "loha": (
         lambda c: save_bytes({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}),
@@ -130,7 +140,7 @@ CASES: dict[str, tuple[Callable[[LoraCase], bytes], type[Exception], str]] = {
             }
         ),
         AdapterIncompatible,
-        "modules_absent",
+        "family_mismatch",  # text_encoder_2 is SDXL's: the message names SDXL and the base's family
     ),
     "shape-mismatch": (lambda c: save_bytes(_pair(in_f=48)), AdapterIncompatible, "shape_mismatch"),
     "rank-inconsistent": (

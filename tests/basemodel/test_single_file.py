@@ -58,6 +58,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
         "mid_block.attentions.0.": "middle_block.1.",
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's text_time embedding
+        "add_embedding.linear_2.": "label_emb.0.2.",
     }
     resnets = {"mid_block.resnets.0.": "middle_block.0.", "mid_block.resnets.1.": "middle_block.2."}
     for i in range(blocks):
@@ -229,22 +231,19 @@ def _fake(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
     return path
 
 
-def test_sdxl_checkpoint_is_refused(tmp_path: Path) -> None:
+def test_incomplete_sdxl_checkpoint_is_refused_naming_the_missing_encoder(tmp_path: Path) -> None:
     path = _fake(
         tmp_path / "sdxl.safetensors",
         {
             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 8),
-            "conditioner.embedders.1.model.positional_embedding": (77, 8),
+            "conditioner.embedders.1.foo": (1,),
             "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
             "first_stage_model.encoder.conv_in.weight": (8, 3, 3, 3),
         },
     )
-    with pytest.raises(
-        BaseModelError, match=r"not an SD1\.x checkpoint: detected an SDXL checkpoint"
-    ) as info:
+    with pytest.raises(BaseModelError, match=r"without OpenCLIP ViT-bigG text encoder") as info:
         load_single_file(path, torch.float32)
     assert not isinstance(info.value, UnsafeFormat)
-    assert info.value.detail["detected"].startswith("an SDXL checkpoint")
 
 
 def test_sd2_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def lora_bytes(base_model: Any) -> list[bytes]:
 
 @pytest.fixture
 def manager(base_model: Any) -> Any:
-    models = LoRAModelManager(base_model.pipe.unet, base_model.pipe.text_encoder)
+    models = LoRAModelManager(base_model.lora_components)
     yield models
     models.remove()
 

@@ -22,7 +22,7 @@ from adapters.sources import open_store
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
-from tests.adapters.factory import diffusers_layout, kohya_layout, make_case
+from tests.adapters.factory import diffusers_layout, kohya_layout, ldm_kohya_layout, make_case
 from tests.service.test_lifecycle import metric_samples, value
 
 REQUEST = {
@@ -36,12 +36,21 @@ REQUEST = {
 
 @pytest.fixture(scope="module")
 def lora_files(base_model: Any) -> dict[str, bytes]:
-    """Two different peft LoRAs (UNet incl. LoCon + text encoder), and a UNet-only kohya file."""
+    """Two different peft LoRAs (UNet incl. LoCon + text encoder), a UNet-only kohya file, and a kohya
+    file in LDM/SGM names with text-encoder MLP keys (diffusers drops kohya text attention keys)."""
     case = make_case(base_model.pipe)
     first = diffusers_layout(case)
     second = {k: (-0.5 * v if ".lora_B." in k else v) for k, v in first.items()}
-    kohya_unet = {k: v for k, v in kohya_layout(case).items() if k.startswith("lora_unet_")}
-    return {"style": save_bytes(first), "other": save_bytes(second), "kohya": save_bytes(kohya_unet)}
+    kohya = kohya_layout(case)
+    kohya_unet = {k: v for k, v in kohya.items() if k.startswith("lora_unet_")}
+    ldm = ldm_kohya_layout(kohya, base_model.pipe.unet.config)
+    ldm = {k: v for k, v in ldm.items() if k.startswith("lora_unet_") or "_mlp_" in k}
+    return {
+        "style": save_bytes(first),
+        "other": save_bytes(second),
+        "kohya": save_bytes(kohya_unet),
+        "kohya-ldm": save_bytes(ldm),
+    }
 
 
 @pytest.fixture
@@ -61,16 +70,21 @@ def generate(server: Any, **overrides: Any) -> dict[str, Any]:
 
 
 def diffusers_reference(
-    model_dir: Path, files: list[tuple[Path, str, float]], **overrides: Any
+    model_dir: Path, files: list[tuple[Path, str, float]], *, sgm_names: bool = False, **overrides: Any
 ) -> np.ndarray:
-    """The same request in plain diffusers with load_lora_weights + set_adapters."""
+    """The same request in plain diffusers with load_lora_weights + set_adapters.
+
+    ``sgm_names``: pass the UNet config, as diffusers' SDXL pipeline does itself, so that its loader
+    maps kohya LDM/SGM names (``lora_unet_input_blocks_…``); the SD1 pipeline does not do it alone.
+    """
     request = {**REQUEST, **overrides}
     pipe = StableDiffusionPipeline.from_pretrained(
         model_dir, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    extra = {"unet_config": pipe.unet.config} if sgm_names else {}
     for path, name, _ in files:
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.load_lora_weights(str(path), adapter_name=name, **extra)
     pipe.set_adapters([name for _, name, _ in files], [weight for _, _, weight in files])
     pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
     image = pipe(
@@ -135,6 +149,24 @@ def test_kohya_file_matches_diffusers_loading_it(
     body = generate(server, adapters=[{"id": "kohya", "scale": 0.8}])
     reference = diffusers_reference(tiny_model_dir, [(kohya, "k", 0.8)])
     assert np.abs(pixels(body["images"][0]) - reference).max() <= 1
+
+
+def test_ldm_named_kohya_file_matches_diffusers_loading_it(
+    start_server: Any, registry: Registry, lora_files: dict[str, bytes], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An SD1 kohya file with LDM/SGM UNet names (refused before issue 11) + lora_te_ keys serves like
+    diffusers loading the same file."""
+    ldm = tmp_path / "kohya-ldm.safetensors"
+    ldm.write_bytes(lora_files["kohya-ldm"])
+    version = registry.register(ldm, "ldm")
+    assert version.source_format == "kohya"
+    assert version.components == ["text_encoder", "unet"]
+    server = start_server(store=registry.store.uri)
+    body = generate(server, adapters=[{"id": "ldm", "scale": 0.8}])
+    reference = diffusers_reference(tiny_model_dir, [(ldm, "k", 0.8)], sgm_names=True)
+    ours = pixels(body["images"][0])
+    assert np.abs(ours - reference).max() <= 1
+    assert np.abs(ours - pixels(generate(server)["images"][0])).max() > 10, "the adapter must act"
 
 
 def test_prompt_tag_equals_adapters_field(

@@ -1,0 +1,60 @@
+"""Stable Diffusion 1.x: ``StableDiffusionPipeline``, one CLIP ViT-L text encoder, 512 px."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+
+
+class SD1(ModelFamily):
+    name = "sd1"
+    label = "SD1.x"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    text_encoders = ("text_encoder",)
+    default_resolution = 512
+    context_width = 768
+    kohya_prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+    checkpoint_markers = ("model.diffusion_model.", "cond_stage_model.transformer.")
+    checkpoint_description = "an SD1.x checkpoint"
+    modelspec = "stable-diffusion-v1"
+    kohya_version = "sd_v1"
+    trainable = True
+
+    def claims(self, signals: ModelSignals) -> bool:
+        """A StableDiffusionPipeline (or a bare UNet without added conditioning) that is not SD2.x."""
+        if signals.pipeline_class is not None:
+            return signals.pipeline_class in self.pipeline_classes
+        return signals.unet.get("addition_embed_type") is None
+
+    def problems(self, signals: ModelSignals) -> list[str]:
+        found = super().problems(signals)
+        if signals.unet.get("addition_embed_type") is not None:
+            found.append(f"its UNet has added conditioning {signals.unet['addition_embed_type']!r}")
+        if set(signals.components) & {"text_encoder_2", "tokenizer_2"}:
+            found.append("it has a second text encoder")
+        return found
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def encode(
+        self,
+        pipe: Any,
+        prompt: str,
+        negative_prompt: str,
+        *,
+        num_images: int,
+        guidance: bool,
+        width: int,
+        height: int,
+    ) -> Conditioning:
+        """``StableDiffusionPipeline.encode_prompt``: the text encoder's last hidden states."""
+        cond, uncond = pipe.encode_prompt(
+            prompt,
+            pipe.unet.device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative_prompt or None,
+        )
+        return Conditioning(UNetInputs(cond), UNetInputs(uncond) if guidance else None)

@@ -1,0 +1,115 @@
+"""Stable Diffusion XL: ``StableDiffusionXLPipeline``, two CLIP text encoders, ``text_time`` conditioning.
+
+Prompts go through both encoders; their penultimate hidden states are concatenated (768 + 1280 = 2048
+wide on the released model) and ``text_encoder_2``'s projected pooled output becomes ``text_embeds``.
+``time_ids`` are (original height, width, crop top, left, target height, width) with diffusers'
+defaults: the requested size, crop (0, 0). An empty negative prompt gives zero embeddings when the
+model says ``force_zeros_for_empty_prompt`` (SDXL base does). The VAE decodes in fp32 when it asks
+for it (``force_upcast``) and the model runs in fp16, as diffusers upcasts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from basemodel.errors import BaseModelError
+from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+
+TEXT_TIME = "text_time"
+TIME_IDS = 6  # original size (2) + crop top-left (2) + target size (2)
+
+
+class SDXL(ModelFamily):
+    name = "sdxl"
+    label = "SDXL"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    text_encoders = ("text_encoder", "text_encoder_2")
+    default_resolution = 1024
+    context_width = 2048
+    kohya_prefixes = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+    kohya_unet_layout = "ldm"  # sd-scripts trains SDXL on the SGM UNet
+    checkpoint_markers = ("model.diffusion_model.", "conditioner.embedders.1.")
+    checkpoint_description = "an SDXL checkpoint (conditioner.embedders.* keys)"
+    modelspec = "stable-diffusion-xl-v1-base"
+    kohya_version = "sdxl_base_v1-0"
+
+    def claims(self, signals: ModelSignals) -> bool:
+        if signals.pipeline_class is not None:
+            return signals.pipeline_class in self.pipeline_classes
+        return signals.unet.get("addition_embed_type") == TEXT_TIME
+
+    def problems(self, signals: ModelSignals) -> list[str]:
+        found = super().problems(signals)
+        if signals.unet.get("addition_embed_type") != TEXT_TIME:
+            found.append(f"its UNet has no {TEXT_TIME!r} added conditioning")
+        return found
+
+    def load_kwargs(self) -> dict[str, Any]:
+        # The invisible watermark changes pixels and is not part of the model; it is never applied.
+        return {"add_watermarker": False}
+
+    def after_load(self, pipe: Any) -> None:
+        check_time_embedding(pipe)
+        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+            pipe.vae.to(torch.float32)  # what diffusers' upcast does per call, done once
+
+    def encode(
+        self,
+        pipe: Any,
+        prompt: str,
+        negative_prompt: str,
+        *,
+        num_images: int,
+        guidance: bool,
+        width: int,
+        height: int,
+    ) -> Conditioning:
+        """``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids`` (same values)."""
+        device = pipe.unet.device
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative_prompt or None,
+        )
+        ids = [height, width, 0, 0, height, width]
+        time_ids = torch.tensor([ids], dtype=cond.dtype).to(device).repeat(num_images, 1)
+        positive = UNetInputs(cond, {"text_embeds": pooled, "time_ids": time_ids})
+        negative = (
+            UNetInputs(uncond, {"text_embeds": pooled_uncond, "time_ids": time_ids}) if guidance else None
+        )
+        return Conditioning(positive, negative)
+
+    def begin_denoising(self, scheduler: Any) -> None:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        latents = latents.to(vae.dtype)  # fp32 when the VAE was upcast (after_load)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        decoded: torch.Tensor = vae.decode(latents, return_dict=False)[0]
+        return decoded
+
+
+def check_time_embedding(pipe: Any) -> None:
+    """The UNet's added-embedding input must be 6 time ids plus ``text_encoder_2``'s projection."""
+    per_id = int(pipe.unet.config.addition_time_embed_dim)
+    projection = int(pipe.text_encoder_2.config.projection_dim)
+    expected = int(pipe.unet.add_embedding.linear_1.in_features)
+    if per_id * TIME_IDS + projection != expected:
+        raise BaseModelError(
+            f"the SDXL UNet expects an added embedding of {expected} values, but {TIME_IDS} time ids × "
+            f"{per_id} + text_encoder_2's projection {projection} give {per_id * TIME_IDS + projection}",
+            hint="The UNet and text_encoder_2 configs do not belong together.",
+        )
