@@ -1,0 +1,106 @@
+"""Defects the fuzzers are known to find, recognised by the failures they cause.
+
+Each entry says where it comes from (issue 12's list, or found by these fuzzers), which branch fixes
+it, and whether that fix is in this tree (``fixed``). The bounded tests ignore failures of unfixed
+known defects in their family checks and run one strict-xfail test per unfixed defect, so a fix shows
+up as an XPASS: set ``fixed=True`` then. The full runs label every failure with its defect (or
+``unknown``), which is what docs/reliability.md reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+# (kind, detail) of one failure: for adapters kind is crash / stored_invalid / accepted_hostile /
+# refused_valid; for the API it is the check that failed (not_a_server_error …).
+Matcher = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class KnownDefect:
+    key: str
+    title: str
+    source: str  # "issue 12 defect N" or "fuzz: new"
+    fixed_on: str  # the branch that fixes it
+    matches: Matcher
+    fixed: bool = False
+
+    @property
+    def reason(self) -> str:
+        return f"{self.source}: {self.title} (fixed on {self.fixed_on})"
+
+
+def _kind_and(kind: str, *needles: str) -> Matcher:
+    return lambda k, detail: k == kind and all(n in detail for n in needles)
+
+
+ADAPTER_DEFECTS = (
+    KnownDefect(
+        "deep-json",
+        "deeply nested JSON in a header or in metadata raises RecursionError (or pydantic's "
+        "'Maximum serialization depth exceeded' when the metadata is written back)",
+        "issue 12 defect 3",
+        "wip/input",
+        lambda kind, detail: kind == "crash" and ("RecursionError" in detail or "depth exceeded" in detail),
+    ),
+    KnownDefect(
+        "metadata-size",
+        "metadata within the input limits makes a stored header exceed the header cap",
+        "issue 12 defect 4",
+        "wip/input",
+        _kind_and("stored_invalid", "AdapterTooLarge"),
+    ),
+    KnownDefect(
+        "scale-default",
+        "scale_default outside the request limits or non-finite is stored (NaN/inf as null)",
+        "issue 12 defect 5",
+        "wip/input",
+        _kind_and("stored_invalid", "scale_default"),
+    ),
+    KnownDefect(
+        "alpha-bound",
+        "alpha <= 0 or absurdly large (alpha/rank > 1e3) is accepted",
+        "issue 12 (lower severity)",
+        "wip/input",
+        _kind_and("accepted_hostile", "alpha"),
+    ),
+    KnownDefect(
+        "dtype-unhashable",
+        'a header entry whose "dtype" is a list or an object raises TypeError (unhashable)',
+        "fuzz: new",
+        "wip/input (adapters/format.py)",
+        _kind_and("crash", "unhashable type"),
+    ),
+    KnownDefect(
+        "pickle-lookalike",
+        "a valid file whose header length starts with bytes 0x80 0x02..0x05 is refused as pickle",
+        "fuzz: new",
+        "wip/input (adapters/format.py)",
+        _kind_and("refused_valid", "adapter_unsafe_format/pickle"),
+    ),
+    KnownDefect(
+        "non-finite-metadata",
+        "NaN/inf in a metadata float (alpha, evaluation.metrics …) is written as null; the stored "
+        "record or metadata no longer validates",
+        "fuzz: new",
+        "wip/input (adapters/metadata.py)",
+        _kind_and("stored_invalid", "Input should be a valid number"),
+    ),
+    KnownDefect(
+        "surrogate-metadata",
+        "a lone surrogate (JSON '\\ud800') in a metadata string makes writing the header fail",
+        "fuzz: new",
+        "wip/input (adapters/metadata.py)",
+        _kind_and("crash", "surrogates not allowed"),
+    ),
+)
+
+
+def classify(defects: Iterable[KnownDefect], kind: str, detail: str) -> KnownDefect | None:
+    """The known defect a failure is a symptom of, or None."""
+    return next((d for d in defects if d.matches(kind, detail)), None)
+
+
+def unfixed(defects: Iterable[KnownDefect]) -> list[KnownDefect]:
+    return [d for d in defects if not d.fixed]
