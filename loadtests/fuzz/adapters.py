@@ -62,7 +62,7 @@ from loadtests.fuzz.mutate_content import (
     VALUES,
 )
 from loadtests.fuzz.report import failure_record, render_rows
-from loadtests.fuzz.reproducers import REPRODUCERS
+from loadtests.fuzz.reproducers import reproducer_cases
 from loadtests.fuzz.seeds import Seed, make_seeds, serialise
 from service.controllers.adapters import adapter_detail, describe_version
 from service.errors import status_for
@@ -160,8 +160,12 @@ class Report:
         lines = [render_rows(self.rows()), ""]
         lines += [f"refused {n:>6} × {kind}" for kind, n in self.refusals().most_common()]
         lines += [f"failures {n:>5} × defect {key}" for key, n in self.defects().most_common()]
-        for result in self.failures()[:limit]:
-            lines.append(f"{result.kind}: {result.detail} <- {result.case.seed} {list(result.case.labels)}")
+        groups: dict[tuple[str, str], list[Result]] = {}
+        for result in self.failures():
+            groups.setdefault((result.kind, signature(result.detail)), []).append(result)
+        for (kind, _), items in sorted(groups.items(), key=lambda g: -len(g[1]))[:limit]:
+            labels = f"{items[0].case.seed} {list(items[0].case.labels)}"
+            lines.append(f"{len(items):>5} × {kind}: {items[0].detail[:150]} <- {labels}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -342,11 +346,10 @@ def run(
 
 def run_reproducers(base: BaseIdentity, workdir: Path) -> dict[str, Result]:
     """The outcome of each known defect's fixed reproducer (``reproducers.py``)."""
-    seeds = {seed.name: seed for seed in make_seeds(base)}
     bounds = scale_bounds()
     return {
-        key: register_case(build_case(seeds), base, workdir / f"repro-{key}", bounds)
-        for key, build_case in REPRODUCERS.items()
+        key: register_case(case, base, workdir / f"repro-{key}", bounds)
+        for key, case in reproducer_cases(base).items()
     }
 
 

@@ -10,7 +10,7 @@ up as an XPASS: set ``fixed=True`` then. The full runs label every failure with 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # (kind, detail) of one failure: for adapters kind is crash / stored_invalid / accepted_hostile /
 # refused_valid; for the API it is the check that failed (not_a_server_error …).
@@ -104,3 +104,48 @@ def classify(defects: Iterable[KnownDefect], kind: str, detail: str) -> KnownDef
 
 def unfixed(defects: Iterable[KnownDefect]) -> list[KnownDefect]:
     return [d for d in defects if not d.fixed]
+
+
+def _labelled(*prefixes: str) -> Matcher:
+    """An API failure of a hostile case whose label starts with one of ``prefixes``."""
+    return lambda check, detail: detail.startswith(tuple(f"hostile:{p}" for p in prefixes))
+
+
+def _upload(defect: KnownDefect) -> KnownDefect:
+    """An adapter defect as the API fuzzer sees it: its reproducer uploaded (or its own hostile cases)."""
+    own = {"deep-json": ("deep:",), "metadata-size": ("metadata-size:",), "scale-default": ("scale:",)}
+    return replace(defect, matches=_labelled(f"upload:{defect.key} ", *own.get(defect.key, ())))
+
+
+# The API fuzzer's failures are matched on (check, "<source> <operation> <failure>"), most specific first.
+API_DEFECTS = (
+    *(_upload(d) for d in ADAPTER_DEFECTS),
+    KnownDefect(
+        "scale-tags",
+        "A1111 prompt tags <lora:id:nan|inf|99> bypass the scale limit (200, scale null)",
+        "issue 12 defect 6",
+        "wip/input",
+        _labelled("tag:"),
+    ),
+    KnownDefect(
+        "bucket-name",
+        "an s3:// source whose bucket is not a valid bucket name is reported as a store outage (503)",
+        "issue 12 defect 7",
+        "wip/input",
+        _labelled("bucket:"),
+    ),
+    KnownDefect(
+        "lax-coercion",
+        'numbers and booleans are coerced ("steps": "1", "steps": true, "seed": 1.0 accepted)',
+        "issue 12 (lower severity)",
+        "wip/input",
+        lambda check, detail: check == "negative_data_rejection" or detail.startswith("hostile:coercion:"),
+    ),
+    KnownDefect(
+        "openapi-statuses",
+        "the OpenAPI document lists only 200/400 (or 201); the 4xx/5xx the routes return are undocumented",
+        "issue 12 defect 8",
+        "wip/input",
+        lambda check, detail: check == "status_code_conformance",
+    ),
+)

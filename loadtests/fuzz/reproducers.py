@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import torch
 
+from adapters.identity import BaseIdentity
 from adapters.metadata import METADATA_KEY
 from loadtests.fuzz.draft import UNSET, Case
-from loadtests.fuzz.seeds import Seed, assemble, encode, header_text, serialise
+from loadtests.fuzz.seeds import Seed, assemble, encode, header_text, make_seeds, serialise
 
 
 def _case(key: str, data: bytes, **kwargs: object) -> Case:
@@ -93,3 +94,9 @@ REPRODUCERS: dict[str, Callable[[dict[str, Seed]], Case]] = {
     "non-finite-metadata": non_finite_metadata,
     "surrogate-metadata": surrogate_metadata,
 }
+
+
+def reproducer_cases(base: BaseIdentity) -> dict[str, Case]:
+    """Every reproducer, built from the seeds for ``base``."""
+    seeds = {seed.name: seed for seed in make_seeds(base)}
+    return {key: build(seeds) for key, build in REPRODUCERS.items()}
