@@ -6,6 +6,8 @@ Families: ``container`` (file stage), ``header`` (header object), ``json`` (head
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -29,6 +31,20 @@ def _holds(d: Draft, name: str | None, entry: Any, key: str, value: Any) -> bool
         and isinstance(entry, dict)
         and entry.get(key) is value
     )
+
+
+def _entry(d: Draft, pick: int, listed: str | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """The ``pick``-th tensor entry of the header while it is still an object (whose ``listed`` is a list)."""
+    name = _nth(d.entries(), pick)
+    entry = d.header.get(name) if name else None
+    if not isinstance(entry, dict) or (listed is not None and not isinstance(entry.get(listed), list)):
+        return name, None
+    return name, entry
+
+
+def _ints(values: list[Any], length: int | None = None) -> bool:
+    """Plain ints (an earlier mutation may have left floats, strings, lists …), ``length`` of them."""
+    return all(type(v) is int for v in values) and (length is None or len(values) == length)
 
 
 def _nth(items: list[str], pick: int) -> str | None:
@@ -128,19 +144,8 @@ CONTAINER = st.one_of(length_field(), truncate_file(), extend_file(), magic_byte
 
 # -- header object (header stage) ---------------------------------------------------------------------
 
-OFFSETS: tuple[str, ...] = (
-    "negative",
-    "swapped",
-    "empty",
-    "beyond",
-    "overlap",
-    "float",
-    "string",
-    "short",
-    "long",
-    "huge",
-)
-OFFSETS += ("null", "shift", "bool")
+OFFSETS = ["negative", "swapped", "empty", "beyond", "overlap", "float", "string", "short", "long"]
+OFFSETS += ["huge", "null", "shift", "bool"]
 
 
 @st.composite
@@ -148,9 +153,8 @@ def offsets(draw: st.DrawFn) -> Mutation:
     kind, pick, k = draw(st.sampled_from(OFFSETS)), draw(picks), draw(st.integers(1, 4096))
 
     def apply(d: Draft) -> None:
-        name = _nth(d.entries(), pick)
-        entry = d.header.get(name) if name else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list):
+        name, entry = _entry(d, pick, "data_offsets")
+        if entry is None or not _ints(entry["data_offsets"], 2):
             return
         begin, end = entry["data_offsets"]
         other = d.header.get(_nth([n for n in d.entries() if n != name], pick) or "", entry)
@@ -186,9 +190,8 @@ def dtype_name(draw: st.DrawFn) -> Mutation:
     value, pick = draw(st.sampled_from(DTYPE_VALUES)), draw(picks)
 
     def apply(d: Draft) -> None:
-        name = _nth(d.entries(), pick)
-        entry = d.header.get(name) if name else None
-        if not isinstance(entry, dict):
+        name, entry = _entry(d, pick)
+        if entry is None:
             return
         before = entry.get("dtype")
         entry["dtype"] = value
@@ -199,19 +202,8 @@ def dtype_name(draw: st.DrawFn) -> Mutation:
     return Mutation("header", f"dtype={value!r}", "header", apply)
 
 
-SHAPES: tuple[str, ...] = (
-    "scalar",
-    "flat",
-    "reversed",
-    "huge",
-    "huge1",
-    "negative",
-    "float",
-    "string",
-    "null",
-    "nested",
-)
-SHAPES += ("many_dims", "zero", "bigint")
+SHAPES = ["scalar", "flat", "reversed", "huge", "huge1", "negative", "float", "string", "null", "nested"]
+SHAPES += ["many_dims", "zero", "bigint"]
 
 
 @st.composite
@@ -219,14 +211,11 @@ def shape(draw: st.DrawFn) -> Mutation:
     kind, pick, k = draw(st.sampled_from(SHAPES)), draw(picks), draw(st.integers(1, 2000))
 
     def apply(d: Draft) -> None:
-        name = _nth(d.entries(), pick)
-        entry = d.header.get(name) if name else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+        name, entry = _entry(d, pick, "shape")
+        if entry is None or not _ints(entry["shape"]):
             return
         dims = entry["shape"]
-        numel = 1
-        for dim in dims:
-            numel *= dim if isinstance(dim, int) else 1
+        numel = math.prod(dims)
         value: Any = {
             "scalar": [],
             "flat": [numel],
@@ -353,7 +342,7 @@ def json_text(draw: st.DrawFn) -> Mutation:
             d.text = text[: pick % max(1, len(text.rstrip(b" ")))]
             d.must_refuse("header JSON truncated")
         elif kind == "duplicate_entry":
-            fake = b'"%s":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},' % _first_key(d).encode()
+            fake = json.dumps(_first_key(d)).encode() + b':{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
             d.text = b"{" + fake + text[1:]
         elif kind == "duplicate_metadata":
             d.text = b'{"__metadata__":{"loraswap":"[1]","format":"x"},' + text[1:]

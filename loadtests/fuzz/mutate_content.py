@@ -228,7 +228,8 @@ def alpha_value(draw: st.DrawFn) -> Mutation:
             return
         down_key, _, prefix = pairs[pick % len(pairs)]
         rank = d.tensors[down_key].shape[0] if d.tensors[down_key].dim() else 0
-        dtype = d.tensors[down_key].dtype if form == "file_dtype" else torch.float32
+        file_dtype = d.tensors[down_key].dtype
+        dtype = file_dtype if form == "file_dtype" and file_dtype in FINE_TORCH_DTYPES else torch.float32
         tensor = torch.tensor(value, dtype=dtype)
         alpha = {
             "scalar": tensor,
@@ -297,7 +298,7 @@ def embedded_metadata(d: Draft) -> dict[str, Any]:
     """The file's ``loraswap`` entry as an object ({} when absent or not an object)."""
     try:
         value = json.loads(d.metadata.get(METADATA_KEY, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):  # a nesting mutation ran first
         return {}
     return value if isinstance(value, dict) else {}
 

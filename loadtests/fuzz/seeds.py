@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import safetensors.torch
@@ -46,8 +46,8 @@ class Seed:
     """A valid adapter: its tensors (in file order) and its ``__metadata__`` strings."""
 
     name: str
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    metadata: dict[str, str] = field(repr=False)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:

@@ -19,6 +19,7 @@ from adapters.identity import BaseIdentity
 from loadtests.fuzz.adapters import FAMILIES, Report, Result, check_seeds, run, run_reproducers
 from loadtests.fuzz.known import ADAPTER_DEFECTS, KnownDefect, unfixed
 from loadtests.fuzz.reproducers import REPRODUCERS
+from tests.reliability.fuzz_params import defect_params
 
 # cases per family; ~400 in all, a few seconds on an idle 2-core machine
 CASES = {
@@ -71,13 +72,6 @@ def test_family_has_no_unexplained_failure(reports: dict[str, Report], family: s
     assert failures == [], report.summary()
 
 
-def defect_params() -> list[Any]:
-    return [
-        pytest.param(d, id=d.key, marks=[] if d.fixed else pytest.mark.xfail(strict=True, reason=d.reason))
-        for d in ADAPTER_DEFECTS
-    ]
-
-
 @pytest.fixture(scope="module")
 def reproduced(base_identity: BaseIdentity, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     return run_reproducers(base_identity, tmp_path_factory.mktemp("fuzz-repro"))
@@ -87,7 +81,7 @@ def test_every_known_defect_has_a_reproducer() -> None:
     assert set(REPRODUCERS) == {d.key for d in ADAPTER_DEFECTS}
 
 
-@pytest.mark.parametrize("defect", defect_params())
+@pytest.mark.parametrize("defect", defect_params(ADAPTER_DEFECTS))
 def test_known_defect_is_gone(
     reports: dict[str, Report], reproduced: dict[str, Result], defect: KnownDefect
 ) -> None:
