@@ -14,6 +14,7 @@ and, for ``scale_default``, which value a successful registration must store.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ from typing import Any, Literal
 
 import torch
 
+from adapters.metadata import METADATA_KEY
 from loadtests.fuzz.seeds import Seed, assemble, encode, header_text
 
 Stage = Literal["args", "tensors", "header", "text", "file"]
 STAGES: tuple[Stage, ...] = ("args", "tensors", "header", "text", "file")
 UNSET: Any = object()  # a scale_default source that was not given
 BENIGN_FAMILY = "benign"
+SCALE_FAMILY = "scale"
 
 # lora_A/down suffix -> lora_B/up suffix, for every accepted layout
 PAIR_SUFFIXES = (
@@ -49,8 +52,6 @@ class Draft:
     adapter_id: str = "fuzz"
     metadata_arg: Any = None
     scale_arg: Any = UNSET
-    scale_user: Any = UNSET
-    scale_file: Any = UNSET
     ascii_header: bool = True
     refuse: list[tuple[str, Callable[[], bool] | None]] = field(default_factory=list)
 
@@ -116,6 +117,7 @@ def build(seed: Seed, mutations: Sequence[Mutation], scale_bounds: tuple[float, 
         for mutation in mutations:
             if mutation.stage == stage:
                 mutation.apply(draft)
+    expect_scale = effective_scale(draft) if any(m.family == SCALE_FAMILY for m in mutations) else UNSET
     return Case(
         seed=seed.name,
         labels=tuple(f"{m.family}:{m.label}" for m in mutations),
@@ -124,22 +126,36 @@ def build(seed: Seed, mutations: Sequence[Mutation], scale_bounds: tuple[float, 
         metadata=draft.metadata_arg,
         scale_default=None if draft.scale_arg is UNSET else draft.scale_arg,
         refuse=tuple(why for why, still in draft.refuse if still is None or still())
-        + _scale_refusal(draft, scale_bounds),
-        expect_scale=_effective_scale(draft),
+        + _scale_refusal(expect_scale, scale_bounds),
+        expect_scale=expect_scale,
         must_register=all(m.family == BENIGN_FAMILY for m in mutations),
     )
 
 
-def _effective_scale(draft: Draft) -> Any:
-    """The scale_default a registration must store: the argument, else the user's, else the file's."""
-    for value in (draft.scale_arg, draft.scale_user, draft.scale_file):
+def effective_scale(draft: Draft) -> Any:
+    """The scale_default a registration must store, from the final case: the argument, else the user's
+    metadata, else the file's ``loraswap`` entry (later mutations may have replaced what a scale
+    mutation set, so this reads what is actually sent)."""
+    header_metadata = draft.header.get("__metadata__")
+    embedded = header_metadata.get(METADATA_KEY) if isinstance(header_metadata, dict) else None
+    argument = UNSET if draft.scale_arg is None else draft.scale_arg  # None: not given
+    for value in (argument, _scale_in(draft.metadata_arg), _scale_in(embedded)):
         if value is not UNSET:
             return value
     return UNSET
 
 
-def _scale_refusal(draft: Draft, bounds: tuple[float, float]) -> tuple[str, ...]:
-    value = _effective_scale(draft)
+def _scale_in(metadata: Any) -> Any:
+    """``scale_default`` of metadata given as an object or JSON text (UNSET when it names none)."""
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except (ValueError, RecursionError):
+            return UNSET
+    return metadata.get("scale_default", UNSET) if isinstance(metadata, dict) else UNSET
+
+
+def _scale_refusal(value: Any, bounds: tuple[float, float]) -> tuple[str, ...]:
     if value is UNSET or value is None or in_range(value, bounds):
         return ()
     return (f"scale_default {value!r} outside {list(bounds)}",)

@@ -421,11 +421,9 @@ def scale_default(draw: st.DrawFn) -> Mutation:
         else:
             metadata = {"scale_default": value}
             d.metadata_arg = dumps(metadata) if where == "user_text" else metadata
-            d.scale_user = value
 
     def apply_file(d: Draft) -> None:
         d.metadata[METADATA_KEY] = dumps({**embedded_metadata(d), "scale_default": value})
-        d.scale_file = value
 
     if where == "file":
         return Mutation("scale", f"file={value}", "tensors", apply_file)
