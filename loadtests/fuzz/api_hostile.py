@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import torch
+
 from adapters.identity import BaseIdentity
 from loadtests.fuzz.draft import Case
 from loadtests.fuzz.reproducers import reproducer_cases
+from loadtests.fuzz.seeds import kohya_seed, serialise
 from loadtests.fuzz.server import S3_SOURCE as SOURCE
 
 GENERATE = "POST /v1/generate"
@@ -26,6 +29,11 @@ SHOW_VERSION = "GET /v1/adapters/{adapter_id}/versions/{version}"
 PRELOAD = "POST /v1/adapters/{adapter_id}/preload"
 JSON_HEADERS = {"Content-Type": "application/json"}
 DEPTH = 5_000
+
+
+def shown(status: int) -> bool:
+    """A version is shown (200), or it does not exist because its registration was refused (404)."""
+    return status in (200, 404)
 
 
 def is_4xx(status: int) -> bool:
@@ -162,7 +170,9 @@ def metadata_size_cases() -> list[Hostile]:
         expect_text="201 (or 413/422 refused)",
     )
     params = {"adapter_id": "big-title"}
-    show = Step(SHOW_VERSION, {}, path_parameters={**params, "version": 1}, expect=lambda s: s in (200, 404))
+    show = Step(
+        SHOW_VERSION, {}, path_parameters={**params, "version": 1}, expect=shown, expect_text="200/404"
+    )
     preload = Step(
         PRELOAD, {}, path_parameters=params, expect=lambda s: s in (200, 404), expect_text="200/404"
     )
@@ -202,14 +212,25 @@ def upload_step(case: Case, adapter_id: str) -> Step:
     return Step(REGISTER, {"files": files, "data": fields}, **expect)
 
 
+def control_cases(base: BaseIdentity) -> list[Hostile]:
+    """Valid registrations (an upload, an S3 source) that must succeed: the hostile ones have a baseline."""
+    seed = kohya_seed(base, torch.float32)
+    files = {
+        "file": ("adapter.safetensors", serialise(seed.tensors, seed.metadata), "application/octet-stream")
+    }
+    created: dict[str, Any] = {"expect": lambda s: s in (200, 201), "expect_text": "201"}
+    upload = Step(REGISTER, {"files": files, "data": {"id": "control-upload"}}, **created)
+    source = Step(REGISTER, {"json": {"id": "control-source", "source": SOURCE}}, **created)
+    return [Hostile("control:upload", (upload,)), Hostile("control:source", (source,))]
+
+
 def upload_cases(base: BaseIdentity) -> list[Hostile]:
-    """Each known adapter-file reproducer, uploaded; then its version shown (where it registered)."""
+    """Each known adapter-file reproducer, uploaded; then its version shown (404 where it was refused)."""
     cases = []
     for key, case in reproducer_cases(base).items():
         adapter_id = f"upload-{key}"
-        show = Step(
-            SHOW_VERSION, {}, path_parameters={"adapter_id": adapter_id, "version": 1}, expect=not_5xx
-        )
+        version = {"adapter_id": adapter_id, "version": 1}
+        show = Step(SHOW_VERSION, {}, path_parameters=version, expect=shown, expect_text="200/404")
         cases.append(Hostile(f"upload:{key}", (upload_step(case, adapter_id), show)))
     return cases
 
@@ -223,5 +244,6 @@ def hostile_cases(base: BaseIdentity) -> list[Hostile]:
         *scale_cases(),
         *metadata_size_cases(),
         *text_cases(),
+        *control_cases(base),
         *upload_cases(base),
     ]
