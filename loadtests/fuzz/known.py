@@ -1,9 +1,9 @@
 """Defects the fuzzers are known to find, recognised by the failures they cause.
 
-Each entry says where it comes from (issue 12's list, or found by these fuzzers), which branch fixes
-it, and whether that fix is in this tree (``fixed``). The bounded tests ignore failures of unfixed
+Each entry says where it comes from (issue 12's list, or found by these fuzzers) and which branch
+fixes it; ``FIXED`` names those whose fix is in this tree. The bounded tests ignore failures of unfixed
 known defects in their family checks and run one strict-xfail test per unfixed defect, so a fix shows
-up as an XPASS: set ``fixed=True`` then. The full runs label every failure with its defect (or
+up as an XPASS: add its key to ``FIXED`` then. The full runs label every failure with its defect (or
 ``unknown``), which is what docs/reliability.md reports.
 """
 
@@ -16,6 +16,9 @@ from dataclasses import dataclass, replace
 # refused_valid; for the API it is the check that failed (not_a_server_error …).
 Matcher = Callable[[str, str], bool]
 
+# Keys of the defects whose fix is merged into this tree.
+FIXED: frozenset[str] = frozenset()
+
 
 @dataclass(frozen=True)
 class KnownDefect:
@@ -24,7 +27,10 @@ class KnownDefect:
     source: str  # "issue 12 defect N" or "fuzz: new"
     fixed_on: str  # the branch that fixes it
     matches: Matcher
-    fixed: bool = False
+
+    @property
+    def fixed(self) -> bool:
+        return self.key in FIXED
 
     @property
     def reason(self) -> str:
