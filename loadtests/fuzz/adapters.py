@@ -100,10 +100,6 @@ def fuzz_settings(cases: int) -> settings:
     )
 
 
-settings.register_profile("loraswap-fuzz-ci", fuzz_settings(300))
-settings.register_profile("loraswap-fuzz-full", fuzz_settings(10_000))
-
-
 def scale_bounds() -> tuple[float, float]:
     """The scale range a request may ask for (``AdapterSpec.scale``); a stored default must be inside."""
     lo = hi = math.nan
