@@ -106,6 +106,8 @@ def scale_bounds() -> tuple[float, float]:
     for item in AdapterSpec.model_fields["scale"].metadata:
         lo = getattr(item, "ge", lo)
         hi = getattr(item, "le", hi)
+    if math.isnan(lo) or math.isnan(hi):
+        raise LookupError("AdapterSpec.scale has no ge/le bounds: the fuzzer cannot check scale_default")
     return float(lo), float(hi)
 
 
