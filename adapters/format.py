@@ -121,7 +121,10 @@ def _refuse_known_containers(data: bytes) -> None:
             "this is a zip/torch.save checkpoint (pickle inside); it is refused without being opened",
             reason="pickle",
         )
-    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+    # A pickle starts 0x80 <protocol 2..5>. So does a valid safetensors file whose header length is
+    # 640, 896, … bytes (little-endian u64), but its header JSON opens at byte 8; a pickle's never does
+    # (and the bytes are never unpickled either way: a lookalike only fails the header parse).
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[8:9] != b"{":
         raise AdapterUnsafeFormat(
             "this is a pickle file; it is refused without being opened", reason="pickle"
         )

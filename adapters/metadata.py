@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticSerializationError
 
 from adapters.errors import AdapterInvalid
 from basemodel.errors import JSONTooDeep, ValidationFailed
@@ -154,12 +155,17 @@ def coerce_metadata(value: AdapterMetadata | dict[str, Any] | str | None) -> Ada
     """User-supplied metadata (model, dict or JSON text) → ``AdapterMetadata``; bad input → AdapterInvalid."""
     if value is None:
         return AdapterMetadata()
-    if isinstance(value, AdapterMetadata):
-        return value
     if isinstance(value, str):
         value = untrusted_json(value, "the metadata", reason="bad_metadata")
     try:
-        return AdapterMetadata.model_validate(value)
+        meta = value if isinstance(value, AdapterMetadata) else AdapterMetadata.model_validate(value)
+        meta.to_json()  # what is stored must serialise: a lone surrogate parses, never encodes
+    except PydanticSerializationError:
+        raise AdapterInvalid(
+            "invalid adapter metadata: a string is not valid Unicode (a lone surrogate such as \\ud800)",
+            reason="bad_metadata",
+            hint="Send text as UTF-8; JSON escapes must encode whole characters (surrogate pairs).",
+        ) from None
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in e['loc']) or 'metadata'}: {e['msg']}" for e in exc.errors()]
         raise AdapterInvalid(
@@ -168,6 +174,7 @@ def coerce_metadata(value: AdapterMetadata | dict[str, Any] | str | None) -> Ada
             detail={"problems": problems},
             hint="See docs/adapters.md for the metadata schema.",
         ) from None
+    return meta
 
 
 def untrusted_json(raw: bytes | str, what: str, *, reason: str) -> Any:
