@@ -353,14 +353,19 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(render)
 
 
+def quiet_logs() -> None:
+    """Warnings and up only: the server and its clients log a line per request otherwise."""
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("httpx", "werkzeug", "adapters.registry", "service", "basemodel"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="1 request per scenario, short TTL/cool-down")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("httpx", "werkzeug", "adapters.registry", "service", "basemodel"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_logs()
     started = time.monotonic()
     rows = run(args.quick)
     print(table(rows))
