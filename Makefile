@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PACKAGES := basemodel service adapters training
 
-.PHONY: install serve test lint typecheck pytest clean bench demo
+.PHONY: install serve test lint typecheck pytest clean bench demo faults fuzz load
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ test: lint typecheck pytest
 SHAPE ?= tiny
 bench: $(STAMP)  # hot-swap benchmark: make bench [SHAPE=sd15]; training: $(PY) -m loadtests.bench_train
 	$(PY) -m loadtests.bench_swap --shape $(SHAPE)
+
+# The reliability suites (docs/reliability.md); results under $(RESULTS) (git-ignored).
+# Bounded variants: make faults FAULTS_ARGS=--quick, make load LOAD_ARGS=--quick, make fuzz FUZZ_ARGS='--cases 500'
+RESULTS ?= loadtests/results
+faults: $(STAMP)  # store outages through the fault proxy, then kill -9 of the CLI and the server
+	$(PY) -m loadtests.faults --out $(RESULTS)/faults.json $(FAULTS_ARGS)
+
+fuzz: $(STAMP)  # Hypothesis on the adapter reader/normaliser, schemathesis against /schema
+	$(PY) -m loadtests.fuzz all $(FUZZ_ARGS)
+
+load: $(STAMP)  # locust over a Zipf mix of 50 adapters, ramp to saturation, 3-minute soak
+	$(PY) -m loadtests.load $(LOAD_ARGS)
 
 DEMO_BASE ?= tiny-sd
 demo: $(STAMP)  # "A LoRA you can see" (docs/training.md): synth a brown concept, train, score base vs adapter

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests.faults.crash_kit import ADAPTER_IDS, REPO, RUN_TIMEOUT_S, Tally, Target, make_targets, moto_s3
+from loadtests.faults.crash_kit import ADAPTER_IDS, REPO, RUN_TIMEOUT_S, Tally, Target, make_targets
 from loadtests.faults.crash_server import server_scenario
+from loadtests.moto import moto_s3
 
 # (store method, nth call): local stores write a temp file before each create/put.
 LOCAL_POINTS = (("temp", 1), ("create", 1), ("temp", 2), ("create", 2), ("temp", 3), ("put", 1))

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import struct
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,48 +45,6 @@ def write_tiny_lora(home: Path, path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(path))
     return path
-
-
-@contextmanager
-def moto_s3() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 (dummy credentials in the environment, for subprocesses too).
-
-    PutObject is serialised: moto checks ``If-None-Match`` and writes without a lock, S3 does both at once.
-    """
-    from moto.s3.responses import S3Response
-    from moto.server import ThreadedMotoServer
-
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in [*credentials, "AWS_PROFILE"]}
-    os.environ.update(credentials)
-    os.environ.pop("AWS_PROFILE", None)
-    lock = threading.Lock()
-    original = S3Response.put_object
-
-    def put_object_atomically(self: S3Response) -> Any:
-        with lock:
-            return original(self)
-
-    S3Response.put_object = put_object_atomically  # type: ignore[method-assign]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        S3Response.put_object = original  # type: ignore[method-assign]
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass

@@ -18,13 +18,12 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import socket
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +32,9 @@ from typing import Any
 import httpx
 
 from loadtests.faults.proxy import FaultProxy, Mode
+from loadtests.moto import moto_s3
 
 DEADLINE_SLACK_S = 3.0  # on top of the store deadline, for a loaded machine
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 BUCKET = "loraswap-faults"
 STORE_PREFIX = "fleet"
 
@@ -94,28 +88,6 @@ class Row:
 
 
 # -- the environment ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def moto_s3() -> Iterator[str]:
-    """moto's S3 server on a free loopback port, with dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in (*AWS_ENV, "AWS_PROFILE")}
-    os.environ.update(AWS_ENV)
-    os.environ.pop("AWS_PROFILE", None)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 def adapter_files(base: Any, count: int, folder: Path) -> list[bytes]:
@@ -353,14 +325,19 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(render)
 
 
+def quiet_logs() -> None:
+    """Warnings and up only: the server and its clients log a line per request otherwise."""
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("httpx", "werkzeug", "adapters.registry", "service", "basemodel"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="1 request per scenario, short TTL/cool-down")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("httpx", "werkzeug", "adapters.registry", "service", "basemodel"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_logs()
     started = time.monotonic()
     rows = run(args.quick)
     print(table(rows))

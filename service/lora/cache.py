@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters import tempfiles
 from adapters.records import AdapterVersion, blob_key
 from adapters.registry import LoadedAdapter, Registry
 from adapters.sources.breaker import unwrap
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 CacheKey = tuple[str, int, str]
 TIERS = ("device", "host", "disk")
+TMP_PREFIX = ".tmp-"  # the disk tier's temporary files: .tmp-<host>-<pid>-<random>
+LEGACY_TMP_GLOB = ".*.tmp"  # before owner-named temps: .<sha256>.<pid>.<thread id>.tmp
+_ENTRY = re.compile(r"[0-9a-f]{64}\.safetensors")
 
 
 def key_of(version: AdapterVersion) -> CacheKey:
@@ -86,27 +91,50 @@ class DiskTier:
     """Verified local copies of remote blobs (``<sha256>.safetensors``), LRU by mtime.
 
     Entry count and bytes are kept as running totals (one directory scan at start-up), so publishing
-    metrics never lists the directory.
+    metrics never lists the directory. A copy is written to a temporary file that names its writer
+    (``.tmp-<host>-<pid>-<random>``, ``adapters/tempfiles.py``) and renamed into place; opening the
+    tier removes the temporary files of writers that are gone (a server killed mid-write), and of the
+    older ``.<sha256>.<pid>.<thread>.tmp`` names once they are an hour old. A temporary file is never an
+    entry: entries are ``<sha256>.safetensors`` names only.
     """
 
     def __init__(self, root: Path, budget: int) -> None:
         self.root = root
         self.budget = budget
         self.root.mkdir(parents=True, exist_ok=True)
-        files = list(self.root.glob("*.safetensors"))
+        for path in self.sweep_temps():
+            log.warning("removed %s, a cache file left half-written by a process that was killed", path)
+        files = self._files()
         self.entries = len(files)
         self.nbytes = sum(f.stat().st_size for f in files)
 
     def path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.safetensors"
 
+    def sweep_temps(self) -> list[Path]:
+        """Remove stale temporary files (their writer is gone, or an unowned one is an hour old)."""
+        removed = tempfiles.sweep(self.root, TMP_PREFIX)
+        for path in self.root.glob(LEGACY_TMP_GLOB):  # names without an owner: the age bound only
+            if tempfiles.is_stale(path, "."):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+    def _files(self) -> list[Path]:
+        return [f for f in self.root.glob("*.safetensors") if _ENTRY.fullmatch(f.name)]
+
     def write(self, sha256: str, data: bytes) -> int:
         """Store a verified blob; returns how many older copies were evicted to stay in budget."""
         target = self.path(sha256)
         existed = target.exists()
-        tmp = self.root / f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        fd, tmp = tempfiles.make_temp(self.root, TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         if not existed:
             self.entries += 1
             self.nbytes += len(data)
@@ -117,7 +145,7 @@ class DiskTier:
             os.utime(self.path(sha256))  # LRU by mtime
 
     def _evict(self) -> int:
-        files = sorted(self.root.glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns)
+        files = sorted(self._files(), key=lambda f: f.stat().st_mtime_ns)
         evicted = 0
         while self.nbytes > self.budget and len(files) > 1:
             victim = files.pop(0)

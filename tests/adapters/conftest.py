@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from adapters.sources import LocalStore, Store
+from loadtests.moto import moto_s3
 from tests.adapters.factory import LoraCase, make_case
 
 _bucket_ids = itertools.count()
@@ -36,38 +36,10 @@ def save_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """A moto S3 server on a free port, reached through real boto3 with dummy credentials.
-
-    moto checks ``If-None-Match`` and then writes, without a lock; AWS S3 does both atomically.
-    PutObject is serialised here so the server behaves like S3 under concurrent conditional writes.
-    """
-    from moto.s3.responses import S3Response
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            mp.setenv(name, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        lock = threading.Lock()
-        original = S3Response.put_object
-
-        def put_object_atomically(self: S3Response) -> Any:
-            with lock:
-                return original(self)
-
-        mp.setattr(S3Response, "put_object", put_object_atomically)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+    """A moto S3 server on a free loopback port, reached through real boto3 with dummy credentials
+    (PutObject serialised like S3's conditional writes: ``loadtests/moto.py``)."""
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

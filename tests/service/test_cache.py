@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from adapters import tempfiles
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from adapters.sources import open_store
@@ -136,3 +141,49 @@ def test_a_modified_blob_is_verified_again(
     with pytest.raises(AdapterCorrupt, match="sha256"):
         cache.load_blocking(version)
     cache.close()
+
+
+def test_stale_disk_tier_temp_files_are_swept_when_the_cache_opens(
+    base_model: Any,
+    manager: LoRAModelManager,
+    lora_bytes: list[bytes],
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+) -> None:
+    """A server killed while copying a blob into the disk tier left its temp file there for good."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    sha = "ab" * 32
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead = disk / f".tmp-{tempfiles.HOST}-{int(exited.stdout)}-x1"  # its writer is gone
+    legacy_old = disk / f".{sha}.4242.1.tmp"  # the name before owner-named temps, from a day ago
+    legacy_new = disk / f".{'cd' * 32}.4242.1.tmp"  # the same, written a minute ago: maybe in flight
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        in_flight = disk / f".tmp-{tempfiles.HOST}-{live.pid}-x2"  # a writer still running
+        for path in (dead, legacy_old, legacy_new, in_flight):
+            path.write_bytes(b"half a blob")
+        day_ago = time.time() - 86400
+        os.utime(legacy_old, (day_ago, day_ago))
+
+        registry = Registry(
+            open_store(f"s3://{s3_bucket}/fleet", s3_endpoint_url=moto_endpoint),
+            BaseIdentity.from_base_model(base_model),
+        )
+        version = registry.register(lora_bytes[0], "remote")
+        cache = make_cache(registry, manager, tmp_path, device_bytes=1 << 30)
+        assert cache.disk is not None
+        assert not dead.exists() and not legacy_old.exists()
+        assert in_flight.exists() and legacy_new.exists()
+        assert (cache.disk.entries, cache.disk.nbytes) == (0, 0)  # a temp file is not an entry
+
+        cache.load_blocking(version)  # from the store, copied into the disk tier through a temp file
+        assert sorted(p.name for p in disk.iterdir()) == sorted(
+            [f"{version.sha256}.safetensors", in_flight.name, legacy_new.name]
+        )
+        assert cache.disk.entries == 1
+        cache.close()
+    finally:
+        live.kill()
+        live.wait(60)
