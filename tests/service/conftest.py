@@ -26,17 +26,24 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120.0)
         time.sleep(0.05)
 
 
-def metric_value(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` with these labels in the server's /metrics."""
+def scrape(url: str) -> dict[str, list[Any]]:
+    """The server's /metrics samples by sample name."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` with these labels."""
+    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def metric_value(url: str, name: str, **labels: str) -> float:
+    return value(scrape(url), name, **labels)
 
 
 def free_port() -> int:

@@ -8,24 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.load.adapters import register_adapters, write_adapters
+from tests.service.conftest import scrape, value
 
 QUICK = {"prompt": "a red circle", "steps": 2, "seed": 1}
 
 
-def gauges_and_loads(http: httpx.Client) -> tuple[dict[str, float], float]:
-    """Unlabelled gauges, and how many adapter loads the cache has done (any source)."""
-    gauges: dict[str, float] = {}
-    loads = 0.0
-    for family in text_string_to_metric_families(http.get("/metrics").text):
-        for sample in family.samples:
-            if family.type == "gauge" and not sample.labels:
-                gauges[sample.name] = sample.value
-            elif sample.name == "loraswap_adapter_load_seconds_count":
-                loads += sample.value
-    return gauges, loads
+def gauges_and_loads(url: str) -> tuple[dict[str, float], float]:
+    """The queue gauges, and how many adapter loads the cache has done (any source)."""
+    samples = scrape(url)
+    gauges = {
+        name: value(samples, name) for name in ("loraswap_generations_in_flight", "loraswap_queue_depth")
+    }
+    return gauges, value(samples, "loraswap_adapter_load_seconds_count")
 
 
 def test_full_queue_refuses_before_any_adapter_work(
@@ -55,7 +51,7 @@ def test_full_queue_refuses_before_any_adapter_work(
         with server.client() as http:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                gauges, loads_before = gauges_and_loads(http)
+                gauges, loads_before = gauges_and_loads(server.url)
                 if gauges["loraswap_generations_in_flight"] == 1 and gauges["loraswap_queue_depth"] == 1:
                     break
                 time.sleep(0.05)
@@ -64,7 +60,7 @@ def test_full_queue_refuses_before_any_adapter_work(
             registered = http.post("/v1/generate", json={**QUICK, "adapters": [{"id": ids[0]}]})
             unknown = http.post("/v1/generate", json={**QUICK, "adapters": [{"id": "never-registered"}]})
             invalid = http.post("/v1/generate", json={**QUICK, "steps": 0})
-            loads_after = gauges_and_loads(http)[1]
+            loads_after = gauges_and_loads(server.url)[1]
     finally:
         gate.set()
         for blocker in blockers:

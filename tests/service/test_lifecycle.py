@@ -8,25 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import metric_value, wait_until
+from tests.service.conftest import metric_value, scrape, value, wait_until
 
 SLOW = {"prompt": "a slow fox", "steps": 60, "seed": 1}
 
 
 def metric_samples(server: Any) -> dict[str, list[Any]]:
-    with server.client() as http:
-        text = http.get("/metrics").text
-    samples: dict[str, list[Any]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
-
-
-def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
-    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+    return scrape(server.url)
 
 
 def test_full_queue_answers_429_with_retry_after(start_server: Any) -> None:
