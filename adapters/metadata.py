@@ -38,7 +38,7 @@ SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "loraswap"]
 TensorDType = Literal["fp32", "fp16", "bf16"]
 
 
-def check_scale(value: float, *, field: str) -> float:
+def check_scale(value: float, *, field: str, what: str | None = None) -> float:
     """``value`` if it is a finite adapter weight in [MIN_SCALE, MAX_SCALE], else ``ValidationFailed``.
 
     The one check for every weight that enters: request adapters, prompt tags, ``scale_default``.
@@ -49,7 +49,7 @@ def check_scale(value: float, *, field: str) -> float:
         ok = MIN_SCALE <= value <= MAX_SCALE
     if not ok:
         raise ValidationFailed(
-            f"{field} must be a finite number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}",
+            f"{what or field} must be a finite number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}",
             detail={"field": field, "min": MIN_SCALE, "max": MAX_SCALE},
         )
     return float(value)

@@ -67,7 +67,11 @@ def adapter_request(
             reason="bad_ref",
             detail={"field": field},
         )
-    return AdapterRequest(adapter_id, version, None if scale is None else check_scale(scale, field=field))
+    return AdapterRequest(
+        adapter_id,
+        version,
+        None if scale is None else check_scale(scale, field=field, what=f"the weight of {adapter_id!r}"),
+    )
 
 
 def extract_prompt_adapters(prompt: str) -> tuple[str, list[AdapterRequest]]:
