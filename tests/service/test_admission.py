@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from loadtests.load.adapters import register_adapters, write_adapters
-from tests.service.conftest import scrape, value
+from tests.service.conftest import scrape, value, wait_until
 
 QUICK = {"prompt": "a red circle", "steps": 2, "seed": 1}
 
@@ -44,19 +43,22 @@ def test_full_queue_refuses_before_any_adapter_work(
         with server.client() as http:
             responses.append(http.post("/v1/generate", json=QUICK))
 
-    blockers = [threading.Thread(target=occupy) for _ in range(2)]  # one running, one queued
+    def queue_is(running: int, waiting: int) -> bool:
+        gauges = gauges_and_loads(server.url)[0]
+        return (
+            gauges["loraswap_generations_in_flight"] == running and gauges["loraswap_queue_depth"] == waiting
+        )
+
+    # One running, then one queued: started together, the second could find the first still queued and
+    # be refused itself (max_queue 1).
+    blockers = [threading.Thread(target=occupy) for _ in range(2)]
     try:
-        for blocker in blockers:
-            blocker.start()
+        blockers[0].start()
+        wait_until(lambda: queue_is(1, 0), "the first request to run")
+        blockers[1].start()
+        wait_until(lambda: queue_is(1, 1), "the second request to wait in the queue")
         with server.client() as http:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                gauges, loads_before = gauges_and_loads(server.url)
-                if gauges["loraswap_generations_in_flight"] == 1 and gauges["loraswap_queue_depth"] == 1:
-                    break
-                time.sleep(0.05)
-            else:
-                raise AssertionError(f"the queue never filled: {gauges}")
+            loads_before = gauges_and_loads(server.url)[1]
             registered = http.post("/v1/generate", json={**QUICK, "adapters": [{"id": ids[0]}]})
             unknown = http.post("/v1/generate", json={**QUICK, "adapters": [{"id": "never-registered"}]})
             invalid = http.post("/v1/generate", json={**QUICK, "steps": 0})
