@@ -5,7 +5,8 @@ resident base model (also when absent); ``size`` is ``"WxH"`` or ``"auto"`` (the
 ``n`` images use seeds ``seed + i``. ``response_format`` ``b64_json`` (the default here) returns base64
 PNGs; ``url`` is 400 unless ``LORASWAP_OPENAI_DATA_URLS`` is set, which answers with ``data:`` URLs.
 ``quality``, ``style``, ``background``, ``moderation``, ``output_compression`` and ``user`` are accepted
-and ignored. Errors on this route have OpenAI's shape ``{"error": {message, type, param, code}}`` (plus
+and ignored; ``seed``, ``steps``, ``negative_prompt``, ``guidance_scale`` and ``scheduler`` are
+loraswap's extensions (``extra_body`` in the SDK), as on ``/v1/generate``. Errors on this route have OpenAI's shape ``{"error": {message, type, param, code}}`` (plus
 loraswap's ``detail`` and ``hint``) and invalid input is 400, so the ``openai`` SDK raises
 ``BadRequestError``, ``AuthenticationError``, ``NotFoundError``, ``RateLimitError`` … as it does
 against OpenAI.
@@ -29,7 +30,7 @@ from basemodel.errors import LoraswapError, ValidationFailed
 from service import errors
 from service.compat.errors import ModelNotFound, UnsupportedOption
 from service.engine.runtime import GenerationResult
-from service.schemas import STRICT, GenerateRequest
+from service.schemas import MAX_SEED, STRICT, GenerateRequest, SchedulerName
 
 SIZE = re.compile(r"^(?P<w>[1-9][0-9]{0,4})x(?P<h>[1-9][0-9]{0,4})$")
 MAX_IMAGES = 8
@@ -59,6 +60,12 @@ class ImageGenerationRequest(BaseModel):
     moderation: str | None = Field(None, max_length=32, description="Accepted, ignored.")
     output_compression: int | None = Field(None, ge=0, le=100, description="Accepted, ignored.")
     stream: Literal[False] | None = Field(None, description="Streaming is not offered.")
+    # loraswap's extensions (the SDK sends them with extra_body={...}); /v1/generate's rules and defaults
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="loraswap: image i uses seed+i.")
+    steps: int | None = Field(None, ge=1, le=150, description="loraswap: denoising steps (20).")
+    negative_prompt: str | None = Field(None, max_length=4000, description="loraswap: what to avoid.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="loraswap: CFG (7.5).")
+    scheduler: SchedulerName | None = Field(None, description="loraswap: sampler (ddim).")
 
 
 class ImageData(BaseModel):
@@ -137,13 +144,16 @@ def to_generate_request(req: ImageGenerationRequest, *, base_name: str, data_url
             hint="Send response_format='b64_json' (or start the server with LORASWAP_OPENAI_DATA_URLS=1).",
         )
     width, height = size_of(req.size)
-    fields = {
+    fields: dict[str, Any] = {
         "prompt": req.prompt,
         "width": width,
         "height": height,
         "num_images": 1 if req.n is None else req.n,
         "adapters": adapters_for(req.model, base_name),
     }
+    for extension in ("seed", "steps", "negative_prompt", "guidance_scale", "scheduler"):
+        if getattr(req, extension) is not None:
+            fields[extension] = getattr(req, extension)
     try:
         return GenerateRequest.model_validate(fields)
     except PydanticValidationError as exc:

@@ -12,11 +12,13 @@ from typing import Any
 from litestar import Controller, Request, Response, post
 from litestar.status_codes import HTTP_200_OK
 
+from basemodel.errors import Incompatible, NotFound
 from service.auth import require
 from service.compat import openai_images
 from service.compat.openai_images import ImageGenerationRequest, ImagesResponse
 from service.controllers.generate import CLIENT_CLOSED, generation_headers, run_generation
 from service.engine.runtime import Runtime
+from service.lora.request import PROMPT_TAG
 from service.openapi import ROUTE_ERRORS
 
 
@@ -46,7 +48,12 @@ class OpenAIImagesController(Controller):
         wanted = openai_images.to_generate_request(
             data, base_name=base.name, data_urls=runtime.settings.openai_data_urls
         )
-        work, result = await run_generation(wanted, request, runtime)
+        try:
+            work, result = await run_generation(wanted, request, runtime)
+        except (NotFound, Incompatible) as exc:
+            if wanted.adapters and "field" not in exc.detail and not PROMPT_TAG.search(data.prompt):
+                exc.detail["field"] = "model"  # the only adapter named is the model: say so in 'param'
+            raise
         if result is None:
             return Response(b"", status_code=CLIENT_CLOSED)  # type: ignore[arg-type]
         return Response(openai_images.to_response(data, result), headers=generation_headers(work))
