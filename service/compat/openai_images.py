@@ -6,10 +6,10 @@ resident base model (also when absent); ``size`` is ``"WxH"`` or ``"auto"`` (the
 PNGs; ``url`` is 400 unless ``LORASWAP_OPENAI_DATA_URLS`` is set, which answers with ``data:`` URLs.
 ``quality``, ``style``, ``background``, ``moderation``, ``output_compression`` and ``user`` are accepted
 and ignored; ``seed``, ``steps``, ``negative_prompt``, ``guidance_scale`` and ``scheduler`` are
-loraswap's extensions (``extra_body`` in the SDK), as on ``/v1/generate``. Errors on this route have OpenAI's shape ``{"error": {message, type, param, code}}`` (plus
-loraswap's ``detail`` and ``hint``) and invalid input is 400, so the ``openai`` SDK raises
-``BadRequestError``, ``AuthenticationError``, ``NotFoundError``, ``RateLimitError`` … as it does
-against OpenAI.
+loraswap's extensions (``extra_body`` in the SDK), as on ``/v1/generate``. Errors on this route have
+OpenAI's shape ``{"error": {message, type, param, code}}`` (plus loraswap's ``detail`` and ``hint``) and
+invalid input is 400, so the ``openai`` SDK raises ``BadRequestError``, ``AuthenticationError``,
+``NotFoundError``, ``RateLimitError`` … as it does against OpenAI.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def to_response(req: ImageGenerationRequest, result: GenerationResult) -> Images
 
 def reshape(response: Response[Any]) -> Response[Any]:
     """loraswap's error response → OpenAI's shape; invalid input (422) → 400, as OpenAI answers."""
-    status = response.status_code
+    status = int(response.status_code or 500)
     body = response.content.get("error", {}) if isinstance(response.content, dict) else {}
     detail = body.get("detail") or {}
     param = detail.get("field")
@@ -220,7 +220,7 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[A
     return reshape(errors.handle_unexpected(request, exc))
 
 
-EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
     LoraswapError: on_domain_error,
     ValidationException: on_validation_error,
     HTTPException: on_http_error,
