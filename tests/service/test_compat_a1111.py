@@ -231,3 +231,20 @@ def test_sampler_names_translate_as_a1111_splits_them() -> None:
         scheduler_for("DPM++ SDE", None)
     with pytest.raises(UnsupportedOption):
         scheduler_for("Euler", "Karras")
+
+
+def test_basic_credentials_carry_the_token() -> None:
+    from types import SimpleNamespace
+
+    from service.auth import basic_token
+
+    def header(value: str) -> Any:
+        return SimpleNamespace(headers={"authorization": value})
+
+    encoded = base64.b64encode(f"webui:{TOKEN}".encode()).decode()
+    assert basic_token(header(f"Basic {encoded}")) == TOKEN
+    user_only = base64.b64encode(f"{TOKEN}:".encode()).decode()
+    assert basic_token(header(f"basic {user_only}")) == TOKEN  # the token as the user name
+    assert basic_token(header("Basic not base64!")) is None
+    assert basic_token(header(f"Bearer {TOKEN}")) is None
+    assert basic_token(header("Basic " + base64.b64encode(b":").decode())) is None
