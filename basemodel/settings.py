@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run one tiny generation before reporting ready.")
     graceful_timeout_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    openai_data_urls: bool = Field(
+        False,
+        description="Answer response_format=url on /v1/images/generations with data: URLs (else 400).",
+    )
 
     # --- Adapter registry (issue 3; owned by adapters/, see docs/adapters.md) ---
     store: str | None = Field(None, description="file:///abs/dir, a path or s3://bucket/prefix (None: home).")

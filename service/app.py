@@ -22,6 +22,8 @@ from service.bodies import CheckedRequest
 from service.controllers.adapters import AdapterController
 from service.controllers.generate import GenerateController
 from service.controllers.health import HealthController
+from service.controllers.openai_images import OpenAIImagesController
+from service.controllers.sdapi import SdapiController
 from service.engine.runtime import Runtime, package_version
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import Metrics
@@ -78,7 +80,13 @@ def create_app(
             runtime.stop()
 
     app = Litestar(
-        route_handlers=[GenerateController, HealthController, AdapterController],
+        route_handlers=[
+            GenerateController,
+            HealthController,
+            AdapterController,
+            SdapiController,
+            OpenAIImagesController,
+        ],
         dependencies={
             "runtime": Provide(lambda: runtime, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, sync_to_thread=False),

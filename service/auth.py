@@ -1,12 +1,16 @@
 """Bearer-token guards with two scopes: ``generate`` and ``admin`` (admin implies generate).
 
-Tokens are compared in constant time (``hmac.compare_digest``) against every configured token. With
-no tokens configured, auth is off (the settings refuse a non-loopback bind in that case unless
-``allow_unauthenticated`` is set).
+Routes for clients that only speak HTTP basic auth (the A1111-compatible ``/sdapi/v1/*``: ``webuiapi``'s
+``set_auth(user, password)``) also take ``Authorization: Basic`` with the token as the password (any
+user name). Tokens are compared in constant time (``hmac.compare_digest``) against every configured
+token. With no tokens configured, auth is off (the settings refuse a non-loopback bind in that case
+unless ``allow_unauthenticated`` is set).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from typing import Any, Literal
 
@@ -42,16 +46,36 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return token.strip()
 
 
-def require(scope: Scope) -> Any:
-    """A Litestar guard demanding ``scope``."""
+def basic_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The password of ``Authorization: Basic base64(user:password)`` (the user name when the password
+    is empty); ``None`` when there is no such header or it does not decode."""
+    header = connection.headers.get("authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, _, password = decoded.partition(":")
+    token = password or user
+    return token if token.strip() else None
+
+
+def require(scope: Scope, *, basic: bool = False) -> Any:
+    """A Litestar guard demanding ``scope``; ``basic``: HTTP basic auth with the token as password too."""
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         settings: Settings = connection.app.state.settings
         if not settings.auth_enabled:
             return
-        token = bearer_token(connection)
+        token = bearer_token(connection) or (basic_token(connection) if basic else None)
         if token is None:
-            raise Unauthorized("missing bearer token")
+            raise Unauthorized(
+                "missing bearer token (or HTTP basic auth with the token as password)"
+                if basic
+                else "missing bearer token"
+            )
         scopes = scopes_for(token, settings)
         if not scopes:
             raise Unauthorized("invalid bearer token")

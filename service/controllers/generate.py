@@ -1,4 +1,10 @@
-"""``POST /v1/generate``: text-to-image on the resident model."""
+"""``POST /v1/generate``: text-to-image on the resident model.
+
+``run_generation`` is the one code path of a generation — server limits, admission (429), adapter
+resolution and leases, the queue, batching, the deadline and the client's disconnect. The A1111
+(``/sdapi/v1/*``) and OpenAI (``/v1/images/generations``) routes translate their bodies into a
+``GenerateRequest`` and call it too; only the response shapes differ.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,13 @@ from litestar.status_codes import HTTP_200_OK
 
 from basemodel.errors import ValidationFailed
 from service.auth import require
-from service.engine.runtime import Runtime
+from service.engine.runtime import GenerationResult, Runtime, Work
 from service.lora.resolver import STALE_HEADER
 from service.openapi import ROUTE_ERRORS
 from service.schemas import GenerateRequest, GenerateResponse
 
 PNG = "image/png"
+CLIENT_CLOSED = 499  # client closed request (nginx's convention)
 
 
 def wants_png(request: Request[Any, Any, Any]) -> bool:
@@ -28,6 +35,26 @@ async def wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def run_generation(
+    data: GenerateRequest, request: Request[Any, Any, Any], runtime: Runtime
+) -> tuple[Work, GenerationResult | None]:
+    """Admit, resolve adapters, queue and wait: the work and its result (``None``: the client left)."""
+    work = await runtime.prepare(data)
+    try:
+        result = await runtime.generate(work, lambda: wait_for_disconnect(request))
+    finally:
+        runtime.release(work)
+    return work, result
+
+
+def generation_headers(work: Work) -> dict[str, str]:
+    """``X-Loraswap-Seed`` and, when a remembered 'latest' was served, ``X-Loraswap-Stale``."""
+    headers = {"X-Loraswap-Seed": str(work.params.seed)}
+    if any(a.stale for a in work.params.adapters):
+        headers[STALE_HEADER] = "adapters"
+    return headers
 
 
 class GenerateController(Controller):
@@ -58,16 +85,10 @@ class GenerateController(Controller):
                 "Accept: image/png returns one image; ask for num_images=1 or accept application/json",
                 detail={"field": "num_images"},
             )
-        work = await runtime.prepare(data)
-        try:
-            result = await runtime.generate(work, lambda: wait_for_disconnect(request))
-        finally:
-            runtime.release(work)
+        work, result = await run_generation(data, request, runtime)
         if result is None:
-            return Response(b"", status_code=499)  # client closed request (nginx's convention)
-        headers = {"X-Loraswap-Seed": str(work.params.seed)}
-        if any(a.stale for a in work.params.adapters):
-            headers[STALE_HEADER] = "adapters"
+            return Response(b"", status_code=CLIENT_CLOSED)
+        headers = generation_headers(work)
         if png_only:
             headers["X-Loraswap-Timings"] = ",".join(f"{k}={v}" for k, v in result.timings.items())
             return Response(result.pngs[0], media_type=PNG, headers=headers)

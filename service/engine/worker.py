@@ -70,6 +70,7 @@ class InferenceWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="loraswap-inference", daemon=True)
         self._avg_job_s = 1.0
+        self._running = 0  # jobs in the batch being denoised now
 
     def start(self) -> None:
         self._thread.start()
@@ -77,6 +78,16 @@ class InferenceWorker:
     @property
     def depth(self) -> int:
         return self._queue.qsize() + len(self._deferred)
+
+    @property
+    def running(self) -> int:
+        """Jobs the worker thread is running now (0 when idle)."""
+        return self._running
+
+    @property
+    def average_job_s(self) -> float:
+        """Moving average of a batch's wall time (the Retry-After and ETA estimate)."""
+        return self._avg_job_s
 
     def admit(self) -> None:
         """Refuse at once (429) while the queue is full, before the request does any work for a job
@@ -167,11 +178,13 @@ class InferenceWorker:
             job.started_at = started
         self._metrics.in_flight.inc(len(batch))
         self._metrics.batch_size.observe(len(batch))
+        self._running = len(batch)
         try:
             outcomes = self._run(batch)
         except BaseException as exc:  # delivered to every waiting handler, which re-raises it
             outcomes = [exc] * len(batch)
         finally:
+            self._running = 0
             self._metrics.in_flight.dec(len(batch))
         for job, outcome in zip(batch, outcomes, strict=True):
             _deliver(job, outcome)
