@@ -348,6 +348,8 @@ class Trainer:
                         p.on_step(self)
                     if self._due(cfg.checkpoint_every) or last or self._stop.is_set():
                         self.save()
+                    if self.position == 0:
+                        break  # the epoch ended: the next one has its own order (as a resumed run sees it)
         finally:
             bar.close()
             _restore_sigint(previous)

@@ -152,19 +152,11 @@ def test_sdxl_unet_lora_run(xl_trained: Any) -> None:
 def test_sdxl_text_encoder_lora_covers_both_encoders(
     loraswap_home: Path, mixed_data: Path, tmp_path: Path
 ) -> None:
-    config = make_config(
-        mixed_data,
-        tmp_path / "te",
-        **FAST_XL,
-        steps=2,
-        lr=1e-2,
-        train_text_encoder=True,
-        gradient_checkpointing=True,
-        eval_samples=0,
-        sample_steps=1,
-    )
+    options = {"steps": 2, "lr": 1e-2, "train_text_encoder": True, "gradient_checkpointing": True}
+    # 34 attention layers x 4 projections in the UNet; 2 layers x 4 in each text encoder
+    config = make_config(mixed_data, tmp_path / "te", **(FAST_XL | options | {"eval_samples": 0}))
     result = train(config, models_dir=loraswap_home / "models", echo=lambda *_: None)
-    assert result.plan["modules"] == {"unet": 38, "text_encoder": 8, "text_encoder_2": 8}
+    assert result.plan["modules"] == {"unet": 136, "text_encoder": 8, "text_encoder_2": 8}
     tensors, _ = read_adapter(result.adapter_path)
     assert {k.split(".", 1)[0] for k in tensors} == {"unet", "text_encoder", "text_encoder_2"}
     for component in ("text_encoder", "text_encoder_2"):  # both trained: their lora_B left zero
@@ -174,8 +166,7 @@ def test_sdxl_text_encoder_lora_covers_both_encoders(
     assert any(k.startswith("text_encoder_2.") for k in saved)
 
 
-RESUME: dict[str, Any] = {
-    **FAST_XL,
+RESUME: dict[str, Any] = FAST_XL | {
     "steps": 4,
     "grad_accum": 2,
     "buckets": True,
