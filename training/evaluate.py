@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from training.conditioning import Conditioner, Tensors, stack
 from training.data.buckets import Size
 from training.data.cache import EncodedItem
 from training.errors import TrainConfigError
@@ -37,8 +38,9 @@ class ValBatch:
     noisy: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
-    input_ids: torch.Tensor
-    embeddings: torch.Tensor | None
+    tokens: Tensors
+    text: Tensors | None  # cached text conditioning (frozen text encoders)
+    added: Tensors  # size conditioning (SDXL time ids)
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int) -> list[int]:
@@ -65,14 +67,15 @@ def build_validation(items: Sequence[EncodedItem], scheduler: Any, count: int, s
             latents = torch.stack([r[0] for r in chunk])
             noise = torch.stack([r[2] for r in chunk])
             t = torch.tensor([r[1] for r in chunk], dtype=torch.long)
-            embeddings = [r[3].embedding for r in chunk if r[3].embedding is not None]
+            texts = [r[3].text for r in chunk if r[3].text is not None]
             batches.append(
                 ValBatch(
                     noisy=scheduler.add_noise(latents, noise, t),
                     timesteps=t,
                     target=target_for(scheduler, latents, noise, t),
-                    input_ids=torch.stack([r[3].input_ids for r in chunk]),
-                    embeddings=torch.stack(embeddings) if len(embeddings) == len(chunk) else None,
+                    tokens=stack([r[3].tokens for r in chunk]),
+                    text=stack(texts) if len(texts) == len(chunk) else None,
+                    added=stack([r[3].added for r in chunk]),
                 )
             )
     return batches
@@ -80,8 +83,7 @@ def build_validation(items: Sequence[EncodedItem], scheduler: Any, count: int, s
 
 @torch.no_grad()
 def validation_loss(
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    conditioner: Conditioner,
     batches: Sequence[ValBatch],
     *,
     device: torch.device,
@@ -90,26 +92,31 @@ def validation_loss(
 ) -> float | None:
     if not batches:
         return None
-    was_training = unet.training, text_encoder.training
+    unet, encoders = conditioner.pipe.unet, list(conditioner.text_encoders.values())
+    was_training = unet.training, [encoder.training for encoder in encoders]
     unet.eval()
-    text_encoder.eval()
+    for encoder in encoders:
+        encoder.eval()
     total, count = 0.0, 0
     try:
         for batch in batches:
             with autocast:
-                if batch.embeddings is not None:
-                    hidden = batch.embeddings.to(device, dtype)
-                else:
-                    hidden = text_encoder(batch.input_ids.to(device), return_dict=False)[0]
+                inputs = conditioner.unet_inputs(
+                    tokens=batch.tokens, text=batch.text, added=batch.added, device=device, dtype=dtype
+                )
                 pred = unet(
-                    batch.noisy.to(device, dtype), batch.timesteps.to(device), hidden, return_dict=False
+                    batch.noisy.to(device, dtype),
+                    batch.timesteps.to(device),
+                    **inputs.unet_kwargs(),
+                    return_dict=False,
                 )[0]
             err = (pred.float() - batch.target.to(device).float()).pow(2).mean(dim=(1, 2, 3))
             total += float(err.sum())
             count += err.numel()
     finally:
         unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for encoder, training in zip(encoders, was_training[1], strict=True):
+            encoder.train(training)
     return total / count
 
 

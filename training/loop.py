@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.checkpoint import Checkpoint, atomic_write_text, capture_rng, restore_rng, save_checkpoint
+from training.conditioning import Conditioner, stack
 from training.config import TrainConfig
 from training.data.cache import EncodedItem
 from training.errors import CheckpointError, TrainingDiverged
@@ -99,6 +100,7 @@ class TrainerParts:
 
     config: TrainConfig
     pipe: Any
+    conditioner: Conditioner
     injection: Injection
     train_items: list[EncodedItem]
     repeats: list[int]
@@ -120,7 +122,7 @@ class Trainer:
         self.p = parts
         cfg = parts.config
         self.unet = parts.pipe.unet
-        self.text_encoder = parts.pipe.text_encoder
+        self.text_encoders = parts.conditioner.text_encoders
         groups = [{"params": parts.injection.unet_params, "lr": cfg.lr}]
         if parts.injection.text_encoder_params:
             groups.append(
@@ -186,7 +188,7 @@ class Trainer:
         self.last_checkpoint = save_checkpoint(
             self.p.output,
             self.step,
-            adapter=trainable_state(self.unet, self.text_encoder),
+            adapter=trainable_state(self.unet, self.text_encoders),
             optimizer=self.optimizer.state_dict(),
             state=self.state(),
             keep=self.p.config.keep_checkpoints,
@@ -197,7 +199,7 @@ class Trainer:
     def restore(self, ckpt: Checkpoint) -> None:
         state = ckpt.state
         try:
-            load_trainable_state(self.unet, self.text_encoder, ckpt.adapter)
+            load_trainable_state(self.unet, self.text_encoders, ckpt.adapter)
             self.optimizer.load_state_dict(ckpt.optimizer)
             self.lr_scheduler.load_state_dict(state["scheduler"])
             if self.scaler and state.get("scaler"):
@@ -233,14 +235,17 @@ class Trainer:
         noisy = p.noise_scheduler.add_noise(latents, noise, timesteps)
         target = target_for(p.noise_scheduler, latents, noise, timesteps).to(p.device)
         with self._autocast():
-            if items[0].embedding is not None:
-                hidden = torch.stack([it.embedding for it in items]).to(p.device, p.dtype)  # type: ignore[misc]
-            else:
-                ids = torch.stack([it.input_ids for it in items]).to(p.device)
-                hidden = self.text_encoder(ids, return_dict=False)[0]
-            pred = self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), hidden, return_dict=False)[
-                0
-            ]
+            texts = [it.text for it in items if it.text is not None]
+            inputs = p.conditioner.unet_inputs(
+                tokens=stack([it.tokens for it in items]),
+                text=stack(texts) if len(texts) == len(items) else None,
+                added=stack([it.added_for(f) for it, f in zip(items, flips, strict=True)]),
+                device=p.device,
+                dtype=p.dtype,
+            )
+            pred = self.unet(
+                noisy.to(p.device, p.dtype), timesteps.to(p.device), **inputs.unet_kwargs(), return_dict=False
+            )[0]
         return diffusion_loss(pred, target, timesteps.to(p.device), p.noise_scheduler, cfg.snr_gamma)
 
     def _optimizer_step(self) -> None:
@@ -259,8 +264,7 @@ class Trainer:
 
     def _validate(self) -> float | None:
         loss = validation_loss(
-            self.unet,
-            self.text_encoder,
+            self.p.conditioner,
             self.p.val_batches,
             device=self.p.device,
             dtype=self.p.dtype,
@@ -279,7 +283,8 @@ class Trainer:
         self._started = time.monotonic()
         self.unet.train()
         if p.injection.text_encoder_params:
-            self.text_encoder.train()
+            for encoder in self.text_encoders.values():
+                encoder.train()
         if self.step == 0 and not self.metrics.rows:
             self.initial_val = self._validate()
             self.metrics.append(
@@ -343,6 +348,8 @@ class Trainer:
                         p.on_step(self)
                     if self._due(cfg.checkpoint_every) or last or self._stop.is_set():
                         self.save()
+                    if self.position == 0:
+                        break  # the epoch ended: the next one has its own order (as a resumed run sees it)
         finally:
             bar.close()
             _restore_sigint(previous)

@@ -5,12 +5,17 @@ Insertion points are peft ``target_modules`` names matched as module-path suffix
 cross-attention); ``ff.net.0.proj``/``ff.net.2`` add the feed-forward layers, ``proj_in``/``proj_out``
 the transformer in/out projections, ``conv1``/``conv2``/``conv_shortcut`` the ResNet convolutions.
 Every name must match at least one ``nn.Linear``/``nn.Conv2d`` of the model, otherwise it is a
-config error listing the names that exist.
+config error listing the names that exist. ``--train-text-encoder`` adapts every text encoder of the
+family (SDXL: ``text_encoder`` and ``text_encoder_2``) with ``--text-encoder-target-modules``.
+
+Functions taking ``text_encoders`` accept one module (SD1.x's ``text_encoder``) or a mapping of
+component name → text encoder.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,25 +31,52 @@ ADAPTER_NAME = "default"
 _TARGETABLE = (nn.Linear, nn.Conv2d)
 
 
+TextEncoders = nn.Module | Mapping[str, nn.Module]
+
+
+def text_encoder_map(text_encoders: TextEncoders) -> dict[str, nn.Module]:
+    """Component name → text encoder (one module is ``text_encoder``)."""
+    if isinstance(text_encoders, nn.Module):
+        return {"text_encoder": text_encoders}
+    return dict(text_encoders)
+
+
 @dataclass
 class Injection:
-    """What was adapted and which parameters train."""
+    """What was adapted (component → module paths, ``unet`` first) and which parameters train."""
 
-    unet_modules: list[str]
-    text_encoder_modules: list[str]
-    unet_params: list[nn.Parameter] = field(repr=False)
-    text_encoder_params: list[nn.Parameter] = field(repr=False)
+    module_paths: dict[str, list[str]]
+    params: dict[str, list[nn.Parameter]] = field(repr=False)
     lora_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unet_modules(self) -> list[str]:
+        return self.module_paths["unet"]
+
+    @property
+    def text_encoder_modules(self) -> list[str]:
+        """Adapted module paths of every text encoder."""
+        return [m for name, paths in self.module_paths.items() if name != "unet" for m in paths]
+
+    @property
+    def unet_params(self) -> list[nn.Parameter]:
+        return self.params["unet"]
+
+    @property
+    def text_encoder_params(self) -> list[nn.Parameter]:
+        return [p for name, params in self.params.items() if name != "unet" for p in params]
 
     @property
     def trainable(self) -> int:
         return sum(p.numel() for p in self.unet_params + self.text_encoder_params)
 
     @property
+    def module_counts(self) -> dict[str, int]:
+        return {name: len(paths) for name, paths in self.module_paths.items()}
+
+    @property
     def modules(self) -> list[str]:
-        return [f"unet.{m}" for m in self.unet_modules] + [
-            f"text_encoder.{m}" for m in self.text_encoder_modules
-        ]
+        return [f"{name}.{m}" for name, paths in self.module_paths.items() for m in paths]
 
 
 def matching_modules(model: nn.Module, targets: list[str]) -> dict[str, list[str]]:
@@ -94,29 +126,34 @@ def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
     )
 
 
-def inject(unet: nn.Module, text_encoder: nn.Module, config: TrainConfig) -> Injection:
+def _label(component: str) -> str:
+    """How messages name a text encoder: 'text-encoder', 'text-encoder-2'."""
+    return component.replace("_", "-")
+
+
+def inject(unet: nn.Module, text_encoders: TextEncoders, config: TrainConfig) -> Injection:
     """Freeze the whole base, add the LoRA layers, return the (fp32) trainable parameters."""
+    encoders = text_encoder_map(text_encoders)
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet_modules = resolve_targets(unet, config.target_modules, "UNet")
-    # peft directly (what diffusers' ``add_adapter`` does), for both models alike: transformers' own
+    for encoder in encoders.values():
+        encoder.requires_grad_(False)
+    paths = {"unet": resolve_targets(unet, config.target_modules, "UNet")}
+    # peft directly (what diffusers' ``add_adapter`` does), for every model alike: transformers' own
     # PEFT integration demands a newer peft than diffusers does.
     inject_adapter_in_model(lora_config(config, config.target_modules), unet, ADAPTER_NAME)
-    te_modules: list[str] = []
-    if config.train_text_encoder:
-        te_modules = resolve_targets(text_encoder, config.text_encoder_target_modules, "text-encoder")
-        inject_adapter_in_model(
-            lora_config(config, config.text_encoder_target_modules), text_encoder, ADAPTER_NAME
-        )
-    unet_params = _lora_params(unet)
-    te_params = _lora_params(text_encoder)
-    for param in unet_params + te_params:
-        param.data = param.data.float()  # LoRA weights train in fp32 even on a half-precision base
+    for name, encoder in encoders.items():
+        paths[name] = []
+        if config.train_text_encoder:
+            targets = config.text_encoder_target_modules
+            paths[name] = resolve_targets(encoder, targets, _label(name))
+            inject_adapter_in_model(lora_config(config, targets), encoder, ADAPTER_NAME)
+    params = {"unet": _lora_params(unet)} | {name: _lora_params(e) for name, e in encoders.items()}
+    for group in params.values():
+        for param in group:
+            param.data = param.data.float()  # LoRA weights train in fp32 even on a half-precision base
     return Injection(
-        unet_modules,
-        te_modules,
-        unet_params,
-        te_params,
+        paths,
+        params,
         lora_config={
             "r": config.rank,
             "lora_alpha": config.lora_alpha,
@@ -157,20 +194,25 @@ def base_weights_hash(*models: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def trainable_state(unet: nn.Module, text_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA parameter by its full parameter name (checkpoints; exact resume)."""
-    state = {f"unet.{n}": p.detach().cpu().clone() for n, p in unet.named_parameters() if "lora_" in n}
-    state |= {
-        f"text_encoder.{n}": p.detach().cpu().clone()
-        for n, p in text_encoder.named_parameters()
+def _lora_named(unet: nn.Module, text_encoders: TextEncoders) -> dict[str, nn.Parameter]:
+    models = {"unet": unet} | text_encoder_map(text_encoders)
+    return {
+        f"{component}.{n}": p
+        for component, model in models.items()
+        for n, p in model.named_parameters()
         if "lora_" in n
     }
-    return state
 
 
-def load_trainable_state(unet: nn.Module, text_encoder: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = {f"unet.{n}": p for n, p in unet.named_parameters() if "lora_" in n}
-    params |= {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if "lora_" in n}
+def trainable_state(unet: nn.Module, text_encoders: TextEncoders) -> dict[str, torch.Tensor]:
+    """Every LoRA parameter by its full parameter name (checkpoints; exact resume)."""
+    return {name: p.detach().cpu().clone() for name, p in _lora_named(unet, text_encoders).items()}
+
+
+def load_trainable_state(
+    unet: nn.Module, text_encoders: TextEncoders, state: dict[str, torch.Tensor]
+) -> None:
+    params = _lora_named(unet, text_encoders)
     if set(params) != set(state):
         missing = sorted(set(params) - set(state))[:3]
         extra = sorted(set(state) - set(params))[:3]
@@ -193,22 +235,24 @@ def _peft_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def adapter_tensors(
-    unet: nn.Module, text_encoder: nn.Module, with_text_encoder: bool
+    unet: nn.Module, text_encoders: TextEncoders, with_text_encoder: bool
 ) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers/PEFT layout, unscaled: ``unet.<path>.lora_A.weight`` … (alpha not
-    folded; ``export`` folds the scale into ``lora_B`` for the canonical file). DoRA runs also
-    carry ``….lora_magnitude_vector`` entries, which the export refuses."""
+    """The adapter in diffusers/PEFT layout, unscaled: ``unet.<path>.lora_A.weight``,
+    ``text_encoder_2.<path>…`` … (alpha not folded; ``export`` folds the scale into ``lora_B`` for the
+    canonical file). DoRA runs also carry ``….lora_magnitude_vector`` entries, which the export refuses."""
     out = _peft_state(unet, "unet")
     if with_text_encoder:
-        out |= _peft_state(text_encoder, "text_encoder")
+        for name, encoder in text_encoder_map(text_encoders).items():
+            out |= _peft_state(encoder, name)
     return out
 
 
 def set_adapters_enabled(
-    unet: nn.Module, text_encoder: nn.Module, enabled: bool, with_text_encoder: bool
+    unet: nn.Module, text_encoders: TextEncoders, enabled: bool, with_text_encoder: bool
 ) -> None:
     """Switch between base and base+LoRA (for side-by-side samples)."""
-    for model in (unet, text_encoder) if with_text_encoder else (unet,):
+    encoders = list(text_encoder_map(text_encoders).values()) if with_text_encoder else []
+    for model in (unet, *encoders):
         for module in model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.enable_adapters(enabled)

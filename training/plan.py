@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.data.buckets import Size
+from training.conditioning import Conditioner
+from training.data.buckets import Size, crop_geometry
 from training.lora import Injection
 
 GIB = 1 << 30
@@ -28,8 +29,7 @@ def module_bytes(*modules: nn.Module) -> int:
 
 
 def activation_bytes(
-    unet: nn.Module,
-    text_encoder: nn.Module,
+    conditioner: Conditioner,
     size: Size,
     *,
     latent_channels: int,
@@ -37,10 +37,11 @@ def activation_bytes(
     device: torch.device,
     dtype: torch.dtype,
     train_text_encoder: bool,
-    seq_len: int,
     autocast: AbstractContextManager[Any],
 ) -> int:
     """Bytes autograd saves for one training forward at batch size 1 (measured)."""
+    unet = conditioner.pipe.unet
+    encoders = list(conditioner.text_encoders.values())
     seen: set[tuple[int, tuple[int, ...]]] = set()
     total = 0
 
@@ -55,22 +56,29 @@ def activation_bytes(
     latent = torch.zeros(
         1, latent_channels, size[1] // vae_factor, size[0] // vae_factor, device=device, dtype=dtype
     )
-    ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
-    was = unet.training, text_encoder.training
+    tokens = {name: torch.zeros_like(ids[:1]) for name, ids in conditioner.tokenize([""]).items()}
+    added = {k: v[None] for k, v in conditioner.size_conditioning(crop_geometry(*size, size)).items()}
+    was = unet.training, [encoder.training for encoder in encoders]
     unet.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
             if train_text_encoder:
-                text_encoder.train()
-                hidden = text_encoder(ids, return_dict=False)[0]
+                for encoder in encoders:
+                    encoder.train()
+                text = conditioner.encode_text({n: ids.to(device) for n, ids in tokens.items()})
             else:
                 with torch.no_grad():
-                    hidden = text_encoder(ids, return_dict=False)[0]
-            out = unet(latent, torch.tensor([500], device=device), hidden.to(dtype), return_dict=False)[0]
+                    text = conditioner.encode_text({n: ids.to(device) for n, ids in tokens.items()})
+            text = {key: value.to(dtype) for key, value in text.items()}
+            placed = {key: value.to(device, dtype) for key, value in added.items()}
+            inputs = conditioner.family.training_inputs(text, placed)
+            t = torch.tensor([500], device=device)
+            out = unet(latent, t, **inputs.unet_kwargs(), return_dict=False)[0]
             del out
     finally:
         unet.train(was[0])
-        text_encoder.train(was[1])
+        for encoder, training in zip(encoders, was[1], strict=True):
+            encoder.train(training)
     return total
 
 
@@ -88,7 +96,7 @@ def schedule(
 
 
 def memory_estimate(
-    pipe: Any,
+    conditioner: Conditioner,
     injection: Injection,
     sizes: Sequence[Size],
     *,
@@ -98,20 +106,19 @@ def memory_estimate(
     train_text_encoder: bool,
     autocast: AbstractContextManager[Any],
 ) -> dict[str, Any]:
+    pipe = conditioner.pipe
     largest = max(sizes, key=lambda s: s[0] * s[1])
-    weights = module_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+    weights = module_bytes(pipe.unet, pipe.vae, *conditioner.text_encoders.values())
     lora = injection.trainable * 4
     optimizer = injection.trainable * 4 * 3  # gradients + two AdamW moments, fp32
     acts = activation_bytes(
-        pipe.unet,
-        pipe.text_encoder,
+        conditioner,
         largest,
         latent_channels=int(pipe.unet.config.in_channels),
         vae_factor=int(pipe.vae_scale_factor),
         device=device,
         dtype=dtype,
         train_text_encoder=train_text_encoder,
-        seq_len=int(pipe.tokenizer.model_max_length),
         autocast=autocast,
     )
     total = weights + optimizer + acts * batch_size
@@ -155,9 +162,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     if lora["text_encoder_target_modules"]:
         te_targets = ", ".join(lora["text_encoder_target_modules"])
-        lines.append(
-            f"                text encoder {te_targets} -> {plan['modules']['text_encoder']} modules"
-        )
+        counts = {name: n for name, n in plan["modules"].items() if name != "unet"}
+        if len(counts) == 1:
+            lines.append(f"                text encoder {te_targets} -> {sum(counts.values())} modules")
+        else:
+            each = ", ".join(f"{name} {n}" for name, n in counts.items())
+            lines.append(f"                text encoders {te_targets} -> {each} modules")
     acts = mem["activations_bytes_per_image"] / GIB
     lines += [
         f"trainable       {plan['trainable_params']:,} params "

@@ -74,7 +74,6 @@ class Phases:
 
 
 @dataclass
-@dataclass
 class RunResult:
     output: Path
     plan: dict[str, Any]
@@ -154,19 +153,22 @@ def encode(setup: RunSetup, output: Path) -> Encoded:
     config, pipe = setup.config, setup.pipe
     folder = (config.cache_dir or output / "cache") if config.cache == "disk" else None
     store = EncodeCache(folder, setup.base.fingerprint)
-    common: dict[str, Any] = {"device": setup.base.device, "dtype": setup.weight_dtype, "store": store}
+    common: dict[str, Any] = {"device": setup.base.device, "dtype": setup.vae_dtype, "store": store}
     cache_text = not config.train_text_encoder
     data = setup.data
+    conditioner = setup.conditioner
     train_items = encode_dataset(
         data.train,
         setup.train_sizes,
-        pipe,
+        conditioner,
         flip=config.random_flip,
         cache_text=cache_text,
         progress=config.progress,
         **common,
     )
-    val_items = encode_dataset(data.val, setup.val_sizes, pipe, flip=False, cache_text=cache_text, **common)
+    val_items = encode_dataset(
+        data.val, setup.val_sizes, conditioner, flip=False, cache_text=cache_text, **common
+    )
     noise_scheduler: Any = training_scheduler(dict(pipe.scheduler.config), config.prediction_type)
     trained, native = noise_scheduler.config.prediction_type, pipe.scheduler.config.prediction_type
     if trained != native:
@@ -207,8 +209,10 @@ def train(
 
     pipe = setup.pipe
     prompts = default_prompts(config, setup.data)
+    conditioner = setup.conditioner
+    text_encoders = conditioner.text_encoders
     book = SampleBook(
-        pipe,
+        conditioner,
         config,
         prompts,
         setup.sample_size,
@@ -216,11 +220,11 @@ def train(
         with_text_encoder=config.train_text_encoder,
         autocast=setup.autocast,
     )
-    base_hash = base_weights_hash(pipe.unet, pipe.vae, pipe.text_encoder)
+    base_hash = base_weights_hash(pipe.unet, pipe.vae, *text_encoders.values())
     trainer = _trainer(setup, encoded, output, identity, book if prompts else None, on_step, checkpoint, echo)
     result = trainer.run()
     phases.done("train")
-    if base_weights_hash(pipe.unet, pipe.vae, pipe.text_encoder) != base_hash:
+    if base_weights_hash(pipe.unet, pipe.vae, *text_encoders.values()) != base_hash:
         raise AssertionError("base model weights changed during training (only LoRA parameters may train)")
     plot_loss_curve(trainer.metrics.rows, output / "loss_curve.png", title=f"{adapter_id_for(config)}: loss")
     run = RunResult(output, plan, loop=result)
@@ -256,6 +260,7 @@ def _trainer(
         TrainerParts(
             config=config,
             pipe=setup.pipe,
+            conditioner=setup.conditioner,
             injection=setup.injection,
             train_items=encoded.train,
             repeats=setup.repeats,
@@ -338,7 +343,7 @@ def _finish(
         epochs=result.step / max(1, setup.schedule["steps_per_epoch"]),
     )
     pipe = setup.pipe
-    tensors = adapter_tensors(pipe.unet, pipe.text_encoder, config.train_text_encoder)
+    tensors = adapter_tensors(pipe.unet, setup.conditioner.text_encoders, config.train_text_encoder)
     exported = export_adapter(tensors, config, setup.base, metadata, run.output)
     report["adapter"] = {"path": str(exported.path), "bytes": exported.size}
     run.adapter_path = exported.path

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from training.conditioning import Conditioner
 from training.config import TrainConfig
 from training.data.buckets import Size, resize_crop
 from training.data.cache import EncodedItem
@@ -32,7 +33,7 @@ SIMILARITY_MEASURE = "latent_stats_distance"
 class SampleBook:
     def __init__(
         self,
-        pipe: Any,
+        conditioner: Conditioner,
         config: TrainConfig,
         prompts: list[str],
         size: Size,
@@ -41,7 +42,8 @@ class SampleBook:
         with_text_encoder: bool,
         autocast: Callable[[], AbstractContextManager[Any]],
     ) -> None:
-        self.pipe = pipe
+        self.pipe = conditioner.pipe
+        self.text_encoders = conditioner.text_encoders
         self.config = config
         self.prompts = prompts
         self.size = size
@@ -54,11 +56,12 @@ class SampleBook:
     def _generate(
         self, jobs: list[tuple[str, int]], adapter: bool
     ) -> tuple[list[torch.Tensor], list[Image.Image]]:
-        unet, te = self.pipe.unet, self.pipe.text_encoder
-        was = unet.training, te.training
+        unet, encoders = self.pipe.unet, self.text_encoders
+        was = unet.training, {name: encoder.training for name, encoder in encoders.items()}
         unet.eval()
-        te.eval()
-        set_adapters_enabled(unet, te, adapter, self.with_text_encoder)
+        for encoder in encoders.values():
+            encoder.eval()
+        set_adapters_enabled(unet, encoders, adapter, self.with_text_encoder)
         try:
             with self.autocast():
                 return generate(
@@ -70,9 +73,10 @@ class SampleBook:
                     negative_prompt=self.config.negative_prompt,
                 )
         finally:
-            set_adapters_enabled(unet, te, True, self.with_text_encoder)
+            set_adapters_enabled(unet, encoders, True, self.with_text_encoder)
             unet.train(was[0])
-            te.train(was[1])
+            for name, encoder in encoders.items():
+                encoder.train(was[1][name])
 
     def grid(self, name: str, title: str) -> Path:
         seeds = list(self.config.sample_seeds)

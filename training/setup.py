@@ -21,6 +21,7 @@ import torch
 from basemodel.errors import BaseModelError, NotSupported
 from basemodel.loader import BaseModel, load_base_model
 from training import TRAINER_NAME, TRAINER_VERSION
+from training.conditioning import Conditioner
 from training.config import DEFAULT_STEPS, TrainConfig
 from training.data.buckets import Size, assign_bucket, make_buckets, square_size
 from training.data.dataset import CaptionRules, PreparedData, prepare_dataset
@@ -51,6 +52,14 @@ class RunSetup:
     @property
     def pipe(self) -> Any:
         return self.base.pipe
+
+    @property
+    def conditioner(self) -> Conditioner:
+        return Conditioner(self.base.family, self.base.pipe)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.base.family.training_vae_dtype(self.pipe, self.weight_dtype)
 
     @property
     def repeats(self) -> list[int]:
@@ -108,7 +117,8 @@ def target_sizes(
 
 
 def check_base(config: TrainConfig, base: BaseModel) -> None:
-    """The base model must be the expected checkpoint (when pinned) and an SD UNet + CLIP pair."""
+    """The base model must be the expected checkpoint (when pinned), of a trainable family, and its
+    UNet must cross-attend to what its text encoders give."""
     want = (config.base_model_sha256 or "").lower()
     if want and not base.fingerprint.startswith(want):
         raise BaseModelError(
@@ -120,14 +130,16 @@ def check_base(config: TrainConfig, base: BaseModel) -> None:
         raise NotSupported(
             f"training on {base.family.label} base models is not supported yet ({base.name} is one)",
             detail={"family": base.family.name},
-            hint="Train on an SD1.x or SD2.x base model; SDXL training is planned (issue 11).",
+            hint="Train on an SD1.x, SD2.x or SDXL base model.",
         )
     cross = int(base.pipe.unet.config.cross_attention_dim)
-    hidden = int(base.pipe.text_encoder.config.hidden_size)
+    hidden = base.family.text_width(base.pipe)
     if cross != hidden:
+        encoders = " + ".join(base.family.text_encoders)
         raise BaseModelError(
-            f"{base.name}: UNet cross-attention width {cross} does not match the text encoder ({hidden})",
-            hint="Use an SD1.x/SD2.x-style pipeline whose UNet and text encoder belong together.",
+            f"{base.name}: UNet cross-attention width {cross} does not match the text encoder(s) "
+            f"({encoders}: {hidden})",
+            hint="Use a pipeline whose UNet and text encoder(s) belong together.",
         )
 
 
@@ -158,18 +170,25 @@ def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
     )
     resolution, train_sizes, val_sizes = target_sizes(config, base, data)
     torch.manual_seed(config.seed)  # LoRA init draws from the global RNG: same seed, same start
-    injection = inject(pipe.unet, pipe.text_encoder, config)
+    text_encoders = Conditioner(base.family, pipe).text_encoders
+    injection = inject(pipe.unet, text_encoders, config)
     if weight_dtype != torch.float32:
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        vae_dtype = base.family.training_vae_dtype(pipe, weight_dtype)
+        for module, dtype in (
+            (pipe.unet, weight_dtype),
+            (pipe.vae, vae_dtype),
+            *((encoder, weight_dtype) for encoder in text_encoders.values()),
+        ):
             for name, param in module.named_parameters():
                 if "lora_" not in name:
-                    param.data = param.data.to(weight_dtype)
+                    param.data = param.data.to(dtype)
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder = pipe.text_encoder
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-            (enable or text_encoder.gradient_checkpointing_enable)()
+            for text_encoder in text_encoders.values():
+                encoder: Any = text_encoder
+                enable = getattr(encoder, "activation_checkpointing_enable", None)
+                (enable or encoder.gradient_checkpointing_enable)()
     # the batches of epoch 0 fix steps/epoch (sizes are known before encoding)
     repeats = [e.repeats for e in data.train]
     num_batches = len(epoch_batches(train_sizes, repeats, config.batch_size, config.seed, 0))
@@ -192,11 +211,9 @@ def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
 def build_plan(setup: RunSetup) -> dict[str, Any]:
     """The plan: identity of the base, data counts, schedule, LoRA layout, memory estimate."""
     config, base, pipe, injection = setup.config, setup.base, setup.pipe, setup.injection
-    base_params = sum(
-        p.numel()
-        for n, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]
-        if "lora_" not in n
-    )
+    conditioner = setup.conditioner
+    models = [pipe.unet, *conditioner.text_encoders.values()]
+    base_params = sum(p.numel() for m in models for n, p in m.named_parameters() if "lora_" not in n)
     return {
         "trainer": f"{TRAINER_NAME} {TRAINER_VERSION}",
         "base_model": {
@@ -224,12 +241,12 @@ def build_plan(setup: RunSetup) -> dict[str, Any]:
         "weight_decay": config.weight_decay,
         "lora": injection.lora_config,
         "lora_scale": config.lora_scale,
-        "modules": {"unet": len(injection.unet_modules), "text_encoder": len(injection.text_encoder_modules)},
+        "modules": injection.module_counts,
         "module_paths": injection.modules,
         "trainable_params": injection.trainable,
         "trainable_percent": 100.0 * injection.trainable / max(1, base_params),
         "memory": memory_estimate(
-            pipe,
+            conditioner,
             injection,
             setup.train_sizes,
             batch_size=config.batch_size,

@@ -3,8 +3,10 @@
 A family says which diffusers pipeline class loads it, which components carry LoRA-targetable
 modules (the UNet and one or two text encoders), its default resolution, where its prediction type
 comes from, how a prompt becomes what the UNet takes (``encode``: hidden states plus, for SDXL,
-pooled text embeddings and size/crop time ids), how latents are decoded, and the names other tools
-use for it (kohya key prefixes, the SAI modelspec architecture, kohya's ``ss_base_model_version``).
+pooled text embeddings and size/crop time ids), how latents are decoded, how the trainer conditions
+the UNet (``tokenize``, ``training_text``, ``size_conditioning``, ``training_inputs``: what
+``loraswap train`` encodes and caches per caption and per image), and the names other tools use for
+it (kohya key prefixes, the SAI modelspec architecture, kohya's ``ss_base_model_version``).
 Code outside ``basemodel/families/`` asks the family object instead of testing its name.
 """
 
@@ -72,6 +74,8 @@ class ModelFamily:
     # ``model_index.json`` ``_class_name`` values of this family; the first is the class that loads it.
     pipeline_classes: ClassVar[tuple[str, ...]]
     text_encoders: ClassVar[tuple[str, ...]]
+    # the pipeline attribute holding each text encoder's tokenizer (same order as ``text_encoders``)
+    tokenizers: ClassVar[tuple[str, ...]]
     default_resolution: ClassVar[int]
     # cross-attention width of the released models (tiny test models use their own widths)
     context_width: ClassVar[int]
@@ -87,6 +91,8 @@ class ModelFamily:
     kohya_version: ClassVar[str]
     # whether ``loraswap train`` supports it yet
     trainable: ClassVar[bool] = False
+    # the tensors ``training_text`` returns (what the trainer's embedding cache holds per caption)
+    training_text_keys: ClassVar[tuple[str, ...]] = ("hidden",)
 
     def __repr__(self) -> str:
         return f"<ModelFamily {self.name}>"
@@ -189,3 +195,47 @@ class ModelFamily:
             0
         ]
         return decoded
+
+    # -- training ------------------------------------------------------------------------------------
+    def text_width(self, pipe: Any) -> int:
+        """Width of the text conditioning the UNet cross-attends to (SDXL: both encoders concatenated)."""
+        return sum(int(getattr(pipe, name).config.hidden_size) for name in self.text_encoders)
+
+    def tokenize(self, pipe: Any, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids of ``captions`` for every text encoder (component name → ``[rows, max_length]``),
+        padded and truncated to each tokenizer's max length, as the family's pipeline tokenizes."""
+        out: dict[str, torch.Tensor] = {}
+        for encoder, attribute in zip(self.text_encoders, self.tokenizers, strict=True):
+            tokenizer = getattr(pipe, attribute)
+            out[encoder] = tokenizer(
+                list(captions),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+        return out
+
+    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the text encoders give the UNet in training, keyed by ``training_text_keys`` (gradients
+        flow when a text-encoder LoRA trains; the trainer caches the result while they are frozen)."""
+        raise NotImplementedError
+
+    def size_conditioning(
+        self, original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """Per-image conditioning from the image's original (height, width), the (top, left) corner of
+        the crop taken from it after resizing and the (height, width) trained at; none by default."""
+        return {}
+
+    def training_inputs(
+        self, text: Mapping[str, torch.Tensor], added: Mapping[str, torch.Tensor]
+    ) -> UNetInputs:
+        """UNet inputs of a training batch from ``training_text`` and ``size_conditioning`` rows:
+        ``hidden`` is the cross-attention context, everything else goes to ``added_cond_kwargs``."""
+        extra = {key: value for key, value in text.items() if key != "hidden"}
+        return UNetInputs(text["hidden"], {**extra, **added})
+
+    def training_vae_dtype(self, pipe: Any, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the trainer keeps the (frozen) VAE in when the base trains in ``dtype``."""
+        return dtype

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
 
@@ -12,6 +15,7 @@ class SD1(ModelFamily):
     label = "SD1.x"
     pipeline_classes = ("StableDiffusionPipeline",)
     text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
     default_resolution = 512
     context_width = 768
     kohya_prefixes = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
@@ -58,3 +62,7 @@ class SD1(ModelFamily):
             negative_prompt=negative_prompt or None,
         )
         return Conditioning(UNetInputs(cond), UNetInputs(uncond) if guidance else None)
+
+    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The text encoder's last hidden states (what ``StableDiffusionPipeline`` conditions on)."""
+        return {"hidden": pipe.text_encoder(tokens["text_encoder"], return_dict=False)[0]}

@@ -6,10 +6,15 @@ wide on the released model) and ``text_encoder_2``'s projected pooled output bec
 defaults: the requested size, crop (0, 0). An empty negative prompt gives zero embeddings when the
 model says ``force_zeros_for_empty_prompt`` (SDXL base does). The VAE decodes in fp32 when it asks
 for it (``force_upcast``) and the model runs in fp16, as diffusers upcasts it.
+
+Training conditions the UNet as diffusers' ``train_text_to_image_lora_sdxl.py`` and kohya sd-scripts
+do: the same two penultimate hidden states and pooled projection per caption, and ``time_ids`` from
+each image's own original size, the crop taken from it and the size trained at (never the defaults).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,6 +31,7 @@ class SDXL(ModelFamily):
     label = "SDXL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
     default_resolution = 1024
     context_width = 2048
     kohya_prefixes = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
@@ -34,6 +40,8 @@ class SDXL(ModelFamily):
     checkpoint_description = "an SDXL checkpoint (conditioner.embedders.* keys)"
     modelspec = "stable-diffusion-xl-v1-base"
     kohya_version = "sdxl_base_v1-0"
+    trainable = True
+    training_text_keys = ("hidden", "text_embeds")
 
     def claims(self, signals: ModelSignals) -> bool:
         if signals.pipeline_class is not None:
@@ -82,6 +90,33 @@ class SDXL(ModelFamily):
             UNetInputs(uncond, {"text_embeds": pooled_uncond, "time_ids": time_ids}) if guidance else None
         )
         return Conditioning(positive, negative)
+
+    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Both encoders' penultimate hidden states, concatenated, and ``text_encoder_2``'s projected
+        pooled output (``text_embeds``): ``encode_prompt`` of the pipeline and of the training scripts."""
+        hidden = []
+        pooled: torch.Tensor | None = None
+        for name in self.text_encoders:
+            out = getattr(pipe, name)(tokens[name], output_hidden_states=True, return_dict=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", None)  # the last encoder's, as diffusers keeps it
+        if pooled is None:
+            raise BaseModelError("SDXL's text_encoder_2 gave no projected pooled output (text_embeds)")
+        return {"hidden": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def size_conditioning(
+        self, original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """``time_ids`` = original (height, width) + crop (top, left) + target (height, width), the
+        ``add_time_ids`` of diffusers' ``compute_time_ids`` and of sd-scripts' size embeddings."""
+        ids = [*original, *crop_top_left, *target]
+        return {"time_ids": torch.tensor(ids, dtype=torch.float32)}
+
+    def training_vae_dtype(self, pipe: Any, dtype: torch.dtype) -> torch.dtype:
+        """fp32 when training in fp16 and the VAE asks for it (SDXL's overflows in fp16)."""
+        if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+            return torch.float32
+        return dtype
 
     def begin_denoising(self, scheduler: Any) -> None:
         if hasattr(scheduler, "set_begin_index"):

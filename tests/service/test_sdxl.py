@@ -363,12 +363,3 @@ def test_sdxl_adapter_files_carry_sdxl_interop_names(
     assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert header["ss_base_model_version"] == "sdxl_base_v1-0"
     assert any(key.startswith("text_encoder_2.text_model.") for key in keys)
-
-
-def test_training_on_sdxl_is_refused_until_it_is_supported(sdxl: BaseModel) -> None:
-    from basemodel.errors import NotSupported
-    from training.config import build_config
-    from training.setup import check_base
-
-    with pytest.raises(NotSupported, match=r"training on SDXL base models is not supported yet"):
-        check_base(build_config({"data": "d", "output": "o"}), sdxl)

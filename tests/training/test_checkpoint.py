@@ -168,3 +168,26 @@ def test_resume_refuses_a_different_run(loraswap_home: Path, synth_dir: Path, tm
     train(make_config(synth_dir, tmp_path / "run", **options), **quiet)
     with pytest.raises(CheckpointError, match="lora"):
         train(make_config(synth_dir, tmp_path / "run", resume="latest", **(options | {"rank": 4})), **quiet)
+
+
+def test_resume_at_an_epoch_boundary_reaches_the_same_weights(
+    loraswap_home: Path, synth_dir: Path, tmp_path: Path
+) -> None:
+    """24 images, batch 2 x accumulation 2: 6 steps per epoch. Cut at step 6 (the end of epoch 0), the
+    resumed run draws epoch 1's order, so the uninterrupted run must too (it once went on in epoch 0's)."""
+    quiet = {"models_dir": loraswap_home / "models", "echo": lambda *_: None}
+    options = RESUME_OPTIONS | {"steps": 8, "validate_every": 0, "dropout": 0.0}
+    train(make_config(synth_dir, tmp_path / "straight", **options), **quiet)
+
+    def stop_at_6(trainer: Any) -> None:
+        if trainer.step == 6:
+            trainer.request_stop()
+
+    cut = train(make_config(synth_dir, tmp_path / "cut", **options), on_step=stop_at_6, **quiet)
+    assert cut.loop is not None and cut.loop.step == 6
+    state = json.loads((resolve_resume("latest", tmp_path / "cut") / "state.json").read_text())
+    assert (state["epoch"], state["position"]) == (1, 0)
+    train(make_config(synth_dir, tmp_path / "cut", resume="latest", **options), **quiet)
+    a, b = _final_adapter(tmp_path / "straight"), _final_adapter(tmp_path / "cut")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

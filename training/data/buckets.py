@@ -1,9 +1,11 @@
 """Target sizes: one square size, or aspect-ratio buckets (kohya/SimpleTuner style), plus the
-resize-then-center-crop that turns an image into a ``[-1, 1]`` tensor of exactly that size."""
+resize-then-center-crop that turns an image into a ``[-1, 1]`` tensor of exactly that size, and where
+that crop lies (``Crop``: what SDXL's size/crop time ids record per image)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,16 +40,42 @@ def square_size(resolution: int, multiple: int) -> Size:
     return side, side
 
 
+@dataclass(frozen=True)
+class Crop:
+    """How ``resize_crop`` turns an ``original`` (width, height) image into ``target``: scaled by
+    ``scale`` to ``scaled``, then cut at ``(left, top)`` of the scaled image."""
+
+    original: Size
+    scale: float
+    scaled: Size
+    left: int
+    top: int
+    target: Size
+
+    def top_left(self, flipped: bool = False) -> tuple[int, int]:
+        """(top, left) of the crop; ``flipped``: in the mirrored image (the crop of a flipped sample)."""
+        left = self.scaled[0] - self.target[0] - self.left if flipped else self.left
+        return self.top, left
+
+
+def crop_geometry(width: int, height: int, size: Size) -> Crop:
+    """The resize and center crop ``resize_crop`` applies to a ``width`` x ``height`` image."""
+    target_w, target_h = size
+    scale = max(target_w / width, target_h / height)
+    scaled = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+    left = (scaled[0] - target_w) // 2
+    top = (scaled[1] - target_h) // 2
+    return Crop((width, height), scale, scaled, left, top, size)
+
+
 def resize_crop(img: Image.Image, size: Size) -> Image.Image:
     """Scale so the image covers ``size`` (aspect kept), then center-crop to exactly ``size``."""
+    crop = crop_geometry(img.width, img.height, size)
+    if crop.scaled != img.size:
+        resample = Image.Resampling.BICUBIC if crop.scale > 1 else Image.Resampling.LANCZOS
+        img = img.resize(crop.scaled, resample)
     width, height = size
-    scale = max(width / img.width, height / img.height)
-    new = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    if new != img.size:
-        img = img.resize(new, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
-    left = (img.width - width) // 2
-    top = (img.height - height) // 2
-    return img.crop((left, top, left + width, top + height))
+    return img.crop((crop.left, crop.top, crop.left + width, crop.top + height))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -3,9 +3,11 @@
 The VAE never trains, so each image is encoded once per target size and flip; its latent
 distribution (mean and std, already multiplied by the VAE scaling factor) is kept and a fresh latent
 is sampled from it at every step, which is what encoding per step would give, without the VAE cost.
-Text embeddings are cached only while the text encoder is frozen. ``cache = "disk"`` also writes
-each entry as a safetensors file keyed by the base-model fingerprint, the image sha256 and the size,
-so another run (or a resumed one) on the same data skips encoding entirely.
+Text embeddings (whatever the family's ``training_text`` gives: SDXL's both-encoder hidden states and
+pooled projection) are cached only while the text encoders are frozen. Each image's size conditioning
+(SDXL time ids) is computed from where its crop lies, for the plain and the flipped sample.
+``cache = "disk"`` also writes each entry as a safetensors file keyed by the base-model fingerprint,
+the image sha256 and the size, so another run (or a resumed one) on the same data skips encoding.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.data.buckets import Size, resize_crop, to_tensor
+from training.conditioning import Conditioner, Tensors
+from training.data.buckets import Size, crop_geometry, resize_crop, to_tensor
 from training.data.dataset import Example, load_image
 
 ENCODE_BATCH = 8
@@ -30,16 +33,22 @@ ENCODE_BATCH = 8
 
 @dataclass
 class EncodedItem:
-    """One example ready for training: latent distribution(s), token ids and maybe an embedding."""
+    """One example ready for training: latent distribution(s), token ids per text encoder, maybe the
+    cached text conditioning, and the size conditioning of the plain (and flipped) sample."""
 
     caption: str
     size: Size
     mean: torch.Tensor
     std: torch.Tensor
-    input_ids: torch.Tensor
+    tokens: Tensors
     mean_flip: torch.Tensor | None = None
     std_flip: torch.Tensor | None = None
-    embedding: torch.Tensor | None = None
+    text: Tensors | None = None
+    added: Tensors = field(default_factory=dict)
+    added_flip: Tensors | None = None
+
+    def added_for(self, flip: bool) -> Tensors:
+        return self.added_flip if flip and self.added_flip is not None else self.added
 
     def sample_latent(self, generator: torch.Generator, flip: bool) -> torch.Tensor:
         mean, std = (
@@ -48,18 +57,6 @@ class EncodedItem:
         assert std is not None and mean is not None
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return mean + std * noise
-
-
-def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids padded/truncated to the tokenizer's max length (77 for SD1)."""
-    out = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return out.input_ids
 
 
 class EncodeCache:
@@ -74,7 +71,8 @@ class EncodeCache:
     def key(self, *parts: object) -> str:
         return hashlib.sha256("|".join([self.model_key, *map(str, parts)]).encode()).hexdigest()
 
-    def get(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+    def get(self, kind: str, key: str, required: Sequence[str] = ()) -> dict[str, torch.Tensor] | None:
+        """The entry, or None (a miss) when it is absent, unreadable or lacks a ``required`` tensor."""
         if self.folder is None:
             return None
         path = self.folder / kind / f"{key}.safetensors"
@@ -84,6 +82,9 @@ class EncodeCache:
         try:
             tensors = load_file(path)
         except Exception:  # a truncated/corrupt cache file is just a miss
+            self.misses += 1
+            return None
+        if not set(required) <= set(tensors):  # written by an older layout
             self.misses += 1
             return None
         self.hits += 1
@@ -159,35 +160,36 @@ def encode_latents(
 @torch.no_grad()
 def encode_text(
     captions: Sequence[str],
-    text_encoder: torch.nn.Module,
-    tokenizer: Any,
+    conditioner: Conditioner,
     *,
     device: torch.device,
     store: EncodeCache,
-) -> dict[str, torch.Tensor]:
-    """Caption → last hidden state of the (frozen) text encoder, each unique caption once."""
-    out: dict[str, torch.Tensor] = {}
+) -> dict[str, Tensors]:
+    """Caption → text conditioning of the (frozen) text encoders, each unique caption once."""
+    out: dict[str, Tensors] = {}
     todo = []
+    keys = conditioner.text_keys
     for caption in dict.fromkeys(captions):
-        cached = store.get("text", store.key("text", caption))
+        cached = store.get("text", store.key("text", caption), required=keys)
         if cached is not None:
-            out[caption] = cached["embedding"]
+            out[caption] = {key: cached[key] for key in keys}
         else:
             todo.append(caption)
     for start in range(0, len(todo), ENCODE_BATCH * 4):
         chunk = todo[start : start + ENCODE_BATCH * 4]
-        ids = tokenize(tokenizer, chunk).to(device)
-        hidden = text_encoder(ids, return_dict=False)[0].float().cpu()
-        for caption, embedding in zip(chunk, hidden, strict=True):
-            store.put("text", store.key("text", caption), {"embedding": embedding})
-            out[caption] = embedding
+        tokens = {name: ids.to(device) for name, ids in conditioner.tokenize(chunk).items()}
+        encoded = {key: value.float().cpu() for key, value in conditioner.encode_text(tokens).items()}
+        for row, caption in enumerate(chunk):
+            entry = {key: encoded[key][row] for key in keys}
+            store.put("text", store.key("text", caption), entry)
+            out[caption] = entry
     return out
 
 
 def encode_dataset(
     examples: Sequence[Example],
     sizes: Sequence[Size],
-    pipe: Any,
+    conditioner: Conditioner,
     *,
     device: torch.device,
     dtype: torch.dtype,
@@ -203,7 +205,7 @@ def encode_dataset(
     latents = encode_latents(
         examples,
         sizes,
-        pipe.vae,
+        conditioner.pipe.vae,
         device=device,
         dtype=dtype,
         flip=flip,
@@ -211,22 +213,23 @@ def encode_dataset(
         progress=progress,
     )
     captions = [e.caption for e in examples]
-    ids = tokenize(pipe.tokenizer, captions)
-    embeddings = (
-        encode_text(captions, pipe.text_encoder, pipe.tokenizer, device=device, store=store)
-        if cache_text
-        else {}
-    )
-    return [
-        EncodedItem(
-            caption=example.caption,
-            size=size,
-            mean=entry["mean"],
-            std=entry["std"],
-            input_ids=ids[i],
-            mean_flip=entry.get("mean_flip"),
-            std_flip=entry.get("std_flip"),
-            embedding=embeddings.get(example.caption),
+    tokens = conditioner.tokenize(captions)
+    texts = encode_text(captions, conditioner, device=device, store=store) if cache_text else {}
+    items = []
+    for i, (example, size, entry) in enumerate(zip(examples, sizes, latents, strict=True)):
+        crop = crop_geometry(example.width, example.height, size)
+        items.append(
+            EncodedItem(
+                caption=example.caption,
+                size=size,
+                mean=entry["mean"],
+                std=entry["std"],
+                tokens={name: ids[i] for name, ids in tokens.items()},
+                mean_flip=entry.get("mean_flip"),
+                std_flip=entry.get("std_flip"),
+                text=texts.get(example.caption),
+                added=conditioner.size_conditioning(crop),
+                added_flip=conditioner.size_conditioning(crop, flipped=True) if flip else None,
+            )
         )
-        for i, (example, size, entry) in enumerate(zip(examples, sizes, latents, strict=True))
-    ]
+    return items
