@@ -151,7 +151,7 @@ def test_ctrl_c_checkpoints_and_resume_continues(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 900  # hang catcher, not a speed limit
         while time.monotonic() < deadline and not any(
             int(r["step"]) >= 2 for r in _rows(out / "metrics.jsonl")
         ):
@@ -185,7 +185,7 @@ def test_ctrl_c_checkpoints_and_resume_continues(
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=900,  # hang catcher: one run took >240 s at load average 20
     )
     assert done.returncode == 0, done.stderr
     assert f"trained {stopped + 2} steps" in done.stdout and (out / "adapter.safetensors").is_file()
