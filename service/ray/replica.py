@@ -31,6 +31,7 @@ from service.ray.routing import held_by
 log = logging.getLogger(__name__)
 GENERATE = ("POST", "/v1/generate")
 READY_POLL_S = 0.1
+HUB_TIMEOUT_S = 2.0
 
 
 def replica_settings(options: RayOptions, slot: str) -> Settings:
@@ -97,9 +98,9 @@ class LoraswapReplica:
     async def __del__(self) -> None:
         if getattr(self, "_pusher", None) is not None:
             self._pusher.cancel()
-        if self._hub is not None:
+        if self._hub is not None:  # bounded: on app deletion the hub may be gone already
             with contextlib.suppress(Exception):
-                await self._hub.forget.remote(self.replica_id)
+                await asyncio.wait_for(self._hub.forget.remote(self.replica_id), timeout=HUB_TIMEOUT_S)
         await self._lifespan.shutdown()  # drains the worker (graceful_timeout_s), as loraswap serve does
 
     # -- metrics -----------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ class LoraswapReplica:
         while True:
             try:
                 reply = await call_app(self.app, scrape)
-                await self._hub.push.remote(self.replica_id, reply.body.decode())
+                push = self._hub.push.remote(self.replica_id, reply.body.decode())
+                await asyncio.wait_for(push, timeout=HUB_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the hub restarting: try again next period

@@ -24,6 +24,7 @@ No key: two random replicas (Ray's own power-of-two-choices).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,7 +64,12 @@ def _weight(key: str, replica_id: str) -> int:
 def rendezvous_order(key: str, replica_ids: Iterable[str]) -> list[str]:
     """Replicas by decreasing rendezvous weight for ``key``: stable, and adding or removing one replica
     moves only the keys whose first choice it is."""
-    return sorted(replica_ids, key=lambda rid: (-_weight(key, rid), rid))
+    return list(_order(key, tuple(sorted(replica_ids))))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _order(key: str, replica_ids: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sorted(replica_ids, key=lambda rid: (-_weight(key, rid), rid)))
 
 
 def two_random(replica_ids: Sequence[str], rng: random.Random) -> list[str]:
@@ -85,7 +91,8 @@ class AffinityPolicy:
             return [two_random(ids, rng)]
         parts = key_parts(key)
         holders = [r.replica_id for r in replicas if parts <= r.held]
-        others = [rid for rid in rendezvous_order(key, ids) if rid not in set(holders)]
+        held = set(holders)
+        others = [rid for rid in rendezvous_order(key, ids) if rid not in held]
         ranks = [holders, others[:1], others[1 : 1 + self.spill], others[1 + self.spill :]]
         return [rank for rank in ranks if rank]
 

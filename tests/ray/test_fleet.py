@@ -179,7 +179,7 @@ def test_zz_shutdown_drains_in_flight_work(fleet: str) -> None:
     from service.ray.app import APP_NAME
 
     outcome: dict[str, Any] = {}
-    body = {**BODY, "steps": 30, "width": 64, "height": 64}
+    body = {**BODY, "steps": 12, "width": 64, "height": 64}
 
     def slow() -> None:
         try:
