@@ -21,7 +21,7 @@ from loadtests.ray_affinity.sim import SimConfig, simulate, top_mass
 
 
 def predict(base: SimConfig) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for policy in ("affinity", "random"):
         result = simulate(replace(base, policy=policy))
         out[policy] = {"hit_rate": result.hit_rate, "p50_s": result.p50_s, "p99_s": result.p99_s}
@@ -69,6 +69,29 @@ def extrapolate(base: SimConfig, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def capacity_sweep(base: SimConfig) -> list[dict[str, Any]]:
+    """4 replicas x 1,000 adapters: the hit rates as the device tier grows (what reaches 90 %)."""
+    rows = []
+    for capacity in (16, 32, 64, 128, 250):
+        cfg = replace(base, capacity=capacity, requests=4000, warmup=2000)
+        predicted = predict(cfg)
+        rows.append(
+            {
+                "capacity": capacity,
+                "affinity": predicted["affinity"]["hit_rate"],
+                "random": predicted["random"]["hit_rate"],
+                "bound": predicted["bound"],
+            }
+        )
+        row = rows[-1]
+        print(
+            f"  4 x 1000 cap {capacity:>3}  affinity {row['affinity']:.3f}  random {row['random']:.3f}"
+            f"  bound {row['bound']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.ray_affinity", description=__doc__)
     mode = parser.add_mutually_exclusive_group()
@@ -108,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{policy:<10}{hits:>15}{prediction[policy]['hit_rate']:>16.3f}{p50:>9}{p99:>9}")
     print(f"upper bound for any routing (top-64 mass): {prediction['bound']:.3f}\n")
     print("extrapolation (simulator):")
+    report["capacity_sweep"] = capacity_sweep(base)
     report["extrapolation"] = extrapolate(base, args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

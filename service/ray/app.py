@@ -44,7 +44,13 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
                 target_ongoing_requests=options.target_ongoing_requests,
             )
         }
-    replica = serve.deployment(
+    router: dict[str, Any] = {
+        "request_router_class": AffinityRequestRouter,
+        "request_router_kwargs": {"policy": options.routing, "spill": options.spill},
+        "request_routing_stats_period_s": options.routing_stats_period_s,
+        "request_routing_stats_timeout_s": max(5.0, options.routing_stats_period_s * 5),
+    }
+    replica: Any = serve.deployment(
         LoraswapReplica,
         name="LoraswapReplica",
         max_ongoing_requests=options.max_ongoing_requests,
@@ -55,17 +61,12 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         graceful_shutdown_timeout_s=settings.request_timeout_s + settings.graceful_timeout_s,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=30.0,
-        request_router_config=RequestRouterConfig(
-            request_router_class=AffinityRequestRouter,
-            request_router_kwargs={"policy": options.routing, "spill": options.spill},
-            request_routing_stats_period_s=options.routing_stats_period_s,
-            request_routing_stats_timeout_s=max(5.0, options.routing_stats_period_s * 5),
-        ),
+        request_router_config=RequestRouterConfig(**router),
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.gpus(settings)},
         **scaling,
     )
     hub = serve.deployment(MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0})
-    ingress = serve.deployment(
+    ingress: Any = serve.deployment(
         serve.ingress()(LoraswapIngress),
         name="LoraswapIngress",
         num_replicas=1,
@@ -73,5 +74,5 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
         graceful_shutdown_timeout_s=settings.request_timeout_s + settings.graceful_timeout_s,
         ray_actor_options={"num_cpus": 0},
     )
-    hub_app = hub.bind()
+    hub_app = hub.bind()  # type: ignore[attr-defined]
     return ingress.bind(bound, replica.bind(bound, hub_app), hub_app)

@@ -79,9 +79,11 @@ async def call_app(app: ASGIApp, request: Forwarded) -> Reply:
         nonlocal delivered
         if not delivered:
             delivered = True
-            return {"type": "http.request", "body": request.body, "more_body": False}
+            message: Any = {"type": "http.request", "body": request.body, "more_body": False}
+            return message
         await gone.wait()
-        return {"type": "http.disconnect"}
+        disconnect: Any = {"type": "http.disconnect"}
+        return disconnect
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -42,7 +42,7 @@ def merge(expositions: Mapping[str, str], label: str = REPLICA_LABEL) -> bytes:
                     Sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar)
                 )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(list(families.values())))  # type: ignore[arg-type]
+    registry.register(_Merged(list(families.values())))
     return generate_latest(registry)
 
 

@@ -42,7 +42,7 @@ def replica_settings(options: RayOptions, slot: str) -> Settings:
 
 
 class LoraswapReplica:
-    async def __init__(self, args: dict[str, Any], hub: Any = None) -> None:
+    async def __init__(self, args: dict[str, Any], hub: Any = None) -> None:  # type: ignore[misc]
         from ray import serve
 
         context = serve.get_replica_context()
@@ -96,8 +96,9 @@ class LoraswapReplica:
             raise RuntimeError(f"replica {self.replica_id} is {self.runtime.state}: {self.runtime.error}")
 
     async def __del__(self) -> None:
-        if getattr(self, "_pusher", None) is not None:
-            self._pusher.cancel()
+        pusher = getattr(self, "_pusher", None)
+        if pusher is not None:
+            pusher.cancel()
         if self._hub is not None:  # bounded: on app deletion the hub may be gone already
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._hub.forget.remote(self.replica_id), timeout=HUB_TIMEOUT_S)
