@@ -64,7 +64,8 @@ class RayOptions:
     def from_args(cls, args: dict[str, Any] | None) -> RayOptions:
         args = dict(args or {})
         known = {f.name for f in fields(cls)} - {"overrides"}
-        given = {k: args.pop(k) for k in list(args) if k in known and args[k] is not None}
+        popped = {k: args.pop(k) for k in list(args) if k in known}
+        given = {k: v for k, v in popped.items() if v is not None}
         routing = str(given.get("routing", "affinity"))
         if routing not in ("affinity", "random"):
             raise ConfigError(f"routing must be 'affinity' or 'random', got {routing!r}")
@@ -87,7 +88,7 @@ class RayOptions:
             target_ongoing_requests=_positive_float(
                 "target_ongoing_requests", given.get("target_ongoing_requests", 2.0)
             ),
-            overrides=args,
+            overrides={k: v for k, v in args.items() if v is not None},
         )
         options.settings()  # invalid settings fail here, in the driver, not in every replica
         return options
@@ -97,9 +98,9 @@ class RayOptions:
 
     def to_args(self) -> dict[str, Any]:
         """The dict ``from_args`` reads back (what the deployments are bound with)."""
-        args: dict[str, Any] = {k: v for k, v in self.overrides.items() if v is not None}
+        args: dict[str, Any] = dict(self.overrides)
         for f in fields(self):
-            if f.name != "overrides":
+            if f.name != "overrides" and getattr(self, f.name) is not None:
                 args[f.name] = getattr(self, f.name)
         return args
 
