@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# No GPU here: take torch's CPU build (a plain `torch` would pull a multi-GB CUDA build).
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
 	else $(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

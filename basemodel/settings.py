@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     adapter_cache_device_mb: int = Field(1024, ge=1, description="Device tier (ready-to-run adapters).")
     adapter_cache_host_mb: int = Field(4096, ge=1, description="Host RAM tier (pinned on CUDA).")
     adapter_cache_disk_mb: int = Field(20480, ge=1, description="Local disk copies of remote blobs.")
+    adapter_cache_dir: Path | None = Field(
+        None, description="Disk tier folder (default <home>/cache/adapters; one per Ray Serve replica)."
+    )
     pinned_adapters: TokenList = Field(
         default_factory=list, description="Adapter refs loaded at start and never evicted (id or id@N)."
     )

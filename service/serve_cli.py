@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from basemodel.errors import ConfigError
 from basemodel.settings import load_settings
 
 
@@ -38,6 +39,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="report ready without a warm-up generation",
     )
+    ray = serve.add_argument_group("Ray Serve (docs/deploy.md; needs the 'ray' extra)")
+    ray.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve, routed by adapter")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
     serve.set_defaults(func=_serve)
 
     gen = subparsers.add_parser("generate", help="ask a running server for an image")
@@ -92,6 +98,10 @@ def _serve(args: argparse.Namespace) -> int:
             "warmup",
         )
     }
+    if args.ray:
+        return _serve_ray({**overrides, "replicas": args.replicas, "autoscale": args.autoscale})
+    if args.replicas is not None or args.autoscale is not None:
+        raise ConfigError("--replicas and --autoscale need --ray")
     settings = load_settings(**overrides)
     resolve_base_model(settings.base_model, settings.models_dir)  # fail fast, before binding the port
     app = create_app(settings)
@@ -105,6 +115,18 @@ def _serve(args: argparse.Namespace) -> int:
     )
     _DrainingServer(config).run()
     return 0
+
+
+def _serve_ray(args: dict[str, Any]) -> int:
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--ray needs Ray Serve, which is not installed", hint="pip install 'loraswap[ray]'"
+        ) from None
+    from service.ray.cluster import run
+
+    return run(args)
 
 
 class _DrainingServer:

@@ -69,7 +69,7 @@ class AdapterManager:
                 host_bytes=settings.adapter_cache_host_mb * MIB,
                 disk_bytes=settings.adapter_cache_disk_mb * MIB,
             ),
-            settings.home / "cache" / "adapters",
+            settings.adapter_cache_dir or settings.home / "cache" / "adapters",
             metrics,
         )
         self.gate = StoreGate(self.breaker.retry_after_s)
