@@ -19,7 +19,7 @@ import contextlib
 import logging
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from basemodel.settings import Settings
 from service.app import create_app
@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 GENERATE = ("POST", "/v1/generate")
 READY_POLL_S = 0.1
 HUB_TIMEOUT_S = 2.0
+
+
+def routing_counter(registry: CollectorRegistry) -> Counter:
+    """``loraswap_routing_requests_total{held}`` in ``registry``, both label values present from the start."""
+    routed = Counter(
+        "loraswap_routing_requests",
+        "Requests with adapters routed to this replica, by whether its device tier held all of them.",
+        ["held"],
+        registry=registry,
+    )
+    for held in ("true", "false"):
+        routed.labels(held=held)
+    return routed
 
 
 def replica_settings(options: RayOptions, slot: str) -> Settings:
@@ -52,14 +65,7 @@ class LoraswapReplica:
         self.settings = replica_settings(options, f"replica-{rank}" if rank is not None else self.replica_id)
         self.app = create_app(self.settings)
         self.runtime: Runtime = self.app.state.runtime
-        self.routed = Counter(
-            "loraswap_routing_requests",
-            "Requests with adapters routed to this replica, by whether its device tier held all of them.",
-            ["held"],
-            registry=self.app.state.metrics.registry,
-        )
-        for held in ("true", "false"):
-            self.routed.labels(held=held)
+        self.routed = routing_counter(self.app.state.metrics.registry)
         self._hub = hub
         self._push_s = options.metrics_push_s
         self._lifespan = _Lifespan(self.app)

@@ -3,7 +3,8 @@
 The metric names are read from a live server's ``/metrics`` (``# TYPE`` lines, so labelled series count
 before their first sample), expanded the way Prometheus exposes them (counter → ``_total``, histogram →
 ``_bucket``/``_sum``/``_count``). The CUDA memory gauges are only exported when the model is on CUDA, so
-their names come from the exposition of the code that exports them (service.metrics.CudaMemory).
+their names come from the exposition of the code that exports them (service.metrics.CudaMemory); so do
+the Ray mode's routing metrics (service.ray.replica.routing_counter, which each Ray replica adds).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 
 from service.metrics import CudaMemory
+from service.ray.replica import routing_counter
 from tests.deploy.manifests import DEPLOY, one
 from tests.service.conftest import RunningServer, start_server  # noqa: F401  (fixtures)
 
@@ -55,9 +57,10 @@ def test_dashboard_is_well_formed() -> None:
 def test_every_expression_names_a_metric_the_server_exports(start_server: Any) -> None:
     server: RunningServer = start_server()
     live = exported(httpx.get(f"{server.url}/metrics", timeout=60).text)
-    cuda = CollectorRegistry()
-    CudaMemory(cuda)
-    known = live | exported(generate_latest(cuda).decode())
+    code_only = CollectorRegistry()
+    CudaMemory(code_only)
+    routing_counter(code_only)
+    known = live | exported(generate_latest(code_only).decode())
     used = {name for expr in expressions(json.loads(DASHBOARD.read_text())) for name in METRIC.findall(expr)}
     assert used, "no loraswap metric in the dashboard"
     assert used <= known, f"the dashboard names metrics the server does not export: {sorted(used - known)}"
