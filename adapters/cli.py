@@ -79,12 +79,20 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=_inspect)
 
     merge = sub.add_parser(
-        "merge", parents=[common], help="bake registered adapters into a standalone model (diffusers or single file)"
+        "merge",
+        parents=[common],
+        help="bake registered adapters into a standalone model (diffusers or single file)",
     )
-    merge.add_argument("refs", nargs="+", metavar="REF[:SCALE]", help="ID, ID@VERSION or ID@latest, optional :weight")
+    merge.add_argument(
+        "refs", nargs="+", metavar="REF[:SCALE]", help="ID, ID@VERSION or ID@latest, optional :weight"
+    )
     merge.add_argument("-o", "--output", type=Path, required=True, help="output folder, or .safetensors file")
-    merge.add_argument("--format", choices=("diffusers", "single-file"), default="diffusers", help="output layout")
-    merge.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="output weights dtype")
+    merge.add_argument(
+        "--format", choices=("diffusers", "single-file"), default="diffusers", help="output layout"
+    )
+    merge.add_argument(
+        "--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="output weights dtype"
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     merge.set_defaults(func=_merge)
@@ -236,7 +244,11 @@ def _inspect(args: argparse.Namespace) -> int:
     limits = Limits(max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes)
     base = _base(settings)
     prepared = prepare(
-        load_source(args.file, limits), base, AdapterMetadata(), max_rank=settings.max_lora_rank, limits=limits
+        load_source(args.file, limits),
+        base,
+        AdapterMetadata(),
+        max_rank=settings.max_lora_rank,
+        limits=limits,
     )
     meta = prepared.metadata
     _print_json(

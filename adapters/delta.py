@@ -38,7 +38,9 @@ def _f32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.float32)
 
 
-def lora_delta(down: torch.Tensor, up: torch.Tensor, shape: Sequence[int], scale: float = 1.0) -> torch.Tensor:
+def lora_delta(
+    down: torch.Tensor, up: torch.Tensor, shape: Sequence[int], scale: float = 1.0
+) -> torch.Tensor:
     """LoRA/LoCon: ``B · A`` (the 1x1 up conv composed with the down conv is one conv)."""
     delta = _f32(up).flatten(1) @ _f32(down).flatten(1)
     return _scaled(delta.reshape(tuple(shape)), scale)

@@ -96,7 +96,9 @@ def _flat(base: Shape) -> int:
     return math.prod(base[1:])
 
 
-def check_module(kind: str, factors: Mapping[str, torch.Tensor], base: Shape | None) -> tuple[int | None, Shape]:
+def check_module(
+    kind: str, factors: Mapping[str, torch.Tensor], base: Shape | None
+) -> tuple[int | None, Shape]:
     """(rank or None, the ΔW shape) of one module; ``ShapeProblem``/``StructureProblem`` when malformed.
 
     ``base`` is the base weight's shape (None: check the tensors' consistency only).
@@ -124,7 +126,9 @@ def _loha(factors: Mapping[str, torch.Tensor], base: Shape | None) -> tuple[int,
     t1, t2 = _shape(factors, "hada_t1"), _shape(factors, "hada_t2")
     if (t1 is None) != (t2 is None):
         raise StructureProblem("hada_t1 and hada_t2 come together (Tucker) or not at all")
-    described = f"hada_w1_a {list(w1a)} / hada_w1_b {list(w1b)} / hada_w2_a {list(w2a)} / hada_w2_b {list(w2b)}"
+    described = (
+        f"hada_w1_a {list(w1a)} / hada_w1_b {list(w1b)} / hada_w2_a {list(w2a)} / hada_w2_b {list(w2b)}"
+    )
     if not all(len(s) == 2 for s in (w1a, w1b, w2a, w2b)):
         raise ShapeProblem(f"{described}: LoHa factors are 2-D")
     if t1 is not None and t2 is not None:
@@ -176,7 +180,9 @@ def _lokr_half(
     if tucker is not None:
         rank = sb[0]
         if not (len(tucker) == 4 and tucker[:2] == (rank, rank) and sa[0] == rank):
-            raise ShapeProblem(f"lokr_t2 {list(tucker)} / {a} {list(sa)} / {b} {list(sb)} are not a Tucker LoKr")
+            raise ShapeProblem(
+                f"lokr_t2 {list(tucker)} / {a} {list(sa)} / {b} {list(sb)} are not a Tucker LoKr"
+            )
         return (sa[1], sb[1], *tucker[2:]), rank
     if sa[1] != sb[0]:
         raise ShapeProblem(f"{a} {list(sa)} / {b} {list(sb)} do not multiply")
@@ -230,7 +236,9 @@ def uses_alpha(kind: str, factors: Mapping[str, object]) -> bool:
     return kind != "full"
 
 
-def fold(kind: str, factors: Mapping[str, torch.Tensor], scale: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def fold(
+    kind: str, factors: Mapping[str, torch.Tensor], scale: float, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Copies of ``factors`` in ``dtype`` with ``scale`` multiplied into the first factor (fp32 math)."""
     targets = FOLDED_INTO.get(kind, ())
     target_roles = (targets,) if isinstance(targets, str) else targets

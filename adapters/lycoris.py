@@ -83,7 +83,8 @@ def normalise_lycoris(
     layout: SourceFormat = "kohya" if any(p.layout == "kohya" for p in parsed.values()) else "diffusers"
     if len({p.layout for p in parsed.values()}) > 1:
         raise AdapterInvalid(
-            "unknown key layout: kohya (lora_unet_…) and canonical (unet.…) LyCORIS keys are mixed in one file",
+            "unknown key layout: kohya (lora_unet_…) and canonical (unet.…) LyCORIS keys are mixed "
+            "in one file",
             reason="unknown_layout",
         )
     _check_components(parsed, architecture)
@@ -157,7 +158,8 @@ def _parse(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, _ParsedKey], 
     if unknown:
         shown = first(unknown)
         raise AdapterInvalid(
-            f"unknown key layout: {len(unknown)} key(s) are not LyCORIS keys in a known layout, e.g. {shown[0]}",
+            f"unknown key layout: {len(unknown)} key(s) are not LyCORIS keys in a known layout, "
+            f"e.g. {shown[0]}",
             reason="unknown_layout",
             detail={"keys": shown, "count": len(unknown)},
             hint="Accepted LyCORIS keys: lora_unet_*/lora_te*_* (or unet.*/text_encoder.*) with "
@@ -203,12 +205,16 @@ def _group(
     alone = [m for m, parts in modules.items() if set(parts.tensors) == {"alpha"}]
     if alone:
         raise AdapterInvalid(
-            f"module {alone[0]} has an alpha but no weights", reason="incomplete_pair", detail={"modules": first(alone)}
+            f"module {alone[0]} has an alpha but no weights",
+            reason="incomplete_pair",
+            detail={"modules": first(alone)},
         )
     return modules
 
 
-def _resolve(part: _ParsedKey, architecture: Architecture, table: Mapping[tuple[str, str], str]) -> str | None:
+def _resolve(
+    part: _ParsedKey, architecture: Architecture, table: Mapping[tuple[str, str], str]
+) -> str | None:
     if part.layout == "kohya":
         return table.get((part.component or "", part.name))
     component = part.component or ""

@@ -253,7 +253,9 @@ def _lycoris_canonical(
             )
         except kinds.StructureProblem as exc:
             raise AdapterInvalid(
-                f"module {module} is incomplete: {exc}", reason="incomplete_pair", detail={"modules": [module]}
+                f"module {module} is incomplete: {exc}",
+                reason="incomplete_pair",
+                detail={"modules": [module]},
             ) from None
         except kinds.ShapeProblem as exc:
             problems[module] = str(exc)

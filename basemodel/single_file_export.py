@@ -45,7 +45,13 @@ RESNET = {
     "time_emb_proj.": "emb_layers.1.",
     "conv_shortcut.": "skip_connection.",
 }
-VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+VAE_ATTENTION = {
+    "group_norm.": "norm.",
+    "to_q.": "q.",
+    "to_k.": "k.",
+    "to_v.": "v.",
+    "to_out.0.": "proj_out.",
+}
 
 
 def _rename(key: str, prefixes: Mapping[str, str], inner: Mapping[str, str] | None = None) -> str | None:
@@ -104,7 +110,9 @@ def vae_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> 
     """A diffusers ``AutoencoderKL`` state dict → ``first_stage_model.…`` keys."""
     blocks, per = len(config["block_out_channels"]), _layers(config)
     resnets = {
-        f"{part}.mid_block.resnets.{k}.": f"{part}.mid.block_{k + 1}." for part in ("encoder", "decoder") for k in (0, 1)
+        f"{part}.mid_block.resnets.{k}.": f"{part}.mid.block_{k + 1}."
+        for part in ("encoder", "decoder")
+        for k in (0, 1)
     }
     plain = {
         "encoder.conv_norm_out.": "encoder.norm_out.",

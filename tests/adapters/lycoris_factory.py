@@ -41,7 +41,11 @@ def _randn(gen: torch.Generator, *shape: int, std: float) -> torch.Tensor:
 
 
 def loha_file(
-    shapes: Mapping[str, tuple[int, ...]], *, seed: int = 0, tucker: bool = False, targets: list[str] = TARGETS
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    seed: int = 0,
+    tucker: bool = False,
+    targets: list[str] = TARGETS,
 ) -> dict[str, torch.Tensor]:
     """A LoHa (rank 4, alpha 2) in kohya naming; ``tucker``: 3x3 convs get Tucker cores."""
     gen = _gen(seed)
@@ -66,7 +70,7 @@ def loha_file(
 def _split(n: int) -> tuple[int, int]:
     """LyCORIS's factorization(n): the most balanced (m, n/m) with m <= n/m."""
     best = (1, n)
-    for m in range(1, int(math.isqrt(n)) + 1):
+    for m in range(1, math.isqrt(n) + 1):
         if n % m == 0:
             best = (m, n // m)
     return best

@@ -95,14 +95,19 @@ def test_lora_records_are_unchanged(registry: Registry, lora_case: Any) -> None:
     assert "kind" not in record and registry.resolve("plain").kind == "lora"
 
 
-def _broken(shapes: dict[str, tuple[int, ...]], biased: set[str]) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+def _broken(
+    shapes: dict[str, tuple[int, ...]], biased: set[str]
+) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
     loha = lf.loha_file(shapes, targets=lf.TARGETS[:2])
     lokr = lf.lokr_file(shapes, targets=lf.TARGETS[:2])
     name = lf.kohya_name(lf.TARGETS[0])
     lora = {f"{name}.lora_down.weight": torch.zeros(2, 64), f"{name}.lora_up.weight": torch.zeros(64, 2)}
     other = lf.kohya_name(lf.TARGETS[1])
     return {
-        "missing factor": ({k: v for k, v in loha.items() if not k.endswith(f"{name}.hada_w2_b")}, "incomplete_pair"),
+        "missing factor": (
+            {k: v for k, v in loha.items() if not k.endswith(f"{name}.hada_w2_b")},
+            "incomplete_pair",
+        ),
         "wrong shape": ({**loha, f"{name}.hada_w1_b": torch.zeros(lf.RANK, 65)}, "shape_mismatch"),
         "tucker on a linear": (
             {**loha, f"{name}.hada_t1": torch.zeros(4, 4, 3, 3), f"{name}.hada_t2": torch.zeros(4, 4, 3, 3)},
@@ -111,7 +116,10 @@ def _broken(shapes: dict[str, tuple[int, ...]], biased: set[str]) -> dict[str, t
         "half a tucker": ({**loha, f"{name}.hada_t1": torch.zeros(4, 4, 3, 3)}, "incomplete_pair"),
         "both lokr halves": ({**lokr, f"{name}.lokr_w1_a": torch.zeros(8, 4)}, "incomplete_pair"),
         "lokr product off": ({**lokr, f"{name}.lokr_w1": torch.zeros(3, 8)}, "shape_mismatch"),
-        "loha beside lora": ({**{k: v for k, v in loha.items() if name not in k}, **lora}, "mixed_adapter_kinds"),
+        "loha beside lora": (
+            {**{k: v for k, v in loha.items() if name not in k}, **lora},
+            "mixed_adapter_kinds",
+        ),
         "loha beside lokr": (
             {**{k: v for k, v in loha.items() if other in k}, **{k: v for k, v in lokr.items() if name in k}},
             "mixed_adapter_kinds",
@@ -122,10 +130,16 @@ def _broken(shapes: dict[str, tuple[int, ...]], biased: set[str]) -> dict[str, t
         "rank over the limit": (loha, "rank_too_large"),
         "unknown module": ({"lora_unet_nowhere.hada_w1_a": torch.zeros(2, 2), **loha}, "modules_absent"),
         "unknown role": ({**loha, f"{name}.hada_w3_a": torch.zeros(2, 2)}, "unknown_layout"),
-        "alpha alone": ({**loha, f"{lf.kohya_name(lf.TARGETS[5])}.alpha": torch.tensor(1.0)}, "incomplete_pair"),
+        "alpha alone": (
+            {**loha, f"{lf.kohya_name(lf.TARGETS[5])}.alpha": torch.tensor(1.0)},
+            "incomplete_pair",
+        ),
         "dora": ({**loha, f"{name}.dora_scale": torch.ones(64, 1)}, "unsupported_adapter_type"),
         "full diff wrong shape": ({f"{name}.diff": torch.zeros(64, 63)}, "shape_mismatch"),
-        "diff_b wrong shape": ({f"{name}.diff": torch.zeros(64, 64), f"{name}.diff_b": torch.zeros(3)}, "shape_mismatch"),
+        "diff_b wrong shape": (
+            {f"{name}.diff": torch.zeros(64, 64), f"{name}.diff_b": torch.zeros(3)},
+            "shape_mismatch",
+        ),
         "lycoris for sdxl's second encoder": (
             {**loha, "lora_te2_text_model_encoder_layers_0_mlp_fc1.hada_w1_a": torch.zeros(2, 2)},
             "family_mismatch",
@@ -134,16 +148,20 @@ def _broken(shapes: dict[str, tuple[int, ...]], biased: set[str]) -> dict[str, t
 
 
 CASES = [
-    "missing factor", "wrong shape", "tucker on a linear", "half a tucker", "both lokr halves", "lokr product off",
-    "loha beside lora", "loha beside lokr", "nan", "alpha out of range", "alpha not scalar", "rank over the limit",
-    "unknown module", "unknown role", "alpha alone", "dora", "full diff wrong shape", "diff_b wrong shape",
-    "lycoris for sdxl's second encoder",
+    "missing factor", "wrong shape", "tucker on a linear", "half a tucker", "both lokr halves",
+    "lokr product off", "loha beside lora", "loha beside lokr", "nan", "alpha out of range",
+    "alpha not scalar", "rank over the limit", "unknown module", "unknown role", "alpha alone", "dora",
+    "full diff wrong shape", "diff_b wrong shape", "lycoris for sdxl's second encoder",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_malformed_lycoris_files_are_refused_and_nothing_is_stored(
-    case: str, tmp_path: Path, base_identity: BaseIdentity, shapes: dict[str, tuple[int, ...]], biased: set[str]
+    case: str,
+    tmp_path: Path,
+    base_identity: BaseIdentity,
+    shapes: dict[str, tuple[int, ...]],
+    biased: set[str],
 ) -> None:
     tensors, reason = _broken(shapes, biased)[case]
     store = open_store(str(tmp_path / "store"))

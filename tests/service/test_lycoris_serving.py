@@ -31,7 +31,9 @@ def shapes_of(base_model: Any) -> dict[str, tuple[int, ...]]:
 def biased_of(base_model: Any) -> set[str]:
     components = base_model.lora_components
     return {
-        m for m in lf.TARGETS if components[m.split(".", 1)[0]].get_submodule(m.split(".", 1)[1]).bias is not None
+        m
+        for m in lf.TARGETS
+        if components[m.split(".", 1)[0]].get_submodule(m.split(".", 1)[1]).bias is not None
     }
 
 
@@ -51,12 +53,17 @@ def registry(base_model: Any, tmp_path: Path) -> Registry:
 
 
 def merged_by_hand(
-    model_dir: Path, parts: list[tuple[dict[str, torch.Tensor], float]], shapes: dict[str, tuple[int, ...]], **overrides: Any
+    model_dir: Path,
+    parts: list[tuple[dict[str, torch.Tensor], float]],
+    shapes: dict[str, tuple[int, ...]],
+    **overrides: Any,
 ) -> np.ndarray:
     """Plain diffusers with ``W + Σ scale·ΔW`` (ΔW from ``lycoris_factory.reference_deltas``) written into
     the weights, run like the server runs a request (DDIM, diffusers' seeding)."""
     request = {**REQUEST, **overrides}
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     with torch.no_grad():
@@ -132,7 +139,9 @@ def test_mixed_batch_of_loha_and_lora_rows_equals_each_alone(
         assert np.abs(pixels(one["images"][0]) - pixels(many["images"][0])).max() <= 2
 
 
-def test_device_bytes_count_the_dense_delta(base_model: Any, lycoris_files: dict[str, dict[str, torch.Tensor]]) -> None:
+def test_device_bytes_count_the_dense_delta(
+    base_model: Any, lycoris_files: dict[str, dict[str, torch.Tensor]]
+) -> None:
     from adapters.normalise import normalise
     from service.lora.layers import DenseDelta
     from service.lora.model_manager import LoRAModelManager
@@ -143,7 +152,9 @@ def test_device_bytes_count_the_dense_delta(base_model: Any, lycoris_files: dict
         for tensors in lycoris_files.values():
             canonical, info = normalise(tensors, base_model.architecture)
             adapter = DeviceAdapter.build("x", canonical, manager.targets, torch.device("cpu"), torch.float32)
-            dense = sum(int(torch.Size(s).numel()) * 4 for s in (shapes_of(base_model)[m] for m in lf.TARGETS))
+            dense = sum(
+                int(torch.Size(s).numel()) * 4 for s in (shapes_of(base_model)[m] for m in lf.TARGETS)
+            )
             assert all(isinstance(layer, DenseDelta) for layer in adapter.modules.values())
             assert adapter.nbytes >= dense  # ΔW per module, plus the factors (a full diff's are ΔW itself)
             if info.kind == "full":

@@ -36,9 +36,7 @@ ADAPTERS = [{"id": "style", "scale": 0.7}, {"id": "hada", "scale": 0.5}]
 
 
 @pytest.fixture
-def env(
-    loraswap_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_model: Any
-) -> Registry:
+def env(loraswap_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_model: Any) -> Registry:
     store = tmp_path / "store"
     monkeypatch.setenv("LORASWAP_HOME", str(loraswap_home))
     monkeypatch.setenv("LORASWAP_STORE", f"file://{store}")
@@ -106,7 +104,9 @@ def test_math_is_fp32_and_cast_once(env: Registry, loraswap_home: Path, tmp_path
     module = lf.TARGETS[0]
     component, path = module.split(".", 1)
     original = base.lora_components[component].get_submodule(path).weight.detach().clone()
-    record = merge_adapters(env, base, [parse_item("hada:0.5"), MergeItem("style")], tmp_path / "m", progress=False)
+    record = merge_adapters(
+        env, base, [parse_item("hada:0.5"), MergeItem("style")], tmp_path / "m", progress=False
+    )
     assert record["dtype"] == "fp16" and [a["scale"] for a in record["adapters"]] == [0.5, 1.0]
     expected = original.clone()
     for ref, scale in (("hada", 0.5), ("style", 1.0)):
@@ -114,12 +114,16 @@ def test_math_is_fp32_and_cast_once(env: Registry, loraswap_home: Path, tmp_path
         if module in modules:
             factors = modules[module]
             expected += scale * module_delta(ROLE_KIND[next(iter(factors))], factors, tuple(original.shape))
-    with safe_open(str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as fh:
+    with safe_open(
+        str(tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt"
+    ) as fh:
         weight = fh.get_tensor(f"{path}.weight")
     assert weight.dtype == torch.float16 and torch.equal(weight, expected.to(torch.float16))
 
 
-def test_output_is_atomic(env: Registry, loraswap_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_output_is_atomic(
+    env: Registry, loraswap_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
 
