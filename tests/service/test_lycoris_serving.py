@@ -164,3 +164,38 @@ def test_device_bytes_count_the_dense_delta(
                 assert tuple(layer.dense_delta().shape) == shapes_of(base_model)[module]
     finally:
         manager.remove()
+
+
+def test_http_upload_of_lycoris_files(start_server: Any, base_model: Any, tmp_path: Path) -> None:
+    """A LoKr uploads as its own kind; malformed and mixed LyCORIS files are typed 4xx, nothing stored."""
+    shapes = shapes_of(base_model)
+    store = tmp_path / "store"
+    server = start_server(store=str(store))
+    name = lf.kohya_name(lf.TARGETS[0])
+    loha = lf.loha_file(shapes, targets=lf.TARGETS[:2])
+    bad = {
+        "shape": ({**loha, f"{name}.hada_w1_b": torch.zeros(lf.RANK, 7)}, 409, "shape_mismatch"),
+        "mixed": (
+            {**loha, **{k: v for k, v in lf.lokr_file(shapes).items() if lf.kohya_name(lf.TARGETS[3]) in k}},
+            422,
+            "mixed_adapter_kinds",
+        ),
+        "dora": ({**loha, f"{name}.dora_scale": torch.ones(64, 1)}, 422, "unsupported_adapter_type"),
+    }
+
+    def upload(http: Any, data: bytes, adapter_id: str) -> Any:
+        files = {"file": ("a.safetensors", data, "application/octet-stream")}
+        return http.post("/v1/adapters", files=files, data={"id": adapter_id})
+
+    with server.client() as http:
+        for case, (tensors, status, reason) in bad.items():
+            response = upload(http, save_bytes(tensors), "bad")
+            assert response.status_code == status, (case, response.text)
+            assert response.json()["error"]["detail"]["reason"] == reason
+        assert http.get("/v1/adapters").json() == {"adapters": []}
+        assert not (store / "blobs").exists() or not list((store / "blobs").rglob("*.safetensors"))
+        created = upload(http, save_bytes(lf.lokr_file(shapes)), "kron")
+        assert created.status_code == 201, created.text
+        assert created.json()["kind"] == "lokr"
+        served = http.post("/v1/generate", json={**REQUEST, "adapters": [{"id": "kron"}]})
+        assert served.status_code == 200, served.text
