@@ -83,8 +83,13 @@ def test_registered_kinds_keep_their_kind(
         assert not any(".lora_A." in key for key in loaded.tensors)  # never converted into a LoRA
         record = json.loads(registry.store.get(f"adapters/{name}/versions/1.json"))
         assert record["kind"] == kind
-    # Registering the same content again dedups; a LoRA record has no kind key (as before LyCORIS).
+    # Registering the same content again dedups; a stored (canonical) file registers as the same kind.
     assert registry.register(save_bytes(files(shapes, biased)["loha"]), "loha").version == 1
+    stored = registry.read_blob(registry.resolve("lokr"))
+    copy = registry.register(stored, "lokr-copy")
+    original, again = registry.open("lokr").tensors, registry.open(copy).tensors
+    assert copy.kind == "lokr" and original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
 
 
 def test_lora_records_are_unchanged(registry: Registry, lora_case: Any) -> None:
