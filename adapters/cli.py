@@ -1,4 +1,4 @@
-"""``loraswap adapters …``: register, list, show, delete, convert and verify LoRA adapters.
+"""``loraswap adapters …``: register, list, show, delete, convert, inspect, merge and verify adapters.
 
 Every action takes ``--store`` / ``--s3-endpoint-url`` (default from settings: ``$LORASWAP_HOME/adapters``)
 and ``--base-model`` (default from settings, ``tiny-sd``). The base model's identity is computed only by
@@ -71,6 +71,31 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", choices=("diffusers", "kohya"), required=True, help="output layout")
     convert.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors path")
     convert.set_defaults(func=_convert)
+
+    inspect = sub.add_parser(
+        "inspect", parents=[common], help="check a file against the base model and print what it holds"
+    )
+    inspect.add_argument("file", type=Path, help="adapter .safetensors (LoRA, LoHa, LoKr or full diff)")
+    inspect.set_defaults(func=_inspect)
+
+    merge = sub.add_parser(
+        "merge",
+        parents=[common],
+        help="bake registered adapters into a standalone model (diffusers or single file)",
+    )
+    merge.add_argument(
+        "refs", nargs="+", metavar="REF[:SCALE]", help="ID, ID@VERSION or ID@latest, optional :weight"
+    )
+    merge.add_argument("-o", "--output", type=Path, required=True, help="output folder, or .safetensors file")
+    merge.add_argument(
+        "--format", choices=("diffusers", "single-file"), default="diffusers", help="output layout"
+    )
+    merge.add_argument(
+        "--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="output weights dtype"
+    )
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge.set_defaults(func=_merge)
 
     verify = sub.add_parser(
         "verify",
@@ -196,11 +221,75 @@ def _convert(args: argparse.Namespace) -> int:
         max_rank=settings.max_lora_rank,
         limits=limits,
     )
+    if args.to == "diffusers" and prepared.metadata.kind not in (None, "lora"):
+        raise AdapterInvalid(
+            f"a {prepared.metadata.kind} adapter has no diffusers (PEFT LoRA) layout: diffusers' "
+            "load_lora_weights reads LoRA only, and converting would approximate it",
+            reason="unsupported_conversion",
+            hint="Use --to kohya (LyCORIS names, read by A1111 and ComfyUI), or 'loraswap adapters merge'.",
+        )
     if args.to == "diffusers":
         data = write_adapter(args.output, prepared.tensors, prepared.metadata)
     else:
         data = write_kohya(args.output, prepared.tensors, prepared.metadata, base.architecture)
-    print(f"wrote {args.output} ({args.to} layout, {len(prepared.tensors) // 2} modules, {len(data)} bytes)")
+    modules = len(prepared.metadata.target_modules)
+    kind = prepared.metadata.kind or "lora"
+    print(f"wrote {args.output} ({args.to} layout, {kind}, {modules} modules, {len(data)} bytes)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Run every registration check on a file (nothing is stored) and print its summary as JSON."""
+    settings = _settings(args)
+    limits = Limits(max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes)
+    base = _base(settings)
+    prepared = prepare(
+        load_source(args.file, limits),
+        base,
+        AdapterMetadata(),
+        max_rank=settings.max_lora_rank,
+        limits=limits,
+    )
+    meta = prepared.metadata
+    _print_json(
+        {
+            "file": str(args.file),
+            "kind": meta.kind or "lora",
+            "source_format": meta.source_format,
+            "modules": len(meta.target_modules),
+            "components": sorted({m.split(".", 1)[0] for m in meta.target_modules}),
+            "rank": meta.rank,
+            "alpha": meta.alpha,
+            "rank_pattern": meta.rank_pattern,
+            "dtype": meta.dtype,
+            "base_model": base.name,
+            "base_model_match": meta.base_model_match,
+            "tensors": len(prepared.tensors),
+        }
+    )
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from adapters.merge import merge_adapters, parse_item
+    from basemodel.loader import load_base_model
+
+    settings = _settings(args)
+    items = [parse_item(text) for text in args.refs]
+    base = load_base_model(settings.base_model, settings.models_dir, device="cpu", dtype="fp32")
+    registry = Registry.from_settings(settings, base=BaseIdentity.from_base_model(base), sweep=False)
+    record = merge_adapters(
+        registry,
+        base,
+        items,
+        args.output,
+        fmt=args.format,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    names = ", ".join(f"{a['ref']}:{a['scale']:g}" for a in record["adapters"])
+    print(f"wrote {args.output} ({args.format}, {args.dtype}): {base.name} + {names}")
     return 0
 
 

@@ -286,6 +286,8 @@ def complete_metadata(tensors: dict[str, torch.Tensor], metadata: AdapterMetadat
     summary = check_canonical(tensors)
     rank, rank_pattern = dominant(summary.ranks)
     update: dict[str, Any] = {"dtype": summary.dtype}
+    if summary.kind != "lora":
+        update["kind"] = summary.kind
     if not metadata.target_modules:
         update["target_modules"] = summary.target_modules
     if metadata.rank is None:

@@ -35,6 +35,8 @@ MAX_METADATA_BYTES = 64 << 10
 """User-owned metadata, as JSON, is at most this long (it goes into the file header; the title twice)."""
 
 SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "loraswap"]
+AdapterKind = Literal["lora", "loha", "lokr", "full"]
+"""What an adapter's tensors are (``adapters.kinds``); metadata without it (older files) is a LoRA."""
 TensorDType = Literal["fp32", "fp16", "bf16"]
 
 
@@ -125,6 +127,7 @@ class AdapterMetadata(BaseModel):
     base_model: BaseModelInfo | None = None
     base_model_match: bool | None = None
     source_format: SourceFormat | None = None
+    kind: AdapterKind | None = None  # None: a LoRA (the only kind before LyCORIS adapters)
 
     target_modules: list[str] = Field(default_factory=list)
     rank: int | None = Field(default=None, ge=1)

@@ -78,12 +78,14 @@ PROCESSOR_NAMES = {
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 REFUSED_MARKERS = {
     "lora_mid": "LoCon/Tucker (lora_mid)",
-    "hada_": "LoHa",
-    "lokr_": "LoKr",
     "dora_scale": "DoRA",
     "lora_magnitude_vector": "DoRA",
     "oft_": "OFT",
     "lora_embedding_": "embedding LoRA",
+}
+REFUSED_WHY = {
+    "DoRA": "DoRA rescales each column of W + ΔW by its norm, so it is no additive delta and cannot be "
+    "applied per request, mixed in a batch or scaled linearly; merge it with its own tools instead",
 }
 PEFT_PREFIXES = ("base_model.model.",)
 TEXT_MODEL = "text_model."
@@ -97,6 +99,7 @@ class NormaliseInfo:
     ranks: dict[str, int]
     alphas: dict[str, float]
     dtype: str
+    kind: str = "lora"  # adapters.kinds.AdapterKind
 
     @property
     def target_modules(self) -> list[str]:
@@ -113,6 +116,7 @@ class NormaliseInfo:
             "alpha": float(alpha),
             "alpha_pattern": {k: float(v) for k, v in alpha_pattern.items()},
             "dtype": self.dtype,
+            **({"kind": self.kind} if self.kind != "lora" else {}),
         }
 
     def apply_to(self, metadata: AdapterMetadata) -> AdapterMetadata:
@@ -150,6 +154,11 @@ def normalise(
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
     check_dtypes(tensors)
     check_finite(tensors)
+    _refuse_unsupported(tensors)
+    from adapters import lycoris  # imports this module's helpers
+
+    if lycoris.is_lycoris(tensors):
+        return lycoris.normalise_lycoris(tensors, architecture, max_rank=max_rank)
     parsed = _parse_keys(tensors)
     layout = _layout_of(parsed)
     _check_components(parsed, architecture)
@@ -169,17 +178,23 @@ def normalise(
     return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype])
 
 
+def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:
+    for key in tensors:
+        for marker, kind in REFUSED_MARKERS.items():
+            if marker in key:
+                why = REFUSED_WHY.get(kind)
+                raise AdapterInvalid(
+                    f"{kind} adapters are not supported (key {key}); LoRA / LoCon, LoHa, LoKr and "
+                    "full-weight diffs are" + (f": {why}" if why else ""),
+                    reason="unsupported_adapter_type",
+                    detail={"keys": [key]},
+                )
+
+
 def _parse_keys(tensors: Mapping[str, torch.Tensor]) -> dict[str, _ParsedKey]:
     parsed: dict[str, _ParsedKey] = {}
     unknown: list[str] = []
     for key in tensors:
-        for marker, kind in REFUSED_MARKERS.items():
-            if marker in key:
-                raise AdapterInvalid(
-                    f"{kind} adapters are not supported (key {key}); only plain LoRA / LoCon is",
-                    reason="unsupported_adapter_type",
-                    detail={"keys": [key]},
-                )
         result = _parse_key(key)
         if result is None:
             unknown.append(key)
@@ -414,6 +429,10 @@ def to_kohya(
     """
     family = (find_family(architecture.family) if architecture is not None else None) or get_family("sd1")
     unet_names = _export_unet_names(family, architecture)
+    from adapters import lycoris  # imports this module's helpers
+
+    if lycoris.is_lycoris(tensors):
+        return lycoris.lycoris_to_kohya(tensors, lambda module: _kohya_name(module, family, unet_names))
     out: dict[str, torch.Tensor] = {}
     for key, tensor in sorted(tensors.items()):
         module, role = key.rsplit(".lora_", 1)

@@ -40,6 +40,7 @@ REGISTRY_FIELDS = frozenset(
         "base_model",
         "base_model_match",
         "source_format",
+        "kind",
         "target_modules",
         "rank",
         "alpha",

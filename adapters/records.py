@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.metadata import AdapterMetadata, BaseModelInfo, SourceFormat, TensorDType
+from adapters.metadata import AdapterKind, AdapterMetadata, BaseModelInfo, SourceFormat, TensorDType
 
 VERSION_FILE = re.compile(r"^(?P<n>[1-9][0-9]{0,8})\.json$")
 
@@ -73,6 +73,7 @@ class AdapterVersion(BaseModel):
     base_model: BaseModelInfo
     base_model_match: bool | None = None
     source_format: SourceFormat
+    kind: AdapterKind = "lora"
     rank: int
     alpha: float
     dtype: TensorDType
@@ -111,6 +112,7 @@ class AdapterVersion(BaseModel):
             base_model=meta.base_model,
             base_model_match=meta.base_model_match,
             source_format=meta.source_format,
+            kind=meta.kind or "lora",
             rank=meta.rank,
             alpha=meta.alpha,
             dtype=meta.dtype,
@@ -121,7 +123,9 @@ class AdapterVersion(BaseModel):
         )
 
     def record_json(self) -> bytes:
-        return self.model_dump_json(exclude={"deleted"}).encode()
+        # A LoRA's record omits its kind: byte for byte what releases before LyCORIS support wrote.
+        exclude = {"deleted", "kind"} if self.kind == "lora" else {"deleted"}
+        return self.model_dump_json(exclude=exclude).encode()
 
 
 class AdapterSummary(BaseModel):

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters import kinds
 from adapters.errors import AdapterIncompatible, AdapterInvalid
+from adapters.kinds import LYCORIS_ROLES
 from basemodel.fingerprint import Architecture
 
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -160,6 +162,7 @@ class CanonicalSummary:
 
     ranks: dict[str, int]
     dtype: str
+    kind: str = "lora"  # adapters.kinds.AdapterKind
 
     @property
     def target_modules(self) -> list[str]:
@@ -203,11 +206,14 @@ def check_canonical(
     if not tensors:
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
     check_dtypes(tensors)
-    pairs = canonical_pairs(tensors)
-    if architecture is not None:
-        check_modules_exist(pairs, architecture)
-    ranks = check_pair_shapes(pairs, architecture)
-    check_rank(ranks, max_rank)
+    if any(key.rsplit(".", 1)[-1] in LYCORIS_ROLES for key in tensors):
+        ranks, kind = _lycoris_canonical(tensors, architecture, max_rank)
+    else:
+        pairs = canonical_pairs(tensors)
+        if architecture is not None:
+            check_modules_exist(pairs, architecture)
+        ranks, kind = check_pair_shapes(pairs, architecture), "lora"
+        check_rank(ranks, max_rank)
     check_finite(tensors)
     dtypes = {DTYPE_NAMES[t.dtype] for t in tensors.values()}
     if len(dtypes) != 1:
@@ -215,4 +221,55 @@ def check_canonical(
             f"canonical adapters use one dtype, found {sorted(dtypes)}",
             reason="mixed_dtype",
         )
-    return CanonicalSummary(ranks=ranks, dtype=dtypes.pop())
+    return CanonicalSummary(ranks=ranks, dtype=dtypes.pop(), kind=kind)
+
+
+def _lycoris_canonical(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture | None, max_rank: int | None
+) -> tuple[dict[str, int], str]:
+    """Canonical LoHa / LoKr / full tensors: one kind, complete modules, shapes (vs the base), rank."""
+    modules, stray = kinds.group(tensors)
+    if stray:
+        raise AdapterInvalid(
+            f"{len(stray)} key(s) are not in the canonical layout, e.g. {first(stray, 1)[0]}",
+            reason="not_canonical",
+            detail={"keys": first(stray)},
+        )
+    found = {kind for factors in modules.values() for kind in kinds.kind_of(set(factors))}
+    if len(found) != 1:
+        raise AdapterInvalid(
+            f"canonical adapters hold one kind, found {sorted(found)}", reason="mixed_adapter_kinds"
+        )
+    kind = found.pop()
+    if architecture is not None:
+        check_modules_exist(modules, architecture)
+    ranks: dict[str, int] = {}
+    low: dict[str, int] = {}
+    problems: dict[str, str] = {}
+    for module, factors in modules.items():
+        try:
+            rank, shape = kinds.check_module(
+                kind, factors, architecture.shape_of(module) if architecture is not None else None
+            )
+        except kinds.StructureProblem as exc:
+            raise AdapterInvalid(
+                f"module {module} is incomplete: {exc}",
+                reason="incomplete_pair",
+                detail={"modules": [module]},
+            ) from None
+        except kinds.ShapeProblem as exc:
+            problems[module] = str(exc)
+            continue
+        ranks[module] = kinds.reported_rank(rank, shape)
+        if rank is not None:
+            low[module] = rank
+    if problems:
+        shown = first(problems)
+        raise AdapterIncompatible(
+            f"{len(problems)} module(s) do not match the base model's module shapes, "
+            f"e.g. {shown[0]}: {problems[shown[0]]}",
+            reason="shape_mismatch",
+            detail={"modules": {m: problems[m] for m in shown}, "count": len(problems)},
+        )
+    check_rank(low, max_rank)
+    return ranks, kind

@@ -1,7 +1,8 @@
 """Valid adapter files for a base architecture: the starting points the adapter fuzzer mutates.
 
 Each ``Seed`` is a LoRA in one accepted layout (PEFT/diffusers with and without ``.alpha``, unprefixed
-PEFT, legacy diffusers, kohya in fp32 and bf16, and our canonical layout with ``loraswap`` metadata)
+PEFT, legacy diffusers, kohya in fp32 and bf16, and our canonical layout with ``loraswap`` metadata),
+or a LyCORIS LoHa / LoKr in kohya naming,
 over a few small modules of the base: linear layers of the UNet and the text encoder, a 1x1 conv and
 a 3x3 conv (LoCon). ``encode`` serialises tensors the way safetensors does, but by hand, so that the
 mutators can reach every field of the header and every byte of the file.
@@ -217,6 +218,42 @@ def loraswap_seed(base: BaseIdentity) -> Seed:
     return Seed("loraswap", safetensors.torch.load(data), header)
 
 
+def loha_seed(base: BaseIdentity) -> Seed:
+    """A LoHa in kohya/LyCORIS naming (``hada_w1_a`` …, ``.alpha``; flattened factors for the convs)."""
+    gen = torch.Generator().manual_seed(1313)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in pick_modules(base):
+        shape = base.architecture.modules[module]
+        name = kohya_name(module)
+        flat = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+        for i in (1, 2):
+            tensors[f"{name}.hada_w{i}_a"] = torch.randn(shape[0], RANK, generator=gen) * 0.2
+            tensors[f"{name}.hada_w{i}_b"] = torch.randn(RANK, flat, generator=gen) * 0.2
+        tensors[f"{name}.alpha"] = _alpha(torch.float32)
+    return Seed("loha", tensors, {"ss_network_module": "lycoris.kohya"})
+
+
+def lokr_seed(base: BaseIdentity) -> Seed:
+    """A LoKr in kohya/LyCORIS naming: a full ``lokr_w1`` and a low-rank ``lokr_w2_a``/``lokr_w2_b``."""
+    gen = torch.Generator().manual_seed(1414)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in pick_modules(base):
+        shape = base.architecture.modules[module]
+        name = kohya_name(module)
+        a, c = _divisor(shape[0]), _divisor(shape[1])
+        kernel = shape[2] * shape[3] if len(shape) == 4 else 1
+        tensors[f"{name}.lokr_w1"] = torch.randn(a, c, generator=gen) * 0.2
+        tensors[f"{name}.lokr_w2_a"] = torch.randn(shape[0] // a, RANK, generator=gen) * 0.2
+        tensors[f"{name}.lokr_w2_b"] = torch.randn(RANK, shape[1] // c * kernel, generator=gen) * 0.2
+        tensors[f"{name}.alpha"] = _alpha(torch.float32)
+    return Seed("lokr", tensors, {"ss_network_module": "lycoris.kohya"})
+
+
+def _divisor(n: int) -> int:
+    """The largest divisor of ``n`` not above its square root (LyCORIS's balanced factorisation)."""
+    return max(m for m in range(1, int(n**0.5) + 1) if n % m == 0)
+
+
 def make_seeds(base: BaseIdentity) -> list[Seed]:
     """Every seed; each registers successfully against ``base`` (checked by the fuzz tests)."""
     return [
@@ -227,4 +264,6 @@ def make_seeds(base: BaseIdentity) -> list[Seed]:
         kohya_seed(base, torch.float32),
         kohya_seed(base, torch.bfloat16),
         loraswap_seed(base),
+        loha_seed(base),
+        lokr_seed(base),
     ]

@@ -116,10 +116,15 @@ CASES: dict[str, tuple[Callable[[LoraCase], bytes], type[Exception], str]] = {
         AdapterIncompatible,
         "modules_absent",
     ),
-    "loha": (
-        lambda c: save_bytes({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}),
+    "oft": (  # LoHa / LoKr / full diffs are read now (tests/adapters/test_lycoris.py); OFT still is not
+        lambda c: save_bytes({"lora_unet_x.oft_blocks": torch.zeros(2, 2)}),
         AdapterInvalid,
         "unsupported_adapter_type",
+    ),
+    "loha-unknown-module": (
+        lambda c: save_bytes({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}),
+        AdapterIncompatible,
+        "modules_absent",
     ),
     "modules-absent": (
         lambda c: save_bytes(

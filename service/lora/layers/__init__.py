@@ -7,6 +7,7 @@ from torch import nn
 
 from service.lora.layers.base import LoRAPair
 from service.lora.layers.conv import ConvLoRA
+from service.lora.layers.dense import DenseDelta
 from service.lora.layers.linear import LinearLoRA
 
 
@@ -19,4 +20,9 @@ def pair_for(module: nn.Module, down: torch.Tensor, up: torch.Tensor) -> LoRAPai
     raise TypeError(f"no LoRA layer for {type(module).__name__}")
 
 
-__all__ = ["ConvLoRA", "LinearLoRA", "LoRAPair", "pair_for"]
+def dense_for(module: nn.Module, kind: str, factors: dict[str, torch.Tensor]) -> DenseDelta:
+    """The dense-delta layer of a LyCORIS kind (LoHa, LoKr, full diff) on ``module``."""
+    return DenseDelta.build(module, kind, factors)
+
+
+__all__ = ["ConvLoRA", "DenseDelta", "LinearLoRA", "LoRAPair", "dense_for", "pair_for"]

@@ -1,0 +1,138 @@
+"""Dense weight deltas ΔW of every adapter kind, in fp32, in the base weight's shape (pure functions).
+
+One function per kind, written from the LyCORIS reference formulas (``lycoris/functional/*.py``, the
+same ones A1111's and ComfyUI's loaders use); ``scale`` is the file's ``alpha / rank`` (canonical
+tensors have it folded in already, so they pass 1.0):
+
+* LoRA / LoCon: ``ΔW = (B · A) · scale`` with A ``[r, in(, kh, kw)]``, B ``[out, r(, 1, 1)]``;
+* LoHa: ``ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · scale`` (``⊙``: elementwise), ``w·_a`` ``[out, r]``,
+  ``w·_b`` ``[r, in·kh·kw]``; with Tucker cores (``hada_t1``/``hada_t2`` ``[r, r, kh, kw]``, a conv):
+  ``rebuild_i = einsum('ijkl,jr,ip->prkl', t_i, w_i_b, w_i_a)`` and ``ΔW = rebuild_1 ⊙ rebuild_2 · scale``;
+* LoKr: ``ΔW = (W1 ⊗ W2) · scale`` (Kronecker product), ``W1 = lokr_w1`` or ``lokr_w1_a · lokr_w1_b``
+  ``[a, c]``, ``W2 = lokr_w2`` or ``lokr_w2_a · lokr_w2_b`` ``[b, d(·kh·kw)]`` or, with a Tucker core,
+  ``einsum('ijkl,ip,jr->prkl', lokr_t2, lokr_w2_a, lokr_w2_b)``; ``a·b = out``, ``c·d = in``;
+* full (``diff``): ``ΔW = diff`` (no alpha), and ``diff_b`` is added to the bias.
+
+Every result is reshaped to the base weight's shape (a linear LoRA stored 4-D, LoHa's flattened conv
+factors). Nothing here knows about files, names or validation (``adapters.kinds`` checks shapes first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "bias_delta",
+    "full_delta",
+    "loha_delta",
+    "lokr_delta",
+    "lokr_factor",
+    "lora_delta",
+    "module_delta",
+]
+
+
+def _f32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(torch.float32)
+
+
+def lora_delta(
+    down: torch.Tensor, up: torch.Tensor, shape: Sequence[int], scale: float = 1.0
+) -> torch.Tensor:
+    """LoRA/LoCon: ``B · A`` (the 1x1 up conv composed with the down conv is one conv)."""
+    delta = _f32(up).flatten(1) @ _f32(down).flatten(1)
+    return _scaled(delta.reshape(tuple(shape)), scale)
+
+
+def loha_delta(
+    w1_a: torch.Tensor,
+    w1_b: torch.Tensor,
+    w2_a: torch.Tensor,
+    w2_b: torch.Tensor,
+    shape: Sequence[int],
+    scale: float = 1.0,
+    t1: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoHa: the Hadamard product of two low-rank matrices (optionally Tucker-factored convs)."""
+    if t1 is not None and t2 is not None:
+        first = torch.einsum("ijkl,jr,ip->prkl", _f32(t1), _f32(w1_b), _f32(w1_a))
+        second = torch.einsum("ijkl,jr,ip->prkl", _f32(t2), _f32(w2_b), _f32(w2_a))
+        delta = first * second
+    else:
+        delta = (_f32(w1_a) @ _f32(w1_b).flatten(1)) * (_f32(w2_a) @ _f32(w2_b).flatten(1))
+    return _scaled(delta.reshape(tuple(shape)), scale)
+
+
+def lokr_delta(
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    shape: Sequence[int],
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """LoKr: ``W1 ⊗ W2`` for the two (already rebuilt, see ``lokr_factor``) Kronecker factors."""
+    left, right = _f32(w1).contiguous(), _f32(w2).contiguous()
+    if right.dim() == 4:
+        left = left[:, :, None, None].contiguous()
+    return _scaled(torch.kron(left, right).reshape(tuple(shape)), scale)
+
+
+def lokr_factor(
+    whole: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One LoKr factor: the full matrix, ``a · b``, or the Tucker rebuild ``einsum(t, a, b)``."""
+    if whole is not None:
+        return _f32(whole)
+    if a is None or b is None:
+        raise ValueError("a LoKr factor needs either its full matrix or both low-rank halves")
+    if t is not None:
+        return torch.einsum("ijkl,ip,jr->prkl", _f32(t), _f32(a), _f32(b))
+    return _f32(a) @ _f32(b)
+
+
+def full_delta(diff: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A full-weight difference: the tensor itself (a 1x1 conv's may be stored 2-D and vice versa)."""
+    return _f32(diff).reshape(tuple(shape))
+
+
+def _scaled(delta: torch.Tensor, scale: float) -> torch.Tensor:
+    return delta * scale if scale != 1.0 else delta
+
+
+def module_delta(
+    kind: str, factors: Mapping[str, torch.Tensor], shape: Sequence[int], scale: float = 1.0
+) -> torch.Tensor:
+    """ΔW of one module from its tensors keyed by role (``lora_A.weight``, ``hada_w1_a``, ``diff`` …)."""
+    if kind == "lora":
+        return lora_delta(factors["lora_A.weight"], factors["lora_B.weight"], shape, scale)
+    if kind == "loha":
+        return loha_delta(
+            factors["hada_w1_a"],
+            factors["hada_w1_b"],
+            factors["hada_w2_a"],
+            factors["hada_w2_b"],
+            shape,
+            scale,
+            factors.get("hada_t1"),
+            factors.get("hada_t2"),
+        )
+    if kind == "lokr":
+        w1 = lokr_factor(factors.get("lokr_w1"), factors.get("lokr_w1_a"), factors.get("lokr_w1_b"))
+        w2 = lokr_factor(
+            factors.get("lokr_w2"), factors.get("lokr_w2_a"), factors.get("lokr_w2_b"), factors.get("lokr_t2")
+        )
+        return lokr_delta(w1, w2, shape, scale)
+    if kind == "full":
+        return _scaled(full_delta(factors["diff"], shape), scale)
+    raise ValueError(f"unknown adapter kind {kind!r}")
+
+
+def bias_delta(kind: str, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The bias difference of a module (``diff_b`` of a full-weight diff), fp32; None for other kinds."""
+    bias = factors.get("diff_b") if kind == "full" else None
+    return _f32(bias).reshape(-1) if bias is not None else None

@@ -1,0 +1,171 @@
+"""diffusers → A1111/CivitAI single-file (LDM) key layout for SD1.x: the inverse of ``single_file.py``.
+
+``single_file.load_single_file`` converts LDM keys with diffusers' ``convert_ldm_unet_checkpoint`` /
+``convert_ldm_vae_checkpoint`` and strips ``cond_stage_model.transformer.`` from the CLIP keys; this
+module renames the other way, from the UNet's and VAE's configs, so that a checkpoint written here
+loads back through ``load_single_file`` to the same weights (tested) and opens in A1111 / ComfyUI::
+
+    UNet  model.diffusion_model.  conv_in → input_blocks.0.0, time_embedding.linear_1/2 → time_embed.0/2,
+          down_blocks.{i}.resnets.{j} → input_blocks.{1 + i·(L+1) + j}.0 (L = layers_per_block),
+          down_blocks.{i}.attentions.{j} → input_blocks.{1 + i·(L+1) + j}.1,
+          down_blocks.{i}.downsamplers.0.conv → input_blocks.{(i+1)·(L+1)}.0.op,
+          mid_block.resnets.0/1 → middle_block.0/2, mid_block.attentions.0 → middle_block.1,
+          up_blocks.{i}.resnets.{j} / attentions.{j} → output_blocks.{i·(L+1) + j}.0 / .1 (j ≤ L),
+          up_blocks.{i}.upsamplers.0 → output_blocks.{i·(L+1) + L}.{2 with attention, else 1},
+          conv_norm_out / conv_out → out.0 / out.2; in resnets norm1/conv1 → in_layers.0/2,
+          norm2/conv2 → out_layers.0/3, time_emb_proj → emb_layers.1, conv_shortcut → skip_connection
+    VAE   first_stage_model.  down_blocks.{i}.resnets.{j} → down.{i}.block.{j}, downsamplers.0 → downsample,
+          up_blocks.{i} → up.{n-1-i} (block / upsample), mid_block.resnets.0/1 → mid.block_1/2,
+          mid_block.attentions.0 → mid.attn_1 (group_norm → norm, to_q/k/v → q/k/v, to_out.0 →
+          proj_out, as 1x1 convs), conv_norm_out → norm_out, conv_shortcut → nin_shortcut
+    CLIP  cond_stage_model.transformer.text_model.<transformers' name>
+
+SDXL's OpenCLIP encoder (fused ``in_proj`` q/k/v) is not written: SDXL merges are written as diffusers
+folders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from basemodel.errors import NotSupported
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+
+RESNET = {
+    "norm1.": "in_layers.0.",
+    "conv1.": "in_layers.2.",
+    "norm2.": "out_layers.0.",
+    "conv2.": "out_layers.3.",
+    "time_emb_proj.": "emb_layers.1.",
+    "conv_shortcut.": "skip_connection.",
+}
+VAE_ATTENTION = {
+    "group_norm.": "norm.",
+    "to_q.": "q.",
+    "to_k.": "k.",
+    "to_v.": "v.",
+    "to_out.0.": "proj_out.",
+}
+
+
+def _rename(key: str, prefixes: Mapping[str, str], inner: Mapping[str, str] | None = None) -> str | None:
+    for old in sorted(prefixes, key=len, reverse=True):
+        if key.startswith(old):
+            rest = key[len(old) :]
+            for a, b in (inner or {}).items():
+                if rest.startswith(a):
+                    rest = b + rest[len(a) :]
+                    break
+            return prefixes[old] + rest
+    return None
+
+
+def _layers(config: Mapping[str, Any]) -> int:
+    per = config.get("layers_per_block", 2)
+    if not isinstance(per, int):
+        raise NotSupported(f"a UNet with per-block layer counts {per!r} has no SD1 single-file layout")
+    return per
+
+
+def unet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers SD1.x UNet state dict → ``model.diffusion_model.…`` keys."""
+    blocks, per = len(config["block_out_channels"]), _layers(config)
+    plain = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+        "mid_block.attentions.0.": "middle_block.1.",
+    }
+    resnets = {"mid_block.resnets.0.": "middle_block.0.", "mid_block.resnets.1.": "middle_block.2."}
+    for i in range(blocks):
+        for j in range(per):
+            resnets[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{1 + i * (per + 1) + j}.0."
+            plain[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{1 + i * (per + 1) + j}.1."
+        for j in range(per + 1):
+            resnets[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{i * (per + 1) + j}.0."
+            plain[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{i * (per + 1) + j}.1."
+        if i < blocks - 1:
+            plain[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * (per + 1)}.0.op."
+            slot = 2 if str(config["up_block_types"][i]).startswith("CrossAttn") else 1
+            plain[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{i * (per + 1) + per}.{slot}."
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        is_resnet = any(key.startswith(p) for p in resnets)
+        new = _rename(key, resnets, RESNET) if is_resnet else _rename(key, plain)
+        if new is None:
+            raise NotSupported(f"UNet weight {key} has no SD1 single-file name")
+        out[UNET_PREFIX + new] = tensor
+    return out
+
+
+def vae_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKL`` state dict → ``first_stage_model.…`` keys."""
+    blocks, per = len(config["block_out_channels"]), _layers(config)
+    resnets = {
+        f"{part}.mid_block.resnets.{k}.": f"{part}.mid.block_{k + 1}."
+        for part in ("encoder", "decoder")
+        for k in (0, 1)
+    }
+    plain = {
+        "encoder.conv_norm_out.": "encoder.norm_out.",
+        "decoder.conv_norm_out.": "decoder.norm_out.",
+        "encoder.conv_in.": "encoder.conv_in.",
+        "encoder.conv_out.": "encoder.conv_out.",
+        "decoder.conv_in.": "decoder.conv_in.",
+        "decoder.conv_out.": "decoder.conv_out.",
+        "quant_conv.": "quant_conv.",
+        "post_quant_conv.": "post_quant_conv.",
+    }
+    for i in range(blocks):
+        for j in range(per):
+            resnets[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        for j in range(per + 1):
+            resnets[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{blocks - 1 - i}.block.{j}."
+        plain[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+        plain[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{blocks - 1 - i}.upsample."
+    attention = {f"{part}.mid_block.attentions.0.": f"{part}.mid.attn_1." for part in ("encoder", "decoder")}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if any(key.startswith(p) for p in attention):
+            new = _rename(key, attention, VAE_ATTENTION)
+            tensor = tensor[..., None, None] if tensor.ndim == 2 else tensor  # LDM keeps 1x1 convs here
+        elif any(key.startswith(p) for p in resnets):
+            new = _rename(key, resnets, {"conv_shortcut.": "nin_shortcut."})
+        else:
+            new = _rename(key, plain)
+        if new is None:
+            raise NotSupported(f"VAE weight {key} has no SD1 single-file name")
+        out[VAE_PREFIX + new] = tensor
+    return out
+
+
+def clip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict (with or without ``text_model.``) → LDM keys."""
+    return {
+        CLIP_PREFIX + key.removeprefix("text_model."): tensor
+        for key, tensor in state.items()
+        if not key.endswith("position_ids")
+    }
+
+
+def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
+    """An SD1.x ``StableDiffusionPipeline`` → one A1111-layout state dict (contiguous tensors)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise NotSupported(
+            "single-file output is written for SD1.x models; this model has two text encoders (SDXL)",
+            hint="Use --format diffusers for SDXL merges.",
+        )
+    state = {
+        **unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
+        **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
+        **clip_to_ldm(pipe.text_encoder.state_dict()),
+    }
+    return {key: tensor.detach().contiguous() for key, tensor in state.items()}
