@@ -22,6 +22,8 @@ from service.bodies import CheckedRequest
 from service.controllers.adapters import AdapterController
 from service.controllers.generate import GenerateController
 from service.controllers.health import HealthController
+from service.controllers.jobs import JobController
+from service.engine.jobs import JobStore
 from service.engine.runtime import Runtime, package_version
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import Metrics
@@ -66,6 +68,7 @@ def create_app(
 ) -> Litestar:
     metrics = Metrics()
     runtime = Runtime(settings, metrics, loader=loader)
+    jobs = JobStore(settings, metrics, runtime)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -75,15 +78,17 @@ def create_app(
         try:
             yield
         finally:
+            jobs.shutdown()
             runtime.stop()
 
     app = Litestar(
-        route_handlers=[GenerateController, HealthController, AdapterController],
+        route_handlers=[GenerateController, HealthController, AdapterController, JobController],
         dependencies={
             "runtime": Provide(lambda: runtime, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, sync_to_thread=False),
+            "jobs": Provide(lambda: jobs, sync_to_thread=False),
         },
-        state=State({"settings": settings, "metrics": metrics, "runtime": runtime}),
+        state=State({"settings": settings, "metrics": metrics, "runtime": runtime, "jobs": jobs}),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_class=CheckedRequest,

@@ -42,11 +42,15 @@ STATUS_DESCRIPTIONS: dict[int, str] = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    return {
-        status: ResponseSpec(data_container=ErrorBody, description=STATUS_DESCRIPTIONS[status])
-        for status in statuses
-    }
+JOB_DESCRIPTIONS: dict[int, str] = {
+    404: "No such job for this token: unknown, another token's, expired or dropped (`job_not_found`).",
+    409: "The job had already ended; nothing was cancelled (`job_already_ended`).",
+}
+
+
+def error_responses(*statuses: int, descriptions: dict[int, str] | None = None) -> dict[int, ResponseSpec]:
+    texts = {**STATUS_DESCRIPTIONS, **(descriptions or {})}
+    return {status: ResponseSpec(data_container=ErrorBody, description=texts[status]) for status in statuses}
 
 
 ROUTE_ERRORS: dict[str, dict[int, ResponseSpec]] = {
@@ -56,6 +60,9 @@ ROUTE_ERRORS: dict[str, dict[int, ResponseSpec]] = {
     "register": error_responses(401, 403, 409, 413, 422, 503),
     "delete": error_responses(401, 403, 404, 422, 503),
     "preload": error_responses(401, 403, 404, 409, 413, 422, 503),
+    "job_submit": error_responses(401, 404, 409, 413, 422, 429, 503),
+    "job": error_responses(401, 404, descriptions=JOB_DESCRIPTIONS),
+    "job_cancel": error_responses(401, 404, 409, descriptions=JOB_DESCRIPTIONS),
 }
 """Statuses per route kind (which errors each route's code paths raise; see docs/api.md)."""
 
