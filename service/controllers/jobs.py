@@ -7,6 +7,7 @@ that made it (another token gets 404 ``job_not_found``, as for an unknown id).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -134,12 +135,13 @@ class JobController(Controller):
 
         async def stream() -> AsyncIterator[ServerSentEventMessage]:
             metrics.sse_subscribers.inc()
-            try:
-                async for event in record.progress.events(heartbeat, after=after):
-                    if event is None:
-                        yield ServerSentEventMessage(data=None, comment="keep-alive")
-                    else:
-                        yield sse_message(record, event, jobs)
+            try:  # aclosing: a client that goes away unsubscribes at once, not when collected
+                async with contextlib.aclosing(record.progress.events(heartbeat, after=after)) as events:
+                    async for event in events:
+                        if event is None:
+                            yield ServerSentEventMessage(data=None, comment="keep-alive")
+                        else:
+                            yield sse_message(record, event, jobs)
             finally:
                 metrics.sse_subscribers.dec()
 

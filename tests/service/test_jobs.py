@@ -138,6 +138,13 @@ def test_events_queued_started_one_per_step_done_with_heartbeats(start_server: A
         stream = RawStream(server, url)
         wait_until(lambda: b"keep-alive" in stream.raw, "a heartbeat comment while the job waits")
         assert metric_value(server.url, "loraswap_sse_subscribers") == 1
+        with server.client() as other, other.stream("GET", f"{url}/events") as early:
+            chunks = early.iter_raw()  # (a discarded iterator would close the response at once)
+            assert b"event: queued" in next(chunks)
+            assert metric_value(server.url, "loraswap_sse_subscribers") == 2
+        wait_until(
+            lambda: metric_value(server.url, "loraswap_sse_subscribers") == 1, "a client that left to be gone"
+        )
         gate.released.set()
         raw = stream.join()
         late, _ = parse_sse(RawStream(server, url).join())  # connects after the end: the current state only
@@ -172,14 +179,21 @@ def test_cancel_queued_takes_it_out_of_the_queue(server: Any) -> None:
         gate.wait_entered()
         queued = http.post("/v1/jobs", json=FAST).json()
         assert runtime.worker.depth == 1
+        stream = RawStream(server, f"/v1/jobs/{queued['id']}")
+        wait_until(lambda: b"event: queued" in stream.raw, "the stream to start")
         cancelled = http.delete(f"/v1/jobs/{queued['id']}")
         assert cancelled.status_code == 200, cancelled.text
         assert cancelled.json()["state"] == "cancelled"
         assert runtime.worker.depth == 0  # removed from the queue, not left for the worker to skip
+        events, _ = parse_sse(stream.join())  # the cancel ends the stream
         gate.released.set()
         wait_for_state(http, f"/v1/jobs/{running['id']}", "succeeded")
         after = state_of(http, f"/v1/jobs/{queued['id']}")
         again = http.delete(f"/v1/jobs/{queued['id']}")
+    assert [(name, data["state"]) for name, _, data in events] == [
+        ("queued", "queued"),
+        ("cancelled", "cancelled"),
+    ]
     assert after["state"] == "cancelled" and after["started_at"] is None and after["result"] is None
     assert again.status_code == 409 and again.json()["error"]["type"] == "job_already_ended"
     assert metric_value(server.url, "loraswap_images_generated_total") == 1  # only the first job ran
