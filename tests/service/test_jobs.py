@@ -309,6 +309,15 @@ def test_schema_documents_the_job_routes(server: Any) -> None:
     assert "job_not_found" in paths["/v1/jobs/{job_id}"]["get"]["responses"]["404"]["description"]
 
 
+def test_hostile_job_ids_are_404(server: Any) -> None:
+    with server.client() as http:
+        for path in ("/v1/jobs/" + "x" * 5000, "/v1/jobs/%C3%9F", "/v1/jobs/a%0Ab"):
+            for response in (http.get(path), http.get(f"{path}/events"), http.delete(path)):
+                assert response.status_code == 404, (path, response.text)
+                assert response.json()["error"]["type"] == "job_not_found"
+                assert len(response.text) < 1000  # a huge id is not echoed back
+
+
 def cli(server: Any, out: Path, *extra: str) -> int:
     return main(
         [
