@@ -163,7 +163,7 @@ def _error_type(response: httpx.Response) -> str | None:
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(event, data)`` pairs of a Server-Sent Events stream whose data is JSON (comments skipped)."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -145,7 +145,7 @@ class JobProgress:
 
     async def events(
         self, heartbeat_s: float, after: int | None = None
-    ) -> AsyncIterator[ProgressEvent | None]:
+    ) -> AsyncGenerator[ProgressEvent | None, None]:
         """The current state's event, then every later event until the job ends; ``None`` after
         ``heartbeat_s`` without one (for a keep-alive). With ``after`` (a ``seq`` the client saw, SSE's
         ``Last-Event-ID``) the log is replayed from the next event instead."""
