@@ -135,6 +135,16 @@ class Settings(BaseSettings):
     )
     batch_window_ms: float = Field(5.0, ge=0, le=10_000, description="How long to gather a batch.")
 
+    # --- Jobs with progress (/v1/jobs, docs/api.md "Jobs") ---
+    job_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400, description="How long a finished job is kept.")
+    max_jobs: int = Field(
+        128, ge=1, le=100_000, description="Finished jobs kept (with their images); the oldest goes first."
+    )
+    job_heartbeat_s: float = Field(
+        15.0, gt=0, le=300, description="Seconds between keep-alive comments on a quiet event stream."
+    )
+    # --- end jobs ---
+
     @field_validator("generate_tokens", "admin_tokens", "pinned_adapters", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:

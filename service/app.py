@@ -22,8 +22,10 @@ from service.bodies import CheckedRequest
 from service.controllers.adapters import AdapterController
 from service.controllers.generate import GenerateController
 from service.controllers.health import HealthController
+from service.controllers.jobs import JobController
 from service.controllers.openai_images import OpenAIImagesController
 from service.controllers.sdapi import SdapiController
+from service.engine.jobs import JobStore
 from service.engine.runtime import Runtime, package_version
 from service.errors import EXCEPTION_HANDLERS
 from service.metrics import Metrics
@@ -68,6 +70,7 @@ def create_app(
 ) -> Litestar:
     metrics = Metrics()
     runtime = Runtime(settings, metrics, loader=loader)
+    jobs = JobStore(settings, metrics, runtime)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -77,6 +80,7 @@ def create_app(
         try:
             yield
         finally:
+            jobs.shutdown()
             runtime.stop()
 
     app = Litestar(
@@ -84,14 +88,16 @@ def create_app(
             GenerateController,
             HealthController,
             AdapterController,
+            JobController,
             SdapiController,
             OpenAIImagesController,
         ],
         dependencies={
             "runtime": Provide(lambda: runtime, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, sync_to_thread=False),
+            "jobs": Provide(lambda: jobs, sync_to_thread=False),
         },
-        state=State({"settings": settings, "metrics": metrics, "runtime": runtime}),
+        state=State({"settings": settings, "metrics": metrics, "runtime": runtime, "jobs": jobs}),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_class=CheckedRequest,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 from typing import Any, Literal
 
@@ -83,3 +84,12 @@ def require(scope: Scope, *, basic: bool = False) -> Any:
             raise Forbidden(f"this route needs the '{scope}' scope")
 
     return guard
+
+
+def owner_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """Who owns what this request makes (jobs): a digest of its bearer token, never the token itself.
+    With auth off every request has the same key ``""``: jobs are then shared by everyone who can reach
+    the server, protected only by their unguessable ids."""
+    settings: Settings = connection.app.state.settings
+    token = bearer_token(connection) if settings.auth_enabled else None
+    return hashlib.sha256(token.encode()).hexdigest() if token else ""

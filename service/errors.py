@@ -32,6 +32,24 @@ from basemodel.errors import (
 
 log = logging.getLogger(__name__)
 
+
+class JobNotFound(NotFound):
+    """No such job for this token: never made, made by another token, expired or dropped."""
+
+    type = "job_not_found"
+    hint = (
+        "Job ids come from POST /v1/jobs and are kept job_ttl_s seconds after the job ends (at most "
+        "max_jobs of them); only the token that made a job sees it."
+    )
+
+
+class JobEnded(LoraswapError):
+    """A cancel of a job that has already ended."""
+
+    type = "job_already_ended"
+    hint = "The job ended before the cancel; GET /v1/jobs/{id} has its result or error."
+
+
 # Most specific first: the first isinstance match wins.
 STATUS_BY_ERROR: tuple[tuple[type[LoraswapError], int], ...] = (
     (ValidationFailed, 422),
@@ -39,6 +57,7 @@ STATUS_BY_ERROR: tuple[tuple[type[LoraswapError], int], ...] = (
     (Forbidden, 403),
     (NotFound, 404),
     (Incompatible, 409),
+    (JobEnded, 409),
     (TooLarge, 413),
     (Overloaded, 429),
     (NotSupported, 501),

@@ -101,6 +101,19 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.jobs = Gauge(
+            "loraswap_jobs", "Jobs (/v1/jobs) held by the server, by state.", ["state"], registry=r
+        )
+        self.jobs_created = Counter("loraswap_jobs_created", "Jobs submitted to /v1/jobs.", registry=r)
+        self.jobs_ended = Counter(
+            "loraswap_jobs_ended",
+            "Jobs that ended, by state (succeeded, failed, cancelled).",
+            ["state"],
+            registry=r,
+        )
+        self.sse_subscribers = Gauge(
+            "loraswap_sse_subscribers", "Open event streams (GET /v1/jobs/{id}/events).", registry=r
+        )
         self._cuda: CudaMemory | None = None  # registered by the first scrape that finds the model on CUDA
 
     def observe_device_memory(self, device: torch.device | None) -> None:

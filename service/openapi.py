@@ -43,6 +43,12 @@ STATUS_DESCRIPTIONS: dict[int, str] = {
 }
 
 
+JOB_DESCRIPTIONS: dict[int, str] = {
+    404: "No such job for this token: unknown, another token's, expired or dropped (`job_not_found`).",
+    409: "The job had already ended; nothing was cancelled (`job_already_ended`).",
+}
+
+
 def error_responses(
     *statuses: int, body: type[BaseModel] = ErrorBody, descriptions: dict[int, str] | None = None
 ) -> dict[int, ResponseSpec]:
@@ -50,10 +56,19 @@ def error_responses(
     return {status: ResponseSpec(data_container=body, description=described[status]) for status in statuses}
 
 
-def _openai_error_body() -> type[BaseModel]:
-    from service.compat.openai_images import OpenAIErrorBody
+class OpenAIErrorInfo(BaseModel):
+    message: str
+    type: str = Field(description="'invalid_request_error' (4xx) or 'server_error' (5xx).")
+    param: str | None = Field(description="The request field at fault, when there is one.")
+    code: str | None = Field(description="loraswap's stable error type, e.g. 'adapter_not_found'.")
+    detail: dict[str, Any] = Field(default_factory=dict)
+    hint: str | None = None
 
-    return OpenAIErrorBody
+
+class OpenAIErrorBody(BaseModel):
+    """Every error of ``/v1/images/generations``: OpenAI's ``{"error": {message, type, param, code}}``."""
+
+    error: OpenAIErrorInfo
 
 
 SDAPI_DESCRIPTIONS = {
@@ -81,6 +96,9 @@ ROUTE_ERRORS: dict[str, dict[int, ResponseSpec]] = {
     "register": error_responses(401, 403, 409, 413, 422, 503),
     "delete": error_responses(401, 403, 404, 422, 503),
     "preload": error_responses(401, 403, 404, 409, 413, 422, 503),
+    "job_submit": error_responses(401, 404, 409, 413, 422, 429, 503),
+    "job": error_responses(401, 404, descriptions=JOB_DESCRIPTIONS),
+    "job_cancel": error_responses(401, 404, 409, descriptions=JOB_DESCRIPTIONS),
     "sdapi_generate": error_responses(
         401, 404, 409, 413, 422, 429, 503, 504, descriptions=SDAPI_DESCRIPTIONS
     ),
@@ -90,7 +108,7 @@ ROUTE_ERRORS: dict[str, dict[int, ResponseSpec]] = {
     "sdapi_progress": error_responses(401, 422, descriptions=SDAPI_DESCRIPTIONS),
     "sdapi_options": error_responses(401, 404, 413, 422, 503, descriptions=SDAPI_DESCRIPTIONS),
     "openai_images": error_responses(
-        400, 401, 404, 409, 413, 429, 503, 504, body=_openai_error_body(), descriptions=OPENAI_DESCRIPTIONS
+        400, 401, 404, 409, 413, 429, 503, 504, body=OpenAIErrorBody, descriptions=OPENAI_DESCRIPTIONS
     ),
 }
 """Statuses per route kind (which errors each route's code paths raise; see docs/api.md)."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.metadata import MAX_SCALE, MIN_SCALE
 from adapters.refs import ID_PATTERN, MAX_VERSION
+from service.openapi import ErrorInfo
 
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
 MAX_SEED = 2**63 - 1 - 64  # image i uses seed + i; stay inside torch's int64 seed range
@@ -77,3 +78,23 @@ class GenerateResponse(BaseModel):
     parameters: dict[str, Any]
     timings: dict[str, float]
     adapters: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class JobOut(BaseModel):
+    """A job of ``/v1/jobs``: its state, progress and, once it ended, its result or error."""
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    position: int | None = Field(None, description="While queued: 1 = the next to start.")
+    step: int = Field(description="Denoising steps done.")
+    steps: int = Field(description="Denoising steps in all (the sampler's count once running).")
+    created_at: float = Field(description="Unix time the job was accepted.")
+    started_at: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = Field(None, description="Unix time after which the ended job is gone (404).")
+    result: GenerateResponse | None = Field(
+        None, description="When succeeded: the body /v1/generate returns."
+    )
+    error: ErrorInfo | None = Field(
+        None, description="When failed: the error, as /v1/generate would answer it."
+    )

@@ -67,6 +67,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--token", help="bearer token (default: $LORASWAP_TOKEN)")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (and a plain POST /v1/generate instead of a job)",
+    )
+    gen.add_argument(
         "-o",
         "--output",
         type=Path,
@@ -174,11 +180,41 @@ def _generate(args: argparse.Namespace) -> int:
     for key in ("width", "height", "seed"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
-    result = client.generate(body)
+    bar = ProgressBar(sys.stderr) if args.progress else None
+    try:
+        result = client.generate(body, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     paths = client.save_images(result, args.output)
     timings = result.get("timings", {})
     print(f"seed {result['seed']}  total {timings.get('total_s', 0):.2f}s  -> {', '.join(map(str, paths))}")
     return 0
+
+
+class ProgressBar:
+    """``[########......] 3/10 steps`` redrawn in place on ``stream`` (fed by the job's step events)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._drawn = False
+        self._last: tuple[int, int] | None = None
+
+    def __call__(self, step: int, steps: int) -> None:
+        if steps <= 0 or (step, steps) == self._last:
+            return
+        self._last = (step, steps)
+        filled = self.WIDTH * min(step, steps) // steps
+        self._stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {step}/{steps} steps")
+        self._stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pydantic import ValidationError as PydanticValidationError
 from basemodel.errors import ValidationFailed
 from service.compat.errors import Img2ImgUnavailable, ModelNotFound, SamplerNotFound, UnsupportedOption
 from service.engine.png import a1111_parameters
+from service.engine.progress import WorkerProgress
 from service.engine.runtime import GenerationResult
 from service.schemas import MAX_SEED, GenerateRequest
 
@@ -369,24 +370,26 @@ def to_response(req: Txt2ImgRequest, result: GenerationResult) -> A1111Response:
     return A1111Response(images=images, parameters=parameters_echo(req), info=json.dumps(info))
 
 
-def progress_snapshot(queued: int, running: int, average_job_s: float) -> dict[str, Any]:
-    """``GET /sdapi/v1/progress`` from what the worker knows: queued and running requests (no step
-    progress yet: ``sampling_step`` stays 0 and ``progress`` is 0.01 while busy, A1111's 'started')."""
-    jobs = queued + running
+def progress_snapshot(now: WorkerProgress, average_job_s: float) -> dict[str, Any]:
+    """``GET /sdapi/v1/progress`` from the worker's snapshot: the running batch's step i/N (``progress`` at
+    least 0.01 once it runs, A1111's 'started'), queued and running requests, and the ETA: the running
+    batch's remaining time plus one average batch per queued request."""
+    jobs = now.queued + now.running
+    remaining = (now.eta_s if now.eta_s is not None else average_job_s) if now.running else 0.0
     return {
-        "progress": 0.01 if running else 0.0,
-        "eta_relative": round(average_job_s * jobs, 3) if jobs else 0.0,
+        "progress": round(max(now.fraction, 0.01), 4) if now.running else 0.0,
+        "eta_relative": round(remaining + average_job_s * now.queued, 3) if jobs else 0.0,
         "state": {
             "skipped": False,
             "interrupted": False,
             "stopping_generation": False,
-            "job": "generate" if running else "",
+            "job": "generate" if now.running else "",
             "job_count": jobs,
             "job_timestamp": "0",
             "job_no": 0,
-            "sampling_step": 0,
-            "sampling_steps": 0,
-            "queued": queued,
+            "sampling_step": now.step,
+            "sampling_steps": now.steps,
+            "queued": now.queued,
         },
         "current_image": None,
         "textinfo": None,

@@ -30,6 +30,7 @@ from basemodel.errors import LoraswapError, ValidationFailed
 from service import errors
 from service.compat.errors import ModelNotFound, UnsupportedOption
 from service.engine.runtime import GenerationResult
+from service.openapi import OpenAIErrorInfo
 from service.schemas import MAX_SEED, STRICT, GenerateRequest, SchedulerName
 
 SIZE = re.compile(r"^(?P<w>[1-9][0-9]{0,4})x(?P<h>[1-9][0-9]{0,4})$")
@@ -79,21 +80,6 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: str = "png"
     size: str
-
-
-class OpenAIErrorInfo(BaseModel):
-    message: str
-    type: str = Field(description="'invalid_request_error' (4xx) or 'server_error' (5xx).")
-    param: str | None = Field(description="The request field at fault, when there is one.")
-    code: str | None = Field(description="loraswap's stable error type, e.g. 'adapter_not_found'.")
-    detail: dict[str, Any] = Field(default_factory=dict)
-    hint: str | None = None
-
-
-class OpenAIErrorBody(BaseModel):
-    """Every error of ``/v1/images/generations``: OpenAI's ``{"error": {message, type, param, code}}``."""
-
-    error: OpenAIErrorInfo
 
 
 # -- request translation ---------------------------------------------------------------------------

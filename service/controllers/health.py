@@ -7,6 +7,7 @@ from typing import Any
 from litestar import Controller, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.engine.jobs import JobStore
 from service.engine.runtime import Runtime
 from service.metrics import Metrics
 
@@ -38,7 +39,8 @@ class HealthController(Controller):
         return Response(body, status_code=200 if runtime.ready else 503)
 
     @get("/metrics", summary="Prometheus metrics.", include_in_schema=False)
-    async def metrics(self, metrics: Metrics, runtime: Runtime) -> Response[bytes]:
+    async def metrics(self, metrics: Metrics, runtime: Runtime, jobs: JobStore) -> Response[bytes]:
         metrics.queue_depth.set(runtime.worker.depth)
+        jobs.observe()
         metrics.observe_device_memory(runtime.base.device if runtime.base is not None else None)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

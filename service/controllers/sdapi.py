@@ -119,11 +119,12 @@ class SdapiController(Controller):
 
     @get(
         "/progress",
-        summary="A1111 progress: queued and running requests.",
+        summary="A1111 progress: the running request's step, queued and running requests.",
         description=(
-            "`state.job_count` counts queued + running requests; `progress` is 0 when idle and 0.01 while "
-            "a request runs (no per-step progress yet); `eta_relative` estimates from recent run times; "
-            "`current_image` is always null."
+            "`state.job_count` counts queued + running requests; `progress` is the running batch's "
+            "denoising progress (step i of N in `state.sampling_step`/`sampling_steps`; 0 when idle, at "
+            "least 0.01 once it runs); `eta_relative` is the running batch's remaining seconds plus one "
+            "average batch per queued request; `current_image` is always null."
         ),
         responses=ROUTE_ERRORS["sdapi_progress"],
     )
@@ -133,7 +134,7 @@ class SdapiController(Controller):
         skip_current_image: bool = Parameter(default=False, description="Accepted; no image is sent."),
     ) -> dict[str, Any]:
         worker = runtime.worker
-        return a1111.progress_snapshot(worker.depth, worker.running, worker.average_job_s)
+        return a1111.progress_snapshot(worker.snapshot(), worker.average_job_s)
 
     @get("/options", summary="A1111 options: the checkpoint in use.", responses=ROUTE_ERRORS["sdapi_model"])
     async def get_options(self, runtime: Runtime) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from basemodel.errors import NotReady, RequestTimeout, ValidationFailed
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from service.engine.png import encode_png
+from service.engine.progress import JobProgress
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
 from service.engine.schedulers import a1111_label
 from service.engine.worker import InferenceWorker, Job
@@ -203,10 +204,24 @@ class Runtime:
 
     async def generate(self, work: Work, wait_disconnect: Callable[[], Any]) -> GenerationResult | None:
         """Queue a job and wait for it; ``None`` when the client went away first."""
+        return await self.wait(self.enqueue(work), wait_disconnect)
+
+    def enqueue(self, work: Work, progress: JobProgress | None = None) -> Job[GenerationResult]:
+        """Put a job in the worker's queue (429 ``Overloaded`` when it is full); call on the loop."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.settings.request_timeout_s
-        job: Job[GenerationResult] = Job(work, deadline, loop, loop.create_future())
+        job: Job[GenerationResult] = Job(
+            work, deadline, loop, loop.create_future(), progress=progress or JobProgress(work.params.steps)
+        )
         self.worker.submit(job)
+        return job
+
+    async def wait(
+        self, job: Job[GenerationResult], wait_disconnect: Callable[[], Any]
+    ) -> GenerationResult | None:
+        """The job's result; ``None`` (and the job is dropped, or stopped between two steps) when
+        ``wait_disconnect`` returned first: the client went away, or cancelled the job."""
+        work: Work = job.payload
         gone = asyncio.ensure_future(wait_disconnect())
         try:
             done, _ = await asyncio.wait(
@@ -220,7 +235,7 @@ class Runtime:
             return job.future.result()
         job.abandoned.set()
         if gone in done:
-            log.info("client disconnected; dropped its job (seed %s)", work.params.seed)
+            log.info("client disconnected or cancelled; dropped its job (seed %s)", work.params.seed)
             return None
         raise RequestTimeout(f"generation did not finish within {self.settings.request_timeout_s:g} s")
 
@@ -232,7 +247,12 @@ class Runtime:
         lora = self.adapters.models if self.adapters is not None else None
         try:
             images = sample_batch(
-                self.base.pipe, batch, timer, lambda: all(j.should_stop() for j in jobs), lora
+                self.base.pipe,
+                batch,
+                timer,
+                lambda: all(j.should_stop() for j in jobs),
+                lora,
+                on_step=_advance_all(jobs),
             )
         except Exception as exc:
             failure: Exception = exc
@@ -280,6 +300,14 @@ class Runtime:
                 f"{a.version.adapter_id}: {a.version.sha256[:12]}" for a in params.adapters
             ),
         }
+
+
+def _advance_all(jobs: list[Job[Any]]) -> Callable[[int, int], None]:
+    def on_step(step: int, steps: int) -> None:
+        for job in jobs:
+            job.progress.advance(step, steps)
+
+    return on_step
 
 
 def default_batch_size(settings: Settings) -> int:

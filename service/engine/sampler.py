@@ -134,7 +134,9 @@ def sample_batch(
     timer: StageTimer,
     should_stop: Callable[[], bool] = lambda: False,
     lora: LoRAModelManager | None = None,
+    on_step: Callable[[int, int], None] = lambda step, steps: None,
 ) -> list[list[Image.Image]]:
+    """``on_step(i, n)`` is called after each denoising step i of n (progress reports)."""
     first = batch[0]
     assert all(p.batch_key() == first.batch_key() for p in batch), "incompatible requests in one batch"
     family = detect_pipeline(pipe)
@@ -174,7 +176,7 @@ def sample_batch(
     step_kwargs = _step_kwargs(scheduler, generators)
     guidance = _guidance(batch, device, dtype)
     with _using(lora, _row_loras(batch, 2 if do_cfg else 1, device, dtype)):
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             if should_stop():
                 raise Cancelled
             model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -184,6 +186,7 @@ def sample_batch(
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            on_step(i + 1, len(scheduler.timesteps))
     timer.add("denoise", started)
 
     started = time.perf_counter()

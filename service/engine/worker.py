@@ -2,7 +2,9 @@
 
 The event loop never runs model code. A full queue is refused at once (429 with a Retry-After
 estimate); a job whose client went away or whose deadline passed is dropped before it starts, or
-stopped between two denoising steps.
+stopped between two denoising steps. Each job carries a ``JobProgress`` (``service/engine/progress.py``):
+the worker marks it running when its batch starts, and ``snapshot`` tells what the worker is doing now.
+A queued job can be withdrawn from the queue (``withdraw``, for a cancel).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from basemodel.errors import Overloaded, RequestTimeout
+from service.engine.progress import JobProgress, WorkerProgress
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,27 @@ class Job(Generic[T]):
     enqueued_at: float = field(default_factory=time.monotonic)
     abandoned: threading.Event = field(default_factory=threading.Event)
     started_at: float | None = None
+    progress: JobProgress = field(default_factory=JobProgress)
 
     def should_stop(self) -> bool:
         return self.abandoned.is_set() or time.monotonic() > self.deadline
+
+
+class _JobQueue(queue.Queue[Job[Any] | None]):
+    """A bounded FIFO from which a waiting job can also be taken out (a cancel) or located."""
+
+    def withdraw(self, job: Job[Any]) -> bool:
+        with self.mutex:
+            try:
+                self.queue.remove(job)
+            except ValueError:
+                return False
+            self.not_full.notify()
+            return True
+
+    def waiting(self) -> list[Job[Any]]:
+        with self.mutex:
+            return [job for job in self.queue if job is not None]
 
 
 class InferenceWorker:
@@ -61,7 +82,7 @@ class InferenceWorker:
         batch_key: Callable[[Job[Any]], Any] = lambda job: None,
     ) -> None:
         self._run = run
-        self._queue: queue.Queue[Job[Any] | None] = queue.Queue(maxsize=max_queue)
+        self._queue = _JobQueue(maxsize=max_queue)
         self._metrics = metrics
         self._max_batch = max_batch
         self._window_s = window_s
@@ -70,7 +91,7 @@ class InferenceWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="loraswap-inference", daemon=True)
         self._avg_job_s = 1.0
-        self._running = 0  # jobs in the batch being denoised now
+        self._current: tuple[Job[Any], ...] = ()
 
     def start(self) -> None:
         self._thread.start()
@@ -82,7 +103,7 @@ class InferenceWorker:
     @property
     def running(self) -> int:
         """Jobs the worker thread is running now (0 when idle)."""
-        return self._running
+        return len(self._current)
 
     @property
     def average_job_s(self) -> float:
@@ -102,6 +123,40 @@ class InferenceWorker:
         except queue.Full:
             raise self._overloaded() from None
         self._metrics.queue_depth.set(self.depth)
+
+    def withdraw(self, job: Job[Any]) -> bool:
+        """Take a job that still waits out of the queue (``False`` when it is not waiting there: it
+        already started, or it was set aside for a later batch and is dropped when it comes up)."""
+        removed = self._queue.withdraw(job)
+        if removed:
+            self._metrics.queue_depth.set(self.depth)
+        return removed
+
+    def position(self, job: Job[Any]) -> int | None:
+        """1 for the next job to start, 2 for the one after …; ``None`` when ``job`` is not waiting."""
+        waiting = [*self._deferred, *self._queue.waiting()]
+        for index, candidate in enumerate(waiting):
+            if candidate is job:
+                return index + 1
+        return None
+
+    def snapshot(self) -> WorkerProgress:
+        """The batch running now (its step i/N, elapsed and estimated remaining seconds) and how many
+        jobs wait behind it. Safe to call from any thread; A1111's ``/sdapi/v1/progress`` reads it."""
+        current = self._current
+        queued = self.depth
+        if not current:
+            return WorkerProgress(running=0, step=0, steps=0, queued=queued)
+        live = [job.progress for job in current if not job.progress.done]  # a cancelled job's stays put
+        progress = live[0] if live else current[0].progress
+        return WorkerProgress(
+            running=len(current),
+            step=progress.step,
+            steps=progress.steps,
+            queued=queued,
+            elapsed_s=progress.elapsed_s(),
+            eta_s=progress.eta_s(),
+        )
 
     def _overloaded(self) -> Overloaded:
         wait = math.ceil(self._avg_job_s * (self._queue.qsize() + 1))
@@ -176,15 +231,16 @@ class InferenceWorker:
         started = time.monotonic()
         for job in batch:
             job.started_at = started
+            job.progress.start()
+        self._current = tuple(batch)
         self._metrics.in_flight.inc(len(batch))
         self._metrics.batch_size.observe(len(batch))
-        self._running = len(batch)
         try:
             outcomes = self._run(batch)
         except BaseException as exc:  # delivered to every waiting handler, which re-raises it
             outcomes = [exc] * len(batch)
         finally:
-            self._running = 0
+            self._current = ()
             self._metrics.in_flight.dec(len(batch))
         for job, outcome in zip(batch, outcomes, strict=True):
             _deliver(job, outcome)

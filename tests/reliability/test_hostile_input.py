@@ -441,6 +441,10 @@ EXPECTED_STATUSES = {
     ("/v1/adapters/{adapter_id}", "delete"): {401, 403, 404, 422, 503},
     ("/v1/adapters/{adapter_id}/versions/{version}", "delete"): {401, 403, 404, 422, 503},
     ("/v1/adapters/{adapter_id}/preload", "post"): {401, 403, 404, 409, 413, 422, 503},
+    ("/v1/jobs", "post"): {401, 404, 409, 413, 422, 429, 503},
+    ("/v1/jobs/{job_id}", "get"): {401, 404},
+    ("/v1/jobs/{job_id}/events", "get"): {401, 404},
+    ("/v1/jobs/{job_id}", "delete"): {401, 404, 409},
 }
 
 
