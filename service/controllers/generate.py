@@ -65,7 +65,7 @@ class GenerateController(Controller):
             runtime.release(work)
         if result is None:
             return Response(b"", status_code=499)  # client closed request (nginx's convention)
-        headers = {"X-Loraswap-Seed": str(work.params.seed)}
+        headers = {"X-Loraswap-Seed": str(work.params.seed), "X-Loraswap-Lora-Path": result.lora_path}
         if any(a.stale for a in work.params.adapters):
             headers[STALE_HEADER] = "adapters"
         if png_only:

@@ -41,6 +41,7 @@ class GenerationResult:
     params: SampleParams
     parameters: dict[str, Any]
     timings: dict[str, float]
+    lora_path: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class GenerationResult:
             "seed": self.params.seed,
             "parameters": self.parameters,
             "timings": self.timings,
+            "lora_path": self.lora_path,
             "adapters": [a.describe() for a in self.params.adapters],
         }
 
@@ -257,7 +259,7 @@ class Runtime:
         for stage, seconds in timer.seconds.items():
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         self.metrics.images.inc(len(pngs))
-        return GenerationResult(pngs, params, parameters, timings)
+        return GenerationResult(pngs, params, parameters, timings, shared.lora_path)
 
     def describe(self, params: SampleParams) -> dict[str, Any]:
         assert self.base is not None
