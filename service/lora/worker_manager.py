@@ -159,7 +159,8 @@ class AdapterManager:
     async def preload(self, ref: str, *, pin: bool = False) -> Resolution:
         """Make ``ref`` device-resident now (the HTTP route: resolution bounded by the deadline)."""
         resolution = self._checked(await self.resolver.resolve(_request(ref), self.deadline()))
-        await asyncio.to_thread(self.cache.load_blocking, resolution.version, pin=pin)
+        if self.cache.lookup_resident(resolution.version, pin=pin) is None:  # resident: no thread hand-off
+            await asyncio.to_thread(self.cache.load_blocking, resolution.version, pin=pin)
         return resolution
 
     def preload_blocking(self, ref: str, *, pin: bool = False) -> AdapterVersion:
