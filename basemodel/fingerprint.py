@@ -93,7 +93,8 @@ class Architecture:
 
     @functools.cached_property
     def architecture_id(self) -> str:
-        """(Computed once: every adapter open checks it.) sha256 over the family and the modules; SD1.x/SD2.x ids hash the modules alone (see
+        """(Computed once: every adapter open checks it.) sha256 over the family and the modules;
+        SD1.x/SD2.x ids hash the modules alone (see
         ``LEGACY_ID_FAMILIES``), so any other family's id differs from theirs even for equal modules."""
         modules = sorted((k, list(v)) for k, v in self.modules.items())
         content: Any = (

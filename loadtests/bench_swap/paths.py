@@ -256,7 +256,8 @@ def paths_rows(out: dict[str, Any]) -> list[list[str]]:
             verdict(idle["hooked_modules_during_base"] == 0),
         ],
         [
-            f"fuse + restore, 1 adapter ({fr['fused_parameters'] / 1e6:.1f}M params) vs fuse_lora+unfuse_lora",
+            f"fuse + restore, 1 adapter ({fr['fused_parameters'] / 1e6:.1f}M params) "
+            "vs fuse_lora+unfuse_lora",
             fmt_s(fr["median_s"]["fuse_plus_restore"]),
             fmt_s(fr["median_s"]["diffusers_fuse_plus_unfuse"]),
             f"{fr['ratio_diffusers_over_ours']:.1f}× faster",

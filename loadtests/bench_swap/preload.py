@@ -45,13 +45,15 @@ def serving(bench: Bench) -> Iterator[tuple[httpx.Client, Runtime]]:
         bench.device,
         bench.dtype,
     )
-    settings = Settings(
-        home=bench.workdir / "home",
-        store=str(bench.store.root),
-        port=port,
-        warmup=False,
-        log_level="warning",
-        max_lora_rank=max(64, bench.sizes.rank),
+    settings = Settings.model_validate(
+        {
+            "home": bench.workdir / "home",
+            "store": str(bench.store.root),
+            "port": port,
+            "warmup": False,
+            "log_level": "warning",
+            "max_lora_rank": max(64, bench.sizes.rank),
+        }
     )
     app = create_app(settings, loader=lambda _: base)
     runtime: Runtime = app.state.runtime
