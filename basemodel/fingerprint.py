@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -90,9 +91,10 @@ class Architecture:
     family: str = "sd1"
     unet_config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def architecture_id(self) -> str:
-        """sha256 over the family and the modules; SD1.x/SD2.x ids hash the modules alone (see
+        """(Computed once: every adapter open checks it.) sha256 over the family and the modules;
+        SD1.x/SD2.x ids hash the modules alone (see
         ``LEGACY_ID_FAMILIES``), so any other family's id differs from theirs even for equal modules."""
         modules = sorted((k, list(v)) for k, v in self.modules.items())
         content: Any = (

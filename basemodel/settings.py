@@ -134,6 +134,18 @@ class Settings(BaseSettings):
         "the request served alone within 2/255 per pixel, not bit for bit).",
     )
     batch_window_ms: float = Field(5.0, ge=0, le=10_000, description="How long to gather a batch.")
+    lora_path: Literal["auto", "hooked", "fused"] = Field(
+        "auto",
+        description="How a batch applies adapters: auto (fuse a uniform batch when it pays, docs/architecture"
+        ".md), or force hooked / fused (mixed batches are always hooked).",
+    )
+    lora_fuse_budget_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="Memory for fused weights (one set; SD1.5's attention projections take 178 MiB in fp16); "
+        "a set that does not fit runs hooked; 0 never fuses.",
+    )
 
     # --- Jobs with progress (/v1/jobs, docs/api.md "Jobs") ---
     job_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400, description="How long a finished job is kept.")

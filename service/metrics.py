@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Fusing an adapter set takes from tens of microseconds (a parked set) to about a second (SD1.5 on CPU).
+FUSE_BUCKETS = (1e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 # Generations take seconds: buckets reach minutes, with resolution at the sub-second end too.
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -113,6 +115,39 @@ class Metrics:
         )
         self.sse_subscribers = Gauge(
             "loraswap_sse_subscribers", "Open event streams (GET /v1/jobs/{id}/events).", registry=r
+        )
+        self.lora_path = Counter(
+            "loraswap_lora_path",
+            "Requests by the way their denoising batch applied adapters: none, fused or hooked.",
+            ["path"],
+            registry=r,
+        )
+        self.lora_fuse = Histogram(
+            "loraswap_lora_fuse_seconds",
+            "Time to fuse an adapter set into the UNet's weights (compute W + sum s*dW, swap it in).",
+            buckets=FUSE_BUCKETS,
+            registry=r,
+        )
+        self.lora_restore = Histogram(
+            "loraswap_lora_restore_seconds",
+            "Time to restore the UNet's loaded weights after a fused set.",
+            buckets=FUSE_BUCKETS,
+            registry=r,
+        )
+        self.lora_fused_bytes = Gauge(
+            "loraswap_lora_fused_bytes",
+            "Bytes of fused weights held (swapped in, or parked for a cheap re-fuse); at most the budget.",
+            registry=r,
+        )
+        self.lora_fuse_budget = Gauge(
+            "loraswap_lora_fuse_budget_bytes",
+            "The fused weights' byte budget (lora_fuse_budget_mb).",
+            registry=r,
+        )
+        self.lora_fused_modules = Gauge(
+            "loraswap_lora_fused_modules",
+            "UNet modules running on fused weights now (0: the loaded weights).",
+            registry=r,
         )
         self._cuda: CudaMemory | None = None  # registered by the first scrape that finds the model on CUDA
 

@@ -77,6 +77,11 @@ class GenerateResponse(BaseModel):
     seed: int
     parameters: dict[str, Any]
     timings: dict[str, float]
+    lora_path: Literal["none", "fused", "hooked"] = Field(
+        "none",
+        description="How the batch applied adapters: none (no adapter), fused (weights merged for the "
+        "batch, no hooks) or hooked (per-row hooks, mixed batches).",
+    )
     adapters: list[dict[str, Any]] = Field(default_factory=list)
 
 

@@ -38,6 +38,11 @@ load swing on a shared machine hits both sides of a ratio alike):
    and (tiny) vs the base request with our hooks removed.
 5. 8 requests with 8 different adapters: one mixed ``sample_batch`` vs 8 sequential calls.
 6. process RSS (and CUDA memory) before/after many swaps over 50 adapters with a device tier of 8.
+7. ``paths`` (issue 13): a request on each LoRA path (none, fused, hooked), idle-hook cost, fuse +
+   restore vs ``fuse_lora`` + ``unfuse_lora``, a Zipf(1.1) stream with the policy auto / hooked / fused,
+   a mixed vs a uniform batch of 8.
+8. ``preload``: ``POST /v1/adapters/{id}/preload`` over loopback HTTP (cold and resident) vs
+   ``load_lora_weights`` + ``unload_lora_weights``.
 
 On CPU the run uses one torch thread unless ``--threads`` says otherwise (see ``--help``).
 """

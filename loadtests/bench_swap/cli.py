@@ -24,6 +24,8 @@ from .fixtures import Bench, build_bench
 from .machine import loadavg, log, quiet_libraries, rss_bytes
 from .memory import bench_memory
 from .mixed import bench_mixed
+from .paths import bench_paths
+from .preload import bench_preload
 from .report import TARGETS, render, table_rows
 from .request import bench_request
 from .switch import bench_switch
@@ -36,6 +38,8 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "request": bench_request,
     "mixed": bench_mixed,
     "memory": bench_memory,
+    "paths": bench_paths,
+    "preload": bench_preload,
 }
 
 

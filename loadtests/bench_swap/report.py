@@ -55,6 +55,8 @@ def table_rows(results: dict[str, Results], device: torch.device) -> list[Row]:
         ("request", request_rows),
         ("mixed", lambda out: mixed_rows(out, on_cuda=device.type == "cuda")),
         ("memory", memory_rows),
+        ("paths", _paths_rows),
+        ("preload", _preload_rows),
     ]
     rows = [HEADER]
     for name, build in blocks:
@@ -265,3 +267,15 @@ def memory_rows(mem: Results) -> list[Row]:
             ]
         )
     return rows
+
+
+def _paths_rows(out: Results) -> list[Row]:
+    from .paths import paths_rows  # the path phases' rows live with them (issue 13)
+
+    return paths_rows(out)
+
+
+def _preload_rows(out: Results) -> list[Row]:
+    from .preload import preload_rows
+
+    return preload_rows(out)

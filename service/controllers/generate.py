@@ -88,7 +88,7 @@ class GenerateController(Controller):
         work, result = await run_generation(data, request, runtime)
         if result is None:
             return Response(b"", status_code=CLIENT_CLOSED)
-        headers = generation_headers(work)
+        headers = {**generation_headers(work), "X-Loraswap-Lora-Path": result.lora_path}
         if png_only:
             headers["X-Loraswap-Timings"] = ",".join(f"{k}={v}" for k, v in result.timings.items())
             return Response(result.pngs[0], media_type=PNG, headers=headers)

@@ -42,6 +42,7 @@ class GenerationResult:
     params: SampleParams
     parameters: dict[str, Any]
     timings: dict[str, float]
+    lora_path: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class GenerationResult:
             "seed": self.params.seed,
             "parameters": self.parameters,
             "timings": self.timings,
+            "lora_path": self.lora_path,
             "adapters": [a.describe() for a in self.params.adapters],
         }
 
@@ -277,7 +279,7 @@ class Runtime:
         for stage, seconds in timer.seconds.items():
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         self.metrics.images.inc(len(pngs))
-        return GenerationResult(pngs, params, parameters, timings)
+        return GenerationResult(pngs, params, parameters, timings, shared.lora_path)
 
     def describe(self, params: SampleParams) -> dict[str, Any]:
         assert self.base is not None

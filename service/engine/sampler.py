@@ -58,9 +58,10 @@ class SampleParams:
 
 @dataclass
 class StageTimer:
-    """Accumulates wall-clock seconds per stage."""
+    """Accumulates wall-clock seconds per stage; ``lora_path`` names how the batch applied adapters."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    lora_path: str = "none"
 
     def add(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
@@ -82,8 +83,33 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
 
 
 @contextmanager
-def _using(lora: LoRAModelManager | None, active: list[ActiveLoRA]) -> Iterator[None]:
-    with lora.activate(active) if (lora is not None and active) else nullcontext():
+def _using(
+    lora: LoRAModelManager | None, active: list[ActiveLoRA], components: Sequence[str]
+) -> Iterator[None]:
+    """``active`` on ``components``; with none active the manager still runs, to take its hooks off."""
+    with lora.activate(active, components) if lora is not None else nullcontext():
+        yield
+
+
+@contextmanager
+def _denoising(
+    lora: LoRAModelManager | None,
+    batch: Sequence[SampleParams],
+    rows: list[ActiveLoRA],
+    shape: tuple[int, int, int],
+    timer: StageTimer,
+) -> Iterator[None]:
+    """The UNet's adapters for the loop: no hook, fused weights or row-indexed hooks (the policy's)."""
+    if lora is None:
+        yield
+        return
+    requests = [_whole(p.adapters) for p in batch]
+    with lora.denoising(requests, rows, steps=batch[0].steps, shape=shape) as applied:
+        timer.lora_path = applied.path
+        for stage, seconds in applied.seconds().items():
+            timer.seconds[stage] = timer.seconds.get(stage, 0.0) + seconds
+            # the caller's "denoise" stage spans this block: charge fusing/restoring to their own stages
+            timer.seconds["denoise"] = timer.seconds.get("denoise", 0.0) - seconds
         yield
 
 
@@ -148,7 +174,7 @@ def sample_batch(
     conds: list[UNetInputs] = []
     unconds: list[UNetInputs] = []
     for params in batch:
-        with _using(lora, _whole(params.adapters)):
+        with _using(lora, _whole(params.adapters), family.text_encoders):
             encoded = family.encode(
                 pipe,
                 params.prompt,
@@ -175,7 +201,9 @@ def sample_batch(
     latents = latents * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, generators)
     guidance = _guidance(batch, device, dtype)
-    with _using(lora, _row_loras(batch, 2 if do_cfg else 1, device, dtype)):
+    copies = 2 if do_cfg else 1
+    rows = _row_loras(batch, copies, device, dtype)
+    with _denoising(lora, batch, rows, (shape[0] * copies, shape[2], shape[3]), timer):
         for i, t in enumerate(scheduler.timesteps):
             if should_stop():
                 raise Cancelled

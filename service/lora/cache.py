@@ -225,6 +225,19 @@ class AdapterCache:
             self._evict_device()
             self._publish()
 
+    def lookup_resident(self, version: AdapterVersion, *, pin: bool = False) -> DeviceAdapter | None:
+        """The device entry of ``version`` if it is resident (marked used, pinned if asked), else None:
+        a lookup under the lock, cheap enough for the event loop (no thread hand-off)."""
+        key = key_of(version)
+        with self._lock:
+            entry = self._device.get(key)
+            if entry is None:
+                return None
+            entry.pinned |= pin
+            self._device.move_to_end(key)
+            self._hit("device")
+            return entry.adapter
+
     def load_blocking(self, version: AdapterVersion, *, pin: bool = False) -> DeviceAdapter:
         """Load into the device tier from a plain thread (pre-warming at start-up, preload)."""
         return self._load(version, pin=pin)

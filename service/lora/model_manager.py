@@ -1,26 +1,46 @@
-"""Injects LoRA hooks into the resident model once and activates adapters per forward scope.
+"""Applies adapters to the resident model: hooks only where an active adapter acts, or fused weights.
 
-Every targetable module (``Linear``/``Conv2d`` of the UNet and the text encoder(s)) gets one forward hook
-at start-up. The hooks share a ``LoRAContext``: while it holds no adapters they return at once, so the
-base model runs unchanged. ``activate`` sets the adapters (each with a scale, or per-row scales for
-mixed batches) for the duration of a ``with`` block and always clears them after, so no state can
-leak from one request into the next. Switching adapters therefore costs one attribute assignment,
-whatever the number of resident adapters — there is no per-module loop as in ``set_adapters``.
+**Hooks.** A module carries a forward hook only while an adapter that touches it is active: ``activate``
+installs hooks on exactly the modules the active adapters touch, in the components the caller runs
+(``components``: the text encoders for prompt encoding, ``unet`` for denoising), and an activation with
+no adapter removes them, so a request without adapters runs no Python hook at all. Hooks are *sticky*
+per component: they stay installed after the ``with`` block and the next activation only adds and
+removes the difference, so switching between adapters that target the same modules costs one attribute
+assignment, as before. Outside an activation the hooks find no active adapter and return at once. The
+hooks share a ``LoRAContext``; ``activate`` always clears it, so no state leaks from one request into
+the next.
+
+**Paths.** ``denoising`` picks, per batch, how the UNet gets its adapters (``policy.py``): ``none``,
+``fused`` (``fusion.py``: the weights replaced by ``W + Σ sᵢ·ΔWᵢ``, hook-free, restored exactly) or
+``hooked`` (the row-indexed hooks for mixed batches). A fused set stays in place after the batch
+(sticky) and is restored before any batch that asks for something else; a batch that fails or is
+cancelled restores at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import time
+import weakref
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from basemodel.fingerprint import TARGETABLE
+from service.lora.fusion import FusedWeights, FuseSet
+from service.lora.policy import PATHS, PathMode, PathName, PathPolicy, Shape
 from service.lora.weights import DeviceAdapter
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+
+FUSED_COMPONENT = "unet"  # the component the fused path fuses (the text encoders stay hooked)
+MIB = 1 << 20
+DEFAULT_FUSE_BUDGET_MB = 256  # SD1.5's attention projections in fp16: 178 MiB
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,22 @@ class ActiveLoRA:
     adapter: DeviceAdapter
     scale: float | torch.Tensor
     rows: torch.Tensor | None = None
+
+
+@dataclass
+class Applied:
+    """How a denoising batch got its adapters: the path, why, and what fusing/restoring cost."""
+
+    path: PathName
+    reason: str
+    fuse_s: float = 0.0
+    restore_s: float = 0.0
+    requests: int = 1
+
+    def seconds(self) -> dict[str, float]:
+        """Stage seconds for the timings (only what happened)."""
+        out = {"lora_fuse": self.fuse_s, "lora_restore": self.restore_s}
+        return {stage: s for stage, s in out.items() if s > 0}
 
 
 class LoRAContext:
@@ -55,21 +91,56 @@ def _apply(name: str, context: LoRAContext, x: torch.Tensor, output: torch.Tenso
     return output
 
 
-class LoRAModelManager:
-    """Owns the hooks on one pipeline's LoRA components (the UNet and the family's text encoders)."""
+@dataclass
+class _Names:
+    """An adapter's module names per component, cached while the adapter lives."""
 
-    def __init__(self, components: Mapping[str, nn.Module]) -> None:
+    ref: weakref.ref[DeviceAdapter]
+    by_component: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+class LoRAModelManager:
+    """Owns the hooks and the fused state on one pipeline's LoRA components."""
+
+    def __init__(
+        self,
+        components: Mapping[str, nn.Module],
+        *,
+        mode: PathMode = "auto",
+        fuse_budget_bytes: int = DEFAULT_FUSE_BUDGET_MB * MIB,
+        metrics: Metrics | None = None,
+    ) -> None:
         """``components``: name → module, e.g. ``BaseModel.lora_components`` (``unet``,
-        ``text_encoder`` and, for SDXL, ``text_encoder_2``); hooked modules are ``<name>.<path>``."""
+        ``text_encoder`` and, for SDXL, ``text_encoder_2``); targets are named ``<name>.<path>``."""
         self.context = LoRAContext()
         self.targets: dict[str, nn.Module] = {}
-        self._handles: list[RemovableHandle] = []
         for prefix, model in components.items():
             for name, module in model.named_modules():
                 if isinstance(module, TARGETABLE):
-                    full = f"{prefix}.{name}"
-                    self.targets[full] = module
-                    self._handles.append(module.register_forward_hook(self._hook(full)))
+                    self.targets[f"{prefix}.{name}"] = module
+        self.components = tuple(components)
+        self._handles: dict[str, RemovableHandle] = {}  # installed hooks by module name
+        self._hooked: dict[str, frozenset[str]] = {}  # component → modules hooked now
+        self._names: dict[int, _Names] = {}
+        self.policy = PathPolicy(mode)
+        self.metrics = metrics
+        unet = components.get(FUSED_COMPONENT)
+        self.fusion = (
+            FusedWeights.for_model(unet, self.targets, f"{FUSED_COMPONENT}.", fuse_budget_bytes)
+            if unet is not None
+            else None
+        )
+        if metrics is not None:
+            for path in PATHS:
+                metrics.lora_path.labels(path=path)
+            metrics.lora_fuse_budget.set(fuse_budget_bytes)
+            self._publish()
+
+    # -- hooks ------------------------------------------------------------------------------------
+    @property
+    def hooked_modules(self) -> int:
+        """Modules carrying a hook now."""
+        return len(self._handles)
 
     def _hook(self, name: str) -> Any:
         context = self.context
@@ -81,10 +152,43 @@ class LoRAModelManager:
 
         return hook
 
+    def _component_names(self, adapter: DeviceAdapter, component: str) -> frozenset[str]:
+        cached = self._names.get(id(adapter))
+        if cached is None or cached.ref() is not adapter:
+            key = id(adapter)
+            cached = self._names[key] = _Names(weakref.ref(adapter, lambda _: self._names.pop(key, None)))
+        names = cached.by_component.get(component)
+        if names is None:
+            prefix = f"{component}."
+            names = frozenset(n for n in adapter.modules if n.startswith(prefix))
+            cached.by_component[component] = names
+        return names
+
+    def _ensure(self, component: str, names: frozenset[str]) -> None:
+        """Hooks on exactly ``names`` in ``component``."""
+        current = self._hooked.get(component, frozenset())
+        if current is names or current == names:
+            return
+        for name in current - names:
+            self._handles.pop(name).remove()
+        for name in names - current:
+            self._handles[name] = self.targets[name].register_forward_hook(self._hook(name))
+        self._hooked[component] = names
+
+    def _hook_only(self, loras: Sequence[ActiveLoRA], components: Collection[str]) -> None:
+        for component in components:
+            sets = [self._component_names(lora.adapter, component) for lora in loras]
+            names = sets[0] if len(sets) == 1 else frozenset().union(*sets)
+            self._ensure(component, names)
+
     @contextmanager
-    def activate(self, loras: Sequence[ActiveLoRA]) -> Iterator[None]:
+    def activate(
+        self, loras: Sequence[ActiveLoRA], components: Collection[str] | None = None
+    ) -> Iterator[None]:
+        """``loras`` act in the ``components`` named (default: all) for the ``with`` block."""
         if self.context.active:
             raise RuntimeError("LoRA activation is not re-entrant")
+        self._hook_only(loras, self.components if components is None else components)
         self.context.active = tuple(loras)
         try:
             yield
@@ -92,6 +196,96 @@ class LoRAModelManager:
             self.context.active = ()
 
     def remove(self) -> None:
-        for handle in self._handles:
+        """Remove every hook and restore the loaded weights."""
+        for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
+        self._hooked.clear()
+        if self.fusion is not None:
+            self.fusion.release()
+            self._publish()
+
+    # -- paths --------------------------------------------------------------------------------------
+    @contextmanager
+    def denoising(
+        self,
+        requests: Sequence[Sequence[ActiveLoRA]],
+        rows: Sequence[ActiveLoRA],
+        *,
+        steps: int,
+        shape: Shape,
+    ) -> Iterator[Applied]:
+        """The UNet's adapters for one denoising batch.
+
+        ``requests``: each request's adapters (whole-request scales); ``rows``: the same as row-indexed
+        activations for the hooked path; ``steps`` left to run; ``shape``: rows × latent h × w.
+        """
+        fuse_set = _uniform(requests)
+        fusion = self.fusion
+        wanted = any(requests)
+        choice = self.policy.choose(
+            wanted=wanted,
+            uniform=fuse_set is not None,
+            fusable=fusion is None or fuse_set is None or fusion.fusable(fuse_set),
+            fits=fusion is not None and fuse_set is not None and fusion.fits(fuse_set),
+            fused_now=fusion is not None and fuse_set is not None and fusion.is_fused(fuse_set),
+            parked=fusion is not None and fuse_set is not None and fusion.is_parked(fuse_set),
+            parameters=fusion.parameters(fuse_set) if fusion is not None and fuse_set is not None else 0,
+            steps=steps,
+            shape=shape,
+        )
+        applied = Applied(choice.path, choice.reason, requests=len(requests))
+        if choice.path == "fused":
+            assert fusion is not None and fuse_set is not None
+            self._ensure(FUSED_COMPONENT, frozenset())
+            timing = fusion.fuse(fuse_set)
+            applied.fuse_s, applied.restore_s = timing.fuse_s, timing.restore_s
+            if timing.computed:
+                self.policy.observe_fuse(timing.fuse_s, fusion.parameters(fuse_set))
+        else:
+            applied.restore_s = fusion.restore() if fusion is not None else 0.0
+            self._hook_only(rows if choice.path == "hooked" else (), (FUSED_COMPONENT,))
+        if applied.restore_s:
+            self.policy.observe_restore(applied.restore_s)
+        self._observe(applied)
+        if self.context.active:
+            raise RuntimeError("LoRA activation is not re-entrant")
+        self.context.active = tuple(rows) if choice.path == "hooked" else ()
+        started = time.perf_counter()
+        try:
+            yield applied
+        except BaseException:
+            if fusion is not None and fusion.fused:  # a failed or cancelled batch leaves no fused weights
+                self._observe(Applied(applied.path, "failed", restore_s=fusion.restore(), requests=0))
+            raise
+        finally:
+            self.context.active = ()
+        if steps:
+            self.policy.observe_step(choice.path, shape, (time.perf_counter() - started) / steps)
+
+    def _observe(self, applied: Applied) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if applied.requests:
+            metrics.lora_path.labels(path=applied.path).inc(applied.requests)
+        if applied.fuse_s:
+            metrics.lora_fuse.observe(applied.fuse_s)
+        if applied.restore_s:
+            metrics.lora_restore.observe(applied.restore_s)
+        self._publish()
+
+    def _publish(self) -> None:
+        if self.metrics is None or self.fusion is None:
+            return
+        self.metrics.lora_fused_bytes.set(self.fusion.held_bytes)
+        self.metrics.lora_fused_modules.set(self.fusion.fused_modules)
+
+
+def _uniform(requests: Sequence[Sequence[ActiveLoRA]]) -> FuseSet | None:
+    """The one adapter set every request uses with the same scales, or None (mixed, or no adapter)."""
+    sets = [FuseSet.of([(lora.adapter, float(lora.scale)) for lora in loras]) for loras in requests]
+    first = sets[0] if sets else None
+    if first is None or not first.adapters or any(s.key != first.key for s in sets[1:]):
+        return None
+    return first

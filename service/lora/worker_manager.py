@@ -1,6 +1,6 @@
 """Everything the server does with adapters: resolve, check, load (cached), lease, release, pin.
 
-The model side (hooks) is ``LoRAModelManager``; the memory side is ``AdapterCache``; references are
+The model side (hooks, fusing) is ``LoRAModelManager``; the memory side is ``AdapterCache``; references are
 resolved by ``AdapterResolver`` (from memory for what the server holds, within a deadline otherwise),
 over a registry whose store calls go through a circuit breaker. It notices new versions: whenever
 ``latest`` resolves to another version than the one seen before, cache entries of that id's other
@@ -58,7 +58,12 @@ class AdapterManager:
         self.registry = Registry.from_settings(settings, self.identity, store=store)
         self.strict_base = settings.strict_base
         self.store_deadline_s = settings.store_deadline_s
-        self.models = LoRAModelManager(base.lora_components)
+        self.models = LoRAModelManager(
+            base.lora_components,
+            mode=settings.lora_path,
+            fuse_budget_bytes=settings.lora_fuse_budget_mb * MIB,
+            metrics=metrics,
+        )
         self.cache = AdapterCache(
             self.registry,
             self.models.targets,
@@ -154,7 +159,8 @@ class AdapterManager:
     async def preload(self, ref: str, *, pin: bool = False) -> Resolution:
         """Make ``ref`` device-resident now (the HTTP route: resolution bounded by the deadline)."""
         resolution = self._checked(await self.resolver.resolve(_request(ref), self.deadline()))
-        await asyncio.to_thread(self.cache.load_blocking, resolution.version, pin=pin)
+        if self.cache.lookup_resident(resolution.version, pin=pin) is None:  # resident: no thread hand-off
+            await asyncio.to_thread(self.cache.load_blocking, resolution.version, pin=pin)
         return resolution
 
     def preload_blocking(self, ref: str, *, pin: bool = False) -> AdapterVersion:

@@ -199,3 +199,21 @@ def test_http_upload_of_lycoris_files(start_server: Any, base_model: Any, tmp_pa
         assert created.json()["kind"] == "lokr"
         served = http.post("/v1/generate", json={**REQUEST, "adapters": [{"id": "kron"}]})
         assert served.status_code == 200, served.text
+
+
+def test_a_full_diff_with_bias_runs_hooked_even_when_fusing_is_forced(
+    start_server: Any,
+    registry: Registry,
+    base_model: Any,
+    lycoris_files: dict[str, dict[str, torch.Tensor]],
+    tiny_model_dir: Path,
+) -> None:
+    """Fusing swaps weights only: a set whose layers change biases (``diff_b``) must not lose them."""
+    tensors = {k: v * 10 if k.endswith(".diff_b") else v for k, v in lycoris_files["full"].items()}
+    assert any(k.endswith(".diff_b") and k.startswith("lora_unet") for k in tensors)
+    registry.register(save_bytes(tensors), "full-b")
+    server = start_server(store=registry.store.uri, lora_path="fused")
+    body = generate(server, adapters=[{"id": "full-b", "scale": 0.8}])
+    assert body["lora_path"] == "hooked"
+    reference = merged_by_hand(tiny_model_dir, [(tensors, 0.8)], shapes_of(base_model))
+    assert np.abs(pixels(body["images"][0]) - reference).max() <= 1

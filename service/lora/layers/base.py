@@ -1,4 +1,5 @@
-"""What every LoRA layer kind provides: ``delta(x)``, the low-rank update for input ``x``."""
+"""What every LoRA layer kind provides: ``delta(x)``, the update for input ``x`` (the hooked path), and
+``dense_delta()``, the same update as a weight-space ΔW (the fused path)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ class LoRAPair(Protocol):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``B(A(x))`` with the base module's geometry (alpha is folded into ``up``)."""
+        ...
+
+    def dense_delta(self) -> torch.Tensor:
+        """ΔW in fp32 with alpha folded in, shaped like the base module's weight, so that the module with
+        weight ``W + s·ΔW`` computes what the hooked path adds at scale ``s``. The fused path calls only
+        this method, so every layer kind (LoRA, LoCon, LyCORIS) fuses through it."""
         ...
 
     @property

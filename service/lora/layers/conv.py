@@ -28,6 +28,12 @@ class ConvLoRA:
         hidden = F.conv2d(x, self.down, None, self.stride, self.padding, self.dilation)
         return F.conv2d(hidden, self.up)
 
+    def dense_delta(self) -> torch.Tensor:
+        """The kernel of ``conv(conv(x, A), B)`` with B 1×1, in fp32, shaped like the base conv's weight:
+        ``ΔW[o, i, kh, kw] = Σ_r B[o, r] · A[r, i, kh, kw]``."""
+        down = self.down.float()
+        return (self.up.float().flatten(1) @ down.flatten(1)).view(self.up.shape[0], *down.shape[1:])
+
     @property
     def nbytes(self) -> int:
         return self.down.nbytes + self.up.nbytes

@@ -23,6 +23,10 @@ class LinearLoRA:
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up)
 
+    def dense_delta(self) -> torch.Tensor:
+        """``B @ A`` in fp32: [out, in]."""
+        return self.up.float() @ self.down.float()
+
     @property
     def nbytes(self) -> int:
         return self.down.nbytes + self.up.nbytes

@@ -1,0 +1,148 @@
+"""Phase ``preload``, outside-in: ``POST /v1/adapters/{id}/preload`` over loopback HTTP against a real
+server on the benchmark's pipeline, for a cold adapter (device and host tiers emptied first; the file in
+the local store, its bytes verified earlier in this process) and for one already resident, against
+diffusers' ``load_lora_weights`` + ``unload_lora_weights`` of the same file in the same process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+import uvicorn
+
+from basemodel.loader import BaseModel, BaseModelRef
+from basemodel.settings import Settings
+from service.app import create_app
+from service.engine.runtime import Runtime
+
+from .cold import cold_diffusers
+from .fixtures import Bench, assert_no_peft_layers, phase
+from .timing import median, medians, paired, rotated, rounds, timed
+
+RESIDENT_TARGET_S = 0.002  # a preload of a resident adapter: ≤2 ms round trip
+COLD_TARGET = 10.0  # cold preload ≥10× faster than diffusers' load + unload
+
+
+@contextmanager
+def serving(bench: Bench) -> Iterator[tuple[httpx.Client, Runtime]]:
+    """A uvicorn server in this process on the benchmark's pipeline and local store."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    identity = bench.registry.base
+    assert identity is not None
+    base = BaseModel(
+        BaseModelRef(identity.name, bench.workdir, "diffusers"),
+        bench.pipe,
+        identity.fingerprint,
+        identity.architecture,
+        bench.device,
+        bench.dtype,
+    )
+    settings = Settings.model_validate(
+        {
+            "home": bench.workdir / "home",
+            "store": str(bench.store.root),
+            "port": port,
+            "warmup": False,
+            "log_level": "warning",
+            "max_lora_rank": max(64, bench.sizes.rank),
+        }
+    )
+    app = create_app(settings, loader=lambda _: base)
+    runtime: Runtime = app.state.runtime
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+        while time.monotonic() < deadline:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("the benchmark server never became ready")
+        try:
+            yield http, runtime
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+
+def bench_preload(bench: Bench) -> None:
+    s = bench.sizes
+    with phase(bench, "preload") as out, serving(bench) as (http, runtime):
+        manager = runtime.adapters
+        assert manager is not None
+        count = len(bench.versions)
+
+        def preload(index: int) -> None:
+            response = http.post(f"/v1/adapters/{bench.versions[index].adapter_id}/preload")
+            assert response.status_code == 200, response.text
+
+        def cold(state: dict[str, int]) -> float:
+            index = state["i"] = (state["i"] + 1) % count
+            manager.cache.drop(lambda _key: True)
+            return timed(partial(preload, index), bench.device)
+
+        def resident(state: dict[str, int]) -> float:
+            return timed(partial(preload, state["i"]), bench.device)
+
+        def diffusers(state: dict[str, int]) -> float:
+            return cold_diffusers(bench.pipe, bench.files[state["i"]], bench.device)["diffusers_load_unload"]
+
+        state = {"i": 0}
+        for index in range(count):  # every file read and verified once in this process (a warm server)
+            preload(index)
+        variants = [
+            ("cold", partial(cold, state)),
+            ("resident", partial(resident, state)),
+            ("diffusers_load_unload", partial(diffusers, state)),
+        ]
+        samples = rounds(variants, s.cold_repeats, order=rotated, warmup=1)
+        assert_no_peft_layers(bench)
+        med = medians(samples)
+        out.update(
+            median_s=med,
+            samples_s=samples,
+            ratio_load_unload_over_cold=paired(samples["diffusers_load_unload"], samples["cold"]),
+            resident_target_s=RESIDENT_TARGET_S,
+            cold_target_ratio=COLD_TARGET,
+            resident_met=median(samples["resident"]) <= RESIDENT_TARGET_S,
+            note="HTTP round trip over loopback (httpx keep-alive client, uvicorn in this process); cold = "
+            "device and host tiers emptied before the call, the file in the local store",
+        )
+
+
+def preload_rows(out: dict[str, Any]) -> list[list[str]]:
+    from .report import fmt_s, verdict
+
+    med = out["median_s"]
+    ratio = out["ratio_load_unload_over_cold"]
+    return [
+        [
+            "preload over HTTP, cold: POST /v1/adapters/{id}/preload vs load_lora_weights+unload",
+            fmt_s(med["cold"]),
+            fmt_s(med["diffusers_load_unload"]),
+            f"{ratio:.1f}× faster",
+            f"≥{COLD_TARGET:g}× faster",
+            verdict(ratio >= COLD_TARGET),
+        ],
+        [
+            "preload over HTTP, already resident",
+            fmt_s(med["resident"]),
+            "",
+            "",
+            f"≤{fmt_s(RESIDENT_TARGET_S)}",
+            verdict(out["resident_met"]),
+        ],
+    ]
