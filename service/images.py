@@ -124,10 +124,13 @@ def probe(value: str, field: str, *, max_bytes: int, max_pixels: int) -> ProbedI
             raise ImageInvalid(f"{field} has no pixels", detail={"field": field, "reason": "size"})
         if width * height > max_pixels:
             raise _too_many_pixels(field, max_pixels, (width, height))
-        try:
-            orientation = image.getexif().get(EXIF_ORIENTATION)
-        except Exception:  # an unreadable EXIF block is ignored, as PIL's loaders do
-            orientation = None
+        orientation = None
+        # PIL's PNG getexif() decodes the image unless an eXIf chunk came before the pixel data
+        if image.format != "PNG" or "exif" in image.info:
+            try:
+                orientation = image.getexif().get(EXIF_ORIENTATION)
+            except Exception:  # an unreadable EXIF block is ignored, as PIL's loaders do
+                orientation = None
         frames = int(getattr(image, "n_frames", 1) or 1)
         found = str(image.format)
     if orientation in ROTATED:
