@@ -192,10 +192,7 @@ def style_bytes(base_model: Any) -> bytes:
     return save_bytes(diffusers_layout(make_case(base_model.pipe)))
 
 
-def fresh(cls: Any, model_dir: Path, lora: Path, weights: Any) -> Any:
-    """A pipeline of class ``cls`` read from disk, with ``lora`` loaded by diffusers and weighted."""
-    pipe = cls.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.load_lora_weights(str(lora), adapter_name="style")
+def weighted(pipe: Any, weights: Any) -> Any:
     pipe.set_adapters(["style"], [weights])
     return pipe
 
@@ -215,15 +212,21 @@ def test_adapters_and_per_component_weights_match_diffusers(
     server = start_server(store=registry.store.uri)
     init, mask = b64(picture()), square_mask()
 
+    img2img = StableDiffusionImg2ImgPipeline.from_pretrained(
+        tiny_model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    img2img.load_lora_weights(str(lora), adapter_name="style")
+    inpaint = StableDiffusionInpaintPipeline(**img2img.components)  # the same LoRA-carrying modules
+
     full = post(server, init_image=init, adapters=[{"id": "style", "scale": 0.8}])
     assert full["adapters"][0]["scale"] == 0.8
-    theirs = reference(fresh(StableDiffusionImg2ImgPipeline, tiny_model_dir, lora, 0.8), "img2img")
+    theirs = reference(weighted(img2img, 0.8), "img2img")
     assert max_diff(images_of(full), theirs) <= 1
 
     te_only = post(server, init_image=init, adapters=[{"id": "style", "scale": 0.8, "unet_scale": 0.0}])
     assert te_only["adapters"][0]["unet_scale"] == 0.0
     weights = {"unet": 0.0, "text_encoder": 0.8}
-    theirs = reference(fresh(StableDiffusionImg2ImgPipeline, tiny_model_dir, lora, weights), "img2img")
+    theirs = reference(weighted(img2img, weights), "img2img")
     assert max_diff(images_of(te_only), theirs) <= 1
     plain = images_of(post(server, init_image=init))
     assert max_diff(images_of(te_only), plain) > 3, "the text-encoder part must act alone"
@@ -235,8 +238,7 @@ def test_adapters_and_per_component_weights_match_diffusers(
     unet_only = {"id": "style", "unet_scale": 0.5, "text_encoder_scale": 0.0}
     split = post(server, init_image=init, mask_image=b64(mask), adapters=[unet_only])
     weights = {"unet": 0.5, "text_encoder": 0.0}
-    pipe = fresh(StableDiffusionInpaintPipeline, tiny_model_dir, lora, weights)
-    assert max_diff(images_of(split), reference(pipe, "inpaint", mask=mask)) <= 1
+    assert max_diff(images_of(split), reference(weighted(inpaint, weights), "inpaint", mask=mask)) <= 1
 
 
 def test_sdxl_inpaint_with_an_adapter_matches_diffusers(
