@@ -249,9 +249,10 @@ def image_cases() -> list[Hostile]:
     return [
         Hostile(
             f"image:{case.label}",
+            # 2 steps: the default strength 0.8 leaves int(2 × 0.8) = 1 denoising step
             (
                 Step(
-                    GENERATE, {"json": {"prompt": "a fox", "steps": 1, **case.fields}}, **status(case.status)
+                    GENERATE, {"json": {"prompt": "a fox", "steps": 2, **case.fields}}, **status(case.status)
                 ),
             ),
         )
