@@ -125,5 +125,8 @@ def image_cases() -> list[ImageCase]:
         ImageCase("convert:rgba-png", {"init_image": b64(encode(sample(mode="RGBA")))}, 200),
         ImageCase("convert:16-bit-png", {"init_image": b64(sixteen_bit_png())}, 200),
         ImageCase("convert:animated-png", {"init_image": b64(apng())}, 200),
-        ImageCase("convert:exif-rotated", {"init_image": b64(rotated_jpeg())}, 200),
+        # shown 48×32; resized to 32×32, within the fuzz server's 32 px limits
+        ImageCase(
+            "convert:exif-rotated", {"init_image": b64(rotated_jpeg()), "width": 32, "height": 32}, 200
+        ),
     ]
