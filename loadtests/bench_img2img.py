@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             "img2img": StableDiffusionImg2ImgPipeline(**base.pipe.components),
             "inpaint": StableDiffusionInpaintPipeline(**base.pipe.components),
         }
-        rows = []
+        rows: list[dict[str, Any]] = []
         for mode, pipe in pipes.items():
             pipe.set_progress_bar_config(disable=True)
             picture = (
