@@ -46,6 +46,30 @@ class JSONTooDeep(ValidationFailed):
     hint = "Send JSON nested at most 64 levels deep (docs/reliability.md, 'Hostile input')."
 
 
+class ImageInvalid(ValidationFailed):
+    """An ``init_image`` / ``mask_image`` that is not a usable picture: bad base64, bytes no decoder
+    reads, a format other than PNG/JPEG/WebP, a truncated file or an unsupported pixel mode
+    (``detail.reason``)."""
+
+    type = "image_invalid"
+    hint = "Send a PNG, JPEG or WebP file, base64-encoded (a data: URL prefix is allowed)."
+
+
+class ImageTooLarge(ValidationFailed):
+    """An input image over a server limit: encoded bytes, pixel count (read from the header before any
+    pixel is decoded, so decompression bombs cost nothing) or the output size it implies."""
+
+    type = "image_too_large"
+    hint = "Send a smaller image, or ask for a width and height within the server's limits."
+
+
+class MaskMismatch(ValidationFailed):
+    """A ``mask_image`` whose size differs from ``init_image``'s."""
+
+    type = "mask_size_mismatch"
+    hint = "Send a mask of exactly the init image's width and height (white = repaint)."
+
+
 class UnsafeFormat(ValidationFailed):
     """A file in a format we refuse to open (pickle checkpoints, unknown containers)."""
 

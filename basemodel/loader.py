@@ -2,7 +2,8 @@
 
 Specs: ``tiny-sd`` (the embedded pretrained model, installed from the package on first use under
 ``$LORASWAP_HOME/models``), ``tiny-sd-random`` (the same architecture with random weights),
-``tiny-sdxl-random`` (an SDXL-shaped random model), a local diffusers folder (has ``model_index.json``;
+``tiny-sdxl-random`` (an SDXL-shaped random model), ``tiny-sd-inpaint-random`` (a 9-channel inpainting
+UNet), a local diffusers folder (has ``model_index.json``;
 SD1.x, SD2.x or SDXL, see ``basemodel.families``), or a single-file SD1.x ``.safetensors`` checkpoint.
 Nothing is ever downloaded, and pickle checkpoints (``.ckpt``/``.pt``/``.bin``/``.pth``) are refused
 unopened.
@@ -20,7 +21,7 @@ import torch
 from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
 from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family
 from basemodel.fingerprint import Architecture, fingerprint
-from basemodel.tiny import RANDOM_MODELS, TINY_NAME, ensure_random_tiny, ensure_tiny
+from basemodel.tiny import RANDOM_SPECS, TINY_NAME, ensure_random_tiny, ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class BaseModelRef:
 def resolve_base_model(spec: str, models_dir: Path) -> BaseModelRef:
     if spec == TINY_NAME:
         return BaseModelRef(TINY_NAME, ensure_tiny(models_dir), "tiny")
-    if spec in RANDOM_MODELS.values():
+    if spec in RANDOM_SPECS:
         return BaseModelRef(spec, ensure_random_tiny(models_dir, name=spec), "tiny")
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:

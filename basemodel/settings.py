@@ -43,7 +43,13 @@ class Settings(BaseSettings):
     max_height: int = Field(1024, ge=8, le=4096)
     max_steps: int = Field(150, ge=1, le=1000)
     max_images: int = Field(8, ge=1, le=64)
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="JSON request body limit (413 above).")
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, description="Request body limit, base64 images included (413 above)."
+    )
+    max_image_bytes: int = Field(8 << 20, ge=1024, description="Largest init/mask image file (422 above).")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64, description="Most pixels an input image may declare in its header (422 above)."
+    )
     warmup: bool = Field(True, description="Run one tiny generation before reporting ready.")
     graceful_timeout_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -6,7 +6,9 @@ background" at 32 px. ``ensure_tiny`` installs it, sha256-checked, under ``$LORA
 first use; nothing is trained or downloaded at start-up.
 
 ``tiny-sd-random`` (``loraswap model init-tiny --random``) is the same architecture with random weights
-built from a seed; the same seed always gives byte-identical weight files. ``tiny-sdxl-random``
+built from a seed; the same seed always gives byte-identical weight files. ``tiny-sd-inpaint-random``
+is its inpainting counterpart: a ``StableDiffusionInpaintPipeline`` folder whose UNet takes 9 input
+channels (latents, mask, masked-image latents), as SD1.5's inpainting checkpoint. ``tiny-sdxl-random``
 (``--random --family sdxl``) is its SDXL-shaped counterpart (``basemodel/tiny_sdxl.py``).
 
 Module names follow SD1.5 (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` …) so
@@ -31,8 +33,11 @@ from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 TINY_NAME = "tiny-sd"
 RANDOM_NAME = "tiny-sd-random"
 SDXL_RANDOM_NAME = "tiny-sdxl-random"
+INPAINT_RANDOM_NAME = "tiny-sd-inpaint-random"
+INPAINT_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 # family → its random-weights test model (``loraswap model init-tiny --random --family F``)
 RANDOM_MODELS = {"sd1": RANDOM_NAME, "sdxl": SDXL_RANDOM_NAME}
+RANDOM_SPECS = (*RANDOM_MODELS.values(), INPAINT_RANDOM_NAME)  # every random-weights spec
 DEFAULT_SEED = 0
 RESOLUTION = 32
 LATENT_SIZE = RESOLUTION // 2
@@ -51,11 +56,11 @@ SD15_SCHEDULER = {
 }
 
 
-def build_unet(seed: int) -> UNet2DConditionModel:
+def build_unet(seed: int, in_channels: int = 4) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(64, 128),
         layers_per_block=1,
@@ -129,6 +134,32 @@ def build_tiny_pipeline(seed: int = DEFAULT_SEED) -> Any:
     )
 
 
+def build_tiny_inpaint_pipeline(seed: int = DEFAULT_SEED) -> Any:
+    """``tiny-sd-random`` with a 9-channel (inpainting) UNet, as a ``StableDiffusionInpaintPipeline``."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    tokenizer = build_tokenizer()
+    pipe: Any = StableDiffusionInpaintPipeline(
+        vae=build_vae(seed + 1),
+        text_encoder=build_text_encoder(tokenizer, seed + 2),
+        tokenizer=tokenizer,
+        unet=build_unet(seed, in_channels=INPAINT_CHANNELS),
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_inpaint(output: Path, seed: int = DEFAULT_SEED) -> Path:
+    output = Path(output)
+    with staged_folder(output) as staging:
+        build_tiny_inpaint_pipeline(seed).save_pretrained(staging, safe_serialization=True)
+    return output
+
+
 def save_tiny(output: Path, seed: int = DEFAULT_SEED) -> Path:
     """Build the random-init variant and save it in diffusers format; the folder appears atomically."""
     output = Path(output)
@@ -145,10 +176,14 @@ def ensure_tiny(models_dir: Path) -> Path:
 
 
 def save_random(name: str, output: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Build the random model ``name`` (a value of ``RANDOM_MODELS``) from ``seed`` into ``output``."""
+    """Build the random model ``name`` (one of ``RANDOM_SPECS``) from ``seed`` into ``output``."""
     from basemodel.tiny_sdxl import save_tiny_sdxl
 
-    builders = {RANDOM_NAME: save_tiny, SDXL_RANDOM_NAME: save_tiny_sdxl}
+    builders = {
+        RANDOM_NAME: save_tiny,
+        SDXL_RANDOM_NAME: save_tiny_sdxl,
+        INPAINT_RANDOM_NAME: save_tiny_inpaint,
+    }
     return builders[name](output, seed)
 
 

@@ -56,6 +56,12 @@ class Metrics:
             "loraswap_generations_in_flight", "Generation jobs executing on the worker.", registry=r
         )
         self.images = Counter("loraswap_images_generated", "Images generated.", registry=r)
+        self.generations = Counter(
+            "loraswap_generations",
+            "Generation requests completed, by mode: txt2img, img2img, inpaint.",
+            ["mode"],
+            registry=r,
+        )
         self.errors = Counter("loraswap_errors", "Error responses by error type.", ["type"], registry=r)
         self.ready = Gauge("loraswap_ready", "1 once the model is loaded and warmed up.", registry=r)
         tier = ["tier"]

@@ -34,8 +34,9 @@ STATUS_DESCRIPTIONS: dict[int, str] = {
     409: "The adapter does not fit the resident base model (`adapter_incompatible`).",
     413: "The body, the adapter file, its header or its metadata is over a limit "
     "(`payload_too_large`, `adapter_too_large`).",
-    422: "Invalid input: a field, a file, an id, JSON nested too deep (`validation_error`, "
-    "`adapter_invalid`, `adapter_ref_invalid`, `json_too_deep`, …).",
+    422: "Invalid input: a field, a file, an id, JSON nested too deep, an unusable input image "
+    "(`validation_error`, `adapter_invalid`, `adapter_ref_invalid`, `json_too_deep`, `image_invalid`, "
+    "`image_too_large`, `mask_size_mismatch`, …).",
     400: "Invalid input.",
     429: "The generation queue is full (`overloaded`); retry after the Retry-After header.",
     503: "Not ready yet (`not_ready`) or the adapter store is failing (`adapter_store_error`).",

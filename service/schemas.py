@@ -34,13 +34,20 @@ def scale_field(description: str) -> Any:
 
 
 class AdapterSpec(BaseModel):
-    """One adapter to apply: ``id``, optional pinned ``version`` (else latest), optional ``scale``."""
+    """One adapter to apply: ``id``, optional pinned ``version`` (else latest), optional ``scale``, and
+    optional per-component weights (ComfyUI's ``strength_model`` / ``strength_clip``)."""
 
     model_config = STRICT
 
     id: str = adapter_id_field(description="Adapter id, e.g. 'watercolor'.", examples=["watercolor"])
     version: int | None = version_field("Pinned version; latest when absent.")
     scale: float | None = scale_field("Weight, -4..4; the adapter's scale_default or 1.0 when absent.")
+    unet_scale: float | None = scale_field(
+        "Weight on the UNet (ComfyUI strength_model), -4..4; `scale` when absent."
+    )
+    text_encoder_scale: float | None = scale_field(
+        "Weight on the text encoder(s) (ComfyUI strength_clip), -4..4; `scale` when absent."
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -56,6 +63,23 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=8, description="Images i=0..n-1 use seed+i.")
     scheduler: SchedulerName = Field("ddim", description="Sampler.")
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=8, description="LoRA adapters.")
+    init_image: str | None = Field(
+        None,
+        description="Image-to-image: a base64 PNG, JPEG or WebP (a data: URL prefix is allowed). Width and "
+        "height default to its size rounded down to a multiple of 8; otherwise it is resized to them.",
+    )
+    strength: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="With init_image: how much to change it (diffusers' strength; 1 = start from noise). "
+        "int(steps × strength) denoising steps run, at least 1. Ignored without init_image.",
+    )
+    mask_image: str | None = Field(
+        None,
+        description="Inpainting, with init_image: a base64 mask of the same size; white = repaint, "
+        "black = keep (binarised at 50% grey; a transparent area selects by alpha).",
+    )
 
     @field_validator("width", "height")
     @classmethod

@@ -186,6 +186,22 @@ class ModelFamily:
         an empty ``negative_prompt`` means none, as diffusers' ``negative_prompt=None``."""
         raise NotImplementedError
 
+    def inpainting(self, pipe: Any) -> bool:
+        """Whether the UNet is a dedicated inpainting one: it takes the latents, the mask and the masked
+        image's latents stacked (9 input channels on SD1.5/SDXL inpainting checkpoints)."""
+        return int(pipe.unet.config.in_channels) == 2 * int(pipe.vae.config.latent_channels) + 1
+
+    def encode_image(
+        self, pipe: Any, pixels: torch.Tensor, generators: Sequence[torch.Generator], *, normalise: bool
+    ) -> torch.Tensor:
+        """Images in [-1, 1] → scaled latents, row i sampled from the VAE's posterior with
+        ``generators[i]`` (``StableDiffusionImg2ImgPipeline.prepare_latents`` /
+        ``StableDiffusionInpaintPipeline._encode_vae_image``). ``normalise``: also apply the VAE's
+        ``latents_mean``/``latents_std`` where the family's img2img pipeline does (SDXL)."""
+        vae = pipe.vae
+        rows = [vae.encode(pixels[i : i + 1]).latent_dist.sample(g) for i, g in enumerate(generators)]
+        return float(vae.config.scaling_factor) * torch.cat(rows)
+
     def begin_denoising(self, scheduler: Any) -> None:
         """Prepare a fresh scheduler after ``set_timesteps``, as the family's pipeline does."""
 

@@ -13,7 +13,12 @@ from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNe
 class SD1(ModelFamily):
     name = "sd1"
     label = "SD1.x"
-    pipeline_classes = ("StableDiffusionPipeline",)
+    # the first loads it; inpainting (9-channel UNet) and img2img folders name the other two
+    pipeline_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionImg2ImgPipeline",
+    )
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
     default_resolution = 512

@@ -14,7 +14,7 @@ each image's own original size, the crop taken from it and the size trained at (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,11 @@ TIME_IDS = 6  # original size (2) + crop top-left (2) + target size (2)
 class SDXL(ModelFamily):
     name = "sdxl"
     label = "SDXL"
-    pipeline_classes = ("StableDiffusionXLPipeline",)
+    pipeline_classes = (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+    )
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     default_resolution = 1024
@@ -117,6 +121,25 @@ class SDXL(ModelFamily):
         if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
             return torch.float32
         return dtype
+
+    def encode_image(
+        self, pipe: Any, pixels: torch.Tensor, generators: Sequence[torch.Generator], *, normalise: bool
+    ) -> torch.Tensor:
+        """``StableDiffusionXLImg2ImgPipeline.prepare_latents`` (``normalise``: with the VAE's
+        ``latents_mean``/``latents_std`` when it has them) and ``StableDiffusionXLInpaintPipeline.
+        _encode_vae_image`` (without): encoded by the VAE in its own dtype (fp32 when upcast)."""
+        vae = pipe.vae
+        dtype = pixels.dtype
+        pixels = pixels.to(vae.dtype)
+        rows = [vae.encode(pixels[i : i + 1]).latent_dist.sample(g) for i, g in enumerate(generators)]
+        latents = torch.cat(rows).to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if normalise and mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents.device, dtype)
+            std_t = torch.tensor(std).view(shape).to(latents.device, dtype)
+            return (latents - mean_t) * float(vae.config.scaling_factor) / std_t
+        return float(vae.config.scaling_factor) * latents
 
     def begin_denoising(self, scheduler: Any) -> None:
         if hasattr(scheduler, "set_begin_index"):

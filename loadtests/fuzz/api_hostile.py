@@ -3,8 +3,10 @@
 schemathesis generates what the schema describes; these are what it does not: JSON nested thousands
 deep, A1111 ``<lora:id:w>`` tags with NaN/inf/99, numbers sent as strings or booleans (strict types),
 ``s3://`` sources whose bucket is not a bucket name, hostile ``scale_default`` and oversized metadata,
-lone surrogates, and every known adapter-file reproducer (``reproducers.py``) uploaded as
-``multipart/form-data``. Each step says which status it must get; the fuzzer's checks apply as well.
+lone surrogates, hostile ``init_image`` / ``mask_image`` files (``hostile_images.py``: bombs, garbage,
+truncated, other formats, masks of another size; awkward modes that are converted), and every known
+adapter-file reproducer (``reproducers.py``) uploaded as ``multipart/form-data``. Each step says
+which status it must get; the fuzzer's checks apply as well.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from adapters.identity import BaseIdentity
 from loadtests.fuzz.draft import Case
+from loadtests.fuzz.hostile_images import image_cases as hostile_image_cases
 from loadtests.fuzz.reproducers import reproducer_cases
 from loadtests.fuzz.seeds import kohya_seed, serialise
 from loadtests.fuzz.server import S3_SOURCE as SOURCE
@@ -242,8 +245,24 @@ def upload_cases(base: BaseIdentity) -> list[Hostile]:
     return cases
 
 
+def image_cases() -> list[Hostile]:
+    return [
+        Hostile(
+            f"image:{case.label}",
+            # 2 steps: the default strength 0.8 leaves int(2 × 0.8) = 1 denoising step
+            (
+                Step(
+                    GENERATE, {"json": {"prompt": "a fox", "steps": 2, **case.fields}}, **status(case.status)
+                ),
+            ),
+        )
+        for case in hostile_image_cases()
+    ]
+
+
 def hostile_cases(base: BaseIdentity) -> list[Hostile]:
     return [
+        *image_cases(),
         *deep_cases(),
         *tag_cases(),
         *coercion_cases(),

@@ -1,4 +1,4 @@
-"""``POST /v1/generate``: text-to-image on the resident model.
+"""``POST /v1/generate``: text-to-image, image-to-image and inpainting on the resident model.
 
 ``run_generation`` is the one code path of a generation — server limits, admission (429), adapter
 resolution and leases, the queue, batching, the deadline and the client's disconnect. The A1111
@@ -67,7 +67,12 @@ class GenerateController(Controller):
         status_code=HTTP_200_OK,
         summary="Generate images.",
         description=(
-            "JSON in, JSON out (base64 PNGs, the seed, per-stage timings). Send `Accept: image/png` "
+            "JSON in, JSON out (base64 PNGs, the seed, per-stage timings). `init_image` (base64 PNG/JPEG/"
+            "WebP) with `strength` makes it image-to-image, `mask_image` as well inpainting (white = "
+            "repaint), following diffusers' Img2Img/Inpaint pipelines; the body may also be "
+            "`multipart/form-data` with a `request` part (this JSON) and `init_image` / `mask_image` file "
+            "parts. Adapters take `unet_scale` / `text_encoder_scale` besides `scale`. "
+            "Send `Accept: image/png` "
             "with num_images=1 to get the PNG bytes directly. Image i uses seed+i, as diffusers does with "
             "a list of CPU generators. PNGs carry A1111-style parameters in a 'parameters' text chunk. "
             "`X-Loraswap-Stale: adapters` (and `stale: true` on the adapter's entry) when an adapter "

@@ -23,6 +23,8 @@ def a1111_parameters(params: dict[str, Any]) -> str:
         ("Model hash", params["model_hash"][:10]),
         ("Model", params["model"]),
     ]
+    if params.get("mode", "txt2img") != "txt2img":
+        fields += [("Denoising strength", params["strength"]), ("Mode", params["mode"])]
     if params.get("lora_hashes"):
         fields.append(("Lora hashes", f'"{params["lora_hashes"]}"'))
     fields.append(("Version", f"loraswap {params['version']}"))

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from PIL import Image
+
 from basemodel.errors import NotReady, RequestTimeout, ValidationFailed
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
+from service.engine.image_modes import ImageInput
+from service.engine.inputs import ProbedInputs, check_mode, load_inputs, output_size, probe_inputs
 from service.engine.png import encode_png
 from service.engine.progress import JobProgress
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
@@ -146,7 +150,11 @@ class Runtime:
     def _warm_up(self) -> None:
         assert self.base is not None
         size = self.base.native_size
-        params = SampleParams("warm-up", "", 2, 7.5, size, size, 0, 1, "ddim")
+        image = None
+        if self.base.family.inpainting(self.base.pipe):  # an inpainting checkpoint only inpaints
+            blank, everything = Image.new("RGB", (size, size)), Image.new("L", (size, size), 255)
+            image = ImageInput(blank, everything, 1.0)
+        params = SampleParams("warm-up", "", 2, 7.5, size, size, 0, 1, "ddim", image=image)
         sample(self.base.pipe, params, StageTimer())
 
     # -- requests ------------------------------------------------------------------------------
@@ -163,13 +171,28 @@ class Runtime:
         adapter is resolved or loaded)."""
         base = self.check_ready()
         prompt, tagged = extract_prompt_adapters(request.prompt)
-        named = enumerate(request.adapters)
-        wanted = [adapter_request(a.id, a.version, a.scale, field=f"adapters.{i}") for i, a in named] + tagged
-        width = request.width or base.native_size
-        height = request.height or base.native_size
+        wanted = [
+            adapter_request(
+                a.id,
+                a.version,
+                a.scale,
+                field=f"adapters.{i}",
+                unet_scale=a.unet_scale,
+                text_encoder_scale=a.text_encoder_scale,
+            )
+            for i, a in enumerate(request.adapters)
+        ] + tagged
+        check_mode(base, request)
+        probed: ProbedInputs | None = None
+        if request.init_image is not None:
+            probed = await asyncio.to_thread(probe_inputs, request, self.settings)
+        width, height = output_size(request, base.native_size, probed, self.settings)
         self._check_limits(width, height, request)
         self.worker.admit()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        image = None
+        if probed is not None:
+            image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings)
         started = time.perf_counter()
         applied = await self.adapters.prepare(wanted) if (wanted and self.adapters) else ()
         params = SampleParams(
@@ -183,6 +206,7 @@ class Runtime:
             num_images=request.num_images,
             scheduler=request.scheduler,
             adapters=applied,
+            image=image,
         )
         return Work(params, time.perf_counter() - started if applied else 0.0)
 
@@ -279,11 +303,15 @@ class Runtime:
         for stage, seconds in timer.seconds.items():
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         self.metrics.images.inc(len(pngs))
+        self.metrics.generations.labels(mode=params.mode).inc()
         return GenerationResult(pngs, params, parameters, timings, shared.lora_path)
 
     def describe(self, params: SampleParams) -> dict[str, Any]:
         assert self.base is not None
+        image_mode = {} if params.image is None else {"strength": params.image.strength}
         return {
+            "mode": params.mode,
+            **image_mode,
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
             "steps": params.steps,

@@ -1,17 +1,25 @@
-"""The text-to-image sampling loop, for one request or a batch of compatible requests.
+"""The sampling loop — text-to-image, image-to-image, inpainting — for one request or a batch.
 
 It follows the model family's diffusers pipeline step for step — ``StableDiffusionPipeline.__call__``
-for SD1.x/SD2.x, ``StableDiffusionXLPipeline.__call__`` for SDXL: same prompt encoding, added
-conditioning, latent initialisation, classifier-free guidance and VAE decode. What differs between
-families (prompt encoding, added conditioning, scheduler start, decoding) comes from the
-``ModelFamily`` object, so the loop itself has no family branches. Any result reproduces in plain
-diffusers with ``generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]``. It is
-written out here because the server needs per-stage timings, per-step cancellation, a per-request
-scheduler, per-request LoRA adapters and batches that mix requests with different adapters.
+for SD1.x/SD2.x, ``StableDiffusionXLPipeline.__call__`` for SDXL, and their Img2Img / Inpaint variants
+(``engine/image_modes.py``): same prompt encoding, added conditioning, latent initialisation,
+classifier-free guidance and VAE decode. What differs between families (prompt encoding, added
+conditioning, scheduler start, image encoding, decoding) comes from the ``ModelFamily`` object, and
+what differs between modes from the ``Start`` object, so the loop itself has no family branches.
 
-A batch shares width, height, steps, scheduler and whether guidance is on (``batch_key``); each
-request keeps its own prompt, negative prompt, guidance scale, seed, image count and adapters. Rows
-of the batch are laid out as ``[uncond(req0), uncond(req1), …, cond(req0), cond(req1), …]``.
+LoRA adapters are active in two scopes: while the prompt is encoded, with each adapter's text-encoder
+weight (``text_encoder_scale``, else ``scale``), and while the UNet denoises, with its UNet weight
+(``unet_scale``, else ``scale``) — so per-component weights need nothing from the hooks.
+
+Any result reproduces in plain diffusers with
+``generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]``. It is written out
+here because the server needs per-stage timings, per-step cancellation, a per-request scheduler,
+per-request LoRA adapters and batches that mix requests with different adapters.
+
+A batch shares width, height, steps, scheduler, whether guidance is on, the mode and the first
+denoising step that strength implies (``batch_key``); each request keeps its own init image and
+mask, prompt, negative prompt, guidance scale, seed, image count and adapters. Rows of the batch are
+laid out as ``[uncond(req0), uncond(req1), …, cond(req0), cond(req1), …]``.
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from basemodel.families import UNetInputs, detect_pipeline
 from basemodel.loader import Pipeline
+from service.engine.image_modes import ImageInput, prepare_start, start_index, timesteps_from
 from service.engine.schedulers import make_scheduler
 from service.lora.model_manager import ActiveLoRA, LoRAModelManager
 from service.lora.request import AppliedAdapter
@@ -50,10 +58,21 @@ class SampleParams:
     num_images: int
     scheduler: str
     adapters: tuple[AppliedAdapter, ...] = ()
+    image: ImageInput | None = field(default=None, compare=False)  # img2img / inpainting
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.image is None else self.image.mode
+
+    @property
+    def start(self) -> int | None:
+        """The first denoising step (image modes: from strength); None for text-to-image."""
+        return None if self.image is None else start_index(self.steps, self.image.strength)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one denoising loop."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1.0)
+        guided = self.guidance_scale > 1.0
+        return (self.width, self.height, self.steps, self.scheduler, guided, self.mode, self.start)
 
 
 @dataclass
@@ -97,14 +116,15 @@ def _denoising(
     batch: Sequence[SampleParams],
     rows: list[ActiveLoRA],
     shape: tuple[int, int, int],
+    steps: int,
     timer: StageTimer,
 ) -> Iterator[None]:
     """The UNet's adapters for the loop: no hook, fused weights or row-indexed hooks (the policy's)."""
     if lora is None:
         yield
         return
-    requests = [_whole(p.adapters) for p in batch]
-    with lora.denoising(requests, rows, steps=batch[0].steps, shape=shape) as applied:
+    requests = [_unet_loras(p.adapters) for p in batch]
+    with lora.denoising(requests, rows, steps=steps, shape=shape) as applied:
         timer.lora_path = applied.path
         for stage, seconds in applied.seconds().items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + seconds
@@ -113,26 +133,34 @@ def _denoising(
         yield
 
 
-def _whole(adapters: Sequence[AppliedAdapter]) -> list[ActiveLoRA]:
-    return [ActiveLoRA(a.adapter, a.scale) for a in adapters]
+def _text_loras(adapters: Sequence[AppliedAdapter]) -> list[ActiveLoRA]:
+    """Whole-batch adapters for prompt encoding, at their text-encoder weights (0: left out)."""
+    return [ActiveLoRA(a.adapter, a.text_encoder_weight) for a in adapters if a.text_encoder_weight != 0]
+
+
+def _unet_loras(adapters: Sequence[AppliedAdapter]) -> list[ActiveLoRA]:
+    return [ActiveLoRA(a.adapter, a.unet_weight) for a in adapters if a.unet_weight != 0]
 
 
 def _row_loras(
     batch: Sequence[SampleParams], copies: int, device: torch.device, dtype: torch.dtype
 ) -> list[ActiveLoRA]:
-    """Per-adapter row sets for the UNet; a single request keeps PEFT's exact scalar path."""
+    """Per-adapter row sets for the UNet at the adapters' UNet weights; a single request keeps PEFT's
+    exact scalar path. A weight of 0 contributes nothing and is left out."""
     if len(batch) == 1:
-        return _whole(batch[0].adapters)
+        return _unet_loras(batch[0].adapters)
     total = sum(p.num_images for p in batch)
     rows: dict[int, tuple[AppliedAdapter, list[int], list[float]]] = {}
     offset = 0
     for params in batch:
         for applied in params.adapters:
+            if applied.unet_weight == 0:
+                continue
             _, idx, scales = rows.setdefault(id(applied.adapter), (applied, [], []))
             for copy in range(copies):
                 start = copy * total + offset
                 idx.extend(range(start, start + params.num_images))
-                scales.extend([applied.scale] * params.num_images)
+                scales.extend([applied.unet_weight] * params.num_images)
         offset += params.num_images
     active = []
     for applied, idx, scales in rows.values():
@@ -174,7 +202,7 @@ def sample_batch(
     conds: list[UNetInputs] = []
     unconds: list[UNetInputs] = []
     for params in batch:
-        with _using(lora, _whole(params.adapters), family.text_encoders):
+        with _using(lora, _text_loras(params.adapters), family.text_encoders):
             encoded = family.encode(
                 pipe,
                 params.prompt,
@@ -194,27 +222,32 @@ def sample_batch(
     scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
     scheduler.set_timesteps(first.steps, device=device)
     family.begin_denoising(scheduler)
-    generators = [g for p in batch for g in generators_for(p.seed, p.num_images)]
-    scale = pipe.vae_scale_factor
-    shape = (sum(counts), pipe.unet.config.in_channels, first.height // scale, first.width // scale)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma
+    timesteps = timesteps_from(scheduler, first.start)
+    per_request = [generators_for(p.seed, p.num_images) for p in batch]
+    generators = [g for gens in per_request for g in gens]
+    start = prepare_start(pipe, family, batch, scheduler, timesteps, per_request, do_cfg)
+    latents = start.latents
+    if first.image is not None:
+        timer.add("image_encode", started)
+        started = time.perf_counter()
     step_kwargs = _step_kwargs(scheduler, generators)
     guidance = _guidance(batch, device, dtype)
     copies = 2 if do_cfg else 1
     rows = _row_loras(batch, copies, device, dtype)
-    with _denoising(lora, batch, rows, (shape[0] * copies, shape[2], shape[3]), timer):
-        for i, t in enumerate(scheduler.timesteps):
+    shape = (latents.shape[0] * copies, latents.shape[2], latents.shape[3])
+    with _denoising(lora, batch, rows, shape, len(timesteps), timer):
+        for index, t in enumerate(timesteps):
             if should_stop():
                 raise Cancelled
             model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
+            model_input = start.unet_input(scheduler.scale_model_input(model_input, t))
             noise = pipe.unet(model_input, t, **inputs, return_dict=False)[0]
             if do_cfg:
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            on_step(i + 1, len(scheduler.timesteps))
+            latents = start.after_step(latents, index)
+            on_step(index + 1, len(timesteps))
     timer.add("denoise", started)
 
     started = time.perf_counter()

@@ -1,4 +1,11 @@
-"""What a request asks for, what it resolved to, and A1111's ``<lora:name:weight>`` prompt syntax."""
+"""What a request asks for, what it resolved to, and A1111's ``<lora:name:weight>`` prompt syntax.
+
+An adapter has one ``scale`` and optional per-component weights: ``unet_scale`` and
+``text_encoder_scale`` (ComfyUI's ``strength_model`` / ``strength_clip``), each ``scale`` when absent.
+A1111's tag forms map onto them: ``<lora:id:w>`` is ``scale = w``; ``<lora:id:te:unet>`` and
+``<lora:id:te=…:unet=…>`` are ``scale = te`` (so the text encoders get ``te``) and ``unet_scale = unet``
+(A1111: the UNet multiplier defaults to the text-encoder one). Every weight goes through ``check_scale``.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ from adapters.refs import MAX_VERSION, parse_ref, validate_id
 from basemodel.errors import ValidationFailed
 from service.lora.weights import DeviceAdapter
 
-# <lora:id:0.8>, <lora:id@3:0.8>, <lora:id> (A1111 / ComfyUI prompt syntax)
+# <lora:id:0.8>, <lora:id@3:0.8>, <lora:id>, <lora:id:0.8:0.5>, <lora:id:te=0.8:unet=0.5> (A1111 syntax)
 PROMPT_TAG = re.compile(r"<lora:(?P<name>[^:>]+)(?::(?P<weight>[^>]*))?>", re.IGNORECASE)
+TAG_KEYS = ("te", "unet")  # A1111's named multipliers (its dyn= is not supported)
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,8 @@ class AdapterRequest:
     adapter_id: str
     version: int | None = None
     scale: float | None = None
+    unet_scale: float | None = None
+    text_encoder_scale: float | None = None
 
     @property
     def ref(self) -> str:
@@ -35,6 +45,18 @@ class AppliedAdapter:
     adapter: DeviceAdapter
     scale: float
     stale: bool = False  # a remembered 'latest' served while the store could not confirm it
+    unet_scale: float | None = None  # None: ``scale``
+    text_encoder_scale: float | None = None  # None: ``scale``
+
+    @property
+    def unet_weight(self) -> float:
+        """The weight applied while the UNet runs (denoising)."""
+        return self.scale if self.unet_scale is None else self.unet_scale
+
+    @property
+    def text_encoder_weight(self) -> float:
+        """The weight applied while the text encoder(s) run (prompt encoding)."""
+        return self.scale if self.text_encoder_scale is None else self.text_encoder_scale
 
     def describe(self) -> dict[str, object]:
         described: dict[str, object] = {
@@ -43,18 +65,29 @@ class AppliedAdapter:
             "sha256": self.version.sha256,
             "scale": self.scale,
         }
+        if self.unet_scale is not None:
+            described["unet_scale"] = self.unet_scale
+        if self.text_encoder_scale is not None:
+            described["text_encoder_scale"] = self.text_encoder_scale
         if self.stale:
             described["stale"] = True
         return described
 
 
 def adapter_request(
-    adapter_id: str, version: int | None, scale: float | None, *, field: str
+    adapter_id: str,
+    version: int | None,
+    scale: float | None,
+    *,
+    field: str,
+    unet_scale: float | None = None,
+    text_encoder_scale: float | None = None,
 ) -> AdapterRequest:
     """The one validation of an adapter named by a request: JSON ``adapters``, prompt tags, preload.
 
-    Id as ``adapters.refs.validate_id``, version 1..``MAX_VERSION``, scale as ``check_scale`` (finite,
-    −4..4); anything else → 422 naming ``field``.
+    Id as ``adapters.refs.validate_id``, version 1..``MAX_VERSION``, every weight (``scale``,
+    ``unet_scale``, ``text_encoder_scale``) as ``check_scale`` (finite, −4..4); anything else → 422
+    naming ``field``.
     """
     try:
         validate_id(adapter_id)
@@ -67,11 +100,38 @@ def adapter_request(
             reason="bad_ref",
             detail={"field": field},
         )
+
+    def checked(value: float | None, what: str) -> float | None:
+        return None if value is None else check_scale(value, field=field, what=f"{what} of {adapter_id!r}")
+
     return AdapterRequest(
         adapter_id,
         version,
-        None if scale is None else check_scale(scale, field=field, what=f"the weight of {adapter_id!r}"),
+        checked(scale, "the weight"),
+        checked(unet_scale, "the UNet weight"),
+        checked(text_encoder_scale, "the text-encoder weight"),
     )
+
+
+def _tag_weights(weight: str) -> tuple[float | None, float | None]:
+    """A tag's weights → (scale, unet_scale): ``w``, ``te:unet``, ``te=…:unet=…`` (A1111's forms)."""
+    if not weight:
+        return None, None
+    positional: list[float] = []
+    named: dict[str, float] = {}
+    for part in weight.split(":"):
+        key, equals, value = part.partition("=")
+        if equals:
+            key = key.strip().lower()
+            if key not in TAG_KEYS or key in named:
+                raise ValueError(part)
+            named[key] = float(value)
+        else:
+            positional.append(float(part))
+    if len(positional) > len(TAG_KEYS):
+        raise ValueError(weight)
+    values = dict(zip(TAG_KEYS, positional, strict=False)) | named
+    return values.get("te"), values.get("unet")
 
 
 def extract_prompt_adapters(prompt: str) -> tuple[str, list[AdapterRequest]]:
@@ -82,15 +142,18 @@ def extract_prompt_adapters(prompt: str) -> tuple[str, list[AdapterRequest]]:
         weight = (match["weight"] or "").strip()
         try:
             ref = parse_ref(match["name"].strip().lower())
-            scale = float(weight) if weight else None
+            scale, unet_scale = _tag_weights(weight)
         except (ValueError, InvalidAdapterRef):
             raise ValidationFailed(
                 f"bad prompt tag {tag!r}",
                 detail={"field": "prompt"},
-                hint="Write <lora:ID:WEIGHT> or <lora:ID@VERSION:WEIGHT>.",
+                hint="Write <lora:ID:WEIGHT>, <lora:ID@VERSION:WEIGHT>, <lora:ID:TE_WEIGHT:UNET_WEIGHT> "
+                "or <lora:ID:te=TE_WEIGHT:unet=UNET_WEIGHT>.",
             ) from None
         try:
-            found.append(adapter_request(ref.adapter_id, ref.version, scale, field="prompt"))
+            found.append(
+                adapter_request(ref.adapter_id, ref.version, scale, field="prompt", unet_scale=unet_scale)
+            )
         except ValidationFailed as exc:
             raise ValidationFailed(
                 f"prompt tag {tag!r}: {exc.message}", detail=exc.detail, hint=exc.hint

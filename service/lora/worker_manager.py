@@ -144,7 +144,14 @@ class AdapterManager:
                 version = resolution.version
                 adapter = await self.cache.acquire(version)
                 applied.append(
-                    AppliedAdapter(version, adapter, _scale(request, version), stale=resolution.stale)
+                    AppliedAdapter(
+                        version,
+                        adapter,
+                        _scale(request, version),
+                        stale=resolution.stale,
+                        unet_scale=request.unet_scale,
+                        text_encoder_scale=request.text_encoder_scale,
+                    )
                 )
         except BaseException:
             self.release(applied)
