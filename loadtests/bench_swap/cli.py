@@ -138,16 +138,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_s=round(time.perf_counter() - started, 2),
         )
         log(f"setup done in {meta['setup_s']} s ({meta['lora_modules']} LoRA modules)")
+        suffix = "-quick" if run.quick else ""
+        output = args.output or RESULTS_DIR / f"bench_swap-{run.shape}-{run.device.type}{suffix}.json"
         for name in run.phases:
             PHASES[name](bench)
+            # what has been measured so far, in case a long run is stopped ("complete": false until the end)
+            partial = {"meta": meta | {"complete": False}, "targets": TARGETS, "results": bench.results}
+            write_json(output, partial | {"table": render(table_rows(bench.results, run.device))})
         bench.manager.remove()
 
     meta["load_average_end"] = loadavg()
     meta["peak_rss_bytes"] = peak_rss_bytes()
     meta["wall_s"] = round(time.perf_counter() - started, 2)
+    meta["complete"] = True
     table = render(table_rows(bench.results, run.device))
-    suffix = "-quick" if run.quick else ""
-    output = args.output or RESULTS_DIR / f"bench_swap-{run.shape}-{run.device.type}{suffix}.json"
     write_json(output, {"meta": meta, "targets": TARGETS, "results": bench.results, "table": table})
     print_summary(run, meta, table)
     failed = [name for name, out in bench.results.items() if "error" in out]
