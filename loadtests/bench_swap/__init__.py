@@ -14,8 +14,8 @@ Shapes:
   weights downloaded), rank-16 attention LoRAs.
 * ``sdxl``: SDXL-shaped, random-init ``StableDiffusionXLPipeline`` from ``basemodel/configs/sdxl`` (UNet
   2.6 B parameters, CLIP ViT-L + OpenCLIP ViT-bigG-shaped text encoders, the SDXL VAE), rank-16
-  attention LoRAs (23 MB fp16 files); built in place and cached in fp16 (``sdxl.py`` says how, and how
-  it stays near 14 GiB of RSS on a CPU). ``tiny-sdxl``: the same code path on tiny-sdxl-random's shape.
+  attention LoRAs (23 M parameters, 46 MB fp16 files); built in place and cached in fp16 (``sdxl.py``
+  says how). ``tiny-sdxl``: the same code path on tiny-sdxl-random's shape.
 
 Adapters: peft lays them out (``inject_adapter_in_model(LoraConfig(r, lora_alpha=r, target_modules=
 [to_q, to_k, to_v, to_out.0], init_lora_weights=False))`` on a meta-device copy of the UNet, then

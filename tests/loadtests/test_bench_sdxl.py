@@ -94,3 +94,15 @@ def test_bench_runs_every_phase_on_an_sdxl_pipeline(
     assert [row["resident"] for row in results["switch"]["rows"]] == [1, 3]
     printed = capsys.readouterr().out
     assert "peak RSS" in printed and "request 32 px, 1 steps, CFG: adapter vs base" in printed
+
+
+def test_text_encoders_left_on_meta_keep_the_architecture(tmp_path: Path) -> None:
+    from basemodel.families import detect_pipeline
+
+    shape = tiny_shape()
+    full, _ = build_sdxl_pipeline(shape, CPU, torch.float32, tmp_path)
+    lean, made = build_sdxl_pipeline(shape, CPU, torch.float32, tmp_path, text_encoders=False)
+    assert made["model_cache_hit"] is True and "meta" in made["text_encoders_stored_as"]
+    assert lean.text_encoder_2.device.type == "meta" and lean.unet.device.type == "cpu"
+    family = detect_pipeline(lean)
+    assert family.architecture(lean) == family.architecture(full)  # same LoRA targets, same registry id
