@@ -182,9 +182,9 @@ def skeleton(name: str, config: dict[str, Any]) -> nn.Module:
 
     with torch.device("meta"):
         if name == "unet":
-            return UNet2DConditionModel.from_config(config)  # type: ignore[no-any-return]
+            return UNet2DConditionModel.from_config(config)
         if name == "vae":
-            return AutoencoderKL.from_config(config)  # type: ignore[no-any-return]
+            return AutoencoderKL.from_config(config)
         cls = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
         return cls(CLIPTextConfig.from_dict(config))
 
@@ -225,7 +225,8 @@ def initialise(module: nn.Module, generator: torch.Generator) -> None:
     and Conv weights and biases U(±1/√fan_in) (what ``kaiming_uniform_(a=√5)`` and the bias init of
     ``reset_parameters`` give), norms 1 and 0, embeddings N(0, 1)."""
     for name, layer in module.named_modules():
-        weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+        weight: Any = getattr(layer, "weight", None)
+        bias: Any = getattr(layer, "bias", None)
         if isinstance(layer, nn.Linear | nn.Conv2d):
             bound = 1.0 / math.sqrt(weight[0].numel())
             weight.uniform_(-bound, bound, generator=generator)
