@@ -66,7 +66,7 @@ def test_a_cache_file_of_another_model_is_refused(tmp_path: Path) -> None:
         build_sdxl_pipeline(shape, CPU, torch.float32, tmp_path)
 
 
-@pytest.mark.slow  # every phase of the benchmark, on a tiny model: about a minute on 2 idle cores
+@pytest.mark.slow  # every phase of the benchmark on a tiny model: about 40 s on the shared 2 cores
 def test_bench_runs_every_phase_on_an_sdxl_pipeline(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
