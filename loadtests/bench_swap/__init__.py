@@ -3,7 +3,8 @@
 Not a test. It prints a table and writes everything it measured (raw samples included) to
 ``loadtests/results/bench_swap-<shape>-<device>[-quick].json``::
 
-    python -m loadtests.bench_swap --shape tiny|sd15 [--device cpu|cuda] [--adapters N] [--quick]
+    python -m loadtests.bench_swap --shape tiny|sd15|sdxl|tiny-sdxl [--device cpu|cuda] [--adapters N]
+        [--quick] [--only PHASES] [--model-cache DIR]
 
 Shapes:
 
@@ -11,6 +12,10 @@ Shapes:
 * ``sd15``: SD1.5-shaped, random-init pipeline built from the shipped configs in
   ``basemodel/configs/sd15`` (UNet ~860M parameters, the full CLIP ViT-L text encoder, the SD VAE; no
   weights downloaded), rank-16 attention LoRAs.
+* ``sdxl``: SDXL-shaped, random-init ``StableDiffusionXLPipeline`` from ``basemodel/configs/sdxl`` (UNet
+  2.6 B parameters, CLIP ViT-L + OpenCLIP ViT-bigG-shaped text encoders, the SDXL VAE), rank-16
+  attention LoRAs (23 M parameters, 46 MB fp16 files); built in place and cached in fp16 (``sdxl.py``
+  says how). ``tiny-sdxl``: the same code path on tiny-sdxl-random's shape.
 
 Adapters: peft lays them out (``inject_adapter_in_model(LoraConfig(r, lora_alpha=r, target_modules=
 [to_q, to_k, to_v, to_out.0], init_lora_weights=False))`` on a meta-device copy of the UNet, then
@@ -49,8 +54,9 @@ On CPU the run uses one torch thread unless ``--threads`` says otherwise (see ``
 
 
 # Layout: ``cli`` (arguments, the run, the JSON), ``config`` (sizes per shape), ``fixtures`` (pipeline,
-# adapter files, the shared ``Bench`` state), one module per phase (``cold``, ``switch``, ``unet_step``,
-# ``request``, ``mixed``, ``memory``), ``timing`` (the measuring helpers every phase uses), ``report``
-# (the table and its targets) and ``machine`` (load average, RSS, logging).
+# adapter files, the shared ``Bench`` state), ``sdxl`` (the SDXL-shaped random pipelines), one module
+# per phase (``cold``, ``switch``, ``unet_step``, ``request``, ``mixed``, ``memory``), ``timing`` (the
+# measuring helpers every phase uses), ``report`` (the table and its targets) and ``machine`` (load
+# average, RSS, logging).
 
 SUMMARY = (__doc__ or "").split("\n")[0]  # the first line: ``--help``'s description

@@ -19,9 +19,9 @@ import torch
 
 from . import SUMMARY
 from .cold import bench_cold
-from .config import CUDA_OVERRIDES, MIB, RESULTS_DIR, SIZES, Sizes
+from .config import CUDA_OVERRIDES, MIB, MODEL_CACHE, RESULTS_DIR, SHAPES, SIZES, Sizes
 from .fixtures import Bench, build_bench
-from .machine import loadavg, log, quiet_libraries, rss_bytes
+from .machine import loadavg, log, peak_rss_bytes, quiet_libraries, rss_bytes
 from .memory import bench_memory
 from .mixed import bench_mixed
 from .paths import bench_paths
@@ -42,6 +42,8 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "preload": bench_preload,
 }
 
+PROMPT_PHASES = {"request", "mixed"}  # the phases that encode prompts (the others call the UNet directly)
+
 
 @dataclass(frozen=True)
 class Run:
@@ -57,7 +59,7 @@ class Run:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench_swap", description=SUMMARY)
-    parser.add_argument("--shape", choices=["tiny", "sd15"], required=True)
+    parser.add_argument("--shape", choices=SHAPES, required=True)
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
@@ -78,6 +80,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "every number 3-4× slower and noisy; on CUDA: torch's default)",
     )
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: loadtests/results/…)")
+    parser.add_argument(
+        "--model-cache",
+        type=Path,
+        default=MODEL_CACHE,
+        help="where the sdxl shapes keep their random fp16 weights, keyed by configs and seed "
+        "(default: loadtests/results/models)",
+    )
     return parser.parse_args(argv)
 
 
@@ -115,24 +124,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = describe_run(run, sys.argv[1:] if argv is None else argv)
     rss_start = rss_bytes()
     with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
-        bench, described = build_bench(run.shape, run.sizes, run.device, run.dtype, Path(tmp))
+        bench, described = build_bench(
+            run.shape,
+            run.sizes,
+            run.device,
+            run.dtype,
+            Path(tmp),
+            model_cache=args.model_cache,
+            prompts=bool(PROMPT_PHASES & set(run.phases)),
+        )
         meta.update(
             described,
             sizes=asdict(run.sizes),
             rss_at_start_bytes=rss_start,
             rss_after_setup_bytes=rss_bytes(),
+            peak_rss_after_setup_bytes=peak_rss_bytes(),
             setup_s=round(time.perf_counter() - started, 2),
         )
         log(f"setup done in {meta['setup_s']} s ({meta['lora_modules']} LoRA modules)")
+        suffix = "-quick" if run.quick else ""
+        output = args.output or RESULTS_DIR / f"bench_swap-{run.shape}-{run.device.type}{suffix}.json"
         for name in run.phases:
             PHASES[name](bench)
+            # what has been measured so far, in case a long run is stopped ("complete": false until the end)
+            partial = {"meta": meta | {"complete": False}, "targets": TARGETS, "results": bench.results}
+            write_json(output, partial | {"table": render(table_rows(bench.results, run.device))})
         bench.manager.remove()
 
     meta["load_average_end"] = loadavg()
+    meta["peak_rss_bytes"] = peak_rss_bytes()
     meta["wall_s"] = round(time.perf_counter() - started, 2)
+    meta["complete"] = True
     table = render(table_rows(bench.results, run.device))
-    suffix = "-quick" if run.quick else ""
-    output = args.output or RESULTS_DIR / f"bench_swap-{run.shape}-{run.device.type}{suffix}.json"
     write_json(output, {"meta": meta, "targets": TARGETS, "results": bench.results, "table": table})
     print_summary(run, meta, table)
     failed = [name for name, out in bench.results.items() if "error" in out]
@@ -199,5 +222,9 @@ def print_summary(run: Run, meta: dict[str, Any], table: str) -> None:
         f"adapters: {sizes.adapters} × rank {sizes.rank} on {meta['lora_modules']} attention modules, "
         f"{meta['adapter_file_bytes'] / MIB:.2f} MiB {sizes.file_dtype} each; "
         f"UNet {meta['unet_params'] / 1e6:.0f}M params"
+    )
+    print(
+        f"peak RSS {meta['peak_rss_bytes'] / MIB / 1024:.2f} GiB "
+        f"(after setup {meta['rss_after_setup_bytes'] / MIB / 1024:.2f} GiB; per phase in the JSON)"
     )
     print(table)

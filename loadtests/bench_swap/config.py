@@ -144,7 +144,91 @@ SIZES: dict[tuple[str, bool], Sizes] = {
         mem_forward=False,
         mem_forward_px=64,
     ),
+    # SDXL-shaped (loadtests/bench_swap/sdxl.py): the UNet alone is 9.6 GiB in fp32 and one CFG UNet
+    # forward takes 53 s at 128 px and 80-100 s at 256 px on one thread of the shared 2-core machine, so
+    # the CPU request rows run 128 px, 2 steps (the issue's "small size").
+    ("sdxl", False): Sizes(
+        rank=16,
+        adapters=64,
+        resident=(1, 4, 16, 64),
+        cold_repeats=3,
+        hotswap_repeats=2,
+        set_adapters_calls=3,
+        switch_loops=20000,
+        switch_samples=8,
+        acquire_loops=2000,
+        request_px=128,
+        request_steps=2,
+        request_repeats=2,
+        forward_repeats=1,
+        no_hooks=False,
+        mixed_requests=4,
+        mixed_px=128,
+        mixed_steps=1,
+        mixed_repeats=1,
+        mem_adapters=50,
+        mem_device_slots=8,
+        mem_swaps=500,
+        mem_forward=False,
+        mem_forward_px=64,
+    ),
+    ("sdxl", True): Sizes(
+        rank=16,
+        adapters=4,
+        resident=(1, 4),
+        cold_repeats=2,
+        hotswap_repeats=1,
+        set_adapters_calls=2,
+        switch_loops=200,
+        switch_samples=2,
+        acquire_loops=20,
+        request_px=64,
+        request_steps=1,
+        request_repeats=3,
+        forward_repeats=1,
+        no_hooks=False,
+        mixed_requests=2,
+        mixed_px=64,
+        mixed_steps=1,
+        mixed_repeats=1,
+        mem_adapters=4,
+        mem_device_slots=2,
+        mem_swaps=40,
+        mem_forward=False,
+        mem_forward_px=64,
+    ),
+    # tiny-sdxl-random's shape through the sdxl code path, for the tests (seconds)
+    ("tiny-sdxl", True): Sizes(
+        rank=4,
+        adapters=3,
+        resident=(1, 3),
+        cold_repeats=1,
+        hotswap_repeats=1,
+        set_adapters_calls=1,
+        switch_loops=50,
+        switch_samples=2,
+        acquire_loops=10,
+        request_px=32,
+        request_steps=1,
+        request_repeats=1,
+        forward_repeats=1,
+        no_hooks=True,
+        mixed_requests=2,
+        mixed_px=32,
+        mixed_steps=1,
+        mixed_repeats=1,
+        mem_adapters=3,
+        mem_device_slots=2,
+        mem_swaps=10,
+        mem_forward=True,
+        mem_forward_px=32,
+    ),
 }
+SIZES[("tiny-sdxl", False)] = SIZES[("tiny-sdxl", True)]
+SHAPES = tuple(dict.fromkeys(shape for shape, _quick in SIZES))
+
+# Where the sdxl shapes keep their random weights (fp16, keyed by configs and seed; git-ignored).
+MODEL_CACHE = RESULTS_DIR / "models"
 
 # On CUDA the whole sd15 run is cheap: use SD1.5's real 512 px and 20 steps for the request numbers.
 CUDA_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -159,5 +243,19 @@ CUDA_OVERRIDES: dict[str, dict[str, Any]] = {
         "mixed_repeats": 3,
         "mem_forward": True,
         "mem_forward_px": 512,
-    }
+    },
+    # SDXL's own 1024 px, 30 steps for the request rows (not run yet: no GPU was available)
+    "sdxl": {
+        "request_px": 1024,
+        "request_steps": 30,
+        "request_repeats": 5,
+        "forward_repeats": 10,
+        "no_hooks": True,
+        "mixed_px": 1024,
+        "mixed_steps": 30,
+        "mixed_repeats": 3,
+        "mixed_requests": 8,
+        "mem_forward": True,
+        "mem_forward_px": 1024,
+    },
 }

@@ -29,8 +29,10 @@ from service.lora.request import AppliedAdapter
 from service.lora.weights import DeviceAdapter
 from service.metrics import Metrics
 
-from .config import GUIDANCE, PROMPT, SCHEDULER, TARGET_MODULES, Sizes
-from .machine import loadavg, log
+from .config import GUIDANCE, MODEL_CACHE, PROMPT, SCHEDULER, TARGET_MODULES, Sizes
+from .machine import loadavg, log, peak_rss_bytes, release_memory, rss_bytes
+from .sdxl import SHAPES as SDXL_SHAPES
+from .sdxl import build_sdxl_pipeline
 
 UNBOUNDED = 1 << 40  # a cache budget nothing in the benchmark reaches
 FILE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -39,7 +41,24 @@ FILE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # -- the model and the adapter files -----------------------------------------------------------------
 
 
-def build_pipeline(shape: str) -> Any:
+def build_pipeline(
+    shape: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    model_cache: Path | None = MODEL_CACHE,
+    prompts: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """The shape's pipeline on ``device`` in ``dtype``, and how it was made (for the JSON). The SDXL
+    shapes keep their random weights under ``model_cache`` (None: drawn every time, not kept) and, when
+    no phase encodes a prompt (``prompts`` False), leave their text encoders without weights."""
+    if shape in SDXL_SHAPES:
+        return build_sdxl_pipeline(SDXL_SHAPES[shape](), device, dtype, model_cache, text_encoders=prompts)
+    pipe = build_sd_pipeline(shape)
+    pipe.to(device=device, dtype=dtype)
+    return pipe, {}
+
+
+def build_sd_pipeline(shape: str) -> Any:
     """tiny-sd, or an SD1.5-shaped random-init pipeline from the shipped configs (nothing downloaded)."""
     if shape == "tiny":
         from basemodel.tiny import build_tiny_pipeline
@@ -137,6 +156,12 @@ class Bench:
         """A cache whose device and host tiers hold every adapter."""
         return self.new_cache(device_bytes=UNBOUNDED, host_bytes=UNBOUNDED)[0]
 
+    def device_only_cache(self) -> AdapterCache:
+        """A cache whose device tier holds every adapter and whose host tier keeps only the last one
+        (the file's tensors are not kept beside the ready-to-run copy: an SDXL rank-16 adapter is 46 MB
+        of fp16 tensors and 93 MB ready to run in fp32)."""
+        return self.new_cache(device_bytes=UNBOUNDED, host_bytes=0)[0]
+
     def params(
         self, px: int, steps: int, seed: int = 0, adapters: tuple[AppliedAdapter, ...] = ()
     ) -> SampleParams:
@@ -150,14 +175,20 @@ class Bench:
 
 
 def build_bench(
-    shape: str, sizes: Sizes, device: torch.device, dtype: torch.dtype, workdir: Path
+    shape: str,
+    sizes: Sizes,
+    device: torch.device,
+    dtype: torch.dtype,
+    workdir: Path,
+    model_cache: Path | None = MODEL_CACHE,
+    prompts: bool = True,
 ) -> tuple[Bench, dict[str, Any]]:
     """The pipeline on ``device``, the adapter files, registered in a local store; and what they are."""
     log(f"building {shape} on {device} ({str(dtype).removeprefix('torch.')})")
-    pipe = build_pipeline(shape)
-    pipe.to(device=device, dtype=dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval()  # as from_pretrained leaves them (built models start in training mode)
+    pipe, made = build_pipeline(shape, device, dtype, model_cache, prompts)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # as from_pretrained leaves them (built models start in training mode)
     family = detect_pipeline(pipe)
     identity = BaseIdentity(
         name=f"bench-{shape}",
@@ -172,8 +203,12 @@ def build_bench(
     manager = LoRAModelManager(family.lora_components(pipe))
     bench = Bench(shape, sizes, device, dtype, pipe, manager, registry, versions, files, workdir)
     described = {
+        **made,
         "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
-        "text_encoder_params": sum(p.numel() for p in pipe.text_encoder.parameters()),
+        **{
+            f"{name}_params": sum(p.numel() for p in getattr(pipe, name).parameters())
+            for name in family.text_encoders
+        },
         "lora_modules": len(layout) // 2,
         "lora_rank": sizes.rank,
         "lora_targets": TARGET_MODULES,
@@ -203,6 +238,8 @@ def phase(bench: Bench, name: str) -> Iterator[dict[str, Any]]:
     finally:
         out["wall_s"] = round(time.perf_counter() - started, 2)
         out["load_average_end"] = loadavg()
+        release_memory()  # what the phase freed goes back to the OS before the next one
+        out["rss_end_bytes"], out["peak_rss_bytes"] = rss_bytes(), peak_rss_bytes()
         bench.results[name] = out
         log(f"{name} done in {out['wall_s']} s")
 
@@ -214,6 +251,26 @@ def assert_no_peft_layers(bench: Bench) -> None:
         if name.startswith("unet."):
             assert modules.get(name[len("unet.") :]) is module, f"{name} was replaced"
     assert not any("lora_" in name for name in modules), "peft layers left in the UNet"
+
+
+def random_unet_kwargs(
+    bench: Bench, batch: int, px: int, generator: torch.Generator | None = None
+) -> dict[str, Any]:
+    """What a direct UNet call takes besides latents and timestep, drawn at random: 77 tokens of the
+    UNet's cross-attention width and, for a UNet with ``text_time`` added conditioning (SDXL), pooled
+    text embeddings and the time ids of a ``px`` × ``px`` image (crop 0, 0)."""
+    config = bench.pipe.unet.config
+    hidden = torch.randn(batch, 77, int(config.cross_attention_dim), generator=generator)
+    kwargs: dict[str, Any] = {"encoder_hidden_states": hidden.to(bench.device, bench.dtype)}
+    if config.get("addition_embed_type") == "text_time":
+        width = int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+        pooled = torch.randn(batch, width, generator=generator)
+        time_ids = torch.tensor([[px, px, 0, 0, px, px]] * batch, dtype=torch.float32)
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": pooled.to(bench.device, bench.dtype),
+            "time_ids": time_ids.to(bench.device, bench.dtype),
+        }
+    return kwargs
 
 
 def images_diff(a: Sequence[Any], b: Sequence[Any]) -> float:

@@ -22,6 +22,25 @@ def rss_bytes() -> int:
         return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (``ru_maxrss``; Linux reports KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS (glibc's ``malloc_trim``), so that what
+    one phase freed is not counted in the next one's RSS."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def cuda_memory(device: torch.device) -> dict[str, int] | None:
     if device.type != "cuda":
         return None

@@ -18,7 +18,7 @@ from service.lora.model_manager import ActiveLoRA
 from service.metrics import Metrics
 
 from .config import MIB
-from .fixtures import Bench, phase
+from .fixtures import Bench, phase, random_unet_kwargs
 from .machine import cuda_memory, rss_bytes
 from .timing import sync
 
@@ -30,14 +30,14 @@ class Swapper:
     bench: Bench
     cache: AdapterCache
     x: torch.Tensor
-    hidden: torch.Tensor
+    conditioning: dict[str, Any]  # encoder_hidden_states (and SDXL's added conditioning)
 
     async def swap(self, version: AdapterVersion) -> None:
         adapter = await self.cache.acquire(version)
         try:
             with self.bench.manager.activate([ActiveLoRA(adapter, 1.0)]), torch.no_grad():
                 if self.bench.sizes.mem_forward:
-                    self.bench.pipe.unet(self.x, 500, encoder_hidden_states=self.hidden, return_dict=False)
+                    self.bench.pipe.unet(self.x, 500, **self.conditioning, return_dict=False)
         finally:
             self.cache.release(version)
 
@@ -54,9 +54,9 @@ def bench_memory(bench: Bench) -> None:
         )
         latent = s.mem_forward_px // int(bench.pipe.vae_scale_factor)
         x = torch.randn(1, 4, latent, latent).to(device, bench.dtype)
-        hidden = torch.randn(1, 77, int(bench.pipe.text_encoder.config.hidden_size)).to(device, bench.dtype)
+        conditioning = random_unet_kwargs(bench, 1, s.mem_forward_px)
         trace: list[dict[str, float]] = []
-        result = asyncio.run(swap_many(Swapper(bench, cache, x, hidden), versions, trace))
+        result = asyncio.run(swap_many(Swapper(bench, cache, x, conditioning), versions, trace))
         resident = len(cache.resident())
         cache.close()
         out.update(

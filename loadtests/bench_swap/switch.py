@@ -95,7 +95,7 @@ def our_switches(bench: Bench, counts: Sequence[int]) -> tuple[Samples, Samples]
     caches = []
     variants: list[Variant[tuple[str, int]]] = []
     for count in counts:
-        cache = bench.unbounded_cache()
+        cache = bench.device_only_cache()
         caches.append(cache)
         versions = bench.versions[:count]
         pool = [cache.load_blocking(v) for v in versions]

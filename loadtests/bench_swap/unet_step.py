@@ -9,7 +9,7 @@ import torch
 from service.lora.model_manager import ActiveLoRA
 from service.lora.weights import DeviceAdapter
 
-from .fixtures import Bench, assert_no_peft_layers, phase
+from .fixtures import Bench, assert_no_peft_layers, phase, random_unet_kwargs
 from .machine import log
 from .timing import Variant, medians, paired, rotated, rounds, timed
 
@@ -56,12 +56,11 @@ def step_variants(
     latent = bench.sizes.request_px // int(pipe.vae_scale_factor)
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(BATCH, 4, latent, latent, generator=generator).to(device, bench.dtype)
-    hidden_size = int(pipe.text_encoder.config.hidden_size)
-    hidden = torch.randn(BATCH, 77, hidden_size, generator=generator).to(device, bench.dtype)
+    conditioning = random_unet_kwargs(bench, BATCH, bench.sizes.request_px, generator)
 
     @torch.no_grad()
     def forward(label: str) -> None:
-        result = pipe.unet(x, 500, encoder_hidden_states=hidden, return_dict=False)[0]
+        result = pipe.unet(x, 500, **conditioning, return_dict=False)[0]
         outputs[label] = torch.as_tensor(result).float()
 
     def base() -> float:
