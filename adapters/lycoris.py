@@ -29,18 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.errors import AdapterIncompatible, AdapterInvalid
+from adapters.errors import AdapterInvalid
 from adapters.kinds import (
     CANONICAL_KEY,
     KIND_LABELS,
     LYCORIS_ROLES,
     ROLE_KIND,
-    ShapeProblem,
-    StructureProblem,
     check_module,
     fold,
     group,
-    reported_rank,
     uses_alpha,
 )
 from adapters.metadata import SourceFormat
@@ -53,7 +50,7 @@ from adapters.normalise import (
     _ParsedKey,
     _path_variants,
 )
-from adapters.validate import DTYPE_NAMES, check_alpha, check_modules_exist, check_rank, first
+from adapters.validate import DTYPE_NAMES, check_alpha, check_kind_modules, check_modules_exist, first
 from basemodel.fingerprint import Architecture
 
 _ROLE_PATTERN = "|".join(re.escape(r) for r in (*LYCORIS_ROLES, "lora_down.weight", "lora_up.weight"))
@@ -90,34 +87,14 @@ def normalise_lycoris(
     _check_components(parsed, architecture)
     modules = _group(tensors, parsed, roles, architecture)
     kind = _kind(modules)
-    ranks: dict[str, int] = {}
-    low_ranks: dict[str, int] = {}
-    shapes_wrong: dict[str, str] = {}
-    for module, parts in modules.items():
-        factors = {r: t for r, t in parts.tensors.items() if r != "alpha"}
-        try:
-            rank, shape = check_module(kind, factors, architecture.shape_of(module))
-        except StructureProblem as exc:
-            raise AdapterInvalid(
-                f"{KIND_LABELS[kind]} module {module} is incomplete: {exc}",
-                reason="incomplete_pair",
-                detail={"modules": [module], "keys": sorted(parts.keys.values())},
-            ) from None
-        except ShapeProblem as exc:
-            shapes_wrong[module] = str(exc)
-            continue
-        ranks[module] = reported_rank(rank, shape)
-        if rank is not None:
-            low_ranks[module] = rank
-    if shapes_wrong:
-        shown = first(shapes_wrong)
-        raise AdapterIncompatible(
-            f"{len(shapes_wrong)} {KIND_LABELS[kind]} module(s) do not match the base model's module shapes, "
-            f"e.g. {shown[0]}: {shapes_wrong[shown[0]]}",
-            reason="shape_mismatch",
-            detail={"modules": {m: shapes_wrong[m] for m in shown}, "count": len(shapes_wrong)},
-        )
-    check_rank(low_ranks, max_rank)
+    ranks, low_ranks = check_kind_modules(
+        kind,
+        {m: {r: t for r, t in parts.tensors.items() if r != "alpha"} for m, parts in modules.items()},
+        {m: architecture.shape_of(m) for m in modules},
+        max_rank,
+        label=KIND_LABELS[kind],
+        keys={m: parts.keys.values() for m, parts in modules.items()},
+    )
     dtypes = {t.dtype for parts in modules.values() for r, t in parts.tensors.items() if r != "alpha"}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     canonical: dict[str, torch.Tensor] = {}

@@ -224,6 +224,51 @@ def check_canonical(
     return CanonicalSummary(ranks=ranks, dtype=dtypes.pop(), kind=kind)
 
 
+def check_kind_modules(
+    kind: str,
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    shapes: Mapping[str, tuple[int, ...] | None],
+    max_rank: int | None,
+    *,
+    label: str = "",
+    keys: Mapping[str, Iterable[str]] | None = None,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Each module's factors against its kind's structure and the base module's shape (``None``: no
+    base to check against). Returns the rank reported per module and the low rank of the modules that
+    have one (LoRA, LoHa, factored LoKr). ``label`` names the kind in messages, ``keys`` the file's
+    keys of each module (shown when one is incomplete)."""
+    noun = f"{label} module" if label else "module"
+    ranks: dict[str, int] = {}
+    low: dict[str, int] = {}
+    problems: dict[str, str] = {}
+    for module, factors in modules.items():
+        try:
+            rank, shape = kinds.check_module(kind, factors, shapes[module])
+        except kinds.StructureProblem as exc:
+            detail: dict[str, object] = {"modules": [module]}
+            if keys is not None:
+                detail["keys"] = sorted(keys[module])
+            raise AdapterInvalid(
+                f"{noun} {module} is incomplete: {exc}", reason="incomplete_pair", detail=detail
+            ) from None
+        except kinds.ShapeProblem as exc:
+            problems[module] = str(exc)
+            continue
+        ranks[module] = kinds.reported_rank(rank, shape)
+        if rank is not None:
+            low[module] = rank
+    if problems:
+        shown = first(problems)
+        raise AdapterIncompatible(
+            f"{len(problems)} {noun}(s) do not match the base model's module shapes, "
+            f"e.g. {shown[0]}: {problems[shown[0]]}",
+            reason="shape_mismatch",
+            detail={"modules": {m: problems[m] for m in shown}, "count": len(problems)},
+        )
+    check_rank(low, max_rank)
+    return ranks, low
+
+
 def _lycoris_canonical(
     tensors: Mapping[str, torch.Tensor], architecture: Architecture | None, max_rank: int | None
 ) -> tuple[dict[str, int], str]:
@@ -243,33 +288,6 @@ def _lycoris_canonical(
     kind = found.pop()
     if architecture is not None:
         check_modules_exist(modules, architecture)
-    ranks: dict[str, int] = {}
-    low: dict[str, int] = {}
-    problems: dict[str, str] = {}
-    for module, factors in modules.items():
-        try:
-            rank, shape = kinds.check_module(
-                kind, factors, architecture.shape_of(module) if architecture is not None else None
-            )
-        except kinds.StructureProblem as exc:
-            raise AdapterInvalid(
-                f"module {module} is incomplete: {exc}",
-                reason="incomplete_pair",
-                detail={"modules": [module]},
-            ) from None
-        except kinds.ShapeProblem as exc:
-            problems[module] = str(exc)
-            continue
-        ranks[module] = kinds.reported_rank(rank, shape)
-        if rank is not None:
-            low[module] = rank
-    if problems:
-        shown = first(problems)
-        raise AdapterIncompatible(
-            f"{len(problems)} module(s) do not match the base model's module shapes, "
-            f"e.g. {shown[0]}: {problems[shown[0]]}",
-            reason="shape_mismatch",
-            detail={"modules": {m: problems[m] for m in shown}, "count": len(problems)},
-        )
-    check_rank(low, max_rank)
+    shapes = {m: architecture.shape_of(m) if architecture is not None else None for m in modules}
+    ranks, _ = check_kind_modules(kind, modules, shapes, max_rank)
     return ranks, kind
