@@ -76,7 +76,8 @@ def scrape_with(base: Any) -> dict[str, float]:
     """``GET /metrics``'s handler on a fake runtime whose model (or ``None``) is ``base``."""
     metrics = Metrics()
     runtime = SimpleNamespace(base=base, worker=SimpleNamespace(depth=3))
-    response = asyncio.run(HealthController.metrics.fn(None, metrics=metrics, runtime=runtime))
+    jobs = SimpleNamespace(observe=lambda: None)  # the job gauges are set at scrape too
+    response = asyncio.run(HealthController.metrics.fn(None, metrics=metrics, runtime=runtime, jobs=jobs))
     return values(response.content.decode())
 
 
