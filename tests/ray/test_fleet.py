@@ -118,7 +118,8 @@ def test_same_app_behind_the_ingress(fleet: str) -> None:
     missing = generate(fleet, "no-such-adapter")
     assert missing.status_code == 404, missing.text
     assert httpx.get(f"{fleet}/readyz", timeout=60).json()["status"] == "ready"
-    too_big = httpx.post(f"{fleet}/v1/generate", content=b"x" * (2 << 20), timeout=60)
+    limit = Settings(home=Path("/nonexistent")).max_body_bytes  # the fleet runs with the default
+    too_big = httpx.post(f"{fleet}/v1/generate", content=b"x" * (limit + 1), timeout=60)
     assert too_big.status_code == 413, too_big.text
 
 
