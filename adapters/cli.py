@@ -18,7 +18,7 @@ from adapters.format import Limits, load_source, write_adapter, write_kohya
 from adapters.fsck import verify_store
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata
-from adapters.prepare import check_open_compatible, prepare
+from adapters.prepare import Prepared, check_open_compatible, prepare
 from adapters.registry import Registry
 from basemodel.errors import LoraswapError
 from basemodel.settings import Settings, load_settings
@@ -212,15 +212,7 @@ def _convert(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.output.suffix.lower() != ".safetensors":
         raise AdapterInvalid("the output file must end in .safetensors", reason="bad_output")
-    limits = Limits(max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes)
-    base = _base(settings)
-    prepared = prepare(
-        load_source(args.file, limits),
-        base,
-        AdapterMetadata(),
-        max_rank=settings.max_lora_rank,
-        limits=limits,
-    )
+    base, prepared = _prepared_file(args.file, settings)
     if args.to == "diffusers" and prepared.metadata.kind not in (None, "lora"):
         raise AdapterInvalid(
             f"a {prepared.metadata.kind} adapter has no diffusers (PEFT LoRA) layout: diffusers' "
@@ -238,18 +230,20 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    """Run every registration check on a file (nothing is stored) and print its summary as JSON."""
-    settings = _settings(args)
+def _prepared_file(path: Path, settings: Settings) -> tuple[BaseIdentity, Prepared]:
+    """The base identity and ``path`` through every registration check (nothing is stored)."""
     limits = Limits(max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes)
     base = _base(settings)
     prepared = prepare(
-        load_source(args.file, limits),
-        base,
-        AdapterMetadata(),
-        max_rank=settings.max_lora_rank,
-        limits=limits,
+        load_source(path, limits), base, AdapterMetadata(), max_rank=settings.max_lora_rank, limits=limits
     )
+    return base, prepared
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Run every registration check on a file (nothing is stored) and print its summary as JSON."""
+    settings = _settings(args)
+    base, prepared = _prepared_file(args.file, settings)
     meta = prepared.metadata
     _print_json(
         {
