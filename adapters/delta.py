@@ -11,7 +11,15 @@ tensors have it folded in already, so they pass 1.0):
 * LoKr: ``ΔW = (W1 ⊗ W2) · scale`` (Kronecker product), ``W1 = lokr_w1`` or ``lokr_w1_a · lokr_w1_b``
   ``[a, c]``, ``W2 = lokr_w2`` or ``lokr_w2_a · lokr_w2_b`` ``[b, d(·kh·kw)]`` or, with a Tucker core,
   ``einsum('ijkl,ip,jr->prkl', lokr_t2, lokr_w2_a, lokr_w2_b)``; ``a·b = out``, ``c·d = in``;
-* full (``diff``): ``ΔW = diff`` (no alpha), and ``diff_b`` is added to the bias.
+* full (``diff``): ``ΔW = diff`` (no alpha), and ``diff_b`` is added to the bias;
+* DoRA: not additive by itself. With the LoRA part ``ΔW = up · down`` (alpha/rank folded in) the file's
+  weight is ``W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)``, the norm taken along the axis the magnitude ``m``
+  declares (``dora_scale`` ``[1, in]``: per input column, LyCORIS' default; ``[out, 1]``: per output row;
+  PEFT's ``dora_magnitude`` ``[out]``: per output row) and ``eps`` the fp32 machine epsilon LyCORIS adds.
+  ``dora_module_delta`` turns it into a dense delta against the base weight ``W`` at weight ``s``:
+  kohya/LyCORIS files (``dora_scale``) follow ComfyUI, ``W + s·(W' − W)`` — linear in ``s``; PEFT
+  files (``dora_magnitude``) follow PEFT's ``use_dora`` forward, the weight inside the norm:
+  ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ − W`` — one delta per distinct ``s``.
 
 Every result is reshaped to the base weight's shape (a linear LoRA stored 4-D, LoHa's flattened conv
 factors). Nothing here knows about files, names or validation (``adapters.kinds`` checks shapes first).
@@ -23,8 +31,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from adapters.errors import AdapterIncompatible
+from adapters.kinds import dora_axis
+
 __all__ = [
     "bias_delta",
+    "dora_is_linear",
+    "dora_module_delta",
+    "dora_weight",
     "full_delta",
     "loha_delta",
     "lokr_delta",
@@ -129,7 +143,52 @@ def module_delta(
         return lokr_delta(w1, w2, shape, scale)
     if kind == "full":
         return _scaled(full_delta(factors["diff"], shape), scale)
+    if kind == "dora":
+        raise ValueError("a DoRA module's delta depends on the base weight: use dora_module_delta")
     raise ValueError(f"unknown adapter kind {kind!r}")
+
+
+DORA_EPS = torch.finfo(torch.float32).eps
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torch.Tensor:
+    """``m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)`` in fp32, the norm per output row (``axis="out"``) or per
+    input column (``"in"``: over the output rows and the kernel)."""
+    merged = _f32(weight) + _f32(delta)
+    if axis == "out":
+        norm = merged.flatten(1).norm(dim=1).view(-1, *([1] * (merged.dim() - 1)))
+    else:
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *([1] * (merged.dim() - 2)))
+    if not bool(torch.isfinite(norm).all()) or bool((norm == 0).any()):
+        raise AdapterIncompatible(
+            "a DoRA module's W + ΔW has a zero or non-finite norm along its magnitude's axis, so its "
+            "direction is undefined",
+            reason="dora_zero_norm",
+            hint="The file does not fit this base model's weights; check it was trained on this base.",
+        )
+    return merged * (_f32(magnitude).reshape(norm.shape) / (norm + DORA_EPS))
+
+
+def dora_is_linear(factors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a DoRA module's delta is linear in its weight (kohya/LyCORIS ``dora_scale``: ComfyUI's
+    rule) rather than PEFT's (``dora_magnitude``: the weight inside the norm)."""
+    return "dora_scale" in factors
+
+
+def dora_module_delta(
+    factors: Mapping[str, torch.Tensor], weight: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """The dense fp32 delta that moves the base ``weight`` to a DoRA module's weight at ``scale``."""
+    shape = tuple(weight.shape)
+    delta = lora_delta(factors["dora_down"], factors["dora_up"], shape)
+    base = _f32(weight)
+    if dora_is_linear(factors):
+        magnitude = factors["dora_scale"]
+        axis = dora_axis(tuple(magnitude.shape), shape)
+        if axis is None:
+            raise ValueError(f"dora_scale {list(magnitude.shape)} does not fit the weight {list(shape)}")
+        return _scaled(dora_weight(base, delta, magnitude, axis) - base, scale)
+    return dora_weight(base, _scaled(delta, scale), factors["dora_magnitude"], "out") - base
 
 
 def bias_delta(kind: str, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:

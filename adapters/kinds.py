@@ -18,7 +18,12 @@ in·kh·kw`` (``in`` for a Linear):
   ``c·x = flat`` with ``x`` a multiple of ``kh·kw`` (2-D ``W2``). The rank is that of the low-rank
   halves (both the same when both factors have them); a LoKr of two full factors has none and applies
   at scale 1.0 whatever its alpha, as in LyCORIS;
-* full: ``diff`` the base weight's shape, optional ``diff_b`` ``[out]``.
+* full: ``diff`` the base weight's shape, optional ``diff_b`` ``[out]``;
+* DoRA: ``dora_down`` ``[r, in(, kh, kw)]`` and ``dora_up`` ``[out, r(, 1, 1)]`` as a LoRA's halves, and
+  one magnitude: ``dora_scale`` (kohya/LyCORIS files: ``[1, in(, 1, 1)]`` — one norm per input column,
+  LyCORIS' default — or ``[out, 1(, 1, 1)]`` with ``wd_on_out``; the shape names the axis) or
+  ``dora_magnitude`` ``[out]`` (PEFT's ``lora_magnitude_vector``: one norm per output row). Which of the
+  two a module holds also names its weight rule (``adapters.delta.dora_module_delta``).
 
 A module with no rank (full diffs, LoKr of full factors) reports the rank of its ΔW's shape
 (``min(out, flat)``) in the metadata; ``max_rank`` bounds only real low ranks (the file size limit
@@ -34,18 +39,30 @@ from typing import Literal
 
 import torch
 
-AdapterKind = Literal["lora", "loha", "lokr", "full"]
-KIND_LABELS: dict[str, str] = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full-weight diff"}
+AdapterKind = Literal["lora", "loha", "lokr", "full", "dora"]
+KIND_LABELS: dict[str, str] = {
+    "lora": "LoRA",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "full": "full-weight diff",
+    "dora": "DoRA",
+}
 ROLES: dict[str, tuple[str, ...]] = {
     "lora": ("lora_A.weight", "lora_B.weight"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "full": ("diff", "diff_b"),
+    "dora": ("dora_down", "dora_up", "dora_scale", "dora_magnitude"),
 }
-LYCORIS_KINDS = ("loha", "lokr", "full")
+LYCORIS_KINDS = ("loha", "lokr", "full", "dora")
 ROLE_KIND: dict[str, str] = {role: kind for kind, roles in ROLES.items() for role in roles}
 LYCORIS_ROLES = tuple(role for kind in LYCORIS_KINDS for role in ROLES[kind])
-FOLDED_INTO = {"lora": "lora_B.weight", "loha": "hada_w1_a", "lokr": ("lokr_w1", "lokr_w1_a")}
+FOLDED_INTO = {
+    "lora": "lora_B.weight",
+    "loha": "hada_w1_a",
+    "lokr": ("lokr_w1", "lokr_w1_a"),
+    "dora": "dora_up",
+}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 CANONICAL_KEY = re.compile(
     rf"^(?P<module>(?:{'|'.join(COMPONENTS)})\..+)\."
@@ -111,6 +128,8 @@ def check_module(
         return _lokr(factors, base)
     if kind == "full":
         return _full(factors, base)
+    if kind == "dora":
+        return _dora(factors, base)
     raise StructureProblem(f"unknown adapter kind {kind!r}")
 
 
@@ -222,6 +241,44 @@ def _full(factors: Mapping[str, torch.Tensor], base: Shape | None) -> tuple[None
     if bias is not None and bias != (shape[0],):
         raise ShapeProblem(f"diff_b {list(bias)}, expected [{shape[0]}]")
     return None, shape
+
+
+def dora_axis(magnitude: Shape, weight: Shape) -> Literal["in", "out"] | None:
+    """The axis a kohya/LyCORIS ``dora_scale`` of shape ``magnitude`` normalises a weight of shape
+    ``weight`` along: ``"in"`` for ``[1, in(, 1, 1)]``, ``"out"`` for ``[out, 1(, 1, 1)]``, else None."""
+    if len(magnitude) not in (2, len(weight)) or any(d != 1 for d in magnitude[2:]):
+        return None
+    out, inner = weight[0], weight[1]
+    if magnitude[:2] == (1, inner):
+        return "in"
+    if magnitude[:2] == (out, 1):
+        return "out"
+    return None
+
+
+def _dora(factors: Mapping[str, torch.Tensor], base: Shape | None) -> tuple[int, Shape]:
+    down, up = _need(factors, "dora_down", "dora_up")
+    scale, magnitude = _shape(factors, "dora_scale"), _shape(factors, "dora_magnitude")
+    if (scale is None) == (magnitude is None):
+        raise StructureProblem("one magnitude: dora_scale (kohya/LyCORIS) or dora_magnitude (PEFT)")
+    described = f"dora_down {list(down)} / dora_up {list(up)}"
+    if len(down) not in (2, 4) or len(up) != len(down) or (len(up) == 4 and up[2:] != (1, 1)):
+        raise ShapeProblem(f"{described} are not a LoRA's down and up halves")
+    rank = down[0]
+    if up[1] != rank or rank < 1:
+        raise ShapeProblem(f"{described} do not multiply")
+    kernel = down[2:] if len(down) == 4 else ()
+    weight = _fit((up[0], math.prod(down[1:])), base, described)
+    if base is None:
+        weight = (up[0], down[1], *kernel)
+    if scale is not None and dora_axis(scale, weight) is None:
+        raise ShapeProblem(
+            f"dora_scale {list(scale)} fits neither [1, {weight[1]}] (per input column) nor "
+            f"[{weight[0]}, 1] (per output row) of the weight {list(weight)}"
+        )
+    if magnitude is not None and magnitude != (weight[0],):
+        raise ShapeProblem(f"dora_magnitude {list(magnitude)}, expected [{weight[0]}] (one per output row)")
+    return rank, weight
 
 
 def reported_rank(rank: int | None, shape: Shape) -> int:

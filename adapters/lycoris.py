@@ -15,10 +15,19 @@ low-rank half apply ``alpha / rank`` (rank: ``hada_w1_b.shape[0]``, ``lokr_w·_b
 ``alpha = rank``); a LoKr of two full factors and a full diff apply 1.0. The scale is folded into the
 first factor (``adapters.kinds.fold``), so stored adapters apply at weight 1.0 like LoRAs.
 
+DoRA files are read here too: kohya/LyCORIS ``<name>.lora_down.weight`` / ``.lora_up.weight`` /
+``.dora_scale`` (/ ``.alpha``) and PEFT ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` /
+``.lora_magnitude_vector`` (optionally ``base_model.model.``-prefixed, ``.default``-infixed or
+``.weight``-suffixed; alpha from ``.alpha`` keys or the ``alpha`` argument, as for PEFT LoRAs). Their
+canonical form is the ``dora`` kind (``adapters.kinds``): ``dora_down``, ``dora_up`` (alpha/rank folded
+in) and the magnitude as ``dora_scale`` (kept in the file's shape, which names its axis) or
+``dora_magnitude`` ``[out]``.
+
 Refused (typed, nothing stored): a file that mixes kinds (LoRA keys beside LoHa keys, LoHa beside
-LoKr …) with ``mixed_adapter_kinds``; a module with a missing or doubled factor (``incomplete_pair``);
-shapes that do not fit the base module (``shape_mismatch``); unknown keys (``unknown_layout``); and,
-before any of this, DoRA (``dora_scale``), LoCon-Tucker (``lora_mid``) and OFT (``unsupported_adapter_type``).
+LoKr, DoRA modules beside plain LoRA modules …) with ``mixed_adapter_kinds``; a module with a missing or
+doubled factor (``incomplete_pair``); shapes that do not fit the base module, a magnitude of the wrong
+shape included (``shape_mismatch``); unknown keys (``unknown_layout``); and, before any of this,
+LoCon-Tucker (``lora_mid``) and OFT (``unsupported_adapter_type``).
 """
 
 from __future__ import annotations
@@ -59,11 +68,16 @@ KOHYA_KEY = re.compile(
     rf"(?P<name>.+?)\.(?P<role>{_ROLE_PATTERN}|alpha)$"
 )
 CANONICAL_ALPHA = re.compile(r"^(?P<module>(?:unet|text_encoder|text_encoder_2)\..+)\.alpha$")
+PEFT_DORA = re.compile(r"\.(?P<role>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
+PEFT_DORA_ROLES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "dora_magnitude"}
+DORA_MAGNITUDES = ("dora_scale", "dora_magnitude")
+DORA_HALVES = {"lora_A.weight": "dora_down", "lora_B.weight": "dora_up"}
 
 
 def is_lycoris(tensors: Mapping[str, object]) -> bool:
-    """Whether any key names a LyCORIS tensor role (``….hada_w1_a``, ``….lokr_w1``, ``….diff`` …)."""
-    return any(key.rsplit(".", 1)[-1] in LYCORIS_ROLES for key in tensors)
+    """Whether any key names a LyCORIS tensor role (``….hada_w1_a``, ``….lokr_w1``, ``….diff``,
+    ``….dora_scale`` …) or PEFT's DoRA magnitude."""
+    return any(key.rsplit(".", 1)[-1] in LYCORIS_ROLES or "lora_magnitude_vector" in key for key in tensors)
 
 
 @dataclass
@@ -73,9 +87,16 @@ class _Module:
 
 
 def normalise_lycoris(
-    tensors: Mapping[str, torch.Tensor], architecture: Architecture, *, max_rank: int | None = None
+    tensors: Mapping[str, torch.Tensor],
+    architecture: Architecture,
+    *,
+    max_rank: int | None = None,
+    alpha: float | Mapping[str, float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], NormaliseInfo]:
-    """A LyCORIS file (dtype and finiteness already checked) → canonical tensors with scale folded."""
+    """A LyCORIS or DoRA file (dtype and finiteness already checked) → canonical tensors, scale folded.
+
+    ``alpha`` (one number, or module → alpha) stands in for ``.alpha`` keys a PEFT DoRA file lacks."""
+    tensors = _peft_dora_keys(tensors)
     parsed, roles = _parse(tensors)
     layout: SourceFormat = "kohya" if any(p.layout == "kohya" for p in parsed.values()) else "diffusers"
     if len({p.layout for p in parsed.values()}) > 1:
@@ -86,6 +107,8 @@ def normalise_lycoris(
         )
     _check_components(parsed, architecture)
     modules = _group(tensors, parsed, roles, architecture)
+    for parts in modules.values():
+        _as_dora(parts)
     kind = _kind(modules)
     ranks, low_ranks = check_kind_modules(
         kind,
@@ -99,17 +122,59 @@ def normalise_lycoris(
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     canonical: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
+    alpha_default = alpha
     for module, parts in sorted(modules.items()):
         factors = {r: t for r, t in parts.tensors.items() if r != "alpha"}
         scale = 1.0
         alpha = float(ranks[module])
+        default = alpha_default.get(module) if isinstance(alpha_default, Mapping) else alpha_default
         if module in low_ranks and uses_alpha(kind, factors):
-            alpha = _alpha(module, parts, low_ranks[module])
+            alpha = _alpha(module, parts, low_ranks[module], default)
             scale = alpha / low_ranks[module]
         alphas[module] = alpha
         for role, tensor in fold(kind, factors, scale, dtype).items():
             canonical[f"{module}.{role}"] = tensor
     return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype], kind)
+
+
+def _peft_dora_keys(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """PEFT DoRA keys (``[base_model.model.]<component>.<module>.lora_A[.default].weight``,
+    ``….lora_magnitude_vector[.default][.weight]``) → canonical keys; a file without a PEFT magnitude as is."""
+    if not any("lora_magnitude_vector" in key for key in tensors):
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        stem = key.removeprefix("base_model.model.")
+        match = PEFT_DORA.search(stem)
+        if match is None:
+            out[key] = tensor
+            continue
+        role = PEFT_DORA_ROLES[match["role"]]
+        if role == "dora_magnitude" and tensor.dim() > 1 and sorted(tensor.shape)[:-1] == [1] * (tensor.dim() - 1):
+            tensor = tensor.reshape(-1)  # a conv's [1, out, 1, 1] magnitude: one per output channel
+        new = f"{stem[: match.start()]}.{role}"
+        if new in out:
+            raise AdapterInvalid(f"two keys give {new} (e.g. {key})", reason="duplicate_key")
+        out[new] = tensor
+    return out
+
+
+def _as_dora(parts: _Module) -> None:
+    """A module with a DoRA magnitude: its LoRA halves become ``dora_down`` / ``dora_up``."""
+    if not any(role in parts.tensors for role in DORA_MAGNITUDES):
+        return
+    other = sorted(set(parts.tensors) - {*DORA_MAGNITUDES, *DORA_HALVES, "alpha"})
+    if other:
+        raise AdapterInvalid(
+            f"DoRA on a LoHa/LoKr/full module is not supported (keys {parts.keys[other[0]]} beside a "
+            "magnitude); DoRA on LoRA/LoCon modules is",
+            reason="unsupported_adapter_type",
+            detail={"keys": sorted(parts.keys.values())},
+        )
+    for old, new in DORA_HALVES.items():
+        if old in parts.tensors:
+            parts.tensors[new] = parts.tensors.pop(old)
+            parts.keys[new] = parts.keys.pop(old)
 
 
 def _parse(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, _ParsedKey], dict[str, str]]:
@@ -218,10 +283,10 @@ def _kind(modules: Mapping[str, _Module]) -> str:
     return next(iter(kinds))
 
 
-def _alpha(module: str, parts: _Module, rank: int) -> float:
+def _alpha(module: str, parts: _Module, rank: int, default: float | None = None) -> float:
     tensor = parts.tensors.get("alpha")
     if tensor is None:
-        return float(rank)
+        return check_alpha(module, float(default), rank) if default is not None else float(rank)
     if tensor.numel() != 1:
         raise AdapterInvalid(
             f"alpha for {module} has shape {list(tensor.shape)}; a scalar is expected",
@@ -244,8 +309,18 @@ def lycoris_to_kohya(
         kinds = {ROLE_KIND[r] for r in factors}
         kind = kinds.pop()
         for role, tensor in factors.items():
+            role, tensor = _kohya_role(role, tensor, factors)
             out[f"{name}.{role}"] = tensor
         rank, _ = check_module(kind, factors, None)
         if rank is not None and uses_alpha(kind, factors):
             out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
     return out
+
+
+def _kohya_role(role: str, tensor: torch.Tensor, factors: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    """A canonical DoRA role → the kohya/LyCORIS key suffix (other kinds keep LyCORIS's names). PEFT's
+    per-row magnitude is written as a ``[out, 1(, 1, 1)]`` ``dora_scale``, the shape that names its axis:
+    equal at weight 1; at other weights kohya tools apply their own (ComfyUI's) rule."""
+    if role == "dora_magnitude":
+        return "dora_scale", tensor.reshape(-1, *([1] * (factors["dora_down"].dim() - 1)))
+    return {"dora_down": "lora_down.weight", "dora_up": "lora_up.weight"}.get(role, role), tensor

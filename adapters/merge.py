@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from adapters.delta import bias_delta, module_delta
+from adapters.delta import bias_delta, dora_module_delta, module_delta
 from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.kinds import ROLE_KIND, group
 from adapters.metadata import check_scale
@@ -112,7 +112,10 @@ def merge_adapters(
                     f"{version.ref} adapts {module}, which the base model lacks", reason="modules_absent"
                 )
             kind = ROLE_KIND[next(iter(factors))]
-            delta = module_delta(kind, factors, tuple(target.weight.shape)) * scale
+            if kind == "dora":  # against the base weight as loaded: no adapter has been added yet
+                delta = dora_module_delta(factors, target.weight.detach(), scale)
+            else:
+                delta = module_delta(kind, factors, tuple(target.weight.shape)) * scale
             weights[module] = weights[module] + delta if module in weights else delta
             extra = bias_delta(kind, factors)
             if extra is not None:

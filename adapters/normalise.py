@@ -78,15 +78,10 @@ PROCESSOR_NAMES = {
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 REFUSED_MARKERS = {
     "lora_mid": "LoCon/Tucker (lora_mid)",
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
     "oft_": "OFT",
     "lora_embedding_": "embedding LoRA",
 }
-REFUSED_WHY = {
-    "DoRA": "DoRA rescales each column of W + ΔW by its norm, so it is no additive delta and cannot be "
-    "applied per request, mixed in a batch or scaled linearly; merge it with its own tools instead",
-}
+REFUSED_WHY: dict[str, str] = {}
 PEFT_PREFIXES = ("base_model.model.",)
 TEXT_MODEL = "text_model."
 
@@ -158,7 +153,7 @@ def normalise(
     from adapters import lycoris  # imports this module's helpers
 
     if lycoris.is_lycoris(tensors):
-        return lycoris.normalise_lycoris(tensors, architecture, max_rank=max_rank)
+        return lycoris.normalise_lycoris(tensors, architecture, max_rank=max_rank, alpha=alpha)
     parsed = _parse_keys(tensors)
     layout = _layout_of(parsed)
     _check_components(parsed, architecture)
@@ -184,7 +179,7 @@ def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:
             if marker in key:
                 why = REFUSED_WHY.get(kind)
                 raise AdapterInvalid(
-                    f"{kind} adapters are not supported (key {key}); LoRA / LoCon, LoHa, LoKr and "
+                    f"{kind} adapters are not supported (key {key}); LoRA / LoCon, LoHa, LoKr, DoRA and "
                     "full-weight diffs are" + (f": {why}" if why else ""),
                     reason="unsupported_adapter_type",
                     detail={"keys": [key]},

@@ -169,9 +169,12 @@ class AdapterCache:
         metrics: Metrics,
         *,
         loader_threads: int = 2,
+        base_weight: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
+        """``base_weight``: module name → its weight as loaded (DoRA deltas are built against it)."""
         self.registry = registry
         self.targets = targets
+        self.base_weight = base_weight
         self.device = device
         self.dtype = dtype
         self.budgets = budgets
@@ -304,6 +307,7 @@ class AdapterCache:
             self.device,
             self.dtype,
             non_blocking=self.device.type == "cuda",
+            base_weight=self.base_weight,
         )
         self.metrics.adapter_load.labels(source=source).observe(time.perf_counter() - started)
         with self._lock:

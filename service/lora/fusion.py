@@ -1,7 +1,7 @@
 """The fused path: targeted weights become ``W + Σ sᵢ·ΔWᵢ`` and are restored exactly afterwards.
 
 ``FusedWeights`` computes, for one adapter set with fixed scales, every targeted module's fused weight in
-fp32 (``W.float() + Σ sᵢ · pairᵢ.dense_delta()``) and casts it once to the model's dtype into a new
+fp32 (``W.float() + Σ sᵢ · pairᵢ.dense_delta()``; a PEFT DoRA's own delta at ``sᵢ``) and casts it once to the model's dtype into a new
 tensor. Fusing swaps that tensor in as the parameter's data; restoring swaps the original tensor back.
 The original storage is never written, so after any number of fuse/restore cycles the base weights are
 bit-identical to the loaded ones — nothing is ever subtracted (diffusers' unfuse drift, #5313/#5604,
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from service.lora.layers import scaled_dense
 from service.lora.weights import DeviceAdapter
 
 FuseKey = tuple[tuple[int, float], ...]
@@ -117,6 +118,12 @@ class FusedWeights:
     def fused_modules(self) -> int:
         return len(self._originals)
 
+    def loaded_weight(self, name: str) -> torch.Tensor:
+        """Target ``name``'s weight as loaded: the original tensor while a fused one is swapped in."""
+        with self._lock:
+            original = self._originals.get(name)
+            return original if original is not None else _weight(self.targets[name]).detach()
+
     def is_fused(self, fuse_set: FuseSet) -> bool:
         return self._active is not None and self._active.matches(fuse_set)
 
@@ -187,8 +194,8 @@ class FusedWeights:
                 pair = adapter.modules.get(name)
                 if pair is None:
                     continue
-                dense = pair.dense_delta().to(device=weight.device, dtype=torch.float32)
-                delta = dense * scale if delta is None else delta.add_(dense, alpha=scale)
+                dense = scaled_dense(pair, scale).to(device=weight.device, dtype=torch.float32)
+                delta = dense if delta is None else delta.add_(dense)
             assert delta is not None
             fused = torch.empty_like(weight)  # same dtype, device and strides as the loaded weight
             if weight.dtype == torch.float32:

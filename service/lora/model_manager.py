@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from basemodel.fingerprint import TARGETABLE
 from service.lora.fusion import FusedWeights, FuseSet
+from service.lora.layers import DoraDelta
 from service.lora.policy import PATHS, PathMode, PathName, PathPolicy, Shape
 from service.lora.weights import DeviceAdapter
 
@@ -82,12 +83,26 @@ def _apply(name: str, context: LoRAContext, x: torch.Tensor, output: torch.Tenso
         pair = lora.adapter.modules.get(name)
         if pair is None:
             continue
-        if lora.rows is None:
+        if isinstance(pair, DoraDelta) and not pair.linear:
+            output = _apply_at_each_weight(pair, lora, x, output)
+        elif lora.rows is None:
             output = output + pair.delta(x) * lora.scale  # PEFT's order: result + B(A(x)) * scaling
         else:
             scale = torch.as_tensor(lora.scale, device=output.device).view(-1, *([1] * (output.ndim - 1)))
             delta = pair.delta(x.index_select(0, lora.rows)) * scale
             output = output.index_add(0, lora.rows, delta.to(output.dtype))
+    return output
+
+
+def _apply_at_each_weight(pair: DoraDelta, lora: ActiveLoRA, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """A layer whose update is not linear in the weight (PEFT DoRA): one delta per distinct weight."""
+    if lora.rows is None:
+        return output + pair.delta_at(x, float(lora.scale))
+    scales = torch.as_tensor(lora.scale, device=lora.rows.device)
+    for value in torch.unique(scales).tolist():
+        rows = lora.rows[scales == value]
+        delta = pair.delta_at(x.index_select(0, rows), value)
+        output = output.index_add(0, rows, delta.to(output.dtype))
     return output
 
 
@@ -135,6 +150,12 @@ class LoRAModelManager:
                 metrics.lora_path.labels(path=path)
             metrics.lora_fuse_budget.set(fuse_budget_bytes)
             self._publish()
+
+    def loaded_weight(self, name: str) -> torch.Tensor:
+        """The weight of target ``name`` as loaded (the original while a fused set is swapped in)."""
+        if self.fusion is not None:
+            return self.fusion.loaded_weight(name)
+        return self.targets[name].weight
 
     # -- hooks ------------------------------------------------------------------------------------
     @property

@@ -1,24 +1,26 @@
 """An adapter arranged for running: per-module layers on the model's device and dtype.
 
 LoRA modules become ``LinearLoRA`` / ``ConvLoRA`` pairs; LoHa, LoKr and full-diff modules (their own
-canonical kinds, ``adapters.kinds``) become ``DenseDelta`` layers holding ΔW computed once here.
+canonical kinds, ``adapters.kinds``) become ``DenseDelta`` layers holding ΔW computed once here, and DoRA
+modules ``DoraDelta`` layers holding their delta against the loaded base weight (``base_weight``: module
+name → the weight as loaded, never a fused one; default: the module's current weight).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from adapters.kinds import ROLE_KIND, split_key
-from service.lora.layers import DenseDelta, LoRAPair, dense_for, pair_for
+from service.lora.layers import DenseDelta, DoraDelta, LoRAPair, dense_for, pair_for
 
 SUFFIX_A = ".lora_A.weight"
 SUFFIX_B = ".lora_B.weight"
 
-Layer = LoRAPair | DenseDelta
+Layer = LoRAPair | DenseDelta | DoraDelta
 """What a module of a ``DeviceAdapter`` is: both give ``delta(x)``, ``dense_delta()`` and ``nbytes``."""
 
 
@@ -40,6 +42,7 @@ class DeviceAdapter:
         dtype: torch.dtype,
         *,
         non_blocking: bool = False,
+        base_weight: Callable[[str], torch.Tensor] | None = None,
     ) -> DeviceAdapter:
         """Canonical tensors (``<module>.lora_A.weight`` / ``lora_B``, or a LyCORIS kind's roles) → layers."""
         modules: dict[str, Layer] = {}
@@ -59,5 +62,10 @@ class DeviceAdapter:
                 moved = tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
                 lycoris.setdefault(parts[0], {})[parts[1]] = moved
         for module_name, factors in lycoris.items():
-            modules[module_name] = dense_for(targets[module_name], ROLE_KIND[next(iter(factors))], factors)
+            kind = ROLE_KIND[next(iter(factors))]
+            if kind == "dora":
+                base = base_weight(module_name) if base_weight is not None else targets[module_name].weight
+                modules[module_name] = DoraDelta.build(targets[module_name], factors, base.detach())
+            else:
+                modules[module_name] = dense_for(targets[module_name], kind, factors)
         return cls(key, modules, sum(layer.nbytes for layer in modules.values()))

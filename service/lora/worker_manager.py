@@ -76,6 +76,7 @@ class AdapterManager:
             ),
             settings.adapter_cache_dir or settings.home / "cache" / "adapters",
             metrics,
+            base_weight=self.models.loaded_weight,
         )
         self.gate = StoreGate(self.breaker.retry_after_s)
         self.resolver = AdapterResolver(

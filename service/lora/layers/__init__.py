@@ -8,6 +8,7 @@ from torch import nn
 from service.lora.layers.base import LoRAPair
 from service.lora.layers.conv import ConvLoRA
 from service.lora.layers.dense import DenseDelta
+from service.lora.layers.dora import DoraDelta
 from service.lora.layers.linear import LinearLoRA
 
 
@@ -25,4 +26,28 @@ def dense_for(module: nn.Module, kind: str, factors: dict[str, torch.Tensor]) ->
     return DenseDelta.build(module, kind, factors)
 
 
-__all__ = ["ConvLoRA", "DenseDelta", "LinearLoRA", "LoRAPair", "dense_for", "pair_for"]
+def scaled_delta(layer: LoRAPair | DenseDelta | DoraDelta, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``layer``'s update for ``x`` at weight ``scale`` (only a PEFT DoRA is not linear in it)."""
+    if isinstance(layer, DoraDelta):
+        return layer.delta_at(x, scale)
+    return layer.delta(x) * scale
+
+
+def scaled_dense(layer: LoRAPair | DenseDelta | DoraDelta, scale: float) -> torch.Tensor:
+    """``layer``'s fp32 weight delta at weight ``scale``."""
+    if isinstance(layer, DoraDelta):
+        return layer.dense_delta_at(scale)
+    return layer.dense_delta() * scale
+
+
+__all__ = [
+    "ConvLoRA",
+    "DenseDelta",
+    "DoraDelta",
+    "LinearLoRA",
+    "LoRAPair",
+    "dense_for",
+    "pair_for",
+    "scaled_delta",
+    "scaled_dense",
+]
