@@ -151,7 +151,9 @@ def module_delta(
 DORA_EPS = torch.finfo(torch.float32).eps
 
 
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torch.Tensor:
+def dora_weight(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str
+) -> torch.Tensor:
     """``m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)`` in fp32, the norm per output row (``axis="out"``) or per
     input column (``"in"``: over the output rows and the kernel)."""
     merged = _f32(weight) + _f32(delta)

@@ -69,7 +69,11 @@ KOHYA_KEY = re.compile(
 )
 CANONICAL_ALPHA = re.compile(r"^(?P<module>(?:unet|text_encoder|text_encoder_2)\..+)\.alpha$")
 PEFT_DORA = re.compile(r"\.(?P<role>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
-PEFT_DORA_ROLES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "dora_magnitude"}
+PEFT_DORA_ROLES = {
+    "lora_A": "lora_A.weight",
+    "lora_B": "lora_B.weight",
+    "lora_magnitude_vector": "dora_magnitude",
+}
 DORA_MAGNITUDES = ("dora_scale", "dora_magnitude")
 DORA_HALVES = {"lora_A.weight": "dora_down", "lora_B.weight": "dora_up"}
 
@@ -139,7 +143,8 @@ def normalise_lycoris(
 
 def _peft_dora_keys(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """PEFT DoRA keys (``[base_model.model.]<component>.<module>.lora_A[.default].weight``,
-    ``….lora_magnitude_vector[.default][.weight]``) → canonical keys; a file without a PEFT magnitude as is."""
+    ``….lora_magnitude_vector[.default][.weight]``) → canonical keys; a file without a PEFT magnitude
+    as is."""
     if not any("lora_magnitude_vector" in key for key in tensors):
         return tensors
     out: dict[str, torch.Tensor] = {}
@@ -150,7 +155,11 @@ def _peft_dora_keys(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.T
             out[key] = tensor
             continue
         role = PEFT_DORA_ROLES[match["role"]]
-        if role == "dora_magnitude" and tensor.dim() > 1 and sorted(tensor.shape)[:-1] == [1] * (tensor.dim() - 1):
+        if (
+            role == "dora_magnitude"
+            and tensor.dim() > 1
+            and sorted(tensor.shape)[:-1] == [1] * (tensor.dim() - 1)
+        ):
             tensor = tensor.reshape(-1)  # a conv's [1, out, 1, 1] magnitude: one per output channel
         new = f"{stem[: match.start()]}.{role}"
         if new in out:
@@ -317,7 +326,9 @@ def lycoris_to_kohya(
     return out
 
 
-def _kohya_role(role: str, tensor: torch.Tensor, factors: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+def _kohya_role(
+    role: str, tensor: torch.Tensor, factors: Mapping[str, torch.Tensor]
+) -> tuple[str, torch.Tensor]:
     """A canonical DoRA role → the kohya/LyCORIS key suffix (other kinds keep LyCORIS's names). PEFT's
     per-row magnitude is written as a ``[out, 1(, 1, 1)]`` ``dora_scale``, the shape that names its axis:
     equal at weight 1; at other weights kohya tools apply their own (ComfyUI's) rule."""

@@ -1,12 +1,13 @@
 """The fused path: targeted weights become ``W + Σ sᵢ·ΔWᵢ`` and are restored exactly afterwards.
 
-``FusedWeights`` computes, for one adapter set with fixed scales, every targeted module's fused weight in
-fp32 (``W.float() + Σ sᵢ · pairᵢ.dense_delta()``; a PEFT DoRA's own delta at ``sᵢ``) and casts it once to the model's dtype into a new
-tensor. Fusing swaps that tensor in as the parameter's data; restoring swaps the original tensor back.
-The original storage is never written, so after any number of fuse/restore cycles the base weights are
-bit-identical to the loaded ones — nothing is ever subtracted (diffusers' unfuse drift, #5313/#5604,
-cannot happen). The fused tensors are the memory this costs: they are counted against a byte budget,
-and after a restore the last set's tensors stay *parked* (within the budget) so that fusing the same set
+``FusedWeights`` computes, for one adapter set with fixed scales, every targeted module's fused weight
+in fp32 (``W.float() + Σ sᵢ · pairᵢ.dense_delta()``; a PEFT DoRA's own delta at ``sᵢ``) and casts it
+once to the model's dtype into a new tensor. Fusing swaps that tensor in as the parameter's data;
+restoring swaps the original tensor back. The original storage is never written, so after any number
+of fuse/restore cycles the base weights are bit-identical to the loaded ones — nothing is ever
+subtracted (diffusers' unfuse drift, #5313/#5604, cannot happen). The fused tensors are the memory this
+costs: they are counted against a byte budget, and after a restore the last set's tensors stay *parked*
+(within the budget) so that fusing the same set
 again is a pointer swap, not a recomputation.
 
 One ``FusedWeights`` exists per model (``for_model``): every ``LoRAModelManager`` over the same modules

@@ -94,7 +94,9 @@ def _apply(name: str, context: LoRAContext, x: torch.Tensor, output: torch.Tenso
     return output
 
 
-def _apply_at_each_weight(pair: DoraDelta, lora: ActiveLoRA, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def _apply_at_each_weight(
+    pair: DoraDelta, lora: ActiveLoRA, x: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor:
     """A layer whose update is not linear in the weight (PEFT DoRA): one delta per distinct weight."""
     if lora.rows is None:
         return output + pair.delta_at(x, float(lora.scale))

@@ -75,7 +75,9 @@ def peft_dora(weights: Mapping[str, torch.Tensor], *, seed: int = 0) -> dict[str
         magnitude = norm * (1 + 0.3 * torch.rand(norm.shape, generator=gen))
         out[f"{module}.lora_A.weight"] = down
         out[f"{module}.lora_B.weight"] = up
-        out[f"{module}.lora_magnitude_vector"] = magnitude if weight.dim() == 2 else magnitude.view(1, -1, 1, 1)
+        out[f"{module}.lora_magnitude_vector"] = (
+            magnitude if weight.dim() == 2 else magnitude.view(1, -1, 1, 1)
+        )
     return out
 
 
@@ -98,7 +100,8 @@ def kohya_weight(weight: torch.Tensor, parts: Mapping[str, torch.Tensor], s: flo
 
 
 def peft_weight(weight: torch.Tensor, parts: Mapping[str, torch.Tensor], s: float) -> torch.Tensor:
-    """PEFT's ``use_dora`` at scaling ``s`` (alpha = rank): ``m ⊙ V / ‖V‖`` per output row, ``V = W + s·up·down``."""
+    """PEFT's ``use_dora`` at scaling ``s`` (alpha = rank): ``m ⊙ V / ‖V‖`` per output row,
+    ``V = W + s·up·down``."""
     base = weight.double()
     merged = base + s * lora_product(parts["lora_A.weight"], parts["lora_B.weight"], tuple(base.shape))
     norm = _axis_norm(merged, "out")
