@@ -1,0 +1,151 @@
+"""DoRA adapters through the real server on tiny-sd: kohya/LyCORIS files (both axes, ComfyUI's scale
+rule) and PEFT files (the weight inside the norm) equal a merged-by-hand reference — the DoRA weight
+written into plain diffusers' modules, computed in the test — within 1/255 on the hooked and the fused
+paths, and a mixed batch of DoRA rows (PEFT at two weights) and a LoRA row equals each request alone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from adapters.identity import BaseIdentity
+from adapters.registry import Registry
+from adapters.sources import open_store
+from service.engine.sampler import generators_for
+from service.engine.schedulers import make_scheduler
+from tests.adapters import dora_factory as df
+from tests.adapters.conftest import save_bytes
+from tests.adapters.factory import diffusers_layout, make_case
+from tests.adapters.lycoris_factory import kohya_name
+from tests.service.test_hotswap import REQUEST, generate, pixels
+
+SCALES = {"dora-in": 0.8, "dora-out": 1.0, "dora-peft": 0.6}
+
+
+@pytest.fixture(scope="module")
+def weights(base_model: Any) -> dict[str, torch.Tensor]:
+    return df.base_weights(base_model.lora_components, df.SD1_TARGETS)
+
+
+@pytest.fixture(scope="module")
+def dora_files(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        "dora-in": df.kohya_dora(weights, kohya_name, axis="in"),
+        "dora-out": df.kohya_dora(weights, kohya_name, axis="out", seed=1),
+        "dora-peft": df.peft_dora(weights, seed=2),
+    }
+
+
+def dora_weights(
+    files: Mapping[str, dict[str, torch.Tensor]], weights: dict[str, torch.Tensor], name: str, scale: float
+) -> dict[str, torch.Tensor]:
+    names = None if name.endswith("peft") else kohya_name
+    return df.reference_weights(files[name], weights, scale, names)
+
+
+@cache
+def _pipe(model_dir: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    return pipe
+
+
+def with_weights(model_dir: Path, replaced: Mapping[str, torch.Tensor], **overrides: Any) -> np.ndarray:
+    """Plain diffusers with the given modules' weights replaced, run like the server runs a request."""
+    request = {**REQUEST, **overrides}
+    pipe = _pipe(model_dir)
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    saved = {}
+    with torch.no_grad():
+        for module, weight in replaced.items():
+            component, path = module.split(".", 1)
+            target = components[component].get_submodule(path)
+            saved[module] = target.weight.detach().clone()
+            target.weight.copy_(weight.to(target.weight.dtype))
+    try:
+        image = pipe(
+            request["prompt"],
+            negative_prompt=request["negative_prompt"],
+            num_inference_steps=request["steps"],
+            guidance_scale=request["guidance_scale"],
+            generator=generators_for(request["seed"], 1),
+            output_type="pil",
+        ).images[0]
+    finally:
+        with torch.no_grad():
+            for module, weight in saved.items():
+                component, path = module.split(".", 1)
+                components[component].get_submodule(path).weight.copy_(weight)
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture
+def registry(base_model: Any, tmp_path: Path) -> Registry:
+    return Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
+
+
+@pytest.mark.parametrize("path", ["hooked", "fused"])
+def test_dora_matches_a_merged_by_hand_reference(
+    path: str,
+    start_server: Any,
+    registry: Registry,
+    weights: dict[str, torch.Tensor],
+    dora_files: dict[str, dict[str, torch.Tensor]],
+    tiny_model_dir: Path,
+) -> None:
+    for name, tensors in dora_files.items():
+        registry.register(save_bytes(tensors), name)
+    server = start_server(store=registry.store.uri, lora_path=path)
+    base = pixels(generate(server)["images"][0])
+    for name, scale in SCALES.items():
+        body = generate(server, adapters=[{"id": name, "scale": scale}])
+        assert body["adapters"][0]["sha256"] == registry.resolve(name).sha256
+        served = pixels(body["images"][0])
+        reference = with_weights(tiny_model_dir, dora_weights(dora_files, weights, name, scale))
+        assert np.abs(served - reference).max() <= 1, name
+        assert np.abs(served - base).mean() > 2, f"{name} changes the image"
+    # The two rules at another weight: kohya linear (W + s·D), PEFT inside the norm.
+    for name, scale in (("dora-in", 0.3), ("dora-peft", 1.0)):
+        served = pixels(generate(server, adapters=[{"id": name, "scale": scale}])["images"][0])
+        reference = with_weights(tiny_model_dir, dora_weights(dora_files, weights, name, scale))
+        assert np.abs(served - reference).max() <= 1, (name, scale)
+
+
+def test_mixed_batch_of_dora_and_lora_rows_equals_each_alone(
+    start_server: Any, registry: Registry, base_model: Any, dora_files: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    registry.register(save_bytes(dora_files["dora-in"]), "dora-in")
+    registry.register(save_bytes(dora_files["dora-peft"]), "dora-peft")
+    registry.register(save_bytes(diffusers_layout(make_case(base_model.pipe))), "style")
+    requests = [
+        {"prompt": "a red circle", "seed": 1, "adapters": [{"id": "dora-in", "scale": 0.8}]},
+        {"prompt": "a blue square", "seed": 2, "adapters": [{"id": "style", "scale": 0.9}]},
+        {"prompt": "a green star", "seed": 3, "adapters": [{"id": "dora-peft", "scale": 0.6}]},
+        {"prompt": "a red circle", "seed": 4, "adapters": [{"id": "dora-peft", "scale": 1.0}]},
+    ]
+    alone_server = start_server(store=registry.store.uri, max_batch_size=1)
+    alone = [generate(alone_server, **r) for r in requests]
+    alone_server.stop()
+    server = start_server(store=registry.store.uri, max_batch_size=4, batch_window_ms=2000)
+    for r in requests:  # resident first, so that no cold load splits the batch
+        generate(server, **{**r, "steps": 1})
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batched = list(pool.map(lambda r: generate(server, **r), requests))
+    with server.client() as http:
+        metrics = http.get("/metrics").text
+    sizes = [line for line in metrics.splitlines() if line.startswith('loraswap_batch_size_bucket{le="1.0"}')]
+    count = [line for line in metrics.splitlines() if line.startswith("loraswap_batch_size_count")]
+    assert float(sizes[0].split()[-1]) < float(count[0].split()[-1]), "the requests were not batched"
+    for one, many in zip(alone, batched, strict=True):
+        assert np.abs(pixels(one["images"][0]) - pixels(many["images"][0])).max() <= 2
