@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import logging
 import signal
@@ -64,6 +65,17 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--scheduler", default="ddim")
     gen.add_argument("--num-images", type=int, default=1)
+    image = gen.add_argument_group("image to image / inpainting (POST /v1/generate's init_image, mask_image)")
+    image.add_argument("--init-image", type=Path, metavar="PATH", help="start from this PNG, JPEG or WebP")
+    image.add_argument(
+        "--mask", type=Path, metavar="PATH", help="with --init-image: repaint the white area (inpainting)"
+    )
+    image.add_argument(
+        "--strength",
+        type=float,
+        metavar="X",
+        help="with --init-image: how much to change it, 0..1 (default 0.8; 1 = start from noise)",
+    )
     gen.add_argument("--token", help="bearer token (default: $LORASWAP_TOKEN)")
     gen.add_argument("--timeout", type=float, default=600.0)
     gen.add_argument(
@@ -180,6 +192,7 @@ def _generate(args: argparse.Namespace) -> int:
     for key in ("width", "height", "seed"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
+    body |= _image_inputs(args)
     bar = ProgressBar(sys.stderr) if args.progress else None
     try:
         result = client.generate(body, progress=bar)
@@ -190,6 +203,31 @@ def _generate(args: argparse.Namespace) -> int:
     timings = result.get("timings", {})
     print(f"seed {result['seed']}  total {timings.get('total_s', 0):.2f}s  -> {', '.join(map(str, paths))}")
     return 0
+
+
+def _image_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--init-image`` / ``--mask`` as base64 fields, and ``--strength``; the server checks the images."""
+    if args.init_image is None:
+        if args.mask is not None or args.strength is not None:
+            raise ConfigError(
+                "--mask and --strength apply to an init image",
+                hint="Add --init-image PATH (the image to change).",
+            )
+        return {}
+    fields: dict[str, Any] = {"init_image": _read_image(args.init_image, "--init-image")}
+    if args.mask is not None:
+        fields["mask_image"] = _read_image(args.mask, "--mask")
+    if args.strength is not None:
+        fields["strength"] = args.strength
+    return fields
+
+
+def _read_image(path: Path, flag: str) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    return base64.b64encode(data).decode("ascii")
 
 
 class ProgressBar:
