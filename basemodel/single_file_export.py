@@ -1,11 +1,12 @@
-"""diffusers → A1111/CivitAI single-file (LDM) key layout for SD1.x: the inverse of ``single_file.py``.
+"""diffusers → A1111/CivitAI/ComfyUI single-file key layouts: the inverse of ``single_file.py``.
 
 ``single_file.load_single_file`` converts LDM keys with diffusers' ``convert_ldm_unet_checkpoint`` /
-``convert_ldm_vae_checkpoint`` and strips ``cond_stage_model.transformer.`` from the CLIP keys; this
-module renames the other way, from the UNet's and VAE's configs, so that a checkpoint written here
-loads back through ``load_single_file`` to the same weights (tested) and opens in A1111 / ComfyUI::
+``convert_ldm_vae_checkpoint`` (and, for SDXL, ``convert_open_clip_checkpoint``); this module renames
+the other way, from the UNet's and VAE's configs, so that a checkpoint written here loads back through
+``load_single_file`` to the same weights (tested) and opens in A1111 / ComfyUI::
 
     UNet  model.diffusion_model.  conv_in → input_blocks.0.0, time_embedding.linear_1/2 → time_embed.0/2,
+          add_embedding.linear_1/2 → label_emb.0.0/0.2 (SDXL's text_time embedding),
           down_blocks.{i}.resnets.{j} → input_blocks.{1 + i·(L+1) + j}.0 (L = layers_per_block),
           down_blocks.{i}.attentions.{j} → input_blocks.{1 + i·(L+1) + j}.1,
           down_blocks.{i}.downsamplers.0.conv → input_blocks.{(i+1)·(L+1)}.0.op,
@@ -18,10 +19,14 @@ loads back through ``load_single_file`` to the same weights (tested) and opens i
           up_blocks.{i} → up.{n-1-i} (block / upsample), mid_block.resnets.0/1 → mid.block_1/2,
           mid_block.attentions.0 → mid.attn_1 (group_norm → norm, to_q/k/v → q/k/v, to_out.0 →
           proj_out, as 1x1 convs), conv_norm_out → norm_out, conv_shortcut → nin_shortcut
-    CLIP  cond_stage_model.transformer.text_model.<transformers' name>
+    CLIP  SD1.x: cond_stage_model.transformer.text_model.<transformers' name>;
+          SDXL (the SGM layout of sd_xl_base_1.0.safetensors): CLIP ViT-L under
+          conditioner.embedders.0.transformer.text_model., OpenCLIP ViT-bigG under
+          conditioner.embedders.1.model. in OpenCLIP's names (``open_clip_to_ldm``: q/k/v fused into
+          ``attn.in_proj_*``, layer_norm1/2 → ln_1/2, mlp.fc1/fc2 → mlp.c_fc/c_proj, the projection
+          transposed as ``text_projection``).
 
-SDXL's OpenCLIP encoder (fused ``in_proj`` q/k/v) is not written: SDXL merges are written as diffusers
-folders.
+SD2.x's OpenCLIP-H encoder is not written (SD2 merges are written as diffusers folders).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from basemodel.errors import NotSupported
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 RESNET = {
     "norm1.": "in_layers.0.",
@@ -44,6 +51,19 @@ RESNET = {
     "conv2.": "out_layers.3.",
     "time_emb_proj.": "emb_layers.1.",
     "conv_shortcut.": "skip_connection.",
+}
+OPENCLIP_LAYER = {
+    "self_attn.out_proj.": "attn.out_proj.",
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
+OPENCLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
 }
 VAE_ATTENTION = {
     "group_norm.": "norm.",
@@ -83,6 +103,8 @@ def unet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
         "mid_block.attentions.0.": "middle_block.1.",
+        "add_embedding.linear_1.": "label_emb.0.0.",
+        "add_embedding.linear_2.": "label_emb.0.2.",
     }
     resnets = {"mid_block.resnets.0.": "middle_block.0.", "mid_block.resnets.1.": "middle_block.2."}
     for i in range(blocks):
@@ -147,25 +169,60 @@ def vae_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> 
     return out
 
 
-def clip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def clip_to_ldm(state: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
     """A transformers ``CLIPTextModel`` state dict (with or without ``text_model.``) → LDM keys."""
     return {
-        CLIP_PREFIX + key.removeprefix("text_model."): tensor
+        prefix + key.removeprefix("text_model."): tensor
         for key, tensor in state.items()
         if not key.endswith("position_ids")
     }
 
 
+def open_clip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' ``CLIPTextModelWithProjection`` → OpenCLIP's names under SDXL's
+    ``conditioner.embedders.1.model.``, q/k/v fused into ``in_proj``."""
+    plain = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
+    out: dict[str, torch.Tensor] = {"text_projection": plain["text_projection.weight"].T}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in plain.items():
+        if key in OPENCLIP_TOP:
+            out[OPENCLIP_TOP[key]] = tensor
+            continue
+        if not key.startswith("encoder.layers."):
+            continue
+        layer, rest = key.removeprefix("encoder.layers.").split(".", 1)
+        prefix = f"transformer.resblocks.{layer}."
+        if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+            part, kind = rest.removeprefix("self_attn.").split(".")  # q_proj, weight|bias
+            fused.setdefault(f"{prefix}attn.in_proj_{kind}", {})[part[0]] = tensor
+            continue
+        new = _rename(rest, OPENCLIP_LAYER)
+        if new is None:
+            raise NotSupported(f"OpenCLIP text encoder weight {key} has no single-file name")
+        out[prefix + new] = tensor
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return {SDXL_OPENCLIP_PREFIX + key: tensor for key, tensor in out.items()}
+
+
 def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
-    """An SD1.x ``StableDiffusionPipeline`` → one A1111-layout state dict (contiguous tensors)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise NotSupported(
-            "single-file output is written for SD1.x models; this model has two text encoders (SDXL)",
-            hint="Use --format diffusers for SDXL merges.",
-        )
+    """An SD1.x ``StableDiffusionPipeline`` → one A1111-layout state dict, or an SDXL
+    ``StableDiffusionXLPipeline`` (two text encoders, the second with a projection) → the SGM layout;
+    contiguous tensors."""
     state = {
         **unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config),
         **vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config),
-        **clip_to_ldm(pipe.text_encoder.state_dict()),
     }
+    second = getattr(pipe, "text_encoder_2", None)
+    if second is None:
+        state |= clip_to_ldm(pipe.text_encoder.state_dict())
+    elif hasattr(second, "text_projection"):
+        state |= clip_to_ldm(pipe.text_encoder.state_dict(), SDXL_CLIP_PREFIX)
+        state |= open_clip_to_ldm(second.state_dict())
+    else:
+        raise NotSupported(
+            "single-file output is written for SD1.x and SDXL models; this model's second text encoder "
+            "has no projection",
+            hint="Use --format diffusers.",
+        )
     return {key: tensor.detach().contiguous() for key, tensor in state.items()}
