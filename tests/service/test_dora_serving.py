@@ -149,3 +149,29 @@ def test_mixed_batch_of_dora_and_lora_rows_equals_each_alone(
     assert float(sizes[0].split()[-1]) < float(count[0].split()[-1]), "the requests were not batched"
     for one, many in zip(alone, batched, strict=True):
         assert np.abs(pixels(one["images"][0]) - pixels(many["images"][0])).max() <= 2
+
+
+def test_a_dora_without_direction_on_this_base_is_a_typed_error(
+    start_server: Any, registry: Registry, weights: dict[str, torch.Tensor]
+) -> None:
+    """A file whose ΔW cancels a column of this base's W registers (registration sees shapes, not
+    weights) but cannot load: 409 ``adapter_incompatible`` / ``dora_zero_norm``, and the server serves on."""
+    module = df.SD1_TARGETS[0]
+    w = weights[module]
+    name = kohya_name(module)
+    down = torch.zeros(1, w.shape[1])
+    down[0, 3] = 1.0
+    tensors = {
+        f"{name}.lora_down.weight": down,
+        f"{name}.lora_up.weight": -w[:, 3:4].clone(),
+        f"{name}.alpha": torch.tensor(1.0),
+        f"{name}.dora_scale": torch.ones(1, w.shape[1]),
+    }
+    registry.register(save_bytes(tensors), "no-direction")
+    server = start_server(store=registry.store.uri)
+    with server.client() as http:
+        response = http.post("/v1/generate", json={**REQUEST, "adapters": [{"id": "no-direction"}]})
+        assert response.status_code == 409, response.text
+        error = response.json()["error"]
+        assert error["type"] == "adapter_incompatible" and error["detail"]["reason"] == "dora_zero_norm"
+        assert http.post("/v1/generate", json=REQUEST).status_code == 200
