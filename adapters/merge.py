@@ -7,8 +7,9 @@ to the output dtype and writes it atomically:
 
 * ``diffusers``: a folder as ``save_pretrained`` writes it (loads with ``--base-model PATH`` and
   ``DiffusionPipeline.from_pretrained``), plus ``loraswap_merge.json``;
-* ``single-file``: one A1111/CivitAI-layout ``.safetensors`` (SD1.x; ``basemodel.single_file_export``)
-  whose ``__metadata__`` carries the same record under ``loraswap_merge`` and the modelspec keys.
+* ``single-file``: one A1111/CivitAI/ComfyUI-layout ``.safetensors`` (SD1.x's LDM layout, SDXL's SGM
+  layout; ``basemodel.single_file_export``; other families are refused before any work) whose
+  ``__metadata__`` carries the same record under ``loraswap_merge`` and the modelspec keys.
 
 The record names the base (name, fingerprint, architecture id, family), every adapter (``id@version``,
 sha256 of the stored file, kind, scale) and the date. Output appears all at once: a staging folder or
@@ -36,7 +37,7 @@ from adapters.refs import parse_ref
 from adapters.registry import Registry
 from adapters.tempfiles import make_temp
 from basemodel.atomic import staged_folder
-from basemodel.errors import ConfigError
+from basemodel.errors import ConfigError, NotSupported
 from basemodel.loader import BaseModel
 
 MergeFormat = Literal["diffusers", "single-file"]
@@ -88,6 +89,8 @@ def merge_adapters(
     output = Path(output)
     if fmt == "single-file" and output.suffix.lower() != ".safetensors":
         raise ConfigError("a single-file output must end in .safetensors", detail={"output": str(output)})
+    if fmt == "single-file":
+        check_single_file_family(base.family)
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} exists", hint="Choose another --output or pass --overwrite.")
     if not items:
@@ -163,6 +166,18 @@ def merge_adapters(
 
         _write_single_file(pipeline_to_ldm(base.pipe), output, record, base, progress)
     return record
+
+
+def check_single_file_family(family: Any) -> None:
+    """Single files are written in the layouts loraswap's single-file loader reads back (SD1.x, SDXL)."""
+    from basemodel.single_file import LAYOUTS
+
+    if family.name not in LAYOUTS:
+        raise NotSupported(
+            f"single-file output is written for {', '.join(sorted(LAYOUTS))} models, the layouts loraswap "
+            f"loads back; this base is {family.name}",
+            hint="Use --format diffusers (a folder that --base-model and diffusers load).",
+        )
 
 
 def _write_folder(pipe: Any, output: Path, record: dict[str, Any], progress: bool) -> None:

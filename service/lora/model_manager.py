@@ -157,7 +157,9 @@ class LoRAModelManager:
         """The weight of target ``name`` as loaded (the original while a fused set is swapped in)."""
         if self.fusion is not None:
             return self.fusion.loaded_weight(name)
-        return self.targets[name].weight
+        weight = self.targets[name].weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.detach()
 
     # -- hooks ------------------------------------------------------------------------------------
     @property

@@ -65,6 +65,7 @@ class DeviceAdapter:
             kind = ROLE_KIND[next(iter(factors))]
             if kind == "dora":
                 base = base_weight(module_name) if base_weight is not None else targets[module_name].weight
+                assert isinstance(base, torch.Tensor)
                 modules[module_name] = DoraDelta.build(targets[module_name], factors, base.detach())
             else:
                 modules[module_name] = dense_for(targets[module_name], kind, factors)

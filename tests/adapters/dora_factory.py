@@ -130,7 +130,9 @@ def base_weights(components: Mapping[str, torch.nn.Module], targets: list[str]) 
     out = {}
     for module in targets:
         component, path = module.split(".", 1)
-        out[module] = components[component].get_submodule(path).weight.detach().clone()
+        weight = components[component].get_submodule(path).weight
+        assert isinstance(weight, torch.Tensor)
+        out[module] = weight.detach().clone()
     return out
 
 

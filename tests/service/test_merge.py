@@ -157,3 +157,18 @@ def test_output_is_atomic(
     assert main(["adapters", "merge", "nobody:0.5", "-o", str(tmp_path / "x")]) != 0
     assert main(["adapters", "merge", "hada:9", "-o", str(tmp_path / "x")]) != 0
     assert not (tmp_path / "x").exists()
+
+
+def test_single_file_is_refused_for_a_family_without_a_loadable_layout(env: Registry, tmp_path: Path) -> None:
+    """SD2.x: its single files do not load back in loraswap, so none is written (before any work)."""
+    from types import SimpleNamespace
+
+    from basemodel.errors import NotSupported
+    from basemodel.families import get_family
+
+    sd2 = SimpleNamespace(dtype=torch.float32, family=get_family("sd2"))
+    output = tmp_path / "sd2.safetensors"
+    with pytest.raises(NotSupported) as caught:
+        merge_adapters(env, sd2, [MergeItem("style")], output, fmt="single-file")  # type: ignore[arg-type]
+    assert "sd2" in caught.value.message and caught.value.type == "not_implemented"
+    assert not output.exists()
