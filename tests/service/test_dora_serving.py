@@ -175,3 +175,39 @@ def test_a_dora_without_direction_on_this_base_is_a_typed_error(
         error = response.json()["error"]
         assert error["type"] == "adapter_incompatible" and error["detail"]["reason"] == "dora_zero_norm"
         assert http.post("/v1/generate", json=REQUEST).status_code == 200
+
+
+def test_peft_dora_on_the_unet_equals_diffusers_load_lora_weights(
+    start_server: Any,
+    registry: Registry,
+    weights: dict[str, torch.Tensor],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """An independent reference for the PEFT rule: diffusers' own ``load_lora_weights`` + ``set_adapters``
+    (PEFT's ``use_dora`` layers) at weights 1.0 and 0.6. UNet modules only: diffusers 0.42 does not load a
+    text encoder's ``lora_magnitude_vector`` (it re-initialises it from the base weight's norm)."""
+    unet = {m: w for m, w in weights.items() if m.startswith("unet.")}
+    tensors = df.peft_dora(unet, seed=6)
+    path = tmp_path / "peft-dora.safetensors"
+    path.write_bytes(save_bytes(tensors))
+    registry.register(path.read_bytes(), "peft-unet")
+    server = start_server(store=registry.store.uri)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe.load_lora_weights(str(path), adapter_name="dora")
+    for scale in (1.0, 0.6):
+        served = pixels(generate(server, adapters=[{"id": "peft-unet", "scale": scale}])["images"][0])
+        pipe.set_adapters(["dora"], [scale])
+        image = pipe(
+            REQUEST["prompt"],
+            negative_prompt=REQUEST["negative_prompt"],
+            num_inference_steps=REQUEST["steps"],
+            guidance_scale=REQUEST["guidance_scale"],
+            generator=generators_for(REQUEST["seed"], 1),
+            output_type="pil",
+        ).images[0]
+        assert np.abs(served - np.asarray(image, dtype=np.int16)).max() <= 1, scale
