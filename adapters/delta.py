@@ -156,11 +156,13 @@ def dora_weight(
 ) -> torch.Tensor:
     """``m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps)`` in fp32, the norm per output row (``axis="out"``) or per
     input column (``"in"``: over the output rows and the kernel)."""
-    merged = _f32(weight) + _f32(delta)
-    if axis == "out":
-        norm = merged.flatten(1).norm(dim=1).view(-1, *([1] * (merged.dim() - 1)))
-    else:
-        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *([1] * (merged.dim() - 2)))
+    return _decompose(_f32(weight) + _f32(delta), magnitude, axis)
+
+
+def _decompose(merged: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torch.Tensor:
+    """``dora_weight`` on ``merged = W + ΔW`` (fp32, a tensor of the caller's that is scaled in place)."""
+    dims = tuple(range(1, merged.dim())) if axis == "out" else (0, *range(2, merged.dim()))
+    norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
     if not bool(torch.isfinite(norm).all()) or bool((norm == 0).any()):
         raise AdapterIncompatible(
             "a DoRA module's W + ΔW has a zero or non-finite norm along its magnitude's axis, so its "
@@ -168,7 +170,7 @@ def dora_weight(
             reason="dora_zero_norm",
             hint="The file does not fit this base model's weights; check it was trained on this base.",
         )
-    return merged * (_f32(magnitude).reshape(norm.shape) / (norm + DORA_EPS))
+    return merged.mul_(_f32(magnitude).reshape(norm.shape) / norm.add_(DORA_EPS))
 
 
 def dora_is_linear(factors: Mapping[str, torch.Tensor]) -> bool:
@@ -182,15 +184,16 @@ def dora_module_delta(
 ) -> torch.Tensor:
     """The dense fp32 delta that moves the base ``weight`` to a DoRA module's weight at ``scale``."""
     shape = tuple(weight.shape)
-    delta = lora_delta(factors["dora_down"], factors["dora_up"], shape)
+    merged = lora_delta(factors["dora_down"], factors["dora_up"], shape)  # a new fp32 tensor: ΔW
     base = _f32(weight)
     if dora_is_linear(factors):
         magnitude = factors["dora_scale"]
         axis = dora_axis(tuple(magnitude.shape), shape)
         if axis is None:
             raise ValueError(f"dora_scale {list(magnitude.shape)} does not fit the weight {list(shape)}")
-        return _scaled(dora_weight(base, delta, magnitude, axis) - base, scale)
-    return dora_weight(base, _scaled(delta, scale), factors["dora_magnitude"], "out") - base
+        return _scaled(_decompose(merged.add_(base), magnitude, axis).sub_(base), scale)
+    merged = merged.mul_(scale) if scale != 1.0 else merged
+    return _decompose(merged.add_(base), factors["dora_magnitude"], "out").sub_(base)
 
 
 def bias_delta(kind: str, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:

@@ -11,6 +11,9 @@ the file (``adapters.delta.dora_module_delta``):
   ``delta_at(x, s)`` / ``dense_delta_at(s)``, which compute ``D(s)`` once per distinct ``s`` (an LRU of
   ``CACHED_WEIGHTS`` entries; ``D(1)`` is the one built at load).
 
+The fused path fuses these same deltas (``dense_delta`` / ``dense_delta_at``), so a fuse costs no second
+DoRA computation and draws what the hooked path draws.
+
 Memory: ``D`` is as large as the base weight (plus the factors), like a LyCORIS dense delta; each cached
 PEFT weight adds one more.
 """
@@ -89,12 +92,15 @@ class DoraDelta:
         return computed
 
     def dense_delta(self) -> torch.Tensor:
-        """The fp32 delta at weight 1.0, recomputed from the factors and the base weight."""
-        return dora_module_delta(self.factors, self.base)
+        """The delta at weight 1.0 in fp32: the one built at load (model dtype; the hooked path adds the
+        same), so fusing costs no second DoRA computation."""
+        return self.weight.float()
 
     def dense_delta_at(self, scale: float) -> torch.Tensor:
         """The fp32 delta at weight ``scale`` (``scale · D`` for kohya files, ``D(scale)`` for PEFT's)."""
-        return dora_module_delta(self.factors, self.base, scale)
+        if self.linear:
+            return self.weight.float() * scale
+        return self._weight_at(float(scale)).float()
 
     def bias_delta(self) -> torch.Tensor | None:
         return None
