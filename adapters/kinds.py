@@ -34,8 +34,14 @@ from typing import Literal
 
 import torch
 
-AdapterKind = Literal["lora", "loha", "lokr", "full"]
-KIND_LABELS: dict[str, str] = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full-weight diff"}
+AdapterKind = Literal["lora", "loha", "lokr", "full", "embedding"]
+KIND_LABELS: dict[str, str] = {
+    "lora": "LoRA",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "full": "full-weight diff",
+    "embedding": "textual-inversion embedding",  # no module roles: adapters.embedding
+}
 ROLES: dict[str, tuple[str, ...]] = {
     "lora": ("lora_A.weight", "lora_B.weight"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),

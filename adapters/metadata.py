@@ -34,8 +34,8 @@ MIN_SCALE, MAX_SCALE = -4.0, 4.0
 MAX_METADATA_BYTES = 64 << 10
 """User-owned metadata, as JSON, is at most this long (it goes into the file header; the title twice)."""
 
-SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "loraswap"]
-AdapterKind = Literal["lora", "loha", "lokr", "full"]
+SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "a1111", "loraswap"]
+AdapterKind = Literal["lora", "loha", "lokr", "full", "embedding"]
 """What an adapter's tensors are (``adapters.kinds``); metadata without it (older files) is a LoRA."""
 TensorDType = Literal["fp32", "fp16", "bf16"]
 

@@ -154,8 +154,11 @@ def normalise(
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
     check_dtypes(tensors)
     check_finite(tensors)
+    from adapters import embedding, lycoris  # imports this module's helpers
+
+    if embedding.is_embedding(tensors):
+        return _embedding(tensors, architecture)
     _refuse_unsupported(tensors)
-    from adapters import lycoris  # imports this module's helpers
 
     if lycoris.is_lycoris(tensors):
         return lycoris.normalise_lycoris(tensors, architecture, max_rank=max_rank)
@@ -176,6 +179,18 @@ def normalise(
         folded = up.detach().to(torch.float32) * scale if scale != 1.0 else up.detach()
         canonical[f"{module}.lora_B.weight"] = folded.to(dtype, copy=True).contiguous()
     return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype])
+
+
+def _embedding(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture
+) -> tuple[dict[str, torch.Tensor], NormaliseInfo]:
+    """A textual-inversion embedding (``adapters.embedding``): its vectors, ``rank`` = their count."""
+    from adapters import embedding
+
+    canonical, layout = embedding.normalise_embedding(tensors, architecture)
+    counts, dtype = embedding.summary(canonical)
+    alphas = {module: float(n) for module, n in counts.items()}
+    return canonical, NormaliseInfo(layout, counts, alphas, dtype, kind="embedding")
 
 
 def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -429,8 +444,10 @@ def to_kohya(
     """
     family = (find_family(architecture.family) if architecture is not None else None) or get_family("sd1")
     unet_names = _export_unet_names(family, architecture)
-    from adapters import lycoris  # imports this module's helpers
+    from adapters import embedding, lycoris  # imports this module's helpers
 
+    if embedding.is_canonical(tensors):
+        return embedding.to_a1111(tensors)
     if lycoris.is_lycoris(tensors):
         return lycoris.lycoris_to_kohya(tensors, lambda module: _kohya_name(module, family, unet_names))
     out: dict[str, torch.Tensor] = {}
