@@ -52,7 +52,7 @@ def pattern(names: Iterable[str]) -> re.Pattern[str]:
     or without a ``.safetensors`` / ``.pt`` file extension); case-insensitive, as CLIP lowercases."""
     alternatives = "|".join(re.escape(name) for name in sorted(set(names), key=len, reverse=True))
     return re.compile(
-        rf"(?<![\w@:.-])(?:{re.escape(PREFIX)})?(?P<name>{alternatives})(?:\.safetensors|\.pt)?(?![\w@-])",
+        rf"(?<![\w@:.-])(?:{re.escape(PREFIX)})?(?P<name>{alternatives})(?:\.safetensors|\.pt)?(?![\w@-]|\.\w)",
         re.IGNORECASE,
     )
 

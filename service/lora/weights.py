@@ -1,7 +1,8 @@
 """An adapter arranged for running: per-module layers on the model's device and dtype.
 
 LoRA modules become ``LinearLoRA`` / ``ConvLoRA`` pairs; LoHa, LoKr and full-diff modules (their own
-canonical kinds, ``adapters.kinds``) become ``DenseDelta`` layers holding ΔW computed once here.
+canonical kinds, ``adapters.kinds``) become ``DenseDelta`` layers holding ΔW computed once here. A
+textual-inversion embedding has no modules: its vectors (per text encoder) are moved as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adapters.embedding import vectors_of
 from adapters.kinds import ROLE_KIND, split_key
 from service.lora.layers import DenseDelta, LoRAPair, dense_for, pair_for
 
@@ -29,6 +31,8 @@ class DeviceAdapter:
     key: str
     modules: dict[str, Layer]
     nbytes: int = field(default=0)
+    # a textual-inversion embedding's vectors: text encoder component → [n, width]
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -60,4 +64,10 @@ class DeviceAdapter:
                 lycoris.setdefault(parts[0], {})[parts[1]] = moved
         for module_name, factors in lycoris.items():
             modules[module_name] = dense_for(targets[module_name], ROLE_KIND[next(iter(factors))], factors)
-        return cls(key, modules, sum(layer.nbytes for layer in modules.values()))
+        vectors = {
+            component: tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
+            for component, tensor in vectors_of(tensors).items()
+        }
+        nbytes = sum(layer.nbytes for layer in modules.values())
+        nbytes += sum(t.numel() * t.element_size() for t in vectors.values())
+        return cls(key, modules, nbytes, vectors)
