@@ -6,7 +6,8 @@ pickle, by ``adapters.format``):
 * A1111 SD1.x / SD2.x: one key ``emb_params`` ``[n, width]``;
 * A1111 SDXL: ``clip_l`` ``[n, 768]`` (``text_encoder``, CLIP ViT-L) and ``clip_g`` ``[n, 1280]``
   (``text_encoder_2``, OpenCLIP ViT-bigG), the same ``n``;
-* diffusers' ``learned_embeds.safetensors``: one key, the placeholder token (``"<cat-toy>"``), holding
+* diffusers' ``learned_embeds.safetensors``: one key, the placeholder token (``"<cat-toy>"``, or a word
+  without dots), holding
   ``[n, width]`` or a single vector ``[width]`` (older ``textual_inversion.py`` runs);
 * the canonical form below (what the registry stores and ``adapters convert --to diffusers`` writes).
 
@@ -40,8 +41,8 @@ A1111_SINGLE = "emb_params"
 A1111_SDXL = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 MAX_VECTORS = 75
 """A CLIP prompt holds 75 tokens between its start and end tokens: a longer embedding cannot fit."""
-# keys that make a single-tensor file an adapter of another kind, never a diffusers token
-_NOT_A_TOKEN = re.compile(r"\.(weight|alpha|diff|diff_b|bias)$|^(lora_|unet\.|text_encoder)")
+# a diffusers placeholder token: "<cat-toy>", or a word without dots (a dotted key is a module's tensor)
+TOKEN = re.compile(r"<[^<>\s]{1,64}>|[^.\s<>]{1,64}")
 WIDTH_FAMILIES = {768: "SD1.x (CLIP ViT-L)", 1024: "SD2.x (OpenCLIP ViT-H)", 1280: "SDXL's text_encoder_2"}
 
 
@@ -54,7 +55,7 @@ def is_embedding(tensors: Mapping[str, object]) -> bool:
         return False
     (key,) = keys
     tensor = tensors[key]
-    return isinstance(tensor, torch.Tensor) and tensor.dim() in (1, 2) and not _NOT_A_TOKEN.search(key)
+    return isinstance(tensor, torch.Tensor) and tensor.dim() in (1, 2) and TOKEN.fullmatch(key) is not None
 
 
 def is_canonical(tensors: Mapping[str, object]) -> bool:
