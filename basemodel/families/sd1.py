@@ -63,7 +63,7 @@ class SD1(ModelFamily):
         """``StableDiffusionPipeline.encode_prompt``: the text encoder's last hidden states; a prompt
         naming ``embeddings`` is encoded with their vectors (``basemodel.textual_inversion``)."""
         embedded = encode_text(self, pipe, prompt, embeddings or {})
-        negative = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
+        against = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
         cond, uncond = pipe.encode_prompt(
             prompt,
             pipe.unet.device,
@@ -71,7 +71,7 @@ class SD1(ModelFamily):
             do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt or None,
             prompt_embeds=embedded["hidden"] if embedded else None,
-            negative_prompt_embeds=negative["hidden"] if negative else None,
+            negative_prompt_embeds=against["hidden"] if against else None,
         )
         return Conditioning(UNetInputs(cond), UNetInputs(uncond) if guidance else None)
 

@@ -84,7 +84,7 @@ class SDXL(ModelFamily):
         naming ``embeddings`` is encoded with their vectors (``basemodel.textual_inversion``)."""
         device = pipe.unet.device
         embedded = encode_text(self, pipe, prompt, embeddings or {})
-        negative = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
+        against = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
             prompt=prompt,
             device=device,
@@ -93,8 +93,8 @@ class SDXL(ModelFamily):
             negative_prompt=negative_prompt or None,
             prompt_embeds=embedded["hidden"] if embedded else None,
             pooled_prompt_embeds=embedded["text_embeds"] if embedded else None,
-            negative_prompt_embeds=negative["hidden"] if negative else None,
-            negative_pooled_prompt_embeds=negative["text_embeds"] if negative else None,
+            negative_prompt_embeds=against["hidden"] if against else None,
+            negative_pooled_prompt_embeds=against["text_embeds"] if against else None,
         )
         ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=cond.dtype).to(device).repeat(num_images, 1)

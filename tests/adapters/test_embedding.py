@@ -44,7 +44,7 @@ def test_sd1_layouts_become_the_same_vectors(base_model: Any) -> None:
 
 
 def test_sdxl_file_and_a1111_export_round_trip() -> None:
-    xl = tiny_sdxl()
+    xl: Any = tiny_sdxl()
     clip_l = vectors(2, xl.text_encoder.config.hidden_size, 1)
     clip_g = vectors(2, xl.text_encoder_2.config.hidden_size, 2)
     canonical, info = normalise({"clip_l": clip_l, "clip_g": clip_g}, xl.architecture)

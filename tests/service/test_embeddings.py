@@ -30,7 +30,7 @@ from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
 from tests.service.test_hotswap import pixels
 
-REQUEST = {"steps": 2, "guidance_scale": 6.0, "seed": 7, "scheduler": "ddim"}
+REQUEST: dict[str, Any] = {"steps": 2, "guidance_scale": 6.0, "seed": 7, "scheduler": "ddim"}
 # (prompt, negative prompt) as sent; diffusers gets them without ComfyUI's "embedding:" prefix
 PROMPTS = [
     ("a red tione circle", "blurry embedding:timulti"),  # single-vector in the prompt, multi in the negative
@@ -134,7 +134,8 @@ def test_sd1_embeddings_match_load_textual_inversion(
         assert body["adapters"] == []
     assert np.abs(served[0] - plain).mean() > 2, "the vectors must change the image"
     # the PNG and the parameters name them with their hashes, as A1111 writes 'TI hashes'
-    text = Image.open(io.BytesIO(base64.b64decode(body["images"][0]["png_base64"]))).text["parameters"]
+    png: Any = Image.open(io.BytesIO(base64.b64decode(body["images"][0]["png_base64"])))
+    text = png.text["parameters"]
     sha = {name: registry.resolve(name).sha256[:12] for name in sd1_files}
     assert f'TI hashes: "timulti: {sha["timulti"]}, tione: {sha["tione"]}"' in text
     assert body["parameters"]["ti_hashes"] == f"timulti: {sha['timulti']}, tione: {sha['tione']}"
