@@ -261,9 +261,12 @@ def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:
     depends on the serialised data, so ``adapters.format.serialise`` adds it.
     """
     family = metadata.base_model.family if metadata.base_model else None
+    architecture = _modelspec_architecture(family)
+    if metadata.kind == "embedding":  # SAI modelspec's name for textual inversion
+        architecture = architecture.removesuffix("/lora") + "/textual-inversion"
     keys: dict[str, str] = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _modelspec_architecture(family),
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": metadata.title or metadata.adapter_id or "lora",
         "ss_base_model_version": _kohya_base_version(family),

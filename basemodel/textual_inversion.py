@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,7 +51,12 @@ class Embedding:
 def pattern(names: Iterable[str]) -> re.Pattern[str]:
     """Where ``names`` stand in a prompt as whole words, optionally as ``embedding:name`` (ComfyUI, with
     or without a ``.safetensors`` / ``.pt`` file extension); case-insensitive, as CLIP lowercases."""
-    alternatives = "|".join(re.escape(name) for name in sorted(set(names), key=len, reverse=True))
+    return _compiled(tuple(sorted(set(names), key=lambda name: (-len(name), name))))
+
+
+@lru_cache(maxsize=256)
+def _compiled(names: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(name) for name in names)  # longest first
     return re.compile(
         rf"(?<![\w@:.-])(?:{re.escape(PREFIX)})?(?P<name>{alternatives})(?:\.safetensors|\.pt)?(?![\w@-]|\.\w)",
         re.IGNORECASE,

@@ -50,8 +50,9 @@ def test_sdxl_file_and_a1111_export_round_trip() -> None:
     canonical, info = normalise({"clip_l": clip_l, "clip_g": clip_g}, xl.architecture)
     assert info.target_modules == ["text_encoder.embedding", "text_encoder_2.embedding"]
     meta = AdapterMetadata(**info.summary(), source_format="a1111")
-    exported, _ = read_adapter(write_kohya(None, canonical, meta, xl.architecture))
+    exported, header = read_adapter(write_kohya(None, canonical, meta, xl.architecture))
     assert sorted(exported) == ["clip_g", "clip_l"]
+    assert header["modelspec.architecture"].endswith("/textual-inversion")
     assert torch.equal(exported["clip_l"], clip_l) and torch.equal(exported["clip_g"], clip_g)
     with pytest.raises(AdapterIncompatible) as one_encoder:  # an SD1.x embedding on SDXL
         normalise({"emb_params": clip_l}, xl.architecture)
