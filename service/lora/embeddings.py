@@ -27,6 +27,8 @@ from service.lora.weights import DeviceAdapter
 
 log = logging.getLogger(__name__)
 KIND = "embedding"
+MAX_PER_REQUEST = 16
+"""Distinct embeddings one request may name (prompt and negative prompt together)."""
 # embedding:<id>[@N][.safetensors|.pt], ids as adapters.refs allows them
 EXPLICIT = re.compile(
     rf"(?<![\w@:.-]){re.escape(PREFIX)}(?P<ref>[a-z0-9][a-z0-9._-]*?(?:@\d+)?)(?:\.safetensors|\.pt)?(?![\w@-]|\.\w)",

@@ -28,7 +28,7 @@ from basemodel.errors import ValidationFailed
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
 from service.lora.cache import AdapterCache, Budgets
-from service.lora.embeddings import KIND, AppliedEmbedding, EmbeddingIndex, named
+from service.lora.embeddings import KIND, MAX_PER_REQUEST, AppliedEmbedding, EmbeddingIndex, named
 from service.lora.model_manager import LoRAModelManager
 from service.lora.request import AdapterRequest, AppliedAdapter, adapter_request
 from service.lora.resolver import AdapterResolver, Resolution, StoreGate
@@ -176,9 +176,15 @@ class AdapterManager:
         """Resolve, load and lease the textual-inversion embeddings ``texts`` name (``service.lora.
         embeddings``); a name that resolves to another kind of adapter is 422."""
         known = await self.embeddings.ids(self.deadline())
+        names = named(texts, known)
+        if len(names) > MAX_PER_REQUEST:
+            raise ValidationFailed(
+                f"the prompts name {len(names)} embeddings; at most {MAX_PER_REQUEST} per request",
+                detail={"field": "prompt", "names": names[:MAX_PER_REQUEST], "limit": MAX_PER_REQUEST},
+            )
         applied: list[AppliedEmbedding] = []
         try:
-            for name in named(texts, known):
+            for name in names:
                 ref = parse_ref(name)
                 request = adapter_request(ref.adapter_id, ref.version, None, field="prompt")
                 (loaded,) = await self.prepare([request], embeddings=True)

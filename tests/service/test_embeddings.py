@@ -99,7 +99,12 @@ def registry(base_model: Any, tmp_path: Path) -> Registry:
 
 
 def test_sd1_embeddings_match_load_textual_inversion(
-    start_server: Any, base_model: Any, registry: Registry, sd1_files: dict[str, Path], tiny_model_dir: Path
+    start_server: Any,
+    base_model: Any,
+    registry: Registry,
+    sd1_files: dict[str, Path],
+    tiny_model_dir: Path,
+    tmp_path: Path,
 ) -> None:
     pipe = base_model.pipe
     before = shared_state(pipe, ("text_encoder",), ("tokenizer",))
@@ -133,6 +138,16 @@ def test_sd1_embeddings_match_load_textual_inversion(
         assert sorted(e["name"] for e in body["embeddings"]) == ["timulti", "tione"]
         assert body["adapters"] == []
     assert np.abs(served[0] - plain).mean() > 2, "the vectors must change the image"
+    # with a LoRA in the same request (the usual LoRA + negative embedding): both apply, as in diffusers
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(save_bytes(diffusers_layout(make_case(pipe))))
+    registry.register(lora, "style")
+    theirs.load_lora_weights(str(lora), adapter_name="style")
+    theirs.set_adapters(["style"], [0.8])
+    prompt, negative = PROMPTS[0]
+    both = post(server, prompt=f"{prompt} <lora:style:0.8>", negative_prompt=negative)
+    assert [a["id"] for a in both["adapters"]] == ["style"] and len(both["embeddings"]) == 2
+    assert np.abs(pixels(both["images"][0]) - reference(theirs, prompt, negative)).max() <= 1
     # the PNG and the parameters name them with their hashes, as A1111 writes 'TI hashes'
     png: Any = Image.open(io.BytesIO(base64.b64decode(body["images"][0]["png_base64"])))
     text = png.text["parameters"]
@@ -195,6 +210,8 @@ def test_embeddings_are_refused_where_they_do_not_fit(
         as_adapter = http.post("/v1/generate", json={**REQUEST, "prompt": "x", "adapters": [{"id": "tione"}]})
         lora_as_embedding = http.post("/v1/generate", json={**REQUEST, "prompt": "a embedding:style"})
         unknown = http.post("/v1/generate", json={**REQUEST, "prompt": "a embedding:nothere"})
+        many = " ".join(f"embedding:e{i}" for i in range(17))
+        too_many = http.post("/v1/generate", json={**REQUEST, "prompt": "a", "negative_prompt": many})
         listed = http.get("/v1/adapters").json()
     reasons = {
         name: (r.status_code, r.json()["error"]["detail"].get("reason")) for name, r in answers.items()
@@ -213,6 +230,7 @@ def test_embeddings_are_refused_where_they_do_not_fit(
         lora_as_embedding.status_code == 422 and "not a textual-inversion embedding" in lora_as_embedding.text
     )
     assert unknown.status_code == 404
+    assert too_many.status_code == 422 and too_many.json()["error"]["detail"]["limit"] == 16
 
 
 @pytest.fixture(scope="module")
