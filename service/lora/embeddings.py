@@ -3,8 +3,9 @@
 A prompt (or negative prompt) names an embedding A1111's way, by its id as a word (``easynegative``),
 or ComfyUI's, ``embedding:easynegative`` (a ``.safetensors`` / ``.pt`` extension is ignored);
 ``embedding:id@N`` pins a version. Bare ids are matched against the ids whose latest version is an
-embedding (``EmbeddingIndex``: one registry listing, reused for ``latest_ttl_s`` and refreshed in the
-background after that, so requests never wait on the store for it except before the first listing);
+embedding (``EmbeddingIndex``: one registry listing, reused for ``embedding_list_ttl_s`` and refreshed in
+the background after that, so requests never wait on the store for it except before the first listing;
+changes made through this server apply at once);
 the ``embedding:`` form is resolved whatever the listing says. The vectors apply to that request only
 (``basemodel.textual_inversion``); the names and versions used are in its response and PNG parameters.
 """
@@ -93,6 +94,8 @@ class EmbeddingIndex:
         self._lock = threading.Lock()
         self._ids: frozenset[str] | None = None
         self._at = 0.0
+        # changes made through this server: id → (when, is an embedding), laid over older listings
+        self._changes: dict[str, tuple[float, bool]] = {}
 
     def refresh(self) -> Future[frozenset[str]]:
         """Start a listing (one at a time); its result replaces the index."""
@@ -104,25 +107,38 @@ class EmbeddingIndex:
             s.adapter_id for s in self.registry.list() if s.latest is not None and s.latest.kind == KIND
         )
         with self._lock:
+            for adapter_id, (when, embedding) in list(self._changes.items()):
+                if when < started:  # the listing saw it
+                    del self._changes[adapter_id]
+                else:
+                    ids = ids | {adapter_id} if embedding else ids - {adapter_id}
             self._ids, self._at = ids, started
         return ids
 
     async def ids(self, deadline: float) -> frozenset[str]:
-        """The embedding ids; waits (until ``deadline``) only when no listing has succeeded yet."""
+        """The embedding ids; waits (until ``deadline``) only when no listing has succeeded yet. When the
+        store cannot be listed, none are known (``embedding:id`` still resolves): a request without
+        embeddings never fails because of this listing."""
         with self._lock:
             ids, age = self._ids, self._clock() - self._at
         if ids is not None:
             if age > self.ttl_s:
                 self.refresh().add_done_callback(_log_failure)
             return ids
-        return await self.gate.wait(self.refresh(), deadline, "listing embeddings")
+        try:
+            return await self.gate.wait(self.refresh(), deadline, "listing embeddings")
+        except Exception as exc:
+            log.warning("cannot list embeddings (bare embedding ids are not recognised until then): %s", exc)
+            return frozenset()
 
     def registered(self, version: AdapterVersion) -> None:
         """A version created through this server: its id is (or stops being) an embedding at once."""
+        embedding = version.kind == KIND
         with self._lock:
+            self._changes[version.adapter_id] = (self._clock(), embedding)
             if self._ids is not None:
                 others = self._ids - {version.adapter_id}
-                self._ids = others | {version.adapter_id} if version.kind == KIND else others
+                self._ids = others | {version.adapter_id} if embedding else others
 
     def deleted(self, adapter_id: str) -> None:
         """Versions of ``adapter_id`` deleted through this server: list again at the next request."""

@@ -87,7 +87,7 @@ class AdapterManager:
             stale_max_s=settings.latest_stale_max_s,
             on_latest=self._latest_changed,
         )
-        self.embeddings = EmbeddingIndex(self.registry, self.gate, settings.latest_ttl_s)
+        self.embeddings = EmbeddingIndex(self.registry, self.gate, settings.embedding_list_ttl_s)
         self.embeddings.refresh()  # in the background: the first prompt rarely waits for it
 
     def deadline(self) -> float:
