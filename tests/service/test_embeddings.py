@@ -5,12 +5,15 @@ request alone, the shared tokenizer and embedding table untouched, and A1111's l
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,12 +23,15 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from adapters.errors import StoreError
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from adapters.sources import open_store
 from basemodel.loader import BaseModel, load_base_model
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
+from service.lora.embeddings import EmbeddingIndex
+from service.lora.resolver import StoreGate
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
 from tests.service.test_hotswap import pixels
@@ -279,3 +285,43 @@ def test_sdxl_embeddings_match_load_textual_inversion_on_both_encoders(
         assert np.abs(served - reference(theirs, prompt, negative)).max() <= 1, prompt
     assert np.abs(served - plain).mean() > 2, "the vectors must change the image"
     assert shared_state(pipe, encoders, tokenizers) == before
+
+
+def test_embedding_index_survives_a_failing_store_and_follows_changes() -> None:
+    """Bare ids come from a listing reused for its TTL (refreshed in the background after it); a store
+    that cannot be listed makes none known instead of failing the request; registrations through this
+    server apply at once."""
+
+    class Listing:
+        def __init__(self) -> None:
+            self.items: list[Any] = []
+            self.fail = False
+            self.calls = 0
+
+        def list(self) -> list[Any]:
+            self.calls += 1
+            if self.fail:
+                raise StoreError("the store is down", reason="unavailable")
+            return self.items
+
+    def summary(adapter_id: str, kind: str) -> Any:
+        return SimpleNamespace(adapter_id=adapter_id, latest=SimpleNamespace(kind=kind))
+
+    now = [0.0]
+    store = Listing()
+    gate = StoreGate(lambda: 1)
+    index = EmbeddingIndex(store, gate, ttl_s=10, clock=lambda: now[0])  # type: ignore[arg-type]
+    deadline = time.monotonic() + 5
+    store.fail = True
+    assert asyncio.run(index.ids(deadline)) == frozenset()
+    store.fail, store.items = False, [summary("neg", "embedding"), summary("style", "lora")]
+    assert asyncio.run(index.ids(deadline)) == {"neg"}
+    calls = store.calls
+    index.registered(SimpleNamespace(adapter_id="fresh", kind="embedding"))  # type: ignore[arg-type]
+    assert asyncio.run(index.ids(deadline)) == {"neg", "fresh"} and store.calls == calls  # no listing
+    now[0] = 11.0  # past the TTL: the old list at once, a listing in the background
+    store.items = [summary("neg", "embedding"), summary("fresh", "embedding"), summary("x", "embedding")]
+    assert asyncio.run(index.ids(deadline)) == {"neg", "fresh"}
+    index.refresh().result(timeout=5)
+    assert asyncio.run(index.ids(deadline)) == {"neg", "fresh", "x"}
+    gate.close()
