@@ -30,6 +30,7 @@ import torch
 
 from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.metadata import SourceFormat
+from adapters.normalise import NormaliseInfo
 from adapters.validate import DTYPE_NAMES, check_dtypes, check_finite
 from basemodel.families import label_of, owners_of
 from basemodel.fingerprint import Architecture
@@ -114,6 +115,16 @@ def normalise_embedding(
         f"{encoder}{SUFFIX}": v.detach().to(dtype, copy=True).contiguous() for encoder, v in vectors.items()
     }
     return canonical, layout
+
+
+def normalise_file(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture
+) -> tuple[dict[str, torch.Tensor], NormaliseInfo]:
+    """``normalise_embedding`` with what ``adapters.normalise.normalise`` reports: ``rank`` = vectors."""
+    canonical, layout = normalise_embedding(tensors, architecture)
+    counts, dtype = summary(canonical)
+    alphas = {module: float(n) for module, n in counts.items()}
+    return canonical, NormaliseInfo(layout, counts, alphas, dtype, kind="embedding")
 
 
 def _matrix(tensor: torch.Tensor, key: str) -> torch.Tensor:

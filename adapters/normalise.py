@@ -157,7 +157,7 @@ def normalise(
     from adapters import embedding, lycoris  # imports this module's helpers
 
     if embedding.is_embedding(tensors):
-        return _embedding(tensors, architecture)
+        return embedding.normalise_file(tensors, architecture)
     _refuse_unsupported(tensors)
 
     if lycoris.is_lycoris(tensors):
@@ -179,18 +179,6 @@ def normalise(
         folded = up.detach().to(torch.float32) * scale if scale != 1.0 else up.detach()
         canonical[f"{module}.lora_B.weight"] = folded.to(dtype, copy=True).contiguous()
     return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype])
-
-
-def _embedding(
-    tensors: Mapping[str, torch.Tensor], architecture: Architecture
-) -> tuple[dict[str, torch.Tensor], NormaliseInfo]:
-    """A textual-inversion embedding (``adapters.embedding``): its vectors, ``rank`` = their count."""
-    from adapters import embedding
-
-    canonical, layout = embedding.normalise_embedding(tensors, architecture)
-    counts, dtype = embedding.summary(canonical)
-    alphas = {module: float(n) for module, n in counts.items()}
-    return canonical, NormaliseInfo(layout, counts, alphas, dtype, kind="embedding")
 
 
 def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:
