@@ -39,13 +39,14 @@ from typing import Literal
 
 import torch
 
-AdapterKind = Literal["lora", "loha", "lokr", "full", "dora"]
+AdapterKind = Literal["lora", "loha", "lokr", "full", "dora", "embedding"]
 KIND_LABELS: dict[str, str] = {
     "lora": "LoRA",
     "loha": "LoHa",
     "lokr": "LoKr",
     "full": "full-weight diff",
     "dora": "DoRA",
+    "embedding": "textual-inversion embedding",  # no module roles: adapters.embedding
 }
 ROLES: dict[str, tuple[str, ...]] = {
     "lora": ("lora_A.weight", "lora_B.weight"),

@@ -106,6 +106,12 @@ def merge_adapters(
     for item in items:
         loaded = registry.open(item.ref)
         version = loaded.version
+        if version.kind == "embedding":
+            raise AdapterInvalid(
+                f"{version.ref} is a textual-inversion embedding: it changes no weight, so there is "
+                "nothing to merge (use its id in prompts instead)",
+                reason="unsupported_conversion",
+            )
         scale = item.scale if item.scale is not None else (version.scale_default or 1.0)
         modules, _ = group(loaded.tensors)
         for module, factors in modules.items():

@@ -34,8 +34,8 @@ MIN_SCALE, MAX_SCALE = -4.0, 4.0
 MAX_METADATA_BYTES = 64 << 10
 """User-owned metadata, as JSON, is at most this long (it goes into the file header; the title twice)."""
 
-SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "loraswap"]
-AdapterKind = Literal["lora", "loha", "lokr", "full", "dora"]
+SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "a1111", "loraswap"]
+AdapterKind = Literal["lora", "loha", "lokr", "full", "dora", "embedding"]
 """What an adapter's tensors are (``adapters.kinds``); metadata without it (older files) is a LoRA."""
 TensorDType = Literal["fp32", "fp16", "bf16"]
 
@@ -261,9 +261,12 @@ def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:
     depends on the serialised data, so ``adapters.format.serialise`` adds it.
     """
     family = metadata.base_model.family if metadata.base_model else None
+    architecture = _modelspec_architecture(family)
+    if metadata.kind == "embedding":  # SAI modelspec's name for textual inversion
+        architecture = architecture.removesuffix("/lora") + "/textual-inversion"
     keys: dict[str, str] = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _modelspec_architecture(family),
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": metadata.title or metadata.adapter_id or "lora",
         "ss_base_model_version": _kohya_base_version(family),

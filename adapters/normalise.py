@@ -149,8 +149,11 @@ def normalise(
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
     check_dtypes(tensors)
     check_finite(tensors)
+    from adapters import embedding, lycoris  # imports this module's helpers
+
+    if embedding.is_embedding(tensors):
+        return embedding.normalise_file(tensors, architecture)
     _refuse_unsupported(tensors)
-    from adapters import lycoris  # imports this module's helpers
 
     if lycoris.is_lycoris(tensors):
         return lycoris.normalise_lycoris(tensors, architecture, max_rank=max_rank, alpha=alpha)
@@ -424,8 +427,10 @@ def to_kohya(
     """
     family = (find_family(architecture.family) if architecture is not None else None) or get_family("sd1")
     unet_names = _export_unet_names(family, architecture)
-    from adapters import lycoris  # imports this module's helpers
+    from adapters import embedding, lycoris  # imports this module's helpers
 
+    if embedding.is_canonical(tensors):
+        return embedding.to_a1111(tensors)
     if lycoris.is_lycoris(tensors):
         return lycoris.lycoris_to_kohya(tensors, lambda module: _kohya_name(module, family, unet_names))
     out: dict[str, torch.Tensor] = {}

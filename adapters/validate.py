@@ -206,6 +206,11 @@ def check_canonical(
     if not tensors:
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
     check_dtypes(tensors)
+    from adapters import embedding  # imports this module's checks
+
+    if embedding.is_canonical(tensors):
+        counts = embedding.check_canonical_embedding(tensors, architecture)
+        return CanonicalSummary(ranks=counts, dtype=embedding.summary(tensors)[1], kind="embedding")
     if any(key.rsplit(".", 1)[-1] in LYCORIS_ROLES for key in tensors):
         ranks, kind = _lycoris_canonical(tensors, architecture, max_rank)
     else:

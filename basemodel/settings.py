@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     latest_stale_max_s: float = Field(
         3600.0, ge=0, le=30 * 86_400, description="How old a remembered 'latest' may be served in an outage."
     )
+    embedding_list_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="How long the list of registered textual-inversion embeddings (the ids a prompt may "
+        "name bare) is reused before it is listed again in the background.",
+    )
     # --- end store outages ---
 
     # --- Hot-swap engine: adapter cache tiers and batching ---

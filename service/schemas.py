@@ -107,6 +107,11 @@ class GenerateResponse(BaseModel):
         "batch, no hooks) or hooked (per-row hooks, mixed batches).",
     )
     adapters: list[dict[str, Any]] = Field(default_factory=list)
+    embeddings: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Textual-inversion embeddings the prompt or negative prompt named: name as written, "
+        "id, version, sha256, vectors.",
+    )
 
 
 class JobOut(BaseModel):

@@ -15,12 +15,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from basemodel.fingerprint import Architecture, architecture_of
+
+if TYPE_CHECKING:
+    from basemodel.textual_inversion import Embedding
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,12 @@ class ModelFamily:
         guidance: bool,
         width: int,
         height: int,
+        embeddings: Mapping[str, Embedding] | None = None,
     ) -> Conditioning:
         """The prompt (and negative prompt, under guidance) as UNet inputs, ``num_images`` rows each;
-        an empty ``negative_prompt`` means none, as diffusers' ``negative_prompt=None``."""
+        an empty ``negative_prompt`` means none, as diffusers' ``negative_prompt=None``. Names of
+        ``embeddings`` (textual inversion, name → vectors) in either stand for their vectors, for this
+        encoding only (``basemodel.textual_inversion``)."""
         raise NotImplementedError
 
     def inpainting(self, pipe: Any) -> bool:

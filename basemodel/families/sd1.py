@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.textual_inversion import Embedding, encode_text
 
 
 class SD1(ModelFamily):
@@ -57,14 +58,20 @@ class SD1(ModelFamily):
         guidance: bool,
         width: int,
         height: int,
+        embeddings: Mapping[str, Embedding] | None = None,
     ) -> Conditioning:
-        """``StableDiffusionPipeline.encode_prompt``: the text encoder's last hidden states."""
+        """``StableDiffusionPipeline.encode_prompt``: the text encoder's last hidden states; a prompt
+        naming ``embeddings`` is encoded with their vectors (``basemodel.textual_inversion``)."""
+        embedded = encode_text(self, pipe, prompt, embeddings or {})
+        against = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
         cond, uncond = pipe.encode_prompt(
             prompt,
             pipe.unet.device,
             num_images_per_prompt=num_images,
             do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt or None,
+            prompt_embeds=embedded["hidden"] if embedded else None,
+            negative_prompt_embeds=against["hidden"] if against else None,
         )
         return Conditioning(UNetInputs(cond), UNetInputs(uncond) if guidance else None)
 

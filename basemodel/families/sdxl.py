@@ -21,6 +21,7 @@ import torch
 
 from basemodel.errors import BaseModelError
 from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.textual_inversion import Embedding, encode_text
 
 TEXT_TIME = "text_time"
 TIME_IDS = 6  # original size (2) + crop top-left (2) + target size (2)
@@ -77,15 +78,23 @@ class SDXL(ModelFamily):
         guidance: bool,
         width: int,
         height: int,
+        embeddings: Mapping[str, Embedding] | None = None,
     ) -> Conditioning:
-        """``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids`` (same values)."""
+        """``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids`` (same values); a prompt
+        naming ``embeddings`` is encoded with their vectors (``basemodel.textual_inversion``)."""
         device = pipe.unet.device
+        embedded = encode_text(self, pipe, prompt, embeddings or {})
+        against = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
             prompt=prompt,
             device=device,
             num_images_per_prompt=num_images,
             do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt or None,
+            prompt_embeds=embedded["hidden"] if embedded else None,
+            pooled_prompt_embeds=embedded["text_embeds"] if embedded else None,
+            negative_prompt_embeds=against["hidden"] if against else None,
+            negative_pooled_prompt_embeds=against["text_embeds"] if against else None,
         )
         ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=cond.dtype).to(device).repeat(num_images, 1)

@@ -354,9 +354,7 @@ def to_response(req: Txt2ImgRequest, result: GenerationResult) -> A1111Response:
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": req.denoising_strength if isinstance(req, Img2ImgRequest) else None,
-        "extra_generation_params": {"Lora hashes": result.parameters["lora_hashes"]}
-        if result.parameters.get("lora_hashes")
-        else {},
+        "extra_generation_params": extra_generation_params(result.parameters),
         "index_of_first_image": 0,
         "infotexts": infotexts(req, result),
         "styles": [],
@@ -368,6 +366,12 @@ def to_response(req: Txt2ImgRequest, result: GenerationResult) -> A1111Response:
     }
     images = [base64.b64encode(png).decode() for png in result.pngs] if req.send_images is not False else []
     return A1111Response(images=images, parameters=parameters_echo(req), info=json.dumps(info))
+
+
+def extra_generation_params(parameters: dict[str, Any]) -> dict[str, str]:
+    """A1111's ``Lora hashes`` and ``TI hashes`` (``name: sha256[:12], …``), when there are any."""
+    labels = {"lora_hashes": "Lora hashes", "ti_hashes": "TI hashes"}
+    return {label: parameters[key] for key, label in labels.items() if parameters.get(key)}
 
 
 def progress_snapshot(now: WorkerProgress, average_job_s: float) -> dict[str, Any]:
@@ -423,3 +427,21 @@ def lora_item(version: dict[str, Any]) -> dict[str, Any]:
         "path": version["ref"],
         "metadata": version,
     }
+
+
+def embeddings_listing(versions: list[dict[str, Any]], width: int) -> dict[str, Any]:
+    """``GET /sdapi/v1/embeddings`` (A1111's ``EmbeddingsResponse``): every embedding's latest version by
+    name — ``vectors``, ``shape`` (``width``: the base's text-encoder width, summed over SDXL's two
+    encoders, which registration checked the vectors against), the base checkpoint it was registered
+    against; ``skipped`` is empty (embeddings that do not fit the base are refused at registration)."""
+    loaded = {
+        version["adapter_id"]: {
+            "step": None,
+            "sd_checkpoint": (version["base_model"].get("fingerprint") or "")[:10] or None,
+            "sd_checkpoint_name": version["base_model"].get("name"),
+            "shape": width,
+            "vectors": version["rank"],
+        }
+        for version in versions
+    }
+    return {"loaded": loaded, "skipped": {}}

@@ -52,7 +52,7 @@ async def run_generation(
 def generation_headers(work: Work) -> dict[str, str]:
     """``X-Loraswap-Seed`` and, when a remembered 'latest' was served, ``X-Loraswap-Stale``."""
     headers = {"X-Loraswap-Seed": str(work.params.seed)}
-    if any(a.stale for a in work.params.adapters):
+    if any(a.stale for a in work.params.adapters) or any(e.stale for e in work.params.embeddings):
         headers[STALE_HEADER] = "adapters"
     return headers
 

@@ -16,6 +16,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
+from adapters.embedding import text_widths
 from service.auth import require
 from service.compat import a1111
 from service.compat.a1111 import A1111Response, Img2ImgRequest, Txt2ImgRequest
@@ -87,7 +88,30 @@ class SdapiController(Controller):
     async def loras(self, runtime: Runtime) -> list[dict[str, Any]]:
         manager = adapter_manager(runtime)
         summaries = await manager.read(manager.registry.list, what="listing adapters")
-        return [a1111.lora_item(s.latest.to_dict()) for s in summaries if s.latest is not None]
+        return [
+            a1111.lora_item(s.latest.to_dict())
+            for s in summaries
+            if s.latest is not None and s.latest.kind != "embedding"
+        ]
+
+    @get(
+        "/embeddings",
+        summary="A1111 embedding list: every textual-inversion embedding's latest live version.",
+        description=(
+            "`loaded` maps each embedding's id (what a prompt writes, or `embedding:id`) to its `vectors`, "
+            "`shape` (vector width; SDXL: both encoders' summed) and the checkpoint it was registered "
+            "against; `skipped` is always empty."
+        ),
+        responses=ROUTE_ERRORS["sdapi_store"],
+    )
+    async def embeddings(self, runtime: Runtime) -> dict[str, Any]:
+        manager = adapter_manager(runtime)
+        summaries = await manager.read(manager.registry.list, what="listing adapters")
+        versions = [
+            s.latest.to_dict() for s in summaries if s.latest is not None and s.latest.kind == "embedding"
+        ]
+        width = sum(text_widths(manager.identity.architecture).values())
+        return a1111.embeddings_listing(versions, width)
 
     @get(
         "/sd-models",

@@ -27,6 +27,8 @@ def a1111_parameters(params: dict[str, Any]) -> str:
         fields += [("Denoising strength", params["strength"]), ("Mode", params["mode"])]
     if params.get("lora_hashes"):
         fields.append(("Lora hashes", f'"{params["lora_hashes"]}"'))
+    if params.get("ti_hashes"):
+        fields.append(("TI hashes", f'"{params["ti_hashes"]}"'))
     fields.append(("Version", f"loraswap {params['version']}"))
     lines.append(", ".join(f"{key}: {value}" for key, value in fields))
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from service.engine.progress import JobProgress
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
 from service.engine.schedulers import a1111_label
 from service.engine.worker import InferenceWorker, Job
+from service.lora.embeddings import AppliedEmbedding
 from service.lora.request import adapter_request, extract_prompt_adapters
 from service.lora.worker_manager import AdapterManager
 from service.metrics import Metrics
@@ -64,6 +65,7 @@ class GenerationResult:
             "timings": self.timings,
             "lora_path": self.lora_path,
             "adapters": [a.describe() for a in self.params.adapters],
+            "embeddings": [e.describe() for e in self.params.embeddings],
         }
 
 
@@ -195,6 +197,12 @@ class Runtime:
             image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings)
         started = time.perf_counter()
         applied = await self.adapters.prepare(wanted) if (wanted and self.adapters) else ()
+        try:
+            embeddings = await self._embeddings(prompt, request.negative_prompt)
+        except BaseException:
+            if self.adapters is not None:
+                self.adapters.release(applied)
+            raise
         params = SampleParams(
             prompt=prompt,
             negative_prompt=request.negative_prompt,
@@ -207,12 +215,18 @@ class Runtime:
             scheduler=request.scheduler,
             adapters=applied,
             image=image,
+            embeddings=embeddings,
         )
-        return Work(params, time.perf_counter() - started if applied else 0.0)
+        return Work(params, time.perf_counter() - started if (applied or embeddings) else 0.0)
+
+    async def _embeddings(self, prompt: str, negative_prompt: str) -> tuple[AppliedEmbedding, ...]:
+        if self.adapters is None or not (prompt or negative_prompt):
+            return ()
+        return await self.adapters.prepare_embeddings(prompt, negative_prompt)
 
     def release(self, work: Work) -> None:
-        if self.adapters is not None and work.params.adapters:
-            self.adapters.release(work.params.adapters)
+        if self.adapters is not None and (work.params.adapters or work.params.embeddings):
+            self.adapters.release([*work.params.adapters, *work.params.embeddings])
 
     def _check_limits(self, width: int, height: int, request: GenerateRequest) -> None:
         limits = self.settings
@@ -329,6 +343,8 @@ class Runtime:
             "lora_hashes": ", ".join(
                 f"{a.version.adapter_id}: {a.version.sha256[:12]}" for a in params.adapters
             ),
+            "embeddings": [e.describe() for e in params.embeddings],
+            "ti_hashes": ", ".join(f"{e.name}: {e.version.sha256[:12]}" for e in params.embeddings),
         }
 
 

@@ -18,7 +18,8 @@ per-request LoRA adapters and batches that mix requests with different adapters.
 
 A batch shares width, height, steps, scheduler, whether guidance is on, the mode and the first
 denoising step that strength implies (``batch_key``); each request keeps its own init image and
-mask, prompt, negative prompt, guidance scale, seed, image count and adapters. Rows of the batch are
+mask, prompt, negative prompt, guidance scale, seed, image count, adapters and textual-inversion
+embeddings (applied while its prompt is encoded: ``basemodel.textual_inversion``). Rows of the batch are
 laid out as ``[uncond(req0), uncond(req1), …, cond(req0), cond(req1), …]``.
 """
 
@@ -36,8 +37,10 @@ from PIL import Image
 
 from basemodel.families import UNetInputs, detect_pipeline
 from basemodel.loader import Pipeline
+from basemodel.textual_inversion import Embedding
 from service.engine.image_modes import ImageInput, prepare_start, start_index, timesteps_from
 from service.engine.schedulers import make_scheduler
+from service.lora.embeddings import AppliedEmbedding
 from service.lora.model_manager import ActiveLoRA, LoRAModelManager
 from service.lora.request import AppliedAdapter
 
@@ -59,6 +62,8 @@ class SampleParams:
     scheduler: str
     adapters: tuple[AppliedAdapter, ...] = ()
     image: ImageInput | None = field(default=None, compare=False)  # img2img / inpainting
+    # textual-inversion embeddings the prompt / negative prompt name (this request's only)
+    embeddings: tuple[AppliedEmbedding, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -211,6 +216,7 @@ def sample_batch(
                 guidance=do_cfg,
                 width=first.width,
                 height=first.height,
+                embeddings={e.name: Embedding(e.name, e.adapter.vectors) for e in params.embeddings},
             )
         conds.append(encoded.cond)
         if encoded.uncond is not None:

@@ -8,4 +8,5 @@
 - ``cache.py``: the tiered LRU cache (device, host, disk) with byte budgets, pins and single-flight
   loads.
 - ``resolver.py``: adapter references → immutable versions, noticing new versions in the store.
+- ``embeddings.py``: which registered ids are textual-inversion embeddings, and which a prompt names.
 """

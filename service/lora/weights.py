@@ -4,6 +4,7 @@ LoRA modules become ``LinearLoRA`` / ``ConvLoRA`` pairs; LoHa, LoKr and full-dif
 canonical kinds, ``adapters.kinds``) become ``DenseDelta`` layers holding ΔW computed once here, and DoRA
 modules ``DoraDelta`` layers holding their delta against the loaded base weight (``base_weight``: module
 name → the weight as loaded, never a fused one; default: the module's current weight).
+A textual-inversion embedding has no modules: its vectors (per text encoder) are moved as they are.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adapters.embedding import vectors_of
 from adapters.kinds import ROLE_KIND, split_key
 from service.lora.layers import DenseDelta, DoraDelta, LoRAPair, dense_for, pair_for
 
@@ -31,6 +33,8 @@ class DeviceAdapter:
     key: str
     modules: dict[str, Layer]
     nbytes: int = field(default=0)
+    # a textual-inversion embedding's vectors: text encoder component → [n, width]
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -69,4 +73,10 @@ class DeviceAdapter:
                 modules[module_name] = DoraDelta.build(targets[module_name], factors, base.detach())
             else:
                 modules[module_name] = dense_for(targets[module_name], kind, factors)
-        return cls(key, modules, sum(layer.nbytes for layer in modules.values()))
+        vectors = {
+            component: tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
+            for component, tensor in vectors_of(tensors).items()
+        }
+        nbytes = sum(layer.nbytes for layer in modules.values())
+        nbytes += sum(t.numel() * t.element_size() for t in vectors.values())
+        return cls(key, modules, nbytes, vectors)

@@ -28,8 +28,9 @@ from basemodel.errors import ValidationFailed
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
 from service.lora.cache import AdapterCache, Budgets
+from service.lora.embeddings import KIND, MAX_PER_REQUEST, AppliedEmbedding, EmbeddingIndex, named
 from service.lora.model_manager import LoRAModelManager
-from service.lora.request import AdapterRequest, AppliedAdapter
+from service.lora.request import AdapterRequest, AppliedAdapter, adapter_request
 from service.lora.resolver import AdapterResolver, Resolution, StoreGate
 from service.metrics import Metrics
 
@@ -87,6 +88,8 @@ class AdapterManager:
             stale_max_s=settings.latest_stale_max_s,
             on_latest=self._latest_changed,
         )
+        self.embeddings = EmbeddingIndex(self.registry, self.gate, settings.embedding_list_ttl_s)
+        self.embeddings.refresh()  # in the background: the first prompt rarely waits for it
 
     def deadline(self) -> float:
         """The monotonic time until which a request started now may wait for the store."""
@@ -121,6 +124,7 @@ class AdapterManager:
     def registered(self, version: AdapterVersion) -> None:
         """A version created through this server: requests see it at once."""
         self.resolver.note_registered(version)
+        self.embeddings.registered(version)
 
     def deleted(self, removed: Sequence[AdapterVersion]) -> None:
         """Versions deleted through this server: 404 at once; unpinned cache entries are dropped."""
@@ -129,16 +133,22 @@ class AdapterManager:
         adapter_id = removed[0].adapter_id
         numbers = {v.version for v in removed}
         self.resolver.note_deleted(adapter_id, numbers)
+        self.embeddings.deleted(adapter_id)
         self.cache.drop(lambda key: key[0] == adapter_id and key[1] in numbers)
 
     # -- per request --------------------------------------------------------------------------------
-    async def prepare(self, requests: Sequence[AdapterRequest]) -> tuple[AppliedAdapter, ...]:
-        """Resolve, load (once, off the inference thread) and lease every requested adapter."""
+    async def prepare(
+        self, requests: Sequence[AdapterRequest], *, embeddings: bool = False
+    ) -> tuple[AppliedAdapter, ...]:
+        """Resolve, load (once, off the inference thread) and lease every requested adapter: weight
+        adapters, or (``embeddings``) textual-inversion embeddings — the other kind is 422."""
         ids = [r.adapter_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValidationFailed("an adapter is listed twice", detail={"field": "adapters", "ids": ids})
         deadline = self.deadline()
         resolved = [self._checked(await self.resolver.resolve(r, deadline)) for r in requests]
+        for resolution in resolved:
+            _check_kind(resolution.version, embeddings)
         applied: list[AppliedAdapter] = []
         try:
             for request, resolution in zip(requests, resolved, strict=True):
@@ -159,9 +169,31 @@ class AdapterManager:
             raise
         return tuple(applied)
 
-    def release(self, applied: Sequence[AppliedAdapter]) -> None:
+    def release(self, applied: Sequence[AppliedAdapter | AppliedEmbedding]) -> None:
         for item in applied:
             self.cache.release(item.version)
+
+    async def prepare_embeddings(self, *texts: str) -> tuple[AppliedEmbedding, ...]:
+        """Resolve, load and lease the textual-inversion embeddings ``texts`` name (``service.lora.
+        embeddings``); a name that resolves to another kind of adapter is 422."""
+        known = await self.embeddings.ids(self.deadline())
+        names = named(texts, known)
+        if len(names) > MAX_PER_REQUEST:
+            raise ValidationFailed(
+                f"the prompts name {len(names)} embeddings; at most {MAX_PER_REQUEST} per request",
+                detail={"field": "prompt", "names": names[:MAX_PER_REQUEST], "limit": MAX_PER_REQUEST},
+            )
+        applied: list[AppliedEmbedding] = []
+        try:
+            for name in names:
+                ref = parse_ref(name)
+                request = adapter_request(ref.adapter_id, ref.version, None, field="prompt")
+                (loaded,) = await self.prepare([request], embeddings=True)
+                applied.append(AppliedEmbedding(name, loaded.version, loaded.adapter, loaded.stale))
+        except BaseException:
+            self.release(applied)
+            raise
+        return tuple(applied)
 
     # -- warming ----------------------------------------------------------------------------------
     async def preload(self, ref: str, *, pin: bool = False) -> Resolution:
@@ -209,3 +241,22 @@ def _scale(request: AdapterRequest, version: AdapterVersion) -> float:
     if version.scale_default is not None:
         return version.scale_default
     return 1.0
+
+
+def _check_kind(version: AdapterVersion, embeddings: bool) -> None:
+    """Embeddings are named in prompts, weight adapters in ``adapters`` / ``<lora:…>`` tags (422 if not)."""
+    if (version.kind == KIND) == embeddings:
+        return
+    if embeddings:
+        raise ValidationFailed(
+            f"the prompt names embedding:{version.adapter_id}, but {version.ref} is a {version.kind} "
+            "adapter, not a textual-inversion embedding",
+            detail={"field": "prompt", "ref": version.ref, "kind": version.kind},
+            hint="Apply LoRAs with <lora:id:weight> or the adapters field.",
+        )
+    raise ValidationFailed(
+        f"{version.ref} is a textual-inversion embedding: it is used by writing its id in the prompt or "
+        "negative prompt, not as an adapter",
+        detail={"field": "adapters", "ref": version.ref, "kind": version.kind},
+        hint=f"Write {version.adapter_id} (or embedding:{version.adapter_id}) in the prompt.",
+    )
