@@ -99,6 +99,8 @@ ROUTE_ERRORS: dict[str, dict[int, ResponseSpec]] = {
     "preload": error_responses(401, 403, 404, 409, 413, 422, 503),
     "job_submit": error_responses(401, 404, 409, 413, 422, 429, 503),
     "job": error_responses(401, 404, descriptions=JOB_DESCRIPTIONS),
+    "server": error_responses(401),
+    "picture": error_responses(401, 404, 422, 503),
     "job_cancel": error_responses(401, 404, 409, descriptions=JOB_DESCRIPTIONS),
     "sdapi_generate": error_responses(
         401, 404, 409, 413, 422, 429, 503, 504, descriptions=SDAPI_DESCRIPTIONS
