@@ -8,7 +8,6 @@ The bytes are checked against the sha256 in the version record. Scope ``generate
 from __future__ import annotations
 
 from litestar import Controller, Response, get
-from litestar.openapi.datastructures import ResponseSpec
 
 from adapters.pictures import Picture
 from adapters.registry import Registry
@@ -42,14 +41,7 @@ class PictureController(Controller):
             "the image as registered, `Content-Type` image/png, image/jpeg or image/webp. 404 "
             "`adapter_not_found` (reason `unknown_picture`) past the list's end."
         ),
-        responses={
-            200: ResponseSpec(
-                data_container=bytes,
-                media_type="image/png",
-                description="The image (image/png, image/jpeg or image/webp).",
-            ),
-            **ROUTE_ERRORS["picture"],
-        },
+        responses=ROUTE_ERRORS["picture"],
         media_type="image/png",
     )
     async def picture(self, adapter_id: str, version: int, index: int, runtime: Runtime) -> Response[bytes]:
