@@ -247,7 +247,8 @@ function showResult(result) {
   img.src = `data:image/png;base64,${image.png_base64}`;
   img.width = Math.max(image.width, 256);
   img.hidden = false;
-  progress(1, 1, `done: seed ${result.seed}, ${result.timings.total_s.toFixed(2)} s`);
+  const steps = $("progress").max;
+  progress(steps, steps, `done: seed ${result.seed}, ${result.timings.total_s.toFixed(2)} s`);
   const shown = { ...result.parameters, timings: result.timings, lora_path: result.lora_path };
   $("result-params").textContent = JSON.stringify(shown, null, 1);
   status(`generated in ${result.timings.total_s.toFixed(2)} s`);
@@ -467,7 +468,7 @@ async function upload(event) {
 function renderServer(server) {
   const summary = clear($("server-summary"));
   const pairs = [
-    ["readiness", `${server.status}${server.ready ? " (ready)" : ""}`],
+    ["readiness", server.status],
     ["model", server.model ? `${server.model.name} · ${server.model.fingerprint.slice(0, 12)}` : "not loaded"],
     ["queue", `${server.queue.depth} waiting of ${server.queue.max}`],
     ["adapter store", server.store ? `${server.store.state} (breaker ${server.store.breaker})` : ""],
@@ -484,7 +485,9 @@ function renderServer(server) {
     for (const name of ["device", "host"]) {
       const tier = cache[name];
       const used = tier.entries.reduce((sum, e) => sum + e.bytes, 0);
-      const table = el("table", { "data-testid": `tier-${name}` }, el("caption", { text: `${name}: ${tier.entries.length} adapters, ${bytes(used)} of ${bytes(tier.budget_bytes)}` }));
+      const table = el("table", { "data-testid": `tier-${name}` },
+        el("caption", { text: `${name}: ${tier.entries.length} adapters, ${bytes(used)} of ${bytes(tier.budget_bytes)}` }),
+        el("tr", {}, ...["adapter", "size", "pinned", "sha256"].map((h) => el("th", { text: h }))));
       for (const entry of tier.entries) {
         table.append(el("tr", {}, el("td", { text: entry.ref }), el("td", { text: bytes(entry.bytes) }),
           el("td", { text: entry.pinned ? "pinned" : "" }), el("td", { text: entry.sha256.slice(0, 12) })));
