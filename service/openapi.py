@@ -123,7 +123,11 @@ KEEPS_400 = ("/v1/images/",)
 
 
 IMAGE_ROUTES = {
-    "/v1/adapters/{adapter_id}/versions/{version}/pictures/{index}": ("image/png", "image/jpeg", "image/webp"),
+    "/v1/adapters/{adapter_id}/versions/{version}/pictures/{index}": (
+        "image/png",
+        "image/jpeg",
+        "image/webp",
+    ),
 }
 """Routes whose 200 body is an image, and the media types it may have."""
 

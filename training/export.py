@@ -28,9 +28,9 @@ from adapters.sources import open_store
 from basemodel.loader import BaseModel
 from basemodel.settings import load_settings
 from training import TRAINER_NAME, TRAINER_VERSION
-from training.pictures import run_pictures
 from training.config import TrainConfig
 from training.errors import TrainConfigError
+from training.pictures import run_pictures
 
 ADAPTER_FILE = "adapter.safetensors"
 SUPPORTS_DORA = False

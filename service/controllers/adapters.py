@@ -164,10 +164,14 @@ class RegisterOperation(Operation):
                             "scale_default": scale,
                             "picture": Schema(
                                 type=OpenAPIType.ARRAY,
-                                items=_string("A preview image (PNG, JPEG or WebP).", format=OpenAPIFormat.BINARY),
+                                items=_string(
+                                    "A preview image (PNG, JPEG or WebP).", format=OpenAPIFormat.BINARY
+                                ),
                                 description="Preview images; repeat the part (at most max_pictures in all).",
                             ),
-                            "loss_curve": _string("The training loss curve image.", format=OpenAPIFormat.BINARY),
+                            "loss_curve": _string(
+                                "The training loss curve image.", format=OpenAPIFormat.BINARY
+                            ),
                             "samples": _string("A sample grid image.", format=OpenAPIFormat.BINARY),
                         },
                     )
@@ -209,8 +213,8 @@ class AdapterController(Controller):
             "Either `multipart/form-data` with `file` (a LoRA .safetensors), `id`, optional `metadata` "
             "(JSON text), `scale_default` and pictures (`picture` parts, repeatable, plus `loss_curve` and "
             "`samples`: PNG, JPEG or WebP, at most `max_pictures` of `max_picture_bytes` each, 422 "
-            "`image_invalid` / `image_too_large` otherwise), or JSON `{id, source: 's3://bucket/key', metadata?, "
-            "scale_default?}`. 201 with the new version record and `created: true`; 200 with "
+            "`image_invalid` / `image_too_large` otherwise), or JSON `{id, source: 's3://bucket/key', "
+            "metadata?, scale_default?}`. 201 with the new version record and `created: true`; 200 with "
             "`created: false` when identical content is already a live version of that id. "
             "413 above `max_adapter_bytes`, 422 for invalid files or ids, 409 when the adapter does not "
             "fit the base model."

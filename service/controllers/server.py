@@ -11,7 +11,7 @@ from typing import Any, get_args
 
 from litestar import Controller, Request, get
 
-from service.auth import require, request_scopes
+from service.auth import request_scopes, require
 from service.engine.runtime import Runtime
 from service.openapi import ROUTE_ERRORS
 from service.schemas import SchedulerName

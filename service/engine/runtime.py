@@ -287,7 +287,9 @@ class Runtime:
             if all(j.should_stop() for j in jobs) and not all(j.abandoned.is_set() for j in jobs):
                 failure = RequestTimeout("generation exceeded the request timeout")
             for params in batch:
-                self.recent.add(params, outcome="failed", timings=timer.rounded(), error=type(failure).__name__)
+                self.recent.add(
+                    params, outcome="failed", timings=timer.rounded(), error=type(failure).__name__
+                )
             return [failure] * len(jobs)
         return [self._finish(job, pictures, timer) for job, pictures in zip(jobs, images, strict=True)]
 

@@ -263,18 +263,29 @@ class AdapterCache:
         """What each tier holds now, most recently used last (the console's server view)."""
         with self._lock:
             device = [
-                {"ref": f"{k[0]}@{k[1]}", "sha256": k[2], "bytes": e.adapter.nbytes, "pinned": e.pinned,
-                 "leases": e.leases}
+                {
+                    "ref": f"{k[0]}@{k[1]}",
+                    "sha256": k[2],
+                    "bytes": e.adapter.nbytes,
+                    "pinned": e.pinned,
+                    "leases": e.leases,
+                }
                 for k, e in self._device.items()
             ]
-            host = [{"ref": f"{k[0]}@{k[1]}", "sha256": k[2], "bytes": e.nbytes} for k, e in self._host.items()]
+            host = [
+                {"ref": f"{k[0]}@{k[1]}", "sha256": k[2], "bytes": e.nbytes} for k, e in self._host.items()
+            ]
         budgets = self.budgets
         return {
             "device": {"entries": device, "budget_bytes": budgets.device_bytes},
             "host": {"entries": host, "budget_bytes": budgets.host_bytes},
             "disk": None
             if self.disk is None
-            else {"entries": self.disk.entries, "bytes": self.disk.nbytes, "budget_bytes": budgets.disk_bytes},
+            else {
+                "entries": self.disk.entries,
+                "bytes": self.disk.nbytes,
+                "budget_bytes": budgets.disk_bytes,
+            },
         }
 
     def holds(self, version: AdapterVersion) -> bool:

@@ -75,7 +75,9 @@ def show(browser: Any, view: str) -> None:
 
 
 def image_loaded(browser: Any, element: WebElement) -> bool:
-    return bool(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", element))
+    return bool(
+        browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", element)
+    )
 
 
 def select_adapter(browser: Any, adapter_id: str) -> WebElement:
@@ -120,9 +122,16 @@ def test_generate_with_an_adapter_shows_steps_and_the_image(
 
     # the browser's image is the API's image for the same request
     shown = base64.b64decode(result.get_attribute("src").split(",", 1)[1])
-    body = {"prompt": "a lighthouse at dusk", "steps": 2, "seed": 7, "adapters": [{"id": "ink-style", "scale": 1}]}
+    body = {
+        "prompt": "a lighthouse at dusk",
+        "steps": 2,
+        "seed": 7,
+        "adapters": [{"id": "ink-style", "scale": 1}],
+    }
     with console_server.client() as http:
-        direct = http.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {GEN}", "Accept": "image/png"})
+        direct = http.post(
+            "/v1/generate", json=body, headers={"Authorization": f"Bearer {GEN}", "Accept": "image/png"}
+        )
     assert direct.status_code == 200 and shown == direct.content
 
     by_testid(browser, "copy-curl").click()
@@ -135,7 +144,10 @@ def test_generate_with_an_adapter_shows_steps_and_the_image(
 
 
 def test_upload_an_adapter_and_see_it_listed(
-    console_server: RunningServer, browser: Any, adapter_file: Path, tmp_path: Path,
+    console_server: RunningServer,
+    browser: Any,
+    adapter_file: Path,
+    tmp_path: Path,
     screenshot: Callable[[str], None],
 ) -> None:
     open_console(browser, console_server, ADMIN)
@@ -167,11 +179,16 @@ def test_upload_an_adapter_and_see_it_listed(
 
 
 def test_a_trained_adapter_shows_its_loss_curve_and_samples(
-    console_server: RunningServer, browser: Any, adapter_file: Path, tmp_path: Path,
+    console_server: RunningServer,
+    browser: Any,
+    adapter_file: Path,
+    tmp_path: Path,
     screenshot: Callable[[str], None],
 ) -> None:
     # what `loraswap train --register` sends: the run folder's loss curve and last sample grid
-    rows = [{"step": s, "train_loss": 0.3 / (1 + s / 10) + 0.01 * (s % 3), "val_loss": None} for s in range(1, 61)]
+    rows = [
+        {"step": s, "train_loss": 0.3 / (1 + s / 10) + 0.01 * (s % 3), "val_loss": None} for s in range(1, 61)
+    ]
     rows[19]["val_loss"], rows[59]["val_loss"] = 0.2, 0.09
     plot_loss_curve(rows, tmp_path / "loss_curve.png", title="trained-style: loss")
     tiles = [Image.new("RGB", (32, 32), c) for c in ("#345", "#c84")]
@@ -180,7 +197,10 @@ def test_a_trained_adapter_shows_its_loss_curve_and_samples(
         tmp_path / "samples" / "final.png"
     )
     pictures = run_pictures(tmp_path, PictureLimits())
-    metadata = {"trigger_words": ["sks"], "training": {"steps": 60, "learning_rate": 0.01, "optimizer": "adamw"}}
+    metadata = {
+        "trigger_words": ["sks"],
+        "training": {"steps": 60, "learning_rate": 0.01, "optimizer": "adamw"},
+    }
     register(
         console_server,
         "trained-style",
@@ -194,7 +214,8 @@ def test_a_trained_adapter_shows_its_loss_curve_and_samples(
         picture = by_testid(browser, f"picture-{role}")
         wait_for(browser, lambda b, picture=picture: image_loaded(b, picture))
     sizes = browser.execute_script(
-        "return [...document.querySelectorAll('[data-testid=pictures] img')].map(i => [i.naturalWidth, i.naturalHeight])"
+        "return [...document.querySelectorAll('[data-testid=pictures] img')]"
+        ".map(i => [i.naturalWidth, i.naturalHeight])"
     )
     assert sizes[0] == [800, 450]  # the loss curve as drawn
     assert "training optimizer" in detail.text and "adamw" in detail.text
@@ -226,7 +247,10 @@ def test_server_view_shows_pinned_adapters_and_recent_requests(
     register(console_server, "pinned-style", adapter_file.read_bytes())
     with console_server.client() as http:
         body = {"prompt": "x", "steps": 2, "seed": 1, "adapters": [{"id": "pinned-style"}]}
-        assert http.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {GEN}"}).status_code == 200
+        assert (
+            http.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {GEN}"}).status_code
+            == 200
+        )
     open_console(browser, console_server, ADMIN)
     select_adapter(browser, "pinned-style")
     by_testid(browser, "pin").click()
