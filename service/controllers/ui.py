@@ -1,6 +1,6 @@
 """``GET /ui``: the web console — static HTML, CSS and JavaScript shipped in the package (``service/static``).
 
-No build step and no CDN: three files, read once. The page itself holds no data and needs no token;
+No build step and no CDN: four small files, read once. The page itself holds no data and needs no token;
 everything it shows comes from the API with the bearer token the user typed (kept in the tab's
 ``sessionStorage``, sent as ``Authorization``, never in a URL), so every action needs the scope the API
 demands for it. The Content-Security-Policy allows scripts and styles from this origin only (no
@@ -31,6 +31,7 @@ CSP = "; ".join(
 FILES = {
     "index.html": "text/html; charset=utf-8",
     "console.js": "text/javascript; charset=utf-8",
+    "adapters.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
 }
 HEADERS = {

@@ -14,7 +14,12 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import (
+    ElementClickInterceptedException,
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
@@ -56,17 +61,36 @@ def by_testid(browser: Any, name: str) -> WebElement:
     return browser.find_element(By.CSS_SELECTOR, f'[data-testid="{name}"]')
 
 
+RERENDERED = (NoSuchElementException, StaleElementReferenceException, ElementClickInterceptedException)
+
+
 def wait_for(browser: Any, condition: Callable[[Any], Any], timeout: float = 90) -> Any:
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(condition)
+    """Poll ``condition``; an element the console re-rendered meanwhile is looked up again."""
+    wait = WebDriverWait(browser, timeout, poll_frequency=0.05, ignored_exceptions=RERENDERED)
+    return wait.until(condition)
+
+
+def click(browser: Any, css: str) -> None:
+    """Click the element ``css`` selects once it is there (again if a re-render replaced it)."""
+
+    def clicked(b: Any) -> bool:
+        b.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
+    wait_for(browser, clicked)
 
 
 def open_console(browser: Any, server: RunningServer, token: str) -> None:
+    """A fresh console (no token in the tab yet), then the token typed into its box, as a user does."""
     browser.get(f"{server.url}/ui")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    wait_for(browser, lambda b: "token" in by_testid(b, "status").text)  # 401: "enter a token"
     field = by_testid(browser, "token")
-    field.clear()
     field.send_keys(token)
     field.submit()
-    wait_for(browser, lambda b: "scopes:" in by_testid(b, "scopes").text)
+    scopes = "scopes: admin, generate" if token == ADMIN else "scopes: generate"
+    wait_for(browser, lambda b: by_testid(b, "scopes").text == scopes)
 
 
 def show(browser: Any, view: str) -> None:
@@ -82,9 +106,7 @@ def image_loaded(browser: Any, element: WebElement) -> bool:
 
 def select_adapter(browser: Any, adapter_id: str) -> WebElement:
     show(browser, "adapters")
-    row = f'[data-testid="adapter-row"][data-adapter="{adapter_id}"]'
-    wait_for(browser, lambda b: b.find_elements(By.CSS_SELECTOR, row))
-    browser.find_element(By.CSS_SELECTOR, row).click()
+    click(browser, f'[data-testid="adapter-row"][data-adapter="{adapter_id}"]')
     detail = by_testid(browser, "adapter-detail")
     wait_for(browser, lambda b: detail.is_displayed() and adapter_id in detail.text)
     return detail
@@ -95,7 +117,11 @@ def csp_violations(browser: Any) -> list[str]:
 
 
 def test_generate_with_an_adapter_shows_steps_and_the_image(
-    console_server: RunningServer, browser: Any, adapter_file: Path, screenshot: Callable[[str], None]
+    console_server: RunningServer,
+    browser: Any,
+    adapter_file: Path,
+    tmp_path: Path,
+    screenshot: Callable[[str], None],
 ) -> None:
     register(console_server, "ink-style", adapter_file.read_bytes())
     open_console(browser, console_server, ADMIN)
@@ -105,8 +131,7 @@ def test_generate_with_an_adapter_shows_steps_and_the_image(
         by_testid(browser, name).clear()
         by_testid(browser, name).send_keys(value)
     by_testid(browser, "picker-search").send_keys("ink")
-    wait_for(browser, lambda b: b.find_elements(By.CSS_SELECTOR, '[data-testid="picker-add"]'))
-    by_testid(browser, "picker-add").click()
+    click(browser, '[data-testid="picker-add"]')
     wait_for(browser, lambda b: "ink-style" in by_testid(b, "picked").text)
     by_testid(browser, "generate").click()
 
@@ -133,6 +158,15 @@ def test_generate_with_an_adapter_shows_steps_and_the_image(
             "/v1/generate", json=body, headers={"Authorization": f"Bearer {GEN}", "Accept": "image/png"}
         )
     assert direct.status_code == 200 and shown == direct.content
+
+    # image to image: the last result, uploaded as the init image
+    init = tmp_path / "init.png"
+    init.write_bytes(shown)
+    by_testid(browser, "init-image").send_keys(str(init))
+    wait_for(browser, lambda b: "init image: init.png" in by_testid(b, "status").text)
+    by_testid(browser, "generate").click()
+    wait_for(browser, lambda b: "img2img" in by_testid(b, "result-params").text)
+    assert json.loads(by_testid(browser, "result-params").text)["strength"] == 0.8
 
     by_testid(browser, "copy-curl").click()
     curl = by_testid(browser, "curl")
@@ -168,8 +202,7 @@ def test_upload_an_adapter_and_see_it_listed(
     wait_for(browser, lambda b: b.find_elements(By.CSS_SELECTOR, listed))
     detail = by_testid(browser, "adapter-detail")
     wait_for(browser, lambda b: "uploaded-style@1" in detail.text)
-    picture = by_testid(browser, "picture-preview")
-    wait_for(browser, lambda b: image_loaded(b, picture))
+    wait_for(browser, lambda b: image_loaded(b, by_testid(b, "picture-preview")))
     assert "inky, sketch" in by_testid(browser, "metadata").text
     assert "cover.png" in detail.text
     by_testid(browser, "adapter-search").send_keys("uploaded")
@@ -211,8 +244,7 @@ def test_a_trained_adapter_shows_its_loss_curve_and_samples(
     open_console(browser, console_server, GEN)
     detail = select_adapter(browser, "trained-style")
     for role in ("loss_curve", "samples"):
-        picture = by_testid(browser, f"picture-{role}")
-        wait_for(browser, lambda b, picture=picture: image_loaded(b, picture))
+        wait_for(browser, lambda b, role=role: image_loaded(b, by_testid(b, f"picture-{role}")))
     sizes = browser.execute_script(
         "return [...document.querySelectorAll('[data-testid=pictures] img')]"
         ".map(i => [i.naturalWidth, i.naturalHeight])"
@@ -253,7 +285,7 @@ def test_server_view_shows_pinned_adapters_and_recent_requests(
         )
     open_console(browser, console_server, ADMIN)
     select_adapter(browser, "pinned-style")
-    by_testid(browser, "pin").click()
+    click(browser, '[data-testid="pin"]')
     wait_for(browser, lambda b: "pinned" in by_testid(b, "status").text)
     show(browser, "server")
     tier = '[data-testid="tier-device"]'
