@@ -159,6 +159,14 @@ def test_generate_with_an_adapter_shows_steps_and_the_image(
         )
     assert direct.status_code == 200 and shown == direct.content
 
+    by_testid(browser, "copy-curl").click()
+    curl = by_testid(browser, "curl")
+    wait_for(browser, lambda b: curl.is_displayed())
+    assert "/v1/generate" in curl.text and '"ink-style"' in curl.text and ADMIN not in curl.text
+    assert "$LORASWAP_TOKEN" in curl.text
+    assert csp_violations(browser) == []
+    screenshot("generate")
+
     # image to image: the last result, uploaded as the init image
     init = tmp_path / "init.png"
     init.write_bytes(shown)
@@ -167,14 +175,6 @@ def test_generate_with_an_adapter_shows_steps_and_the_image(
     by_testid(browser, "generate").click()
     wait_for(browser, lambda b: "img2img" in by_testid(b, "result-params").text)
     assert json.loads(by_testid(browser, "result-params").text)["strength"] == 0.8
-
-    by_testid(browser, "copy-curl").click()
-    curl = by_testid(browser, "curl")
-    wait_for(browser, lambda b: curl.is_displayed())
-    assert "/v1/generate" in curl.text and '"ink-style"' in curl.text and ADMIN not in curl.text
-    assert "$LORASWAP_TOKEN" in curl.text
-    assert csp_violations(browser) == []
-    screenshot("generate")
 
 
 def test_upload_an_adapter_and_see_it_listed(
@@ -334,3 +334,18 @@ def test_hostile_metadata_and_names_stay_text(
     with httpx.Client(base_url=console_server.url) as http:
         page = http.get("/ui").text
     assert "<script>" not in page and " on" not in page.replace(" one", "")  # no inline script or handlers
+
+
+def test_cancel_stops_a_running_job(console_server: RunningServer, browser: Any) -> None:
+    open_console(browser, console_server, GEN)
+    by_testid(browser, "prompt").send_keys("a long one")
+    for name, value in (("steps", "150"), ("width", "32"), ("height", "32")):  # ~ 50 ms a step
+        by_testid(browser, name).clear()
+        by_testid(browser, name).send_keys(value)
+    by_testid(browser, "generate").click()
+    wait_for(browser, lambda b: "step 1/150" in by_testid(b, "events").text)
+    by_testid(browser, "cancel").click()
+    wait_for(browser, lambda b: by_testid(b, "events").text.splitlines()[-1] == "cancelled")
+    assert by_testid(browser, "progress-text").text == "cancelled"
+    assert not by_testid(browser, "result-image").is_displayed()
+    assert by_testid(browser, "generate").is_enabled()
