@@ -286,10 +286,10 @@ class Runtime:
             failure: Exception = exc
             if all(j.should_stop() for j in jobs) and not all(j.abandoned.is_set() for j in jobs):
                 failure = RequestTimeout("generation exceeded the request timeout")
-            for params in batch:
-                self.recent.add(
-                    params, outcome="failed", timings=timer.rounded(), error=type(failure).__name__
-                )
+            for job in jobs:  # a job its client left or cancelled stopped on purpose
+                outcome = "cancelled" if job.abandoned.is_set() else "failed"
+                error = None if outcome == "cancelled" else type(failure).__name__
+                self.recent.add(job.payload.params, outcome=outcome, timings=timer.rounded(), error=error)
             return [failure] * len(jobs)
         return [self._finish(job, pictures, timer) for job, pictures in zip(jobs, images, strict=True)]
 

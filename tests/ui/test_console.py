@@ -27,7 +27,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from adapters.pictures import PictureLimits
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
-from tests.service.conftest import RunningServer
+from tests.service.conftest import RunningServer, wait_until
 from tests.ui.conftest import ADMIN, GEN
 from training.evaluate import sample_grid
 from training.pictures import run_pictures
@@ -349,3 +349,10 @@ def test_cancel_stops_a_running_job(console_server: RunningServer, browser: Any)
     assert by_testid(browser, "progress-text").text == "cancelled"
     assert not by_testid(browser, "result-image").is_displayed()
     assert by_testid(browser, "generate").is_enabled()
+
+    def last_outcome() -> str:
+        with console_server.client() as http:
+            recent = http.get("/v1/server", headers={"Authorization": f"Bearer {GEN}"}).json()["recent"]
+        return str(recent[0]["outcome"]) if recent and recent[0]["steps"] == 150 else ""
+
+    wait_until(lambda: last_outcome() == "cancelled", "the cancelled job in the recent requests")
