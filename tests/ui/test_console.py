@@ -186,11 +186,24 @@ def test_upload_an_adapter_and_see_it_listed(
 ) -> None:
     open_console(browser, console_server, ADMIN)
     show(browser, "adapters")
-    preview = tmp_path / "cover.png"
-    Image.radial_gradient("L").resize((96, 96)).convert("RGB").save(preview)
+    # the adapter file through the file chooser, the preview dropped on the zone (a real drop event)
     by_testid(browser, "upload").find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(
-        f"{adapter_file}\n{preview}"
+        str(adapter_file)
     )
+    preview = io.BytesIO()
+    Image.radial_gradient("L").resize((96, 96)).convert("RGB").save(preview, format="PNG")
+    browser.execute_script(
+        """const bytes = Uint8Array.from(atob(arguments[1]), (c) => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], "cover.png", { type: "image/png" }));
+        for (const type of ["dragover", "drop"]) {
+          const init = { dataTransfer: files, bubbles: true, cancelable: true };
+          arguments[0].dispatchEvent(new DragEvent(type, init));
+        }""",
+        by_testid(browser, "upload"),
+        base64.b64encode(preview.getvalue()).decode(),
+    )
+    wait_for(browser, lambda b: "cover.png" in by_testid(b, "upload").text)
     identifier = by_testid(browser, "upload-id")
     assert identifier.get_attribute("value") == "ink-style"  # suggested from the file name
     identifier.clear()
@@ -316,6 +329,13 @@ def test_hostile_metadata_and_names_stay_text(
         metadata=metadata,
         picture=[(f"{PAYLOAD}.png", png.getvalue())],
     )
+    with console_server.client() as http:  # ids are never free text: a payload is refused
+        refused = http.post(
+            "/v1/adapters",
+            files=[("file", ("a.safetensors", adapter_file.read_bytes())), ("id", (None, PAYLOAD))],
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+    assert refused.status_code == 422 and refused.json()["error"]["type"] == "adapter_ref_invalid"
     open_console(browser, console_server, ADMIN)
     by_testid(browser, "prompt").send_keys(PAYLOAD)
     by_testid(browser, "steps").clear()
