@@ -138,6 +138,8 @@ async function upload(event) {
     clear($("upload-chosen"));
     $("upload-files").value = "";
     $("upload-id").value = "";
+    $("upload-triggers").value = "";
+    $("upload-scale").value = "";
     await loadAdapters();
     await showAdapter(version.adapter_id, version.version);
   } catch (error) { report(error); }
