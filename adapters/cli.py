@@ -18,6 +18,7 @@ from adapters.format import Limits, load_source, write_adapter, write_kohya
 from adapters.fsck import verify_store
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata
+from adapters.pictures import PictureUpload
 from adapters.prepare import Prepared, check_open_compatible, prepare
 from adapters.registry import Registry
 from basemodel.errors import LoraswapError
@@ -47,6 +48,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--strict-base", action="store_true", default=None, help="refuse unless it names this exact base"
     )
     register.add_argument("--metadata", help="metadata JSON object, or @file.json (see docs/adapters.md)")
+    for flag, role in (
+        ("--picture", "a preview image"),
+        ("--loss-curve", "the loss curve"),
+        ("--samples", "a sample grid"),
+    ):
+        register.add_argument(
+            flag, type=Path, action="append", default=[], help=f"{role} (PNG/JPEG/WebP) to store; repeatable"
+        )
     register.set_defaults(func=_register)
 
     listing = sub.add_parser("list", parents=[common], help="list adapters and their latest versions")
@@ -139,7 +148,18 @@ def _register(args: argparse.Namespace) -> int:
     settings = _settings(args)
     registry = Registry.from_settings(settings, base=_base(settings))
     metadata = _metadata_arg(args.metadata)
-    version = registry.register(args.file, args.adapter_id, metadata, scale_default=args.scale_default)
+    pictures = [
+        PictureUpload(path.read_bytes(), path.name, role)
+        for role, paths in (
+            ("preview", args.picture),
+            ("loss_curve", args.loss_curve),
+            ("samples", args.samples),
+        )
+        for path in paths
+    ]
+    version = registry.register(
+        args.file, args.adapter_id, metadata, scale_default=args.scale_default, pictures=pictures
+    )
     _print_json(version.to_dict())
     return 0
 

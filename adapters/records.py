@@ -3,6 +3,7 @@
 Store layout (keys under the store root / S3 prefix)::
 
     blobs/sha256/<sha256>.safetensors        normalised adapter file, content-addressed
+    pictures/sha256/<sha256>.<png|jpg|webp>  a picture a version carries (adapters/pictures.py)
     adapters/<id>/versions/<n>.json          version record (AdapterVersion JSON), created atomically
     adapters/<id>/deleted/<n>.json           tombstone: version n is deleted
     adapters/<id>/content/<digest>.json      dedup index: content digest → version number
@@ -19,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.metadata import AdapterKind, AdapterMetadata, BaseModelInfo, SourceFormat, TensorDType
+from adapters.pictures import Picture
 
 VERSION_FILE = re.compile(r"^(?P<n>[1-9][0-9]{0,8})\.json$")
 
@@ -81,6 +83,7 @@ class AdapterVersion(BaseModel):
     components: list[str]
     scale_default: float | None = None
     title: str | None = None
+    pictures: tuple[Picture, ...] = ()
     deleted: bool = False
 
     @property
@@ -93,7 +96,13 @@ class AdapterVersion(BaseModel):
 
     @classmethod
     def from_metadata(
-        cls, meta: AdapterMetadata, *, sha256: str, content_sha256: str, size: int
+        cls,
+        meta: AdapterMetadata,
+        *,
+        sha256: str,
+        content_sha256: str,
+        size: int,
+        pictures: tuple[Picture, ...] = (),
     ) -> AdapterVersion:
         """The record of a file just written with complete registry metadata."""
         if not (
@@ -120,11 +129,15 @@ class AdapterVersion(BaseModel):
             components=sorted({m.split(".", 1)[0] for m in meta.target_modules}),
             scale_default=meta.scale_default,
             title=meta.title,
+            pictures=pictures,
         )
 
     def record_json(self) -> bytes:
-        # A LoRA's record omits its kind: byte for byte what releases before LyCORIS support wrote.
+        # A LoRA's record omits its kind, a version without pictures its empty list: byte for byte what
+        # releases before LyCORIS support and pictures wrote.
         exclude = {"deleted", "kind"} if self.kind == "lora" else {"deleted"}
+        if not self.pictures:
+            exclude.add("pictures")
         return self.model_dump_json(exclude=exclude).encode()
 
 

@@ -15,6 +15,7 @@ import builtins
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,14 @@ from adapters.format import (
 )
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata, parse_header_metadata
+from adapters.pictures import (
+    CheckedPicture,
+    Picture,
+    PictureLimits,
+    PictureUpload,
+    check_pictures,
+    picture_key,
+)
 from adapters.prepare import Prepared, check_open_compatible, prepare
 from adapters.records import (
     AdapterSummary,
@@ -95,12 +104,14 @@ class Registry:
         strict_base: bool = False,
         max_rank: int = 256,
         limits: Limits = DEFAULT_LIMITS,
+        picture_limits: PictureLimits | None = None,
     ) -> None:
         self.store = store
         self.base = base
         self.strict_base = strict_base
         self.max_rank = max_rank
         self.limits = limits
+        self.picture_limits = picture_limits or PictureLimits()
 
     @classmethod
     def from_settings(
@@ -118,8 +129,18 @@ class Registry:
         limits = Limits(
             max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes
         )
+        pictures = PictureLimits(
+            max_count=settings.max_pictures,
+            max_bytes=settings.max_picture_bytes,
+            max_pixels=settings.max_picture_pixels,
+        )
         registry = cls(
-            store, base, strict_base=settings.strict_base, max_rank=settings.max_lora_rank, limits=limits
+            store,
+            base,
+            strict_base=settings.strict_base,
+            max_rank=settings.max_lora_rank,
+            limits=limits,
+            picture_limits=pictures,
         )
         if sweep:
             registry.sweep_temps()
@@ -145,13 +166,20 @@ class Registry:
         *,
         scale_default: float | None = None,
         strict_base: bool | None = None,
+        pictures: Sequence[PictureUpload] = (),
     ) -> AdapterVersion:
         """Validate, normalise and store ``source`` as the next version of ``adapter_id``.
 
-        Identical content (same canonical tensors and metadata) returns the existing live version.
+        Identical content (same canonical tensors, metadata and pictures) returns the existing live
+        version. ``pictures`` (previews, a loss curve, sample grids) are checked and stored with it.
         """
         version, _ = self.register_outcome(
-            source, adapter_id, metadata, scale_default=scale_default, strict_base=strict_base
+            source,
+            adapter_id,
+            metadata,
+            scale_default=scale_default,
+            strict_base=strict_base,
+            pictures=pictures,
         )
         return version
 
@@ -163,10 +191,12 @@ class Registry:
         *,
         scale_default: float | None = None,
         strict_base: bool | None = None,
+        pictures: Sequence[PictureUpload] = (),
     ) -> tuple[AdapterVersion, bool]:
         """``register``, also saying whether this call created the version (False: identical content)."""
         validate_id(adapter_id)
         base = self._require_base()
+        checked = check_pictures(pictures, self.picture_limits)
         user = coerce_metadata(metadata)
         prepared = prepare(
             load_source(source, self.limits),
@@ -179,10 +209,11 @@ class Registry:
         )
         for _ in range(MAX_ATTEMPTS):
             versions, deleted = self._state(adapter_id)
-            existing = self._find_content(adapter_id, prepared.digest, versions - deleted)
+            listed = tuple(c.picture for c in checked)
+            existing = self._find_content(adapter_id, prepared.digest, versions - deleted, listed)
             if existing is not None:
                 return existing, False
-            created = self._try_create(adapter_id, max(versions, default=0) + 1, prepared)
+            created = self._try_create(adapter_id, max(versions, default=0) + 1, prepared, checked)
             if created is not None:
                 return created, True
         raise StoreError(
@@ -190,7 +221,9 @@ class Registry:
             reason="contention",
         )
 
-    def _try_create(self, adapter_id: str, number: int, prepared: Prepared) -> AdapterVersion | None:
+    def _try_create(
+        self, adapter_id: str, number: int, prepared: Prepared, pictures: Sequence[CheckedPicture] = ()
+    ) -> AdapterVersion | None:
         created_at = datetime.now(UTC)
         meta = prepared.metadata.model_copy(
             update={"adapter_id": adapter_id, "version": number, "created_at": created_at}
@@ -198,9 +231,15 @@ class Registry:
         data = write_adapter(None, prepared.tensors, meta)
         sha = hashlib.sha256(data).hexdigest()
         record = AdapterVersion.from_metadata(
-            meta, sha256=sha, content_sha256=prepared.digest, size=len(data)
+            meta,
+            sha256=sha,
+            content_sha256=prepared.digest,
+            size=len(data),
+            pictures=tuple(p.picture for p in pictures),
         )
         check_storable(data, record, self.limits)  # nothing is written that a reader would refuse
+        for picture in pictures:  # content-addressed and possibly shared: never deleted on a lost race
+            self.store.create(picture_key(picture.picture), picture.data)
         wrote_blob = self.store.create(blob_key(sha), data)
         if self.store.create(version_key(adapter_id, number), record.record_json()):
             self.store.put(content_key(adapter_id, prepared.digest), json.dumps({"version": number}).encode())
@@ -210,8 +249,10 @@ class Registry:
             self.store.delete(blob_key(sha))
         return None
 
-    def _find_content(self, adapter_id: str, digest: str, live: set[int]) -> AdapterVersion | None:
-        """A live version with this content: via the dedup index, else the latest version's record.
+    def _find_content(
+        self, adapter_id: str, digest: str, live: set[int], pictures: tuple[Picture, ...] = ()
+    ) -> AdapterVersion | None:
+        """A live version with this content and pictures: via the dedup index, else the latest version.
 
         The second check covers a concurrent identical registration whose record exists but whose
         index entry is not written yet.
@@ -229,7 +270,7 @@ class Registry:
         for number in candidates:
             if number in live:
                 version = self._record(adapter_id, number)
-                if version.content_sha256 == digest:
+                if version.content_sha256 == digest and version.pictures == pictures:
                     return version
         return None
 
@@ -300,6 +341,27 @@ class Registry:
             raise AdapterCorrupt(
                 f"the file of {version.ref} is missing from the store", reason="blob_missing"
             ) from None
+
+    def read_picture(self, version: AdapterVersion, index: int) -> tuple[Picture, bytes]:
+        """Picture ``index`` of ``version`` and its bytes, checked against the sha256 its record names."""
+        if not 0 <= index < len(version.pictures):
+            raise AdapterNotFound(
+                f"{version.ref} has no picture {index} (it has {len(version.pictures)})",
+                reason="unknown_picture",
+                detail={"pictures": len(version.pictures)},
+            )
+        picture = version.pictures[index]
+        try:
+            data = self.store.get(picture_key(picture))
+        except KeyMissing:
+            raise AdapterCorrupt(
+                f"picture {index} of {version.ref} is missing from the store", reason="picture_missing"
+            ) from None
+        if hashlib.sha256(data).hexdigest() != picture.sha256:
+            raise AdapterCorrupt(
+                f"picture {index} of {version.ref} was modified in the store", reason="sha256_mismatch"
+            )
+        return picture, data
 
     def read_metadata(self, version: AdapterVersion) -> AdapterMetadata:
         """The ``loraswap`` metadata from the blob's header, reading only the header (no sha256 check)."""

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(512 << 20, ge=1024, description="Largest adapter file accepted (413).")
     max_adapter_header_bytes: int = Field(1 << 20, ge=1024, le=100 << 20, description="Header cap.")
     max_lora_rank: int = Field(256, ge=1, le=4096, description="Highest LoRA rank accepted.")
+    max_pictures: int = Field(8, ge=0, le=64, description="Pictures one adapter version may carry (422).")
+    max_picture_bytes: int = Field(4 << 20, ge=1024, description="Largest picture file (422 above).")
+    max_picture_pixels: int = Field(
+        4096 * 4096, ge=64, description="Most pixels a picture may declare (read before decoding)."
+    )
     strict_base: bool = Field(False, description="Refuse adapters not recorded against this exact base.")
 
     @field_validator("store", "s3_endpoint_url", mode="before")

@@ -24,7 +24,10 @@ from service.controllers.generate import GenerateController
 from service.controllers.health import HealthController
 from service.controllers.jobs import JobController
 from service.controllers.openai_images import OpenAIImagesController
+from service.controllers.pictures import PictureController
 from service.controllers.sdapi import SdapiController
+from service.controllers.server import ServerController
+from service.controllers.ui import ConsoleController
 from service.engine.jobs import JobStore
 from service.engine.runtime import Runtime, package_version
 from service.errors import EXCEPTION_HANDLERS
@@ -91,6 +94,9 @@ def create_app(
             JobController,
             SdapiController,
             OpenAIImagesController,
+            PictureController,
+            ServerController,
+            ConsoleController,
         ],
         dependencies={
             "runtime": Provide(lambda: runtime, sync_to_thread=False),

@@ -86,6 +86,15 @@ def require(scope: Scope, *, basic: bool = False) -> Any:
     return guard
 
 
+def request_scopes(connection: ASGIConnection[Any, Any, Any, Any]) -> set[Scope]:
+    """The scopes of the request's bearer token (every scope when auth is off)."""
+    settings: Settings = connection.app.state.settings
+    if not settings.auth_enabled:
+        return {"admin", "generate"}
+    token = bearer_token(connection)
+    return scopes_for(token, settings) if token else set()
+
+
 def owner_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     """Who owns what this request makes (jobs): a digest of its bearer token, never the token itself.
     With auth off every request has the same key ``""``: jobs are then shared by everyone who can reach

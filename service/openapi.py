@@ -11,6 +11,7 @@ from typing import Any
 
 from litestar import Litestar
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Schema
 from pydantic import BaseModel, Field
 
 
@@ -99,6 +100,8 @@ ROUTE_ERRORS: dict[str, dict[int, ResponseSpec]] = {
     "preload": error_responses(401, 403, 404, 409, 413, 422, 503),
     "job_submit": error_responses(401, 404, 409, 413, 422, 429, 503),
     "job": error_responses(401, 404, descriptions=JOB_DESCRIPTIONS),
+    "server": error_responses(401),
+    "picture": error_responses(401, 404, 422, 503),
     "job_cancel": error_responses(401, 404, 409, descriptions=JOB_DESCRIPTIONS),
     "sdapi_generate": error_responses(
         401, 404, 409, 413, 422, 429, 503, 504, descriptions=SDAPI_DESCRIPTIONS
@@ -119,9 +122,34 @@ KEEPS_400 = ("/v1/images/",)
 """Routes that answer invalid input with 400 (OpenAI's convention) and document it themselves."""
 
 
+IMAGE_ROUTES = {
+    "/v1/adapters/{adapter_id}/versions/{version}/pictures/{index}": (
+        "image/png",
+        "image/jpeg",
+        "image/webp",
+    ),
+}
+"""Routes whose 200 body is an image, and the media types it may have."""
+
+
+def _document_images(path: str, operation: Any) -> None:
+    media_types = IMAGE_ROUTES.get(path)
+    ok = operation.responses.get("200") if operation.responses else None
+    if media_types is None or not isinstance(ok, OpenAPIResponse):
+        return
+    binary = Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+    ok.description = f"The image as registered ({', '.join(media_types)})."
+    ok.content = {media_type: OpenAPIMediaType(schema=binary) for media_type in media_types}
+
+
 def prune_openapi(app: Litestar) -> None:
-    """Drop Litestar's generated 400 responses (this API answers invalid input with 422)."""
+    """Drop Litestar's generated 400 responses (this API answers invalid input with 422); document
+    image bodies with every media type they may have."""
     for path, path_item in (app.openapi_schema.paths or {}).items():
+        for method in ("get",):
+            operation = getattr(path_item, method, None)
+            if operation is not None:
+                _document_images(path, operation)
         if path.startswith(KEEPS_400):
             continue
         for method in ("get", "put", "post", "delete", "patch"):

@@ -24,12 +24,16 @@ from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMul
 from adapters import tempfiles
 from adapters.errors import AdapterTooLarge, AdapterUnsafeFormat
 from adapters.format import PICKLE_SUFFIXES
-from basemodel.errors import TooLarge, ValidationFailed
+from adapters.pictures import PictureUpload
+from basemodel.errors import ImageTooLarge, TooLarge, ValidationFailed
+
+PICTURE_PARTS = {"picture": "preview", "loss_curve": "loss_curve", "samples": "samples"}
+"""Form parts that carry a picture (repeatable), and the role each gives it."""
 
 T = TypeVar("T")
 
-FORM_FIELDS = frozenset({"file", "id", "metadata", "scale_default"})
-MAX_FORM_PARTS = 8
+FORM_FIELDS = frozenset({"file", "id", "metadata", "scale_default", *PICTURE_PARTS})
+MAX_FORM_PARTS = 8  # besides the pictures
 FORM_OVERHEAD = 64 << 10  # part headers and boundaries on top of the file and the text fields
 SPOOL_FLUSH = 1 << 20  # write the upload to its temporary file in 1 MiB blocks (on a thread)
 SPOOL_PREFIX = "upload-"
@@ -45,6 +49,7 @@ class Upload:
     """A parsed multipart registration: text fields, and the file part spooled to ``path``."""
 
     fields: dict[str, str] = field(default_factory=dict)
+    pictures: list[PictureUpload] = field(default_factory=list)
     path: Path | None = None
     filename: str | None = None
     size: int = 0
@@ -52,6 +57,13 @@ class Upload:
     def cleanup(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def _picture_too_large(name: str, limit: int) -> ImageTooLarge:
+    return ImageTooLarge(
+        f"a {name!r} picture is over the {limit}-byte limit",
+        detail={"field": name, "limit": limit, "reason": "bytes"},
+    )
 
 
 def _too_large_body(limit: int) -> TooLarge:
@@ -95,11 +107,16 @@ async def read_upload(
     max_file_bytes: int,
     max_field_bytes: int,
     spool: Path,
+    max_pictures: int = 0,
+    max_picture_bytes: int = 0,
 ) -> Upload:
-    """Stream-parse ``multipart/form-data``: the ``file`` part to a file in ``spool``, the rest as text."""
+    """Stream-parse ``multipart/form-data``: the ``file`` part to a file in ``spool``, picture parts
+    (``picture``, ``loss_curve``, ``samples``: at most ``max_pictures`` of ``max_picture_bytes`` each) to
+    memory, the rest as text."""
     if not boundary:
         raise ValidationFailed("multipart boundary missing in Content-Type", detail={"field": "body"})
-    total_limit = max_file_bytes + max_field_bytes + FORM_OVERHEAD
+    pictures_limit = max_pictures * (max_picture_bytes + FORM_OVERHEAD)
+    total_limit = max_file_bytes + max_field_bytes + FORM_OVERHEAD + pictures_limit
     if (request.content_length or 0) > total_limit:
         raise _file_too_large(max_file_bytes)
     upload = Upload()
@@ -110,7 +127,8 @@ async def read_upload(
     segment: MultipartSegment | None = None
     received = 0
     try:
-        with PushMultipartParser(boundary.encode(), max_segment_count=MAX_FORM_PARTS) as parser:
+        parts = MAX_FORM_PARTS + max_pictures
+        with PushMultipartParser(boundary.encode(), max_segment_count=parts) as parser:
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > total_limit:
@@ -127,11 +145,20 @@ async def read_upload(
                             raise ValidationFailed(
                                 f"form field {segment.name!r} is given twice", detail={"field": segment.name}
                             )
+                        if segment.name in PICTURE_PARTS and len(upload.pictures) >= max_pictures:
+                            raise ValidationFailed(
+                                f"more than {max_pictures} pictures given",
+                                detail={"field": segment.name, "limit": max_pictures, "reason": "count"},
+                            )
                         if segment.name == "file":
                             handle = await blocking(_open_spool, upload, segment.filename, spool)
                     elif event is not None:  # a block of the current part's body
                         assert segment is not None
-                        if segment.name == "file":
+                        if segment.name in PICTURE_PARTS:
+                            text += event
+                            if len(text) > max_picture_bytes:
+                                raise _picture_too_large(segment.name, max_picture_bytes)
+                        elif segment.name == "file":
                             upload.size += len(event)
                             if upload.size > max_file_bytes:
                                 raise _file_too_large(max_file_bytes)
@@ -150,6 +177,10 @@ async def read_upload(
                             await blocking(_finish_spool, handle, bytes(pending))
                             pending.clear()
                             handle = None
+                        elif segment.name in PICTURE_PARTS:
+                            role = PICTURE_PARTS[segment.name]
+                            upload.pictures.append(PictureUpload(bytes(text), segment.filename or "", role))
+                            text.clear()
                         elif segment.name != "file":
                             upload.fields[segment.name] = _decode_field(segment.name, bytes(text))
                             text.clear()

@@ -30,6 +30,7 @@ from basemodel.settings import load_settings
 from training import TRAINER_NAME, TRAINER_VERSION
 from training.config import TrainConfig
 from training.errors import TrainConfigError
+from training.pictures import run_pictures
 
 ADAPTER_FILE = "adapter.safetensors"
 SUPPORTS_DORA = False
@@ -177,11 +178,15 @@ def export_adapter(
     return ExportResult(path=path, size=len(data), adapter_id=metadata.adapter_id or adapter_id_for(config))
 
 
-def register_adapter(result: ExportResult, config: TrainConfig, base: BaseModel) -> ExportResult:
-    """Register the exported file as the next version of ``--register ID`` in ``--store``."""
+def register_adapter(
+    result: ExportResult, config: TrainConfig, base: BaseModel, output: Path | None = None
+) -> ExportResult:
+    """Register the exported file as the next version of ``--register ID`` in ``--store``, with the
+    run's loss curve and last sample grid (from ``output``) as its pictures."""
     assert config.register_id is not None
     settings = load_settings(store=config.store)
     registry = Registry.from_settings(settings, BaseIdentity.from_base_model(base))
-    version = registry.register(result.path, config.register_id)
+    pictures = run_pictures(output, registry.picture_limits) if output is not None else []
+    version = registry.register(result.path, config.register_id, pictures=pictures)
     result.ref, result.sha256 = version.ref, version.sha256
     return result

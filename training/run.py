@@ -348,6 +348,6 @@ def _finish(
     report["adapter"] = {"path": str(exported.path), "bytes": exported.size}
     run.adapter_path = exported.path
     if config.register_id:
-        exported = register_adapter(exported, config, setup.base)
+        exported = register_adapter(exported, config, setup.base, run.output)
         report["adapter"] |= {"ref": exported.ref, "sha256": exported.sha256}
         run.ref = exported.ref

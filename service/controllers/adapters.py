@@ -11,6 +11,7 @@ naming an ``s3://`` object (fetched by ``adapters/sources/remote.py``).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from adapters.errors import AdapterCorrupt
 from adapters.metadata import MAX_SCALE, MIN_SCALE, coerce_metadata
+from adapters.pictures import PictureUpload
 from adapters.records import AdapterVersion
 from adapters.refs import ID_PATTERN, validate_id
 from adapters.registry import Registry
@@ -103,10 +105,11 @@ def register(
     adapter_id: str,
     metadata: dict[str, Any] | str | None,
     scale_default: float | None,
+    pictures: Sequence[PictureUpload] = (),
 ) -> tuple[AdapterVersion, bool]:
     """Register through the server's registry; (version, whether this call created it). Blocking."""
     return registry.register_outcome(
-        source, adapter_id, coerce_metadata(metadata), scale_default=scale_default
+        source, adapter_id, coerce_metadata(metadata), scale_default=scale_default, pictures=pictures
     )
 
 
@@ -159,6 +162,17 @@ class RegisterOperation(Operation):
                             "id": id_schema,
                             "metadata": _string("AdapterMetadata fields as JSON text (docs/adapters.md)."),
                             "scale_default": scale,
+                            "picture": Schema(
+                                type=OpenAPIType.ARRAY,
+                                items=_string(
+                                    "A preview image (PNG, JPEG or WebP).", format=OpenAPIFormat.BINARY
+                                ),
+                                description="Preview images; repeat the part (at most max_pictures in all).",
+                            ),
+                            "loss_curve": _string(
+                                "The training loss curve image.", format=OpenAPIFormat.BINARY
+                            ),
+                            "samples": _string("A sample grid image.", format=OpenAPIFormat.BINARY),
                         },
                     )
                 ),
@@ -197,8 +211,10 @@ class AdapterController(Controller):
         summary="Register an adapter version.",
         description=(
             "Either `multipart/form-data` with `file` (a LoRA .safetensors), `id`, optional `metadata` "
-            "(JSON text) and `scale_default`, or JSON `{id, source: 's3://bucket/key', metadata?, "
-            "scale_default?}`. 201 with the new version record and `created: true`; 200 with "
+            "(JSON text), `scale_default` and pictures (`picture` parts, repeatable, plus `loss_curve` and "
+            "`samples`: PNG, JPEG or WebP, at most `max_pictures` of `max_picture_bytes` each, 422 "
+            "`image_invalid` / `image_too_large` otherwise), or JSON `{id, source: 's3://bucket/key', "
+            "metadata?, scale_default?}`. 201 with the new version record and `created: true`; 200 with "
             "`created: false` when identical content is already a live version of that id. "
             "413 above `max_adapter_bytes`, 422 for invalid files or ids, 409 when the adapter does not "
             "fit the base model."
@@ -217,13 +233,15 @@ class AdapterController(Controller):
                     max_file_bytes=settings.max_adapter_bytes,
                     max_field_bytes=settings.max_body_bytes,
                     spool=spool_dir(settings.home),
+                    max_pictures=settings.max_pictures,
+                    max_picture_bytes=settings.max_picture_bytes,
                 )
                 try:
                     adapter_id, metadata, scale = upload_arguments(upload)
                     assert upload.path is not None
                     await manager.check_store(adapter_id)
                     version, created = await blocking(
-                        register, manager.registry, upload.path, adapter_id, metadata, scale
+                        register, manager.registry, upload.path, adapter_id, metadata, scale, upload.pictures
                     )
                 finally:
                     await blocking(upload.cleanup)

@@ -22,6 +22,7 @@ from service.engine.image_modes import ImageInput
 from service.engine.inputs import ProbedInputs, check_mode, load_inputs, output_size, probe_inputs
 from service.engine.png import encode_png
 from service.engine.progress import JobProgress
+from service.engine.recent import RecentRequests
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
 from service.engine.schedulers import a1111_label
 from service.engine.worker import InferenceWorker, Job
@@ -93,6 +94,7 @@ class Runtime:
         self.base: BaseModel | None = None
         self.adapters: AdapterManager | None = None
         self._loader = loader or _default_loader
+        self.recent = RecentRequests()
         self.worker = InferenceWorker(
             self._run_batch,
             settings.max_queue,
@@ -298,6 +300,10 @@ class Runtime:
             failure: Exception = exc
             if all(j.should_stop() for j in jobs) and not all(j.abandoned.is_set() for j in jobs):
                 failure = RequestTimeout("generation exceeded the request timeout")
+            for job in jobs:  # a job its client left or cancelled stopped on purpose
+                outcome = "cancelled" if job.abandoned.is_set() else "failed"
+                error = None if outcome == "cancelled" else type(failure).__name__
+                self.recent.add(job.payload.params, outcome=outcome, timings=timer.rounded(), error=error)
             return [failure] * len(jobs)
         return [self._finish(job, pictures, timer) for job, pictures in zip(jobs, images, strict=True)]
 
@@ -312,8 +318,8 @@ class Runtime:
         started = time.perf_counter()
         pngs = [encode_png(image, {**parameters, "seed": params.seed + i}) for i, image in enumerate(images)]
         timer.add("encode", started)
-        timings = {f"{stage}_s": round(seconds, 6) for stage, seconds in timer.seconds.items()}
-        timings["total_s"] = round(sum(timer.seconds.values()), 6)
+        timings = timer.rounded()
+        self.recent.add(params, outcome="succeeded", timings=timings, lora_path=shared.lora_path)
         for stage, seconds in timer.seconds.items():
             self.metrics.stage_duration.labels(stage=stage).observe(seconds)
         self.metrics.images.inc(len(pngs))

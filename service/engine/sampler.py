@@ -90,6 +90,12 @@ class StageTimer:
     def add(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
+    def rounded(self) -> dict[str, float]:
+        """``{stage}_s`` per stage and ``total_s``, in seconds to the microsecond (the API's timings)."""
+        timings = {f"{stage}_s": round(seconds, 6) for stage, seconds in self.seconds.items()}
+        timings["total_s"] = round(sum(self.seconds.values()), 6)
+        return timings
+
 
 def generators_for(seed: int, n: int) -> list[torch.Generator]:
     """diffusers' convention: image i draws its initial noise from a CPU generator seeded seed + i."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -260,6 +261,35 @@ class AdapterCache:
     def resident(self) -> list[CacheKey]:
         with self._lock:
             return list(self._device)
+
+    def tiers(self) -> dict[str, Any]:
+        """What each tier holds now, most recently used last (the console's server view)."""
+        with self._lock:
+            device = [
+                {
+                    "ref": f"{k[0]}@{k[1]}",
+                    "sha256": k[2],
+                    "bytes": e.adapter.nbytes,
+                    "pinned": e.pinned,
+                    "leases": e.leases,
+                }
+                for k, e in self._device.items()
+            ]
+            host = [
+                {"ref": f"{k[0]}@{k[1]}", "sha256": k[2], "bytes": e.nbytes} for k, e in self._host.items()
+            ]
+        budgets = self.budgets
+        return {
+            "device": {"entries": device, "budget_bytes": budgets.device_bytes},
+            "host": {"entries": host, "budget_bytes": budgets.host_bytes},
+            "disk": None
+            if self.disk is None
+            else {
+                "entries": self.disk.entries,
+                "bytes": self.disk.nbytes,
+                "budget_bytes": budgets.disk_bytes,
+            },
+        }
 
     def holds(self, version: AdapterVersion) -> bool:
         """Whether ``version`` can be made ready without the store: on the device, in host RAM or in

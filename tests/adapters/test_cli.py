@@ -112,3 +112,27 @@ def test_s3_store_from_the_environment(
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # wrong: the flag must win
     code, out, _ = run(capsys, "list", "--json", "--s3-endpoint-url", moto_endpoint)
     assert code == 0 and [s["adapter_id"] for s in json.loads(out)] == ["remote"]
+
+
+def test_register_with_pictures(
+    cli_env: Path, kohya_file: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (20, 10), "white").save(tmp_path / "curve.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "cover.jpg")
+    (tmp_path / "notes.png").write_text("not an image")
+    code, out, _ = run(
+        capsys, "register", str(kohya_file), "--id", "pics",
+        "--picture", str(tmp_path / "cover.jpg"), "--loss-curve", str(tmp_path / "curve.png"),
+    )  # fmt: skip
+    assert code == 0
+    pictures = json.loads(out)["pictures"]
+    assert [(p["role"], p["name"], p["media_type"]) for p in pictures] == [
+        ("preview", "cover.jpg", "image/jpeg"),
+        ("loss_curve", "curve.png", "image/png"),
+    ]
+    code, _, err = run(
+        capsys, "register", str(kohya_file), "--id", "pics", "--samples", str(tmp_path / "notes.png")
+    )
+    assert code == 2 and "error[image_invalid]" in err

@@ -109,6 +109,12 @@ def test_registered_reference_resolves(trained: Any, base_model: Any) -> None:
     assert loaded.version.ref == "sunset-style@1"
     assert loaded.metadata.base_model is not None and loaded.metadata.base_model_match is True
     assert loaded.metadata.inference is not None and loaded.metadata.inference.guidance_scale == 5.0
+    # the run's loss curve and last sample grid travel with the version (the console shows them)
+    pictures = {p.role: p for p in loaded.version.pictures}
+    assert sorted(pictures) == ["loss_curve", "samples"]
+    assert (pictures["loss_curve"].name, pictures["samples"].name) == ("loss_curve.png", "final.png")
+    _, data = registry.read_picture(loaded.version, 0)
+    assert data == (trained.output / "loss_curve.png").read_bytes()
 
 
 def test_exported_file_changes_a_diffusers_pipeline(trained: Any, tiny_model_dir: Path) -> None:
@@ -135,3 +141,16 @@ def test_exported_file_changes_a_diffusers_pipeline(trained: Any, tiny_model_dir
     weight_zero = render()
     assert (with_lora - before).abs().max() > 1e-3
     torch.testing.assert_close(weight_zero, before, atol=1e-5, rtol=0)
+
+
+def test_a_picture_over_the_limits_is_scaled_down(tmp_path: Path) -> None:
+    from adapters.pictures import PictureLimits, PictureUpload, check_picture
+    from training.pictures import run_pictures
+
+    noise = Image.effect_noise((600, 400), 90).convert("RGB")
+    noise.save(tmp_path / "loss_curve.png")
+    limits = PictureLimits(max_bytes=40_000, max_pixels=100_000)
+    (picture,) = run_pictures(tmp_path, limits)
+    checked = check_picture(PictureUpload(picture.data, picture.name, picture.role), limits)
+    assert checked.picture.media_type == "image/jpeg" and checked.picture.name == "loss_curve.jpg"
+    assert checked.picture.width * checked.picture.height <= 100_000
