@@ -36,14 +36,11 @@ from PIL import Image
 
 from basemodel.families import UNetInputs, detect_pipeline
 from basemodel.loader import Pipeline
+from service.engine.cancel import Cancelled, interruptible
 from service.engine.image_modes import ImageInput, prepare_start, start_index, timesteps_from
 from service.engine.schedulers import make_scheduler
 from service.lora.model_manager import ActiveLoRA, LoRAModelManager
 from service.lora.request import AppliedAdapter
-
-
-class Cancelled(Exception):
-    """The job was abandoned (client gone or deadline passed) between two denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +232,7 @@ def sample_batch(
     copies = 2 if do_cfg else 1
     rows = _row_loras(batch, copies, device, dtype)
     shape = (latents.shape[0] * copies, latents.shape[2], latents.shape[3])
-    with _denoising(lora, batch, rows, shape, len(timesteps), timer):
+    with _denoising(lora, batch, rows, shape, len(timesteps), timer), interruptible(pipe.unet, should_stop):
         for index, t in enumerate(timesteps):
             if should_stop():
                 raise Cancelled
