@@ -123,6 +123,13 @@ class Settings(BaseSettings):
     store_breaker_cooldown_s: float = Field(
         5.0, gt=0, le=3600, description="How long an open breaker fails fast before one probe call."
     )
+    store_probe_interval_s: float = Field(
+        1.0,
+        ge=0.1,
+        le=3600,
+        description="While the breaker is open, one background probe of the store this often (so it "
+        "closes within about this long of the store coming back).",
+    )
     latest_ttl_s: float = Field(
         5.0, ge=0, le=86_400, description="How long a resolution of 'latest' is reused (0: every request)."
     )
