@@ -30,6 +30,7 @@ from service.engine.png import a1111_parameters
 from service.engine.progress import WorkerProgress
 from service.engine.runtime import GenerationResult
 from service.schemas import MAX_SEED, GenerateRequest
+from service.suggest import closest
 
 LENIENT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 """A1111 ignores fields it does not know; known fields keep loraswap's strict types."""
@@ -87,17 +88,27 @@ def scheduler_for(sampler_name: str | None, schedule: str | None) -> str:
         None,
     )
     if found is None:
+        offered = [s.name for s in SAMPLERS]
+        meant = closest(name, offered)
+        detail: dict[str, Any] = {"field": "sampler_name", "available": offered}
+        if meant is not None:
+            detail["suggestion"] = meant
         raise SamplerNotFound(
-            f"Sampler not found: {name!r}",
-            detail={"field": "sampler_name", "available": [s.name for s in SAMPLERS]},
+            f"Sampler not found: {name!r}"
+            + (f" (did you mean {meant!r}?)" if meant else "")
+            + f". This server offers: {', '.join(offered)} — each also with scheduler 'Karras' where "
+            f"A1111 has it ({', '.join(s.name for s in SAMPLERS if s.karras)})",
+            detail=detail,
         )
     if wanted in ("automatic", ""):
         return found.scheduler
     if wanted == "karras" and found.karras is not None:
         return found.karras
+    with_karras = [s.name for s in SAMPLERS if s.karras]
     raise UnsupportedOption(
-        f"schedule type {schedule!r} is not available with sampler {found.name!r}",
-        detail={"field": "scheduler", "available": ["Automatic", "Karras (with DPM++ 2M)"]},
+        f"schedule type {schedule!r} is not available with sampler {found.name!r} (Karras is offered "
+        f"with {', '.join(with_karras)})",
+        detail={"field": "scheduler", "available": ["Automatic", f"Karras (with {', '.join(with_karras)})"]},
     )
 
 

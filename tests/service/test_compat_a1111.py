@@ -19,7 +19,7 @@ from PIL import Image
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from adapters.sources import open_store
-from service.compat.a1111 import img2img_supported, scheduler_for
+from service.compat.a1111 import SAMPLERS, img2img_supported, scheduler_for
 from service.compat.errors import SamplerNotFound, UnsupportedOption
 from service.schemas import GenerateRequest
 from tests.adapters.conftest import save_bytes
@@ -227,8 +227,14 @@ def test_sampler_names_translate_as_a1111_splits_them() -> None:
     assert scheduler_for("DPM++ 2M Karras", None) == "dpmpp_2m_karras"  # A1111 < 1.9 combined name
     assert scheduler_for("DPM++ 2M", "karras") == "dpmpp_2m_karras"
     assert scheduler_for("k_euler_a", None) == "euler_a"
-    with pytest.raises(SamplerNotFound):
-        scheduler_for("DPM++ SDE", None)
+    with pytest.raises(SamplerNotFound) as unknown:
+        scheduler_for("LMS", None)
+    for offered in SAMPLERS:  # issue 20, item 9: the refusal lists what is offered
+        assert offered.name in unknown.value.message
+    assert unknown.value.detail["available"] == [s.name for s in SAMPLERS]
+    with pytest.raises(SamplerNotFound) as typo:
+        scheduler_for("Eular a", None)
+    assert typo.value.detail["suggestion"] == "Euler a" and "did you mean 'Euler a'?" in typo.value.message
     with pytest.raises(UnsupportedOption):
         scheduler_for("Euler", "Karras")
 
