@@ -29,6 +29,7 @@ from service.compat.errors import Img2ImgUnavailable, ModelNotFound, SamplerNotF
 from service.engine.png import a1111_parameters
 from service.engine.progress import WorkerProgress
 from service.engine.runtime import GenerationResult
+from service.engine.schedulers import available
 from service.schemas import MAX_SEED, GenerateRequest
 from service.suggest import closest
 
@@ -51,6 +52,8 @@ class Sampler:
 
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M", "dpmpp_2m", "dpmpp_2m_karras", ("k_dpmpp_2m",)),
+    Sampler("DPM++ SDE", "dpmpp_sde", "dpmpp_sde_karras", ("k_dpmpp_sde",)),
+    Sampler("DPM++ 2M SDE", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", ("k_dpmpp_2m_sde",)),
     Sampler("Euler a", "euler_a", None, ("k_euler_a", "k_euler_ancestral")),
     Sampler("Euler", "euler", None, ("k_euler",)),
     Sampler("Heun", "heun", None, ("k_heun",)),
@@ -64,7 +67,12 @@ SCHEDULES = (("automatic", "Automatic"), ("karras", "Karras"))
 
 def sampler_list() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/samplers``: A1111's ``SamplerItem`` shape."""
-    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in offered_samplers()]
+
+
+def offered_samplers() -> list[Sampler]:
+    """The samplers this server can run (``DPM++ SDE`` needs the ``sde`` extra's torchsde)."""
+    return [s for s in SAMPLERS if available(s.scheduler)]
 
 
 def schedule_list() -> list[dict[str, Any]]:
@@ -84,11 +92,11 @@ def scheduler_for(sampler_name: str | None, schedule: str | None) -> str:
         if name.lower().endswith(" " + label.lower()):
             name, wanted = name[: -len(label) - 1], label.lower()
     found = next(
-        (s for s in SAMPLERS if name.lower() in (s.name.lower(), *s.aliases)),
+        (s for s in offered_samplers() if name.lower() in (s.name.lower(), *s.aliases)),
         None,
     )
     if found is None:
-        offered = [s.name for s in SAMPLERS]
+        offered = [s.name for s in offered_samplers()]
         meant = closest(name, offered)
         detail: dict[str, Any] = {"field": "sampler_name", "available": offered}
         if meant is not None:
@@ -97,14 +105,14 @@ def scheduler_for(sampler_name: str | None, schedule: str | None) -> str:
             f"Sampler not found: {name!r}"
             + (f" (did you mean {meant!r}?)" if meant else "")
             + f". This server offers: {', '.join(offered)} — each also with scheduler 'Karras' where "
-            f"A1111 has it ({', '.join(s.name for s in SAMPLERS if s.karras)})",
+            f"A1111 has it ({', '.join(s.name for s in offered_samplers() if s.karras)})",
             detail=detail,
         )
     if wanted in ("automatic", ""):
         return found.scheduler
     if wanted == "karras" and found.karras is not None:
         return found.karras
-    with_karras = [s.name for s in SAMPLERS if s.karras]
+    with_karras = [s.name for s in offered_samplers() if s.karras]
     raise UnsupportedOption(
         f"schedule type {schedule!r} is not available with sampler {found.name!r} (Karras is offered "
         f"with {', '.join(with_karras)})",

@@ -24,7 +24,7 @@ from service.engine.limits import Limits
 from service.engine.png import encode_png
 from service.engine.progress import JobProgress
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
-from service.engine.schedulers import a1111_label
+from service.engine.schedulers import a1111_label, check_available
 from service.engine.worker import InferenceWorker, Job
 from service.lora.request import adapter_request, extract_prompt_adapters
 from service.lora.worker_manager import AdapterManager
@@ -186,6 +186,7 @@ class Runtime:
             for i, a in enumerate(request.adapters)
         ] + tagged
         check_mode(base, request)
+        check_available(request.scheduler)
         probed: ProbedInputs | None = None
         if request.init_image is not None:
             probed = await asyncio.to_thread(probe_inputs, request, self.settings)

@@ -216,7 +216,8 @@ def sample_batch(
     timer.add("text_encode", started)
 
     started = time.perf_counter()
-    scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
+    seeds = [p.seed + i for p in batch for i in range(p.num_images)]
+    scheduler = make_scheduler(first.scheduler, pipe.scheduler.config, seeds)
     scheduler.set_timesteps(first.steps, device=device)
     family.begin_denoising(scheduler)
     timesteps = timesteps_from(scheduler, first.start)
