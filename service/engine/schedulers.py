@@ -31,21 +31,34 @@ from diffusers import (
 
 from basemodel.errors import ValidationFailed
 
-DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
-KARRAS = {"use_karras_sigmas": True}
-
 # name → (class, config overrides, A1111 sampler label for PNG metadata)
 SCHEDULERS: dict[str, tuple[type[Any], dict[str, Any], str]] = {
     "ddim": (DDIMScheduler, {}, "DDIM"),
     "euler": (EulerDiscreteScheduler, {}, "Euler"),
     "euler_a": (EulerAncestralDiscreteScheduler, {}, "Euler a"),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, DPMPP_2M, "DPM++ 2M"),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {**DPMPP_2M, **KARRAS}, "DPM++ 2M Karras"),
-    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, DPMPP_2M_SDE, "DPM++ 2M SDE"),
-    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {**DPMPP_2M_SDE, **KARRAS}, "DPM++ 2M SDE Karras"),
-    "dpmpp_sde": (DPMSolverSDEScheduler, {}, "DPM++ SDE"),
-    "dpmpp_sde_karras": (DPMSolverSDEScheduler, KARRAS, "DPM++ SDE Karras"),
+    "dpmpp_2m": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "DPM++ 2M",
+    ),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    # SDE samplers (module docstring): noise from each image's seed
+    "dpmpp_2m_sde": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+        "DPM++ 2M SDE",
+    ),
+    "dpmpp_2m_sde_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M SDE Karras",
+    ),
+    "dpmpp_sde": (DPMSolverSDEScheduler, {}, "DPM++ SDE"),  # needs torchsde (NEEDS)
+    "dpmpp_sde_karras": (DPMSolverSDEScheduler, {"use_karras_sigmas": True}, "DPM++ SDE Karras"),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}, "PLMS"),
     "heun": (HeunDiscreteScheduler, {}, "Heun"),
     "unipc": (UniPCMultistepScheduler, {}, "UniPC"),
