@@ -63,6 +63,15 @@ class ImageTooLarge(ValidationFailed):
     hint = "Send a smaller image, or ask for a width and height within the server's limits."
 
 
+class LimitExceeded(ValidationFailed):
+    """A request over one of the server's limits (size, pixels, steps, images, or their product, the
+    cost): ``detail`` names the ``field``, the ``limit`` (its setting and value) and the request's
+    ``value``."""
+
+    type = "limit_exceeded"
+    hint = "Ask for less (GET /readyz lists the limits), or raise the setting named in detail.setting."
+
+
 class MaskMismatch(ValidationFailed):
     """A ``mask_image`` whose size differs from ``init_image``'s."""
 

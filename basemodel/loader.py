@@ -11,7 +11,9 @@ unopened.
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -64,10 +66,40 @@ def resolve_base_model(spec: str, models_dir: Path) -> BaseModelRef:
         if path.suffix.lower() != ".safetensors":
             raise UnsafeFormat(f"unsupported checkpoint format {path.suffix!r}", detail={"path": str(path)})
         return BaseModelRef(path.stem, path.resolve(), "single_file")
-    raise BaseModelError(
-        f"base model {spec!r} not found",
-        detail={"spec": spec},
-        hint="Use 'tiny-sd' (embedded) or a path to a local diffusers folder or .safetensors file.",
+    raise _not_found(spec)
+
+
+BUILT_IN_NAMES = (TINY_NAME, *RANDOM_SPECS)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _not_found(spec: str) -> BaseModelError:
+    """What a spec that is no built-in name, folder or file could have meant: the built-in names (with
+    the closest one), and for a Hugging Face Hub id how to get a local folder — nothing is downloaded."""
+    names = ", ".join(BUILT_IN_NAMES)
+    detail: dict[str, Any] = {"spec": spec, "built_in": list(BUILT_IN_NAMES)}
+    extended = [name for name in BUILT_IN_NAMES if name.startswith(spec) and name != spec]
+    close = extended[:1] or difflib.get_close_matches(spec, BUILT_IN_NAMES, n=1, cutoff=0.6)
+    if close:
+        detail["suggestion"] = close[0]
+    message = f"base model {spec!r} not found: not a built-in name ({names}), nor a local folder or file"
+    if HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        detail["hub_id"] = True
+        local = Path("models") / spec.split("/")[-1]
+        return BaseModelError(
+            f"{message}. It looks like a Hugging Face Hub id: loraswap never downloads models",
+            detail=detail,
+            hint=f"Download it once yourself, e.g. `hf download {spec} --local-dir {local} "
+            '--exclude "*.ckpt" "*.bin" "*.pth"` (huggingface_hub\'s CLI; older versions call it '
+            f"huggingface-cli), then pass --base-model {local} (a diffusers folder) or a single "
+            ".safetensors checkpoint file.",
+        )
+    hint = f"Did you mean {close[0]!r}? " if close else ""
+    return BaseModelError(
+        message,
+        detail=detail,
+        hint=hint + "Use a built-in name, or a path to a local diffusers folder (with model_index.json) "
+        "or .safetensors checkpoint; models are never downloaded.",
     )
 
 

@@ -39,8 +39,17 @@ class Settings(BaseSettings):
 
     max_queue: int = Field(16, ge=1, le=10_000, description="Requests waiting for the worker before 429.")
     request_timeout_s: float = Field(300.0, gt=0, description="Queue wait + generation, then 504.")
-    max_width: int = Field(1024, ge=8, le=4096)
-    max_height: int = Field(1024, ge=8, le=4096)
+    # Size and cost limits follow the loaded model unless set (service/engine/limits.py says why):
+    max_width: int | None = Field(None, ge=8, le=16384, description="Widest output (None: 3 × native).")
+    max_height: int | None = Field(None, ge=8, le=16384, description="Tallest output (None: 3 × native).")
+    max_output_pixels: int | None = Field(
+        None, ge=64, description="Most output pixels, width × height (None: 4 × native²)."
+    )
+    max_cost_pixel_steps: int | None = Field(
+        None,
+        ge=64,
+        description="Most width × height × steps × num_images per request (None: 1200 × native²).",
+    )
     max_steps: int = Field(150, ge=1, le=1000)
     max_images: int = Field(8, ge=1, le=64)
     max_body_bytes: int = Field(
@@ -118,6 +127,13 @@ class Settings(BaseSettings):
     )
     store_breaker_cooldown_s: float = Field(
         5.0, gt=0, le=3600, description="How long an open breaker fails fast before one probe call."
+    )
+    store_probe_interval_s: float = Field(
+        1.0,
+        ge=0.1,
+        le=3600,
+        description="While the breaker is open, one background probe of the store this often (so it "
+        "closes within about this long of the store coming back).",
     )
     latest_ttl_s: float = Field(
         5.0, ge=0, le=86_400, description="How long a resolution of 'latest' is reused (0: every request)."

@@ -18,6 +18,10 @@ from basemodel.errors import LoraswapError
 # transformers warns at import time that torchvision is absent; loraswap never needs it.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Libraries whose INFO lines (one per HTTP request for httpx) would break up loraswap's own output,
+# e.g. the progress bar of ``generate``: WARNING and above unless ``--verbose``.
+LIBRARY_LOGGERS = ("httpx", "httpcore", "urllib3", "botocore", "boto3", "s3transfer", "filelock", "PIL")
+
 # Modules that contribute subcommands, in help order. Each has ``add_parsers(subparsers)``.
 SUBCOMMAND_MODULES = (
     "service.serve_cli",
@@ -32,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraswap",
         description="Stable Diffusion server with per-request LoRA hot-swap, and its adapter trainer.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, libraries' log lines included"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in SUBCOMMAND_MODULES:
         try:
@@ -52,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except LoraswapError as exc:

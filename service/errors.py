@@ -29,6 +29,7 @@ from basemodel.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from service.suggest import UNKNOWN_FIELD, unknown_field
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,13 @@ def handle_validation_error(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[dict[str, Any]]:
     problems = []
+    model = _body_model(request)
     for item in exc.extra if isinstance(exc.extra, list) else []:
         if isinstance(item, dict):
-            problems.append({"field": item.get("key") or "body", "message": item.get("message", "")})
+            problem = {"field": item.get("key") or "body", "message": item.get("message", "")}
+            if problem["message"] == UNKNOWN_FIELD:
+                _explain_unknown(problem, model)
+            problems.append(problem)
     if problems:
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
     else:
@@ -141,6 +146,26 @@ def handle_validation_error(
         "hint": "Fix the named fields; GET /schema describes every field.",
     }
     return error_response(422, body)
+
+
+def _body_model(request: Request[Any, Any, Any]) -> Any:
+    """The model the route validates its body as (None when there is none)."""
+    try:
+        data = request.route_handler.parsed_fn_signature.parameters.get("data")
+    except Exception:  # no route (404s) or a handler without a parsed signature
+        return None
+    return None if data is None else data.annotation
+
+
+def _explain_unknown(problem: dict[str, Any], model: Any) -> None:
+    """An unknown field: ``reason: unknown_field`` and, when one is close, the ``suggestion``."""
+    problem["reason"] = "unknown_field"
+    meant = unknown_field(model, problem["field"]) if model is not None else None
+    if meant is not None:
+        problem["suggestion"] = meant
+        problem["message"] = f"unknown field; did you mean {meant!r}?"
+    else:
+        problem["message"] = "unknown field (GET /schema lists the fields)"
 
 
 def handle_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:

@@ -15,7 +15,20 @@ from adapters.metadata import MAX_SCALE, MIN_SCALE
 from adapters.refs import ID_PATTERN, MAX_VERSION
 from service.openapi import ErrorInfo
 
-SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
+SchedulerName = Literal[
+    "ddim",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "dpmpp_sde",
+    "dpmpp_sde_karras",
+    "pndm",
+    "heun",
+    "unipc",
+]
 MAX_SEED = 2**63 - 1 - 64  # image i uses seed + i; stay inside torch's int64 seed range
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 """Every request model: no unknown fields, no type coercion, no NaN/Infinity."""

@@ -85,6 +85,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="no progress bar (and a plain POST /v1/generate instead of a job)",
     )
     gen.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # the top-level flag (loraswap -v generate) is the same one
+        help="debug logging, the HTTP client's request lines included",
+    )
+    gen.add_argument(
         "-o",
         "--output",
         type=Path,

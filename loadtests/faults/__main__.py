@@ -43,6 +43,7 @@ def run(quick: bool, seed: int) -> dict[str, Any]:
             "passed": scenarios - failed,
             "failed": failed,
             "outage_s": round(outage_s, 1),
+            "recovery_s": max((r["recovery_s"] for r in outage_rows if "recovery_s" in r), default=None),
             "crash_s": round(crash_s, 1),
         },
     }
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = run(args.quick, args.seed)
     print("store outages\n")
     print(outage.table(document["outage"]))
+    print(f"\nrecovery after the store came back: {outage.recovery_summary(document['outage'])}")
     print("\nkill -9\n")
     print(crash.table(document["crash"]))
     summary = document["summary"]

@@ -29,7 +29,9 @@ from service.compat.errors import Img2ImgUnavailable, ModelNotFound, SamplerNotF
 from service.engine.png import a1111_parameters
 from service.engine.progress import WorkerProgress
 from service.engine.runtime import GenerationResult
+from service.engine.schedulers import available
 from service.schemas import MAX_SEED, GenerateRequest
+from service.suggest import closest
 
 LENIENT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 """A1111 ignores fields it does not know; known fields keep loraswap's strict types."""
@@ -50,6 +52,8 @@ class Sampler:
 
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("DPM++ 2M", "dpmpp_2m", "dpmpp_2m_karras", ("k_dpmpp_2m",)),
+    Sampler("DPM++ SDE", "dpmpp_sde", "dpmpp_sde_karras", ("k_dpmpp_sde",)),
+    Sampler("DPM++ 2M SDE", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", ("k_dpmpp_2m_sde",)),
     Sampler("Euler a", "euler_a", None, ("k_euler_a", "k_euler_ancestral")),
     Sampler("Euler", "euler", None, ("k_euler",)),
     Sampler("Heun", "heun", None, ("k_heun",)),
@@ -63,7 +67,12 @@ SCHEDULES = (("automatic", "Automatic"), ("karras", "Karras"))
 
 def sampler_list() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/samplers``: A1111's ``SamplerItem`` shape."""
-    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in SAMPLERS]
+    return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in offered_samplers()]
+
+
+def offered_samplers() -> list[Sampler]:
+    """The samplers this server can run (``DPM++ SDE`` needs the ``sde`` extra's torchsde)."""
+    return [s for s in SAMPLERS if available(s.scheduler)]
 
 
 def schedule_list() -> list[dict[str, Any]]:
@@ -83,21 +92,31 @@ def scheduler_for(sampler_name: str | None, schedule: str | None) -> str:
         if name.lower().endswith(" " + label.lower()):
             name, wanted = name[: -len(label) - 1], label.lower()
     found = next(
-        (s for s in SAMPLERS if name.lower() in (s.name.lower(), *s.aliases)),
+        (s for s in offered_samplers() if name.lower() in (s.name.lower(), *s.aliases)),
         None,
     )
     if found is None:
+        offered = [s.name for s in offered_samplers()]
+        meant = closest(name, offered)
+        detail: dict[str, Any] = {"field": "sampler_name", "available": offered}
+        if meant is not None:
+            detail["suggestion"] = meant
         raise SamplerNotFound(
-            f"Sampler not found: {name!r}",
-            detail={"field": "sampler_name", "available": [s.name for s in SAMPLERS]},
+            f"Sampler not found: {name!r}"
+            + (f" (did you mean {meant!r}?)" if meant else "")
+            + f". This server offers: {', '.join(offered)} — each also with scheduler 'Karras' where "
+            f"A1111 has it ({', '.join(s.name for s in offered_samplers() if s.karras)})",
+            detail=detail,
         )
     if wanted in ("automatic", ""):
         return found.scheduler
     if wanted == "karras" and found.karras is not None:
         return found.karras
+    with_karras = [s.name for s in offered_samplers() if s.karras]
     raise UnsupportedOption(
-        f"schedule type {schedule!r} is not available with sampler {found.name!r}",
-        detail={"field": "scheduler", "available": ["Automatic", "Karras (with DPM++ 2M)"]},
+        f"schedule type {schedule!r} is not available with sampler {found.name!r} (Karras is offered "
+        f"with {', '.join(with_karras)})",
+        detail={"field": "scheduler", "available": ["Automatic", f"Karras (with {', '.join(with_karras)})"]},
     )
 
 

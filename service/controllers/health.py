@@ -25,7 +25,9 @@ class HealthController(Controller):
         description=(
             "`store` reports the adapter store as the server's last calls saw it: `state` ok, degraded "
             "or down, the circuit `breaker` (closed, half_open, open) and the `last_error`. A failing "
-            "store does not make the server unready: adapters it holds are still served."
+            "store does not make the server unready: adapters it holds are still served. `limits` are "
+            "the request limits in effect once the model is loaded (`derived`: those that follow its "
+            "native size; docs/api.md, 'Limits')."
         ),
     )
     async def readyz(self, runtime: Runtime) -> Response[dict[str, Any]]:
@@ -34,6 +36,8 @@ class HealthController(Controller):
             body["error"] = runtime.error
         if runtime.base is not None:
             body["model"] = {"name": runtime.base.name, "fingerprint": runtime.base.fingerprint}
+        if runtime.limits is not None:
+            body["limits"] = runtime.limits.to_json()
         if runtime.adapters is not None:  # informative only: a failing store does not make it unready
             body["store"] = runtime.adapters.store_health()
         return Response(body, status_code=200 if runtime.ready else 503)

@@ -21,6 +21,7 @@ from basemodel.errors import ImageInvalid, ImageTooLarge, MaskMismatch, Validati
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
 from service.engine.image_modes import ImageInput, denoising_steps
+from service.engine.limits import Limits
 from service.images import ProbedImage, load, probe
 from service.schemas import GenerateRequest
 
@@ -71,7 +72,7 @@ def probe_inputs(request: GenerateRequest, settings: Settings) -> ProbedInputs:
 
 
 def output_size(
-    request: GenerateRequest, native: int, probed: ProbedInputs | None, settings: Settings
+    request: GenerateRequest, native: int, probed: ProbedInputs | None, limits: Limits
 ) -> tuple[int, int]:
     """(width, height): as asked, else the init image's size rounded down to a multiple of 8, else the
     model's native size."""
@@ -85,16 +86,16 @@ def output_size(
             f"init_image is {init.width}×{init.height}; it must be at least {MULTIPLE}×{MULTIPLE} pixels",
             detail={"field": "init_image", "reason": "size"},
         )
-    too_wide = request.width is None and width > settings.max_width
-    too_high = request.height is None and height > settings.max_height
+    too_wide = request.width is None and width > limits.max_width
+    too_high = request.height is None and height > limits.max_height
     if too_wide or too_high:
         raise ImageTooLarge(
             f"init_image is {init.width}×{init.height}, above the server's limit of "
-            f"{settings.max_width}×{settings.max_height}",
+            f"{limits.max_width}×{limits.max_height}",
             detail={
                 "field": "init_image",
                 "reason": "size",
-                "limit": [settings.max_width, settings.max_height],
+                "limit": [limits.max_width, limits.max_height],
             },
             hint="Send width and height within the limits to have the image resized, or a smaller image.",
         )

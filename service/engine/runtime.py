@@ -15,16 +15,17 @@ from typing import Any
 
 from PIL import Image
 
-from basemodel.errors import NotReady, RequestTimeout, ValidationFailed
+from basemodel.errors import NotReady, RequestTimeout
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from service.engine.image_modes import ImageInput
 from service.engine.inputs import ProbedInputs, check_mode, load_inputs, output_size, probe_inputs
+from service.engine.limits import Limits
 from service.engine.png import encode_png
 from service.engine.progress import JobProgress
 from service.engine.recent import RecentRequests
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
-from service.engine.schedulers import a1111_label
+from service.engine.schedulers import a1111_label, check_available
 from service.engine.worker import InferenceWorker, Job
 from service.lora.embeddings import AppliedEmbedding
 from service.lora.request import adapter_request, extract_prompt_adapters
@@ -93,6 +94,7 @@ class Runtime:
         self.error: str | None = None
         self.base: BaseModel | None = None
         self.adapters: AdapterManager | None = None
+        self.limits: Limits | None = None  # known once the model is loaded (they follow its size)
         self._loader = loader or _default_loader
         self.recent = RecentRequests()
         self.worker = InferenceWorker(
@@ -128,6 +130,7 @@ class Runtime:
         try:
             self.state = "loading"
             self.base = self._loader(self.settings)
+            self.limits = Limits.for_model(self.settings, self.base.native_size)
             self.adapters = AdapterManager(self.settings, self.base, self.metrics)
             self._pin_adapters()
             self.worker.start()
@@ -187,11 +190,13 @@ class Runtime:
             for i, a in enumerate(request.adapters)
         ] + tagged
         check_mode(base, request)
+        check_available(request.scheduler)
         probed: ProbedInputs | None = None
         if request.init_image is not None:
             probed = await asyncio.to_thread(probe_inputs, request, self.settings)
-        width, height = output_size(request, base.native_size, probed, self.settings)
-        self._check_limits(width, height, request)
+        limits = self.limits or Limits.for_model(self.settings, base.native_size)
+        width, height = output_size(request, base.native_size, probed, limits)
+        limits.check(width, height, request.steps, request.num_images)
         self.worker.admit()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         image = None
@@ -230,20 +235,6 @@ class Runtime:
         if self.adapters is not None and (work.params.adapters or work.params.embeddings):
             self.adapters.release([*work.params.adapters, *work.params.embeddings])
 
-    def _check_limits(self, width: int, height: int, request: GenerateRequest) -> None:
-        limits = self.settings
-        checks = (
-            ("width", width, limits.max_width),
-            ("height", height, limits.max_height),
-            ("steps", request.steps, limits.max_steps),
-            ("num_images", request.num_images, limits.max_images),
-        )
-        for name, value, limit in checks:
-            if value > limit:
-                raise ValidationFailed(
-                    f"{name} {value} exceeds the server's limit of {limit}", detail={"field": name}
-                )
-
     async def generate(self, work: Work, wait_disconnect: Callable[[], Any]) -> GenerationResult | None:
         """Queue a job and wait for it; ``None`` when the client went away first."""
         return await self.wait(self.enqueue(work), wait_disconnect)
@@ -261,7 +252,7 @@ class Runtime:
     async def wait(
         self, job: Job[GenerationResult], wait_disconnect: Callable[[], Any]
     ) -> GenerationResult | None:
-        """The job's result; ``None`` (and the job is dropped, or stopped between two steps) when
+        """The job's result; ``None`` (and the job is dropped, or stopped within its step) when
         ``wait_disconnect`` returned first: the client went away, or cancelled the job."""
         work: Work = job.payload
         gone = asyncio.ensure_future(wait_disconnect())

@@ -38,15 +38,12 @@ from PIL import Image
 from basemodel.families import UNetInputs, detect_pipeline
 from basemodel.loader import Pipeline
 from basemodel.textual_inversion import Embedding
+from service.engine.cancel import Cancelled, interruptible
 from service.engine.image_modes import ImageInput, prepare_start, start_index, timesteps_from
 from service.engine.schedulers import make_scheduler
 from service.lora.embeddings import AppliedEmbedding
 from service.lora.model_manager import ActiveLoRA, LoRAModelManager
 from service.lora.request import AppliedAdapter
-
-
-class Cancelled(Exception):
-    """The job was abandoned (client gone or deadline passed) between two denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -231,7 +228,8 @@ def sample_batch(
     timer.add("text_encode", started)
 
     started = time.perf_counter()
-    scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
+    seeds = [p.seed + i for p in batch for i in range(p.num_images)]
+    scheduler = make_scheduler(first.scheduler, pipe.scheduler.config, seeds)
     scheduler.set_timesteps(first.steps, device=device)
     family.begin_denoising(scheduler)
     timesteps = timesteps_from(scheduler, first.start)
@@ -247,7 +245,7 @@ def sample_batch(
     copies = 2 if do_cfg else 1
     rows = _row_loras(batch, copies, device, dtype)
     shape = (latents.shape[0] * copies, latents.shape[2], latents.shape[3])
-    with _denoising(lora, batch, rows, shape, len(timesteps), timer):
+    with _denoising(lora, batch, rows, shape, len(timesteps), timer), interruptible(pipe.unet, should_stop):
         for index, t in enumerate(timesteps):
             if should_stop():
                 raise Cancelled

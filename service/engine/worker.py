@@ -2,8 +2,9 @@
 
 The event loop never runs model code. A full queue is refused at once (429 with a Retry-After
 estimate); a job whose client went away or whose deadline passed is dropped before it starts, or
-stopped between two denoising steps. Each job carries a ``JobProgress`` (``service/engine/progress.py``):
-the worker marks it running when its batch starts, and ``snapshot`` tells what the worker is doing now.
+stopped inside the step it is in (``service/engine/cancel.py``). Each job carries a ``JobProgress``
+(``service/engine/progress.py``): the worker marks it running when its batch starts, and ``snapshot``
+tells what the worker is doing now.
 A queued job can be withdrawn from the queue (``withdraw``, for a cancel).
 """
 

@@ -23,7 +23,7 @@ from adapters.records import AdapterVersion
 from adapters.refs import parse_ref
 from adapters.registry import Registry
 from adapters.sources import open_settings_store
-from adapters.sources.breaker import BreakerStore, CircuitBreaker, State
+from adapters.sources.breaker import BreakerProber, BreakerStore, CircuitBreaker, State
 from basemodel.errors import ValidationFailed
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
@@ -48,6 +48,7 @@ class AdapterManager:
             settings.store_breaker_failures,
             settings.store_breaker_cooldown_s,
             on_state=lambda state: metrics.store_breaker.set(BREAKER_LEVEL[state]),
+            probe_interval_s=settings.store_probe_interval_s,
         )
         for operation in STORE_OPERATIONS:
             metrics.store_errors.labels(operation=operation)
@@ -56,6 +57,7 @@ class AdapterManager:
             self.breaker,
             on_error=lambda operation, _: metrics.store_errors.labels(operation=operation).inc(),
         )
+        self.prober = BreakerProber(store)  # closes the breaker soon after the store is back
         self.registry = Registry.from_settings(settings, self.identity, store=store)
         self.strict_base = settings.strict_base
         self.store_deadline_s = settings.store_deadline_s
@@ -90,6 +92,7 @@ class AdapterManager:
         )
         self.embeddings = EmbeddingIndex(self.registry, self.gate, settings.embedding_list_ttl_s)
         self.embeddings.refresh()  # in the background: the first prompt rarely waits for it
+        self.prober.start()
 
     def deadline(self) -> float:
         """The monotonic time until which a request started now may wait for the store."""
@@ -225,6 +228,7 @@ class AdapterManager:
         return health
 
     def close(self) -> None:
+        self.prober.close()
         self.gate.close()
         self.cache.close()
         self.models.remove()

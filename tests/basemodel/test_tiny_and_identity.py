@@ -167,3 +167,21 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_unknown_base_model_names_help(tmp_path: Path) -> None:
+    """Issue 20, item 9: a hub id or a near miss lists the built-in names; a hub id is never downloaded."""
+    from basemodel.loader import BUILT_IN_NAMES
+
+    with pytest.raises(BaseModelError) as hub:
+        resolve_base_model("runwayml/stable-diffusion-v1-5", tmp_path)
+    for name in BUILT_IN_NAMES:
+        assert name in hub.value.message
+    assert "never downloads" in hub.value.message
+    assert "hf download runwayml/stable-diffusion-v1-5 --local-dir" in hub.value.hint
+    assert hub.value.detail["hub_id"] is True and hub.value.detail["built_in"] == list(BUILT_IN_NAMES)
+    with pytest.raises(BaseModelError) as near:
+        resolve_base_model("tiny-sdxl", tmp_path)
+    assert near.value.detail["suggestion"] == "tiny-sdxl-random"
+    assert "Did you mean 'tiny-sdxl-random'?" in near.value.hint and "tiny-sd," in near.value.message
+    assert not (tmp_path / "tiny-sdxl").exists()

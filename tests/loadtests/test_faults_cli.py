@@ -20,6 +20,9 @@ OUTAGE_ROWS = [
      "max_latency_s": 0.1, "expect": "200, no store call", "ok": True, "note": "0 store connections"},
     {"scenario": "uncached adapter", "mode": "refuse", "requests": 1, "outcomes": {"200": 1}, "stale": 0,
      "max_latency_s": 0.1, "expect": "503 + Retry-After", "ok": False, "note": ""},
+    {"scenario": "first request after recovery", "mode": "refuse", "requests": 1, "outcomes": {"200": 1},
+     "stale": 0, "max_latency_s": 0.4, "expect": "200 within 1.5 s", "ok": True, "note": "",
+     "recovery_s": 0.4},
 ]  # fmt: skip
 CRASH_ROW = {column: 0 for column in crash.COLUMNS} | {"scenario": "cli", "store": "local", "kills": 2}
 
@@ -65,12 +68,14 @@ def test_both_suites_are_combined_into_one_report(
     assert document["crash"] == crash_rows
     failed = 0 if outage_ok else 1
     assert document["summary"] | {"outage_s": 0, "crash_s": 0} == {
-        "scenarios": 4, "passed": 4 - failed, "failed": failed, "outage_s": 0, "crash_s": 0
+        "scenarios": 5, "passed": 5 - failed, "failed": failed, "outage_s": 0, "crash_s": 0,
+        "recovery_s": 0.4,
     }  # fmt: skip
     assert code == (0 if outage_ok else 1)
     printed = capsys.readouterr().out
     assert outage.table(outage_rows) in printed  # each suite's own table, as it prints it
     assert crash.table(crash_rows) in printed
+    assert "recovery after the store came back: max 0.40 s (refuse 0.40 s)" in printed
 
 
 def test_a_crash_problem_fails_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

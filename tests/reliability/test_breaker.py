@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ import pytest
 
 from adapters.errors import StoreError
 from adapters.sources import KeyMissing, LocalStore, Store
-from adapters.sources.breaker import BreakerStore, CircuitBreaker, unwrap
+from adapters.sources.breaker import BreakerProber, BreakerStore, CircuitBreaker, unwrap
 
 
 class Clock:
@@ -169,3 +171,77 @@ def test_invalid_settings_are_refused() -> None:
         CircuitBreaker(0, 1.0)
     with pytest.raises(ValueError):
         CircuitBreaker(1, 0)
+    with pytest.raises(ValueError):
+        CircuitBreaker(1, 1.0, probe_interval_s=0)
+
+
+def test_background_probe_closes_it_within_a_second_and_never_hammers(clock: Clock) -> None:
+    """Issue 20, item 3: the store back → closed at the next probe (≤ 1 s), not after the 5 s cool-down;
+    while it is down, at most one probe per second reaches it, and none while the breaker is closed."""
+    inner = FlakyStore()
+    breaker = CircuitBreaker(3, 5.0, clock=clock, probe_interval_s=1.0)
+    store = BreakerStore(inner, breaker)
+    inner.error = OUTAGE
+    assert not store.probe() and inner.calls == 0  # closed: nothing to probe
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            store.list()
+    with pytest.raises(StoreError) as fast:
+        store.get("k")
+    assert fast.value.detail["retry_after_s"] == 1  # the next probe, not the 5 s cool-down
+    reached = inner.calls
+    for _ in range(160):  # 10 s of a prober waking every 1/16 s (the real one sleeps until due)
+        clock.now += 0.0625
+        store.probe()
+    assert inner.calls - reached == 10  # one per second
+    assert breaker.state == "open"  # a failed probe keeps it open: no half-open flip per probe
+    inner.error = None
+    back = clock.now
+    while not store.probe():
+        clock.now += 0.0625
+    assert clock.now - back <= 1.0 and breaker.state == "closed"
+    assert store.get("k") == b"data"
+
+
+def test_the_prober_thread_probes_when_due(tmp_path: Path) -> None:
+    inner = FlakyStore()
+    store = BreakerStore(inner, CircuitBreaker(1, 60.0, probe_interval_s=0.2))
+    inner.error = OUTAGE
+    prober = BreakerProber(store, idle_s=0.05).start()
+    try:
+        with pytest.raises(StoreError):
+            store.list()
+        assert store.breaker.state == "open"
+        inner.error = None
+        back = time.monotonic()
+        while store.breaker.state != "closed":
+            assert time.monotonic() - back < 5, "the prober never closed it"
+            time.sleep(0.01)
+        assert time.monotonic() - back < 1.0
+    finally:
+        prober.close()
+    with pytest.raises(ValueError):
+        BreakerProber(BreakerStore(inner, CircuitBreaker()))
+
+
+def test_a_probe_that_does_not_answer_counts_as_failed(clock: Clock) -> None:
+    """A black-holed store: the probe gives up after its timeout and the next is due an interval after
+    this one started, so the prober keeps its one-per-second pace."""
+    hang = threading.Event()
+
+    class Hanging(FlakyStore):
+        def exists(self, key: str) -> bool:
+            hang.wait(10)
+            return True
+
+    inner = Hanging()
+    store = BreakerStore(inner, CircuitBreaker(1, 60.0, clock=clock, probe_interval_s=1.0))
+    store.breaker.failed(OUTAGE)
+    clock.now += 1.0
+    started = clock.now
+    try:
+        assert store.probe(timeout_s=0.05) is False
+        assert store.breaker.state == "open"
+        assert store.breaker.probe_in_s() == pytest.approx(1.0 - (clock.now - started))
+    finally:
+        hang.set()

@@ -139,7 +139,7 @@ def test_resident_adapters_are_served_without_the_store(outage: Any, lora_files:
             assert int(response.headers["retry-after"]) >= 1
             assert seconds < BOUND_S
         assert cold[-1][0].json()["error"]["detail"]["reason"] == "circuit_open"  # 2 failures opened it
-        assert int(cold[-1][0].headers["retry-after"]) > 1  # the remaining cool-down
+        assert int(cold[-1][0].headers["retry-after"]) == 1  # the background probe is due within 1 s
 
         ready = http.get("/readyz")
         assert ready.status_code == 200
@@ -216,6 +216,32 @@ def test_latest_ttl_stale_marker_and_recovery(outage: Any, lora_files: list[byte
         back = http.post("/v1/generate", json=generate({"id": "cold"}))
         assert back.status_code == 200, back.text  # the half-open probe let the first request through
         assert http.get("/readyz").json()["store"]["state"] == "ok"
+
+
+def test_served_within_a_second_of_the_store_coming_back(outage: Any, lora_files: list[bytes]) -> None:
+    """Issue 20, item 3: with the default 5 s cool-down, requests that need the store are served again
+    within about a second of it coming back (a background probe closes the breaker), and while it is
+    down at most one probe a second reaches it."""
+    env = outage()
+    env.registry.register(lora_files[0], "cold")
+    with env.http() as http:
+        env.proxy.set_mode("refuse")
+        for _ in range(3):  # three failures open the breaker
+            assert http.post("/v1/generate", json=generate({"id": "cold"})).status_code == 503
+        assert http.get("/readyz").json()["store"]["breaker"] == "open"
+        env.store.calls.clear()
+        time.sleep(3.0)
+        assert 2 <= env.store.calls["exists"] <= 4, env.store.calls  # one probe a second, no more
+        assert set(env.store.calls) == {"exists"}, env.store.calls  # and nothing else reached it
+        env.proxy.set_mode("pass")
+        back = time.monotonic()
+        while (response := http.post("/v1/generate", json=generate({"id": "cold"}))).status_code == 503:
+            assert time.monotonic() - back < 10, "never recovered"
+            time.sleep(0.05)
+        recovered = time.monotonic() - back
+    assert response.status_code == 200, response.text
+    print(f"served {recovered:.2f} s after the store came back")
+    assert recovered < 1.5, recovered  # ≤ 1 s probe interval + the request itself, on a loaded machine
 
 
 def test_changes_through_this_server_apply_at_once(outage: Any, lora_files: list[bytes]) -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from adapters.sources import open_store
-from service.compat.a1111 import img2img_supported, scheduler_for
+from service.compat.a1111 import img2img_supported, offered_samplers, scheduler_for
 from service.compat.errors import SamplerNotFound, UnsupportedOption
 from service.schemas import GenerateRequest
 from tests.adapters.conftest import save_bytes
@@ -124,6 +124,9 @@ def test_samplers_and_karras_schedule(server: Any) -> None:
         server, prompt="a blue square", seed=5, steps=3, scheduler="dpmpp_2m_karras", guidance_scale=7.0
     )
     assert np.array_equal(pixels(karras.image), expected[0])
+    sde = api.txt2img(prompt="a blue square", seed=5, **{**FAST, "sampler_name": "DPM++ 2M SDE Karras"})
+    assert (sde.info["sampler_name"], sde.info["scheduler"]) == ("DPM++ 2M SDE", "Karras")
+    assert {"DPM++ SDE", "DPM++ 2M SDE"} <= set(names)
     with pytest.raises(RuntimeError) as refused:
         api.txt2img(prompt="x", **{**FAST, "sampler_name": "LMS"})
     assert refused.value.args[0] == 404
@@ -227,8 +230,20 @@ def test_sampler_names_translate_as_a1111_splits_them() -> None:
     assert scheduler_for("DPM++ 2M Karras", None) == "dpmpp_2m_karras"  # A1111 < 1.9 combined name
     assert scheduler_for("DPM++ 2M", "karras") == "dpmpp_2m_karras"
     assert scheduler_for("k_euler_a", None) == "euler_a"
-    with pytest.raises(SamplerNotFound):
-        scheduler_for("DPM++ SDE", None)
+    # issue 20, item 10: the SDE samplers webuiapi users ask for, old combined names included
+    assert scheduler_for("DPM++ 2M SDE", None) == "dpmpp_2m_sde"
+    assert scheduler_for("DPM++ 2M SDE Karras", None) == "dpmpp_2m_sde_karras"
+    assert scheduler_for("DPM++ 2M SDE", "Karras") == "dpmpp_2m_sde_karras"
+    assert scheduler_for("DPM++ SDE Karras", None) == "dpmpp_sde_karras"
+    assert scheduler_for("dpm++ sde", "automatic") == "dpmpp_sde"
+    with pytest.raises(SamplerNotFound) as unknown:
+        scheduler_for("LMS", None)
+    for offered in offered_samplers():  # issue 20, item 9: the refusal lists what is offered
+        assert offered.name in unknown.value.message
+    assert unknown.value.detail["available"] == [s.name for s in offered_samplers()]
+    with pytest.raises(SamplerNotFound) as typo:
+        scheduler_for("Eular a", None)
+    assert typo.value.detail["suggestion"] == "Euler a" and "did you mean 'Euler a'?" in typo.value.message
     with pytest.raises(UnsupportedOption):
         scheduler_for("Euler", "Karras")
 

@@ -95,3 +95,26 @@ def test_openapi_schema_lists_generate(server: Any) -> None:
     with server.client() as http:
         schema = http.get("/schema/openapi.json").json()
     assert "/v1/generate" in schema["paths"]
+
+
+def test_unknown_fields_suggest_the_close_one(server: Any) -> None:
+    """Issue 20, item 9: ``guidance`` → did you mean ``guidance_scale``; nested fields too."""
+    body = {"prompt": "a", "guidance": 7, "adapters": [{"id": "x", "scal": 1}], "colour": "red"}
+    with server.client() as http:
+        response = http.post("/v1/generate", json=body)
+        job = http.post("/v1/jobs", json={"prompt": "a", "setps": 3})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "validation_error"
+    problems = {p["field"]: p for p in error["detail"]["errors"]}
+    assert problems["guidance"] == {
+        "field": "guidance",
+        "message": "unknown field; did you mean 'guidance_scale'?",
+        "reason": "unknown_field",
+        "suggestion": "guidance_scale",
+    }
+    assert problems["adapters.0.scal"]["suggestion"] == "scale"
+    assert "suggestion" not in problems["colour"] and problems["colour"]["reason"] == "unknown_field"
+    assert "guidance: unknown field; did you mean 'guidance_scale'?" in error["message"]
+    assert job.status_code == 422
+    assert job.json()["error"]["detail"]["errors"][0]["suggestion"] == "steps"

@@ -77,14 +77,16 @@ def test_generate_cli_writes_png(serve_process: Any, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "seed 1" in done.stdout
     assert Image.open(out).size == (32, 32)
+    assert "HTTP Request" not in done.stderr and "httpx" not in done.stderr, done.stderr  # a clean bar
     failed = subprocess.run(
-        [sys.executable, "-m", "service.cli", "generate", "x", "--server", url, "--steps", "0"],
+        [sys.executable, "-m", "service.cli", "generate", "x", "--server", url, "--steps", "0", "--verbose"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert failed.returncode == 2
     assert "error[validation_error]" in failed.stderr
+    assert "httpx: HTTP Request: POST" in failed.stderr  # --verbose shows the libraries' logs
 
 
 def test_sigterm_finishes_in_flight_then_exits(serve_process: Any) -> None:
