@@ -127,11 +127,15 @@ def read_header_only(
 
 
 def read_header(
-    data: bytes, limits: Limits = DEFAULT_LIMITS
+    data: bytes, limits: Limits = DEFAULT_LIMITS, *, size: int | None = None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Parse and check a safetensors header: (tensor entries, ``__metadata__``). No tensor is read."""
-    header, metadata = _parse_header(data, limits, len(data))
-    _check_entries(header, len(data) - 8 - int.from_bytes(data[:8], "little"))
+    """Parse and check a safetensors header: (tensor entries, ``__metadata__``). No tensor is read.
+
+    ``data`` is the whole file, or its first bytes (at least the header) with ``size`` the file's length.
+    """
+    size = len(data) if size is None else size
+    header, metadata = _parse_header(data, limits, size)
+    _check_entries(header, size - 8 - int.from_bytes(data[:8], "little"))
     return header, metadata
 
 

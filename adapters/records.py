@@ -69,6 +69,7 @@ class AdapterVersion(BaseModel):
     sha256: str
     content_sha256: str
     size: int
+    blake3: str | None = None  # BLAKE3 of the same file: what each load verifies (None: older records)
     created_at: datetime
     base_model: BaseModelInfo
     base_model_match: bool | None = None
@@ -93,7 +94,13 @@ class AdapterVersion(BaseModel):
 
     @classmethod
     def from_metadata(
-        cls, meta: AdapterMetadata, *, sha256: str, content_sha256: str, size: int
+        cls,
+        meta: AdapterMetadata,
+        *,
+        sha256: str,
+        content_sha256: str,
+        size: int,
+        blake3: str | None = None,
     ) -> AdapterVersion:
         """The record of a file just written with complete registry metadata."""
         if not (
@@ -108,6 +115,7 @@ class AdapterVersion(BaseModel):
             sha256=sha256,
             content_sha256=content_sha256,
             size=size,
+            blake3=blake3,
             created_at=meta.created_at,
             base_model=meta.base_model,
             base_model_match=meta.base_model_match,
@@ -123,8 +131,11 @@ class AdapterVersion(BaseModel):
         )
 
     def record_json(self) -> bytes:
-        # A LoRA's record omits its kind: byte for byte what releases before LyCORIS support wrote.
+        # A LoRA's record omits its kind: byte for byte what releases before LyCORIS support wrote; a
+        # record without a BLAKE3 (read from an older release) is written back without one.
         exclude = {"deleted", "kind"} if self.kind == "lora" else {"deleted"}
+        if self.blake3 is None:
+            exclude.add("blake3")
         return self.model_dump_json(exclude=exclude).encode()
 
 
