@@ -1,9 +1,12 @@
 """Reading and writing adapter files: safetensors only, header checked by hand, never unpickled.
 
-``read_adapter`` checks the container before any library parses it: pickle / zip (``torch.save``)
-magic is refused unopened, the 8-byte little-endian header length is bounded before the header is
-read, the header JSON must describe contiguous, in-bounds tensors of an accepted dtype, and only then
-does ``safetensors`` (Rust, no code execution) materialise the tensors.
+``read_adapter`` checks the container before any library parses it: the first bytes must be able to
+open a safetensors file (``adapters.sniff``: an HTML page, an image, an archive or an empty file is named
+as such, before any size check; pickle / zip (``torch.save``) magic is refused unopened), the 8-byte
+little-endian header length is bounded before the header is read, the header JSON must describe
+contiguous, in-bounds tensors of an accepted dtype, and only then does ``safetensors`` (Rust, no code
+execution) materialise the tensors. Stored versions are opened in one pass by ``adapters.views`` instead
+(the same header checks, tensors as views of the bytes read).
 
 ``write_adapter`` writes canonical-layout tensors (see ``adapters.normalise``) with the ``loraswap``
 metadata entry and the kohya/modelspec keys, atomically when given a path.

@@ -30,9 +30,9 @@ from adapters import tempfiles
 from adapters.errors import AdapterCorrupt
 from adapters.records import AdapterVersion, blob_key
 from adapters.registry import LoadedAdapter, Registry
-from adapters.views import Stamp, as_buffer, read_file
 from adapters.sources.breaker import unwrap
 from adapters.sources.local import LocalStore
+from adapters.views import Stamp, as_buffer, read_file
 from service.lora.weights import DeviceAdapter
 from service.metrics import Metrics
 
@@ -345,7 +345,9 @@ class AdapterCache:
         self.metrics.cache_evictions.labels(tier="disk").inc(evicted)
         return loaded, "store"
 
-    def _open_from_store(self, version: AdapterVersion, pin: bool, data: bytes | None = None) -> LoadedAdapter:
+    def _open_from_store(
+        self, version: AdapterVersion, pin: bool, data: bytes | None = None
+    ) -> LoadedAdapter:
         try:
             data = self.registry.read_blob(version) if data is None else data
             return self.registry.open_data(version, as_buffer(data, pin=pin))
