@@ -51,8 +51,13 @@ def sha256_hex(data: bytes | bytearray | memoryview | torch.Tensor) -> str:
 
 def _memory(data: bytes | bytearray | memoryview | torch.Tensor) -> bytes | bytearray | memoryview:
     if isinstance(data, torch.Tensor):
-        return memoryview(data.numpy())
+        return _view(data)
     return data
+
+
+def _view(buffer: torch.Tensor) -> memoryview:
+    """The bytes of a CPU ``uint8`` tensor, writable, without a copy."""
+    return memoryview(buffer.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
 
 
 def read_file(path: Path, *, pin: bool = False) -> tuple[torch.Tensor, Stamp] | None:
@@ -63,7 +68,7 @@ def read_file(path: Path, *, pin: bool = False) -> tuple[torch.Tensor, Stamp] | 
         with open(path, "rb", buffering=0) as fh:
             info = os.fstat(fh.fileno())
             buffer = torch.empty(info.st_size, dtype=torch.uint8, pin_memory=pin)
-            view = memoryview(buffer.numpy())
+            view = _view(buffer)
             done = 0
             while done < info.st_size:
                 got = fh.readinto(view[done:])
@@ -113,7 +118,7 @@ def file_views(buffer: torch.Tensor, limits: Limits) -> tuple[FileTensors, dict[
     Returns the views and the header's ``__metadata__``. Data whose start is not aligned for its dtype
     (a writer that does not pad its header) is copied once into an aligned buffer first.
     """
-    data = memoryview(buffer.numpy())
+    data = _view(buffer)
     header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
     head_end = min(len(data), 8 + min(header_len, limits.max_header_bytes + 1))
     entries, metadata = read_header(bytes(data[:head_end]), limits, size=len(data))

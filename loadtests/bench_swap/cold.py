@@ -9,6 +9,7 @@ The breakdown repeats the one-pass load step by step (``Registry.open_data`` + `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def cold_round(bench: Bench, cache: AdapterCache, rep: int) -> dict[str, float]:
     index = rep % len(bench.versions)
     version, blob, file = bench.versions[index], bench.blob(bench.versions[index]), bench.files[index]
     row: dict[str, float] = {}
-    jobs = [
+    jobs: list[Callable[[], dict[str, float]]] = [
         lambda: {"read_bytes": timed(blob.read_bytes, device)},
         lambda: {"read_and_parse": timed(partial(read_and_parse, blob), device)},
         partial(cold_ours, cache, version, device, first_read=False),

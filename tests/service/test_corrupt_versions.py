@@ -96,7 +96,8 @@ def test_a_corrupt_disk_tier_copy_is_fetched_again_and_a_corrupt_s3_blob_is_refu
     import boto3
 
     server = start_server(store=f"s3://{s3_bucket}/loras", s3_endpoint_url=moto_endpoint)
-    cache = server.server.config.app.state.runtime.adapters.cache
+    app: Any = server.server.config.app
+    cache = app.state.runtime.adapters.cache
     with server.client() as http:
         record = register(http, adapter_bytes)
         assert http.post("/v1/adapters/style/preload").status_code == 200  # store → disk tier
