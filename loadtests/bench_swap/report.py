@@ -137,6 +137,14 @@ def cold_rows(c: Results) -> list[Row]:
             times_read=True,
         ),
         [
+            "  ours (cache) vs the previous cold path (safetensors.torch.load, per-tensor checks/build)",
+            ours,
+            fmt_s(m["previous_path"]),
+            f"{c['ratio_previous_over_ours']:.2f}× faster",
+            "(info)",
+            "",
+        ],
+        [
             "  ours (cache) vs read_bytes + safetensors.torch.load",
             ours,
             fmt_s(m["read_and_parse"]),
