@@ -110,7 +110,7 @@ class LoadedAdapter:
     """A version opened from the store: verified canonical tensors and their metadata.
 
     ``files`` (set by ``Registry.open_data``) holds the tensors as views of the file read, so
-    ``materialise`` can convert them to the model's dtype in one operation.
+    ``materialise`` can convert them to the model's dtype a run of tensors at a time.
     """
 
     version: AdapterVersion
@@ -121,7 +121,7 @@ class LoadedAdapter:
     def materialise(
         self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
     ) -> dict[str, torch.Tensor]:
-        """The tensors on ``device`` in ``dtype`` (one conversion of the file's data region)."""
+        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region)."""
         if self.files is not None:
             return self.files.materialise(device, dtype, non_blocking=non_blocking)
         return {
