@@ -253,10 +253,9 @@ def _convert(args: argparse.Namespace) -> int:
 def _prepared_file(path: Path, settings: Settings) -> tuple[BaseIdentity, Prepared]:
     """The base identity and ``path`` through every registration check (nothing is stored)."""
     limits = Limits(max_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_adapter_header_bytes)
+    data = load_source(path, limits)  # a file that is not safetensors fails before the base is loaded
     base = _base(settings)
-    prepared = prepare(
-        load_source(path, limits), base, AdapterMetadata(), max_rank=settings.max_lora_rank, limits=limits
-    )
+    prepared = prepare(data, base, AdapterMetadata(), max_rank=settings.max_lora_rank, limits=limits)
     return base, prepared
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "AdapterIncompatible",
     "AdapterInvalid",
     "AdapterNotFound",
+    "AdapterNotSafetensors",
     "AdapterTooLarge",
     "AdapterUnsafeFormat",
     "InvalidAdapterRef",
@@ -59,6 +60,20 @@ class AdapterInvalid(_Reasoned, ValidationFailed):
 
     type = "adapter_invalid"
     hint = "Check the file: a LoRA .safetensors in diffusers/PEFT or kohya layout is expected."
+
+
+class AdapterNotSafetensors(AdapterInvalid):
+    """The bytes are not a safetensors file at all (an HTML page, an image, an archive, empty …).
+
+    ``detail.looks_like`` names what they look like (``adapters.sniff``); decided from the first bytes,
+    before any size check.
+    """
+
+    type = "adapter_not_safetensors"
+    hint = (
+        "Send the .safetensors file itself: check the download (an HTML page is what a failed or "
+        "login-walled download saves), or convert the checkpoint to safetensors."
+    )
 
 
 class AdapterUnsafeFormat(_Reasoned, UnsafeFormat):

@@ -1,9 +1,12 @@
 """Reading and writing adapter files: safetensors only, header checked by hand, never unpickled.
 
-``read_adapter`` checks the container before any library parses it: pickle / zip (``torch.save``)
-magic is refused unopened, the 8-byte little-endian header length is bounded before the header is
-read, the header JSON must describe contiguous, in-bounds tensors of an accepted dtype, and only then
-does ``safetensors`` (Rust, no code execution) materialise the tensors.
+``read_adapter`` checks the container before any library parses it: the first bytes must be able to
+open a safetensors file (``adapters.sniff``: an HTML page, an image, an archive or an empty file is named
+as such, before any size check; pickle / zip (``torch.save``) magic is refused unopened), the 8-byte
+little-endian header length is bounded before the header is read, the header JSON must describe
+contiguous, in-bounds tensors of an accepted dtype, and only then does ``safetensors`` (Rust, no code
+execution) materialise the tensors. Stored versions are opened in one pass by ``adapters.views`` instead
+(the same header checks, tensors as views of the bytes read).
 
 ``write_adapter`` writes canonical-layout tensors (see ``adapters.normalise``) with the ``loraswap``
 metadata entry and the kohya/modelspec keys, atomically when given a path.
@@ -32,6 +35,7 @@ from adapters.metadata import (
     untrusted_json,
 )
 from adapters.normalise import NormaliseInfo, normalise, to_kohya
+from adapters.sniff import SNIFF_BYTES, check_start
 from adapters.validate import check_canonical, dominant
 from basemodel.fingerprint import Architecture
 
@@ -87,6 +91,7 @@ def load_source(source: bytes | Path, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """The bytes of an adapter given as bytes or a path, with suffix and size checks first."""
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
+        check_start(data[:SNIFF_BYTES], len(data))  # what the bytes are, before their size
     else:
         path = Path(source)
         if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -97,10 +102,12 @@ def load_source(source: bytes | Path, limits: Limits = DEFAULT_LIMITS) -> bytes:
             )
         if not path.is_file():
             raise AdapterInvalid(f"adapter file {path} does not exist", reason="missing_file")
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise _too_large(size, limits)
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            check_start(fh.read(SNIFF_BYTES), size)  # what the bytes are, before their size
+            if size > limits.max_bytes:
+                raise _too_large(size, limits)
+            fh.seek(0)
             data = read_limited(fh, limits.max_bytes)
     if len(data) > limits.max_bytes:
         raise _too_large(len(data), limits)
@@ -115,21 +122,6 @@ def _too_large(size: int, limits: Limits) -> AdapterTooLarge:
     )
 
 
-def _refuse_known_containers(data: bytes) -> None:
-    if data[:4] == b"PK\x03\x04":
-        raise AdapterUnsafeFormat(
-            "this is a zip/torch.save checkpoint (pickle inside); it is refused without being opened",
-            reason="pickle",
-        )
-    # A pickle starts 0x80 <protocol 2..5>. So does a valid safetensors file whose header length is
-    # 640, 896, … bytes (little-endian u64), but its header JSON opens at byte 8; a pickle's never does
-    # (and the bytes are never unpickled either way: a lookalike only fails the header parse).
-    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[8:9] != b"{":
-        raise AdapterUnsafeFormat(
-            "this is a pickle file; it is refused without being opened", reason="pickle"
-        )
-
-
 def read_header_only(
     head: bytes, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -138,19 +130,31 @@ def read_header_only(
 
 
 def read_header(
-    data: bytes, limits: Limits = DEFAULT_LIMITS
+    data: bytes, limits: Limits = DEFAULT_LIMITS, *, size: int | None = None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Parse and check a safetensors header: (tensor entries, ``__metadata__``). No tensor is read."""
-    header, metadata = _parse_header(data, limits)
-    _check_entries(header, len(data) - 8 - int.from_bytes(data[:8], "little"))
+    """Parse and check a safetensors header: (tensor entries, ``__metadata__``). No tensor is read.
+
+    ``data`` is the whole file, or its first bytes (at least the header) with ``size`` the file's length.
+    """
+    size = len(data) if size is None else size
+    header, metadata = _parse_header(data, limits, size)
+    _check_entries(header, size - 8 - int.from_bytes(data[:8], "little"))
     return header, metadata
 
 
-def _parse_header(data: bytes, limits: Limits) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    _refuse_known_containers(data)
-    if len(data) < 8:
-        raise AdapterInvalid("file is too short to be safetensors (truncated)", reason="truncated")
+def _parse_header(
+    data: bytes, limits: Limits, size: int | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``size``: the whole file's when ``data`` is all of it (a header beyond it is then not 'too large')."""
+    check_start(data[:SNIFF_BYTES], size)
     header_len = int.from_bytes(data[:8], "little")
+    if size is not None and 8 + header_len > size:
+        raise AdapterInvalid(
+            f"not a safetensors file, or truncated: the first 8 bytes declare a {header_len}-byte header, "
+            f"the file has {size - 8} bytes after them",
+            reason="truncated",
+            detail={"header_bytes": header_len, "size": size},
+        )
     if header_len > limits.max_header_bytes:
         raise AdapterTooLarge(
             f"safetensors header declares {header_len} bytes, over the {limits.max_header_bytes}-byte limit",

@@ -71,6 +71,7 @@ class AdapterVersion(BaseModel):
     sha256: str
     content_sha256: str
     size: int
+    blake3: str | None = None  # BLAKE3 of the same file: what each load verifies (None: older records)
     created_at: datetime
     base_model: BaseModelInfo
     base_model_match: bool | None = None
@@ -103,6 +104,7 @@ class AdapterVersion(BaseModel):
         content_sha256: str,
         size: int,
         pictures: tuple[Picture, ...] = (),
+        blake3: str | None = None,
     ) -> AdapterVersion:
         """The record of a file just written with complete registry metadata."""
         if not (
@@ -117,6 +119,7 @@ class AdapterVersion(BaseModel):
             sha256=sha256,
             content_sha256=content_sha256,
             size=size,
+            blake3=blake3,
             created_at=meta.created_at,
             base_model=meta.base_model,
             base_model_match=meta.base_model_match,
@@ -133,11 +136,13 @@ class AdapterVersion(BaseModel):
         )
 
     def record_json(self) -> bytes:
-        # A LoRA's record omits its kind, a version without pictures its empty list: byte for byte what
-        # releases before LyCORIS support and pictures wrote.
+        # A LoRA's record omits its kind, a version without pictures its empty list, a record without a
+        # BLAKE3 (read from an older release) its hash: byte for byte what earlier releases wrote.
         exclude = {"deleted", "kind"} if self.kind == "lora" else {"deleted"}
         if not self.pictures:
             exclude.add("pictures")
+        if self.blake3 is None:
+            exclude.add("blake3")
         return self.model_dump_json(exclude=exclude).encode()
 
 

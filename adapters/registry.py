@@ -29,7 +29,6 @@ from adapters.format import (
     Limits,
     check_readable,
     load_source,
-    read_adapter,
     read_header_only,
     write_adapter,
 )
@@ -58,6 +57,14 @@ from adapters.refs import AdapterRef, parse_ref, validate_id
 from adapters.sources import KeyMissing, LocalStore, Store, open_settings_store
 from adapters.sources.breaker import unwrap
 from adapters.validate import check_canonical
+from adapters.views import (
+    FileTensors,
+    as_buffer,
+    blake3_hex,
+    check_finite_region,
+    file_views,
+    sha256_hex,
+)
 from basemodel.errors import ConfigError, LoraswapError
 
 if TYPE_CHECKING:
@@ -80,13 +87,55 @@ def check_storable(data: bytes, record: AdapterVersion, limits: Limits) -> None:
         ) from None
 
 
+def verify_digest(version: AdapterVersion, buffer: torch.Tensor) -> None:
+    """The bytes of ``version`` are the bytes registered: BLAKE3 when its record has one, else sha256
+    (the content id; records written before BLAKE3 was recorded). A mismatch names the version; a BLAKE3
+    mismatch on bytes whose sha256 is the record's (a damaged record, not a damaged file) passes."""
+    algorithm, expected = ("blake3", version.blake3) if version.blake3 else ("sha256", version.sha256)
+    actual = blake3_hex(buffer) if algorithm == "blake3" else sha256_hex(buffer)
+    if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
+        # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
+        log.warning("the record of %s has a BLAKE3 that is not its file's; verified by sha256", version.ref)
+        return
+    if actual != expected:
+        raise AdapterCorrupt(
+            f"{version.ref} is corrupt: its file (sha256 {version.sha256[:12]}…) fails its recorded "
+            f"{algorithm} (expected {expected[:12]}…, read {actual[:12]}…); nothing is served from it",
+            reason="sha256_mismatch",
+            detail={
+                "adapter_id": version.adapter_id,
+                "version": version.version,
+                "algorithm": algorithm,
+                "expected": expected,
+                "actual": actual,
+            },
+            hint="Re-register the adapter (or restore its blob from a backup); 'loraswap adapters verify' "
+            "lists every such version.",
+        )
+
+
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """A version opened from the store: verified canonical tensors and their metadata."""
+    """A version opened from the store: verified canonical tensors and their metadata.
+
+    ``files`` (set by ``Registry.open_data``) holds the tensors as views of the file read, so
+    ``materialise`` can convert them to the model's dtype a run of tensors at a time.
+    """
 
     version: AdapterVersion
     tensors: dict[str, torch.Tensor]
     metadata: AdapterMetadata
+    files: FileTensors | None = None
+
+    def materialise(
+        self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region)."""
+        if self.files is not None:
+            return self.files.materialise(device, dtype, non_blocking=non_blocking)
+        return {
+            k: t.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, t in self.tensors.items()
+        }
 
 
 class Registry:
@@ -229,13 +278,14 @@ class Registry:
             update={"adapter_id": adapter_id, "version": number, "created_at": created_at}
         )
         data = write_adapter(None, prepared.tensors, meta)
-        sha = hashlib.sha256(data).hexdigest()
+        sha = hashlib.sha256(data).hexdigest()  # the content id, computed once (A1111/kohya name files by it)
         record = AdapterVersion.from_metadata(
             meta,
             sha256=sha,
             content_sha256=prepared.digest,
             size=len(data),
             pictures=tuple(p.picture for p in pictures),
+            blake3=blake3_hex(data),
         )
         check_storable(data, record, self.limits)  # nothing is written that a reader would refuse
         for picture in pictures:  # content-addressed and possibly shared: never deleted on a lost race
@@ -384,28 +434,27 @@ class Registry:
             ) from None
         return parse_header_metadata(header) or AdapterMetadata()
 
-    def open_data(self, version: AdapterVersion, data: bytes, *, verify_sha256: bool = True) -> LoadedAdapter:
-        """Verify and parse ``data`` as the file of ``version`` (e.g. read from a local cache copy).
+    def open_data(
+        self, version: AdapterVersion, data: bytes | torch.Tensor, *, verify: bool = True
+    ) -> LoadedAdapter:
+        """Verify and parse ``data`` (bytes, or a ``uint8`` buffer from ``adapters.views.read_file``) as the
+        file of ``version``, in one pass: the hash, the header, the shapes (from the header, on views of
+        the buffer: nothing is copied), then every value; the tensors are views of ``data``.
 
-        ``verify_sha256=False`` is for callers that verified these exact bytes before (a cache tier
-        that checks the file's size and mtime); every other check still runs.
+        ``verify=False`` is for callers that verified these exact bytes before in this process (a cache
+        tier that checks the file's size and mtime); every other check still runs.
         """
-        if verify_sha256:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != version.sha256:
-                raise AdapterCorrupt(
-                    f"sha256 mismatch for {version.ref}: the stored file was modified",
-                    reason="sha256_mismatch",
-                    detail={"expected": version.sha256, "actual": actual},
-                )
+        buffer = as_buffer(data)
+        if verify:
+            verify_digest(version, buffer)
         if self.base is not None:
             check_open_compatible(version, self.base, self.strict_base)
-        tensors, header = read_adapter(
-            data, limits=Limits(max_bytes=len(data), max_header_bytes=self.limits.max_header_bytes)
-        )
-        check_canonical(tensors, self.base.architecture if self.base else None)
+        limits = Limits(max_bytes=buffer.numel(), max_header_bytes=self.limits.max_header_bytes)
+        files, header = file_views(buffer, limits)
+        check_canonical(files.tensors, self.base.architecture if self.base else None, finite=False)
+        check_finite_region(files)
         metadata = parse_header_metadata(header) or AdapterMetadata()
-        return LoadedAdapter(version=version, tensors=tensors, metadata=metadata)
+        return LoadedAdapter(version=version, tensors=files.tensors, metadata=metadata, files=files)
 
     # -- deletion -----------------------------------------------------------------------------
 

@@ -201,8 +201,13 @@ def check_canonical(
     architecture: Architecture | None = None,
     *,
     max_rank: int | None = None,
+    finite: bool = True,
 ) -> CanonicalSummary:
-    """Validate canonical-layout tensors (structure, dtype, finiteness, shapes, rank)."""
+    """Validate canonical-layout tensors (structure, dtype, finiteness, shapes, rank).
+
+    ``finite=False`` leaves the values to the caller (``Registry.open_data`` checks them in one pass
+    over the file's data region): every other check reads shapes and dtypes only.
+    """
     if not tensors:
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
     check_dtypes(tensors)
@@ -219,7 +224,8 @@ def check_canonical(
             check_modules_exist(pairs, architecture)
         ranks, kind = check_pair_shapes(pairs, architecture), "lora"
         check_rank(ranks, max_rank)
-    check_finite(tensors)
+    if finite:
+        check_finite(tensors)
     dtypes = {DTYPE_NAMES[t.dtype] for t in tensors.values()}
     if len(dtypes) != 1:
         raise AdapterInvalid(

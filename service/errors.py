@@ -14,7 +14,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from adapters.errors import StoreError
+from adapters.errors import AdapterCorrupt, StoreError
 from basemodel.errors import (
     ConfigError,
     Forbidden,
@@ -65,6 +65,7 @@ STATUS_BY_ERROR: tuple[tuple[type[LoraswapError], int], ...] = (
     (NotReady, 503),
     (StoreError, 503),  # the adapter store is unreachable or failing: retry later
     (RequestTimeout, 504),
+    (AdapterCorrupt, 500),  # a stored version fails its hash: typed, names the version, counted
     (ConfigError, 500),
 )
 

@@ -85,6 +85,14 @@ class Metrics:
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
+        self.adapter_corrupt = Counter(
+            "loraswap_adapter_corrupt",
+            "Adapter files that failed their recorded hash or could not be found, by where the bytes came "
+            "from (store; disk: a disk tier copy, then fetched again) and reason (sha256_mismatch, "
+            "blob_missing). Nothing is served from such bytes.",
+            ["tier", "reason"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "loraswap_batch_size",
             "Requests per denoising batch.",

@@ -36,10 +36,14 @@ STATUS_DESCRIPTIONS: dict[int, str] = {
     413: "The body, the adapter file, its header or its metadata is over a limit "
     "(`payload_too_large`, `adapter_too_large`).",
     422: "Invalid input: a field, a file, an id, JSON nested too deep, an unusable input image "
-    "(`validation_error`, `adapter_invalid`, `adapter_ref_invalid`, `json_too_deep`, `image_invalid`, "
+    "(`validation_error`, `adapter_invalid`, `adapter_not_safetensors`, `adapter_unsafe_format`, "
+    "`adapter_ref_invalid`, `json_too_deep`, `image_invalid`, "
     "`image_too_large`, `mask_size_mismatch`, …).",
     400: "Invalid input.",
     429: "The generation queue is full (`overloaded`); retry after the Retry-After header.",
+    500: "A stored adapter version is corrupt (`adapter_corrupt`: its file fails its recorded hash, or "
+    "is missing); nothing is served from it, `detail` names the version, `loraswap adapters verify` "
+    "lists every such version.",
     503: "Not ready yet (`not_ready`) or the adapter store is failing (`adapter_store_error`).",
     504: "The request ran past its deadline (`timeout`).",
 }
@@ -92,13 +96,13 @@ OPENAI_DESCRIPTIONS = {
 
 
 ROUTE_ERRORS: dict[str, dict[int, ResponseSpec]] = {
-    "generate": error_responses(401, 404, 409, 413, 422, 429, 503, 504),
+    "generate": error_responses(401, 404, 409, 413, 422, 429, 500, 503, 504),
     "list": error_responses(401, 422, 503),
     "show": error_responses(401, 404, 422, 503),
     "register": error_responses(401, 403, 409, 413, 422, 503),
     "delete": error_responses(401, 403, 404, 422, 503),
-    "preload": error_responses(401, 403, 404, 409, 413, 422, 503),
-    "job_submit": error_responses(401, 404, 409, 413, 422, 429, 503),
+    "preload": error_responses(401, 403, 404, 409, 413, 422, 500, 503),
+    "job_submit": error_responses(401, 404, 409, 413, 422, 429, 500, 503),
     "job": error_responses(401, 404, descriptions=JOB_DESCRIPTIONS),
     "server": error_responses(401),
     "picture": error_responses(401, 404, 422, 503),

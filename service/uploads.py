@@ -2,7 +2,9 @@
 
 The route sets no Litestar body limit of its own: this module enforces ``max_adapter_bytes`` on the file
 part (and ``max_body_bytes`` on the text fields) while the bytes arrive, with an early check of
-``Content-Length``, so an oversized upload is refused with 413 before it is read. The file part is
+``Content-Length``, so an oversized upload is refused with 413 before it is read. The file part's first
+bytes are judged before its size (``adapters.sniff``): an HTML page or an image is a 422
+``adapter_not_safetensors``, not a 413. The file part is
 spooled to a temporary file under ``$LORASWAP_HOME/tmp/uploads`` (never held whole in memory), named
 after the server's pid (``adapters/tempfiles.py``) so that ``sweep_spool`` at the next start removes
 what a killed server left and nothing a running one still writes.
@@ -25,6 +27,7 @@ from adapters import tempfiles
 from adapters.errors import AdapterTooLarge, AdapterUnsafeFormat
 from adapters.format import PICKLE_SUFFIXES
 from adapters.pictures import PictureUpload
+from adapters.sniff import SNIFF_BYTES, check_start
 from basemodel.errors import ImageTooLarge, TooLarge, ValidationFailed
 
 PICTURE_PARTS = {"picture": "preview", "loss_curve": "loss_curve", "samples": "samples"}
@@ -53,6 +56,17 @@ class Upload:
     path: Path | None = None
     filename: str | None = None
     size: int = 0
+    head: bytearray = field(default_factory=bytearray)  # the file's first SNIFF_BYTES, until sniffed
+    sniffed: bool = False
+
+    def sniff(self, block: bytes, *, final: bool = False) -> None:
+        """Judge the file by its first bytes (not safetensors → 422) before its size is checked."""
+        if self.sniffed:
+            return
+        self.head += block[: SNIFF_BYTES - len(self.head)]
+        if final or len(self.head) >= SNIFF_BYTES:
+            self.sniffed = True
+            check_start(bytes(self.head), self.size if final else None)
 
     def cleanup(self) -> None:
         if self.path is not None:
@@ -160,6 +174,7 @@ async def read_upload(
                                 raise _picture_too_large(segment.name, max_picture_bytes)
                         elif segment.name == "file":
                             upload.size += len(event)
+                            upload.sniff(event)
                             if upload.size > max_file_bytes:
                                 raise _file_too_large(max_file_bytes)
                             pending += event
@@ -174,6 +189,7 @@ async def read_upload(
                     else:  # end of the current part
                         assert segment is not None
                         if segment.name == "file" and handle is not None:
+                            upload.sniff(b"", final=True)
                             await blocking(_finish_spool, handle, bytes(pending))
                             pending.clear()
                             handle = None

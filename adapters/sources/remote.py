@@ -10,6 +10,7 @@ attempt to reach the store.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from pathlib import Path
@@ -20,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from adapters.errors import AdapterTooLarge, AdapterUnsafeFormat, StoreError
 from adapters.format import PICKLE_SUFFIXES, read_limited
+from adapters.sniff import SNIFF_BYTES, check_start
 from adapters.sources.base import StoreTimeouts
 from adapters.sources.s3 import client_config, unavailable, valid_bucket
 from basemodel.errors import LoraswapError, ValidationFailed
@@ -83,6 +85,12 @@ def fetch_s3(
     try:
         head = client.head_object(Bucket=bucket, Key=key)
         size = int(head["ContentLength"])
+        start = b""
+        if size:  # what the bytes are, before their size: one ranged read of the first bytes
+            ranged = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{SNIFF_BYTES - 1}")["Body"]
+            with contextlib.closing(ranged):
+                start = ranged.read()
+        check_start(start, size)
         if size > max_bytes:
             raise AdapterTooLarge(
                 f"{uri} is {size} bytes, over the {max_bytes}-byte limit",

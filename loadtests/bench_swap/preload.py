@@ -1,7 +1,8 @@
 """Phase ``preload``, outside-in: ``POST /v1/adapters/{id}/preload`` over loopback HTTP against a real
 server on the benchmark's pipeline, for a cold adapter (device and host tiers emptied first; the file in
-the local store, its bytes verified earlier in this process) and for one already resident, against
-diffusers' ``load_lora_weights`` + ``unload_lora_weights`` of the same file in the same process."""
+the local store, its bytes verified earlier in this process — and again as a first read, its BLAKE3
+computed too) and for one already resident, against diffusers' ``load_lora_weights`` +
+``unload_lora_weights`` of the same file in the same process, rounds rotated (``timing.rounds``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .fixtures import Bench, assert_no_peft_layers, phase
 from .timing import median, medians, paired, rotated, rounds, timed
 
 RESIDENT_TARGET_S = 0.002  # a preload of a resident adapter: ≤2 ms round trip
-COLD_TARGET = 10.0  # cold preload ≥10× faster than diffusers' load + unload
+COLD_TARGET = 20.0  # cold preload ≥20× faster than diffusers' load + unload (issue 21)
 
 
 @contextmanager
@@ -89,9 +90,11 @@ def bench_preload(bench: Bench) -> None:
             response = http.post(f"/v1/adapters/{bench.versions[index].adapter_id}/preload")
             assert response.status_code == 200, response.text
 
-        def cold(state: dict[str, int]) -> float:
+        def cold(state: dict[str, int], first_read: bool = False) -> float:
             index = state["i"] = (state["i"] + 1) % count
             manager.cache.drop(lambda _key: True)
+            if first_read:  # as if the server had never read the file: its BLAKE3 is computed too
+                manager.cache._verified.clear()
             return timed(partial(preload, index), bench.device)
 
         def resident(state: dict[str, int]) -> float:
@@ -105,6 +108,7 @@ def bench_preload(bench: Bench) -> None:
             preload(index)
         variants = [
             ("cold", partial(cold, state)),
+            ("cold_first_read", partial(cold, state, True)),
             ("resident", partial(resident, state)),
             ("diffusers_load_unload", partial(diffusers, state)),
         ]
@@ -115,11 +119,16 @@ def bench_preload(bench: Bench) -> None:
             median_s=med,
             samples_s=samples,
             ratio_load_unload_over_cold=paired(samples["diffusers_load_unload"], samples["cold"]),
+            ratio_load_unload_over_cold_first_read=paired(
+                samples["diffusers_load_unload"], samples["cold_first_read"]
+            ),
             resident_target_s=RESIDENT_TARGET_S,
             cold_target_ratio=COLD_TARGET,
             resident_met=median(samples["resident"]) <= RESIDENT_TARGET_S,
-            note="HTTP round trip over loopback (httpx keep-alive client, uvicorn in this process); cold = "
-            "device and host tiers emptied before the call, the file in the local store",
+            note="HTTP round trip over loopback (one httpx keep-alive client, uvicorn in this process); "
+            "cold = device and host tiers emptied before the call, the file in the local store and its bytes "
+            "verified earlier in this process (a warm server); cold_first_read = the same with the "
+            "server's record of verified files cleared, so the file's BLAKE3 is computed too",
         )
 
 
@@ -136,6 +145,14 @@ def preload_rows(out: dict[str, Any]) -> list[list[str]]:
             f"{ratio:.1f}× faster",
             f"≥{COLD_TARGET:g}× faster",
             verdict(ratio >= COLD_TARGET),
+        ],
+        [
+            "preload over HTTP, cold, first read in the process (+ BLAKE3 of the file)",
+            fmt_s(med["cold_first_read"]),
+            fmt_s(med["diffusers_load_unload"]),
+            f"{out['ratio_load_unload_over_cold_first_read']:.1f}× faster",
+            f"≥{COLD_TARGET:g}× faster",
+            verdict(out["ratio_load_unload_over_cold_first_read"] >= COLD_TARGET),
         ],
         [
             "preload over HTTP, already resident",

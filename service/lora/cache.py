@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from adapters import tempfiles
+from adapters.errors import AdapterCorrupt
 from adapters.records import AdapterVersion, blob_key
 from adapters.registry import LoadedAdapter, Registry
 from adapters.sources.breaker import unwrap
 from adapters.sources.local import LocalStore
+from adapters.views import Stamp, as_buffer, read_file
 from service.lora.weights import DeviceAdapter
 from service.metrics import Metrics
 
@@ -73,19 +75,6 @@ class Budgets:
 class TierStats:
     entries: dict[str, int] = field(default_factory=dict)
     nbytes: dict[str, int] = field(default_factory=dict)
-
-
-Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of a file as read
-
-
-def read_stamped(path: Path) -> tuple[bytes, Stamp] | None:
-    """A file's bytes and the stamp of exactly the file that was read (fstat on the same handle)."""
-    try:
-        with open(path, "rb") as fh:
-            info = os.fstat(fh.fileno())
-            return fh.read(), (info.st_ino, info.st_size, info.st_mtime_ns)
-    except FileNotFoundError:
-        return None
 
 
 class DiskTier:
@@ -140,6 +129,15 @@ class DiskTier:
             self.entries += 1
             self.nbytes += len(data)
         return self._evict() if self.nbytes > self.budget else 0
+
+    def remove(self, sha256: str) -> None:
+        """Drop a copy (one that failed its hash)."""
+        path = self.path(sha256)
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.unlink()
+            self.entries -= 1
+            self.nbytes -= size
 
     def touch(self, sha256: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -315,11 +313,7 @@ class AdapterCache:
         if host is None:
             self._miss("device")
             self._miss("host")
-            loaded, source = self._read(version)
-            if self.device.type == "cuda":  # page-locked host copies make device uploads async
-                loaded = LoadedAdapter(
-                    loaded.version, {k: t.pin_memory() for k, t in loaded.tensors.items()}, loaded.metadata
-                )
+            loaded, source = self._read(version)  # on CUDA, read into page-locked memory
             host = _HostEntry(loaded, sum(t.nbytes for t in loaded.tensors.values()))
             with self._lock:
                 if key not in self._host:
@@ -330,13 +324,14 @@ class AdapterCache:
             self._miss("device")
             self._hit("host")
             source = "host"
+        non_blocking = self.device.type == "cuda"
         adapter = DeviceAdapter.build(
             f"{version.adapter_id}@{version.version}",
-            host.loaded.tensors,
+            host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking),
             self.targets,
             self.device,
             self.dtype,
-            non_blocking=self.device.type == "cuda",
+            non_blocking=non_blocking,
             base_weight=self.base_weight,
         )
         self.metrics.adapter_load.labels(source=source).observe(time.perf_counter() - started)
@@ -347,31 +342,55 @@ class AdapterCache:
         return adapter
 
     def _read(self, version: AdapterVersion) -> tuple[LoadedAdapter, str]:
-        """Bytes from the disk tier (or a local store), else the store; verified and parsed.
+        """Bytes from the disk tier (or a local store), else the store; read once, verified and parsed.
 
-        The sha256 of a local file is checked on its first read in this process and again whenever the
-        file read is not the one verified (other inode, size or mtime); every read still runs the
-        registry's structural and value checks.
+        A local file's hash (``Registry.open_data``: BLAKE3, or sha256 for older records) is checked on
+        its first read in this process and again whenever the file read is not the one verified (other
+        inode, size or mtime); every read still runs the registry's structural and value checks. A disk
+        tier copy that fails its hash is removed and fetched again; a store file that fails it raises
+        ``AdapterCorrupt`` naming the version. Both are counted in ``loraswap_adapter_corrupt_total``.
         """
+        pin = self.device.type == "cuda"  # page-locked host memory makes the device upload async
         local = self._local_path(version)
-        stamped = read_stamped(local) if local is not None else None
+        stamped = read_file(local, pin=pin) if local is not None else None
         if stamped is not None:
-            data, stamp = stamped
+            buffer, stamp = stamped
             self._hit("disk")
             if self.disk is not None:
                 self.disk.touch(version.sha256)
             verify = self._verified.get(version.sha256) != stamp
-            loaded = self.registry.open_data(version, data, verify_sha256=verify)
-            self._verified[version.sha256] = stamp
-            return loaded, "disk"
+            try:
+                loaded = self.registry.open_data(version, buffer, verify=verify)
+            except AdapterCorrupt as exc:
+                self._corrupt(exc, "disk" if self.disk is not None else "store")
+                if self.disk is None:
+                    raise
+                log.warning("%s; removing the disk tier's copy and fetching it again", exc.message)
+                self.disk.remove(version.sha256)
+            else:
+                self._verified[version.sha256] = stamp
+                return loaded, "disk"
         if self.disk is None:  # a local store whose blob is gone: let the registry raise its error
-            return self.registry.open_data(version, self.registry.read_blob(version)), "disk"
+            return self._open_from_store(version, pin), "disk"
         self._miss("disk")
         data = self.registry.read_blob(version)
-        loaded = self.registry.open_data(version, data)  # verifies the sha256 before caching
+        loaded = self._open_from_store(version, pin, data)  # verifies the hash before caching
         evicted = self.disk.write(version.sha256, data)
         self.metrics.cache_evictions.labels(tier="disk").inc(evicted)
         return loaded, "store"
+
+    def _open_from_store(
+        self, version: AdapterVersion, pin: bool, data: bytes | None = None
+    ) -> LoadedAdapter:
+        try:
+            data = self.registry.read_blob(version) if data is None else data
+            return self.registry.open_data(version, as_buffer(data, pin=pin))
+        except AdapterCorrupt as exc:
+            self._corrupt(exc, "store")
+            raise
+
+    def _corrupt(self, exc: AdapterCorrupt, tier: str) -> None:
+        self.metrics.adapter_corrupt.labels(tier=tier, reason=exc.reason or "unknown").inc()
 
     def _local_path(self, version: AdapterVersion) -> Path | None:
         if self.disk is not None:

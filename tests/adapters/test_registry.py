@@ -276,10 +276,10 @@ def test_open_data_for_a_cache_tier(registry: Registry, kohya_bytes: bytes) -> N
     tampered[-1] ^= 0x01
     with pytest.raises(AdapterCorrupt):
         registry.open_data(version, bytes(tampered))
-    skipped = registry.open_data(version, bytes(tampered), verify_sha256=False)  # other checks still run
+    skipped = registry.open_data(version, bytes(tampered), verify=False)  # other checks still run
     assert skipped.version == version
     nan = bytearray(data)
     nan[-4:] = b"\x00\x00\xc0\x7f"  # float32 NaN in the last tensor
     with pytest.raises(AdapterInvalid) as err:
-        registry.open_data(version, bytes(nan), verify_sha256=False)
+        registry.open_data(version, bytes(nan), verify=False)
     assert err.value.reason == "non_finite"

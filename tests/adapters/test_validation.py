@@ -55,7 +55,8 @@ def _safetensors_file(case: LoraCase) -> bytes:
 
 
 def _bad_header_len(limit: int) -> bytes:
-    return (limit + 1).to_bytes(8, "little") + b"{}"
+    """A header over ``limit`` that is really there (a length past the file is 'truncated', issue 20)."""
+    return (limit + 1).to_bytes(8, "little") + b"{" + b" " * (limit - 1) + b"}"
 
 
 def _offsets_lie() -> bytes:

@@ -433,15 +433,15 @@ def test_hostile_ids_paths_and_queries_are_4xx(store_server: RunningServer, adap
 
 SHOW = {401, 404, 422, 503}
 EXPECTED_STATUSES = {
-    ("/v1/generate", "post"): {401, 404, 409, 413, 422, 429, 503, 504},
+    ("/v1/generate", "post"): {401, 404, 409, 413, 422, 429, 500, 503, 504},
     ("/v1/adapters", "get"): {401, 422, 503},
     ("/v1/adapters", "post"): {401, 403, 409, 413, 422, 503},
     ("/v1/adapters/{adapter_id}", "get"): SHOW,
     ("/v1/adapters/{adapter_id}/versions/{version}", "get"): SHOW,
     ("/v1/adapters/{adapter_id}", "delete"): {401, 403, 404, 422, 503},
     ("/v1/adapters/{adapter_id}/versions/{version}", "delete"): {401, 403, 404, 422, 503},
-    ("/v1/adapters/{adapter_id}/preload", "post"): {401, 403, 404, 409, 413, 422, 503},
-    ("/v1/jobs", "post"): {401, 404, 409, 413, 422, 429, 503},
+    ("/v1/adapters/{adapter_id}/preload", "post"): {401, 403, 404, 409, 413, 422, 500, 503},
+    ("/v1/jobs", "post"): {401, 404, 409, 413, 422, 429, 500, 503},
     ("/v1/jobs/{job_id}", "get"): {401, 404},
     ("/v1/jobs/{job_id}/events", "get"): {401, 404},
     ("/v1/jobs/{job_id}", "delete"): {401, 404, 409},
