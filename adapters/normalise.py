@@ -238,7 +238,7 @@ def _parse_key(key: str) -> _ParsedKey | None:
 
 
 def _split_component(stem: str) -> tuple[str | None, str]:
-    for component in ("unet", "text_encoder_2", "text_encoder"):
+    for component in ("unet", "transformer", "text_encoder_2", "text_encoder"):
         if stem.startswith(component + "."):
             return component, stem.removeprefix(component + ".")
     return None, stem
@@ -338,6 +338,7 @@ def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architectu
     if not stray:
         return
     component = parsed[stray[0]].component or ""
+    _refuse_frozen(component, stray, architecture)
     owners = owners_of(component)
     adapter = " or ".join(label_of(f.name) for f in owners) or "another model family"
     raise AdapterIncompatible(
@@ -355,18 +356,42 @@ def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architectu
     )
 
 
+def _refuse_frozen(component: str, keys: list[str], architecture: Architecture) -> None:
+    """Keys for a text encoder the base family runs but never adapts (T5 on SD3/Flux): refused as such
+    (diffusers' SD3/Flux loaders drop them too), not as another family's adapter."""
+    family = find_family(architecture.family)
+    what = family.frozen_text_encoders.get(component) if family is not None else None
+    if family is None or what is None:
+        return
+    raise AdapterInvalid(
+        f"the adapter has {len(keys)} key(s) for {component}, {family.label}'s {what} text encoder, e.g. "
+        f"{keys[0]}; LoRAs on the {what} encoder are not supported (diffusers' {family.label} loader "
+        f"drops them too): only {', '.join(sorted({m.split('.', 1)[0] for m in architecture.modules}))} "
+        "may be adapted",
+        reason="unsupported_component",
+        detail={"component": component, "keys": first(keys), "count": len(keys), "family": family.name},
+        hint=f"Remove the {component}.* keys (or train the LoRA without the {what} encoder).",
+    )
+
+
 def _resolve_module(
     part: _ParsedKey, architecture: Architecture, kohya_table: Mapping[tuple[str, str], str]
 ) -> str | None:
     if part.layout == "kohya":
         return kohya_table.get((part.component or "", part.name))
-    components = [part.component] if part.component else ["unet", "text_encoder"]
+    components = [part.component] if part.component else [*_denoisers(architecture), "text_encoder"]
     for component in components:
         for path in _path_variants(component, part.name):
             candidate = f"{component}.{path}"
             if candidate in architecture.modules:
                 return candidate
     return None
+
+
+def _denoisers(architecture: Architecture) -> list[str]:
+    """The base's denoiser component (``unet`` or ``transformer``), for keys without a component."""
+    present = {module.split(".", 1)[0] for module in architecture.modules}
+    return [name for name in ("unet", "transformer") if name in present] or ["unet"]
 
 
 def _path_variants(component: str, path: str) -> list[str]:
