@@ -19,6 +19,7 @@ adapted (diffusers' ``SD3LoraLoaderMixin`` never loads it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -49,6 +50,14 @@ class SD3(FlowMatchFamily):
     checkpoint_description = "an SD3 checkpoint"
     modelspec = "stable-diffusion-3"
     kohya_version = "sd3"
+
+    def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A folder saved without T5 (``text_encoder_3=None``) loads with it left out, as diffusers
+        users load SD3 without T5."""
+        if index is None:
+            return {}
+        present = {name for name, value in index.items() if isinstance(value, list) and value[0] is not None}
+        return {name: None for name in ("text_encoder_3", "tokenizer_3") if name not in present}
 
     def claims(self, signals: ModelSignals) -> bool:
         if signals.pipeline_class is not None:
