@@ -175,9 +175,8 @@ def normalise(
     family = find_family(architecture.family)
     community = family.community_lora(tensors, architecture) if family is not None else None
     if community is not None:  # a layout only this family's tools write (ModelFamily.community_lora)
-        canonical, info = community
-        check_rank(info.ranks, max_rank)
-        return canonical, info
+        check_rank(community[1].ranks, max_rank)
+        return community
     from adapters import lycoris  # imports this module's helpers
 
     if lycoris.is_lycoris(tensors):
