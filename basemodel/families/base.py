@@ -341,6 +341,18 @@ class ModelFamily:
         rows = [vae.encode(pixels[i : i + 1]).latent_dist.sample(g) for i, g in enumerate(generators)]
         return float(vae.config.scaling_factor) * torch.cat(rows)
 
+    def start_step(self, steps: int, strength: float) -> int:
+        """Image-to-image: the index of the first step run (``get_timesteps`` of the family's Img2Img
+        pipeline; SD1.x … SDXL: ``steps − min(int(steps × strength), steps)``)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def noise_image(
+        self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        """Image latents noised to ``timestep`` (``scheduler.add_noise``), in the denoiser's layout."""
+        noised: torch.Tensor = scheduler.add_noise(latents, noise, timestep)
+        return noised
+
     def begin_denoising(self, scheduler: Any) -> None:
         """Prepare a fresh scheduler after ``set_timesteps``, as the family's pipeline does."""
 

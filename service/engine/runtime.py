@@ -210,7 +210,8 @@ class Runtime:
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         image = None
         if probed is not None:
-            image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings)
+            start = family.start_step(request.steps, request.strength)
+            image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings, start)
         started = time.perf_counter()
         applied = await self.adapters.prepare(wanted) if (wanted and self.adapters) else ()
         params = SampleParams(

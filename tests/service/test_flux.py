@@ -29,6 +29,7 @@ from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
 from tests.service.test_hotswap import pixels
+from tests.service.test_img2img import b64, picture
 from tests.service.test_lifecycle import metric_samples, value
 
 REQUEST = {"prompt": "a red circle", "steps": 2, "guidance_scale": 3.5, "seed": 5}
@@ -204,7 +205,7 @@ def test_flux_flow_samplers_match_diffusers(start_server: Any, flux: BaseModel) 
 def test_flux_refuses_what_it_cannot_do(
     start_server: Any, flux: BaseModel, base_model: Any, tmp_path: Path
 ) -> None:
-    """A sampler without flow matching (422 listing those with it), img2img (422 unsupported), a T5
+    """A sampler without flow matching (422 listing those with it), inpainting (422 unsupported), a T5
     LoRA (422 saying so, nothing stored), an SD1.x adapter (409 naming both families)."""
     store = open_store(str(tmp_path / "store"))
     sd1_file = save_bytes(diffusers_layout(make_case(base_model.pipe)))
@@ -225,8 +226,9 @@ def test_flux_refuses_what_it_cannot_do(
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert "flow matching" in error["message"] and "euler" in error["detail"]["available"]
-    response = generate(server, init_image="iVBORw0KGgo=")
+    response = generate(server, init_image="iVBORw0KGgo=", mask_image="iVBORw0KGgo=")
     assert response.status_code == 422 and response.json()["error"]["type"] == "unsupported", response.text
+    assert response.json()["error"]["detail"]["mode"] == "inpaint"
     t5 = {"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(4, 32)}
     t5 |= {"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.zeros(32, 4)}
     with server.client() as http:
@@ -237,3 +239,30 @@ def test_flux_refuses_what_it_cannot_do(
         assert response.json()["error"]["detail"]["reason"] == "unsupported_component"
         assert "T5" in response.json()["error"]["message"]
         assert http.get("/v1/adapters/t5").status_code == 404
+
+
+def test_flux_img2img_matches_flux_img2img_pipeline(start_server: Any, flux: BaseModel) -> None:
+    """Image-to-image as ``FluxImg2ImgPipeline``: the image encoded once with the first generator,
+    ``(z − shift) · scale``, ``scale_noise`` at the first remaining σ, packed; strength not truncated."""
+    from diffusers import FluxImg2ImgPipeline
+
+    image = picture()
+    server = start_server(loader=lambda _: flux)
+    for strength, count in ((0.6, 2), (0.3, 1)):  # 0.3 × 4 steps: SD's rule would run 1 step, Flux's 2
+        body = {**REQUEST, "steps": 4, "init_image": b64(image), "strength": strength, "num_images": count}
+        ours = images(server, **body)
+        pipe = FluxImg2ImgPipeline.from_pretrained(flux.ref.path)
+        pipe.set_progress_bar_config(disable=True)
+        result = pipe(
+            REQUEST["prompt"],
+            image=image,
+            strength=strength,
+            width=32,
+            height=32,
+            num_inference_steps=4,
+            guidance_scale=REQUEST["guidance_scale"],
+            num_images_per_prompt=count,
+            generator=generators_for(REQUEST["seed"], count),
+            output_type="pil",
+        )
+        assert max_diff(ours, [np.asarray(i, dtype=np.int16) for i in result.images]) <= 1, strength

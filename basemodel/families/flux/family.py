@@ -190,6 +190,9 @@ class Flux(FlowMatchFamily):
 
         return call
 
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack(latents)
+
     def unpack(
         self, pipe: Any, latents: torch.Tensor, *, height: int | None, width: int | None
     ) -> torch.Tensor:
