@@ -62,6 +62,11 @@ class FlowMatchFamily(ModelFamily):
     default_scheduler: ClassVar[str] = "euler"
     image_modes: ClassVar[frozenset[str]] = frozenset({"img2img"})
 
+    @staticmethod
+    def prediction_type(scheduler_config: Any) -> str:
+        """The velocity of the flow (ε − x₀), whatever the scheduler config says."""
+        return "flow_prediction"
+
     def start_step(self, steps: int, strength: float) -> int:
         """``get_timesteps`` of ``StableDiffusion3Img2ImgPipeline`` / ``FluxImg2ImgPipeline``: the
         strength is not truncated first (``int(steps − steps × strength)``)."""

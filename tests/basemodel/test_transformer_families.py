@@ -118,6 +118,7 @@ def test_cli_builds_the_transformer_models(
         assert main(["model", "info", "--base-model", str(output)]) == 0
         summary = json.loads(capsys.readouterr().out)
         assert (summary["family"], summary["pipeline"], summary["native_size"]) == (family, pipeline, 32)
+        assert summary["prediction_type"] == "flow_prediction"
 
 
 @pytest.mark.parametrize("mode", ["cuda", "cpu", "offload"])
