@@ -266,3 +266,24 @@ def test_flux_img2img_matches_flux_img2img_pipeline(start_server: Any, flux: Bas
             output_type="pil",
         )
         assert max_diff(ours, [np.asarray(i, dtype=np.int16) for i in result.images]) <= 1, strength
+
+
+def test_flux_with_text_encoders_offloaded_serves_the_same_images(
+    start_server: Any, flux: BaseModel, flux_store: str, loraswap_home: Path
+) -> None:
+    """``LORASWAP_TEXT_ENCODER_DEVICE=offload`` (here between identical devices): the encoders move for
+    every batch and back, a CLIP LoRA still applies, and the images are those of the default placement."""
+    offloaded = load_base_model(
+        "tiny-flux-random",
+        loraswap_home / "models",
+        device="cpu",
+        dtype="fp32",
+        text_encoder_device="offload",
+    )
+    assert offloaded.encoders is not None and offloaded.encoders.mode == "offload"
+    request = {"adapters": [{"id": "full", "scale": 0.7}]}
+    reference = images(start_server(loader=lambda _: flux, store=flux_store), **request)
+    server = start_server(loader=lambda _: offloaded, store=flux_store)
+    moves = offloaded.encoders.moves
+    assert max_diff(images(server, **request), reference) == 0
+    assert offloaded.encoders.moves == moves + 2
