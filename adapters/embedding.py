@@ -32,7 +32,7 @@ from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.metadata import SourceFormat
 from adapters.normalise import NormaliseInfo
 from adapters.validate import DTYPE_NAMES, check_dtypes, check_finite
-from basemodel.families import label_of, owners_of
+from basemodel.families import find_family, label_of, owners_of
 from basemodel.fingerprint import Architecture
 
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -149,6 +149,14 @@ def check_against(vectors: Mapping[str, torch.Tensor], architecture: Architectur
     """Every text encoder of the base gets vectors as wide as its token embedding, and no other."""
     widths = text_widths(architecture)
     base = label_of(architecture.family)
+    family = find_family(architecture.family)
+    if family is not None and not family.embeddings:
+        raise AdapterIncompatible(
+            f"textual-inversion embeddings are not supported on {base} base models yet",
+            reason="family_mismatch",
+            detail={"base_family": architecture.family},
+            hint="Embeddings serve on SD1.x, SD2.x and SDXL bases; use a LoRA on this family.",
+        )
     extra = sorted(set(vectors) - set(widths))
     if extra:
         owners = " or ".join(label_of(f.name) for f in owners_of(extra[0])) or "another model family"

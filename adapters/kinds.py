@@ -64,7 +64,9 @@ FOLDED_INTO = {
     "lokr": ("lokr_w1", "lokr_w1_a"),
     "dora": "dora_up",
 }
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# every component a canonical key may start with: the denoisers (``basemodel.families``: UNet families,
+# transformer families) and the text encoders a LoRA may target
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 CANONICAL_KEY = re.compile(
     rf"^(?P<module>(?:{'|'.join(COMPONENTS)})\..+)\."
     rf"(?P<role>{'|'.join(re.escape(r) for roles in ROLES.values() for r in roles)})$"

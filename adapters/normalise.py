@@ -46,7 +46,16 @@ from adapters.validate import (
     dominant,
     first,
 )
-from basemodel.families import ModelFamily, find_family, get_family, kohya_components, label_of, owners_of
+from basemodel.families import (
+    FAMILIES,
+    ModelFamily,
+    find_family,
+    get_family,
+    kohya_components,
+    label_of,
+    lora_components,
+    owners_of,
+)
 from basemodel.fingerprint import Architecture
 
 Role = Literal["down", "up", "alpha"]
@@ -83,6 +92,14 @@ REFUSED_MARKERS = {
 }
 REFUSED_WHY: dict[str, str] = {}
 PEFT_PREFIXES = ("base_model.model.",)
+# component prefixes a diffusers key may start with: every family's LoRA components and the text
+# encoders no LoRA may target (T5: ``text_encoder_3`` on SD3), longest first (``text_encoder_2`` before
+# ``text_encoder``)
+KEY_COMPONENTS = tuple(
+    sorted(
+        {*lora_components(), *(n for f in FAMILIES for n in f.frozen_text_encoders)}, key=len, reverse=True
+    )
+)
 TEXT_MODEL = "text_model."
 
 
@@ -154,6 +171,11 @@ def normalise(
     if embedding.is_embedding(tensors):
         return embedding.normalise_file(tensors, architecture)
     _refuse_unsupported(tensors)
+    family = find_family(architecture.family)
+    community = family.community_lora(tensors, architecture) if family is not None else None
+    if community is not None:  # a layout only this family's tools write (ModelFamily.community_lora)
+        check_rank(community[1].ranks, max_rank)
+        return community
 
     if lycoris.is_lycoris(tensors):
         return lycoris.normalise_lycoris(tensors, architecture, max_rank=max_rank, alpha=alpha)
@@ -236,7 +258,7 @@ def _parse_key(key: str) -> _ParsedKey | None:
 
 
 def _split_component(stem: str) -> tuple[str | None, str]:
-    for component in ("unet", "text_encoder_2", "text_encoder"):
+    for component in KEY_COMPONENTS:
         if stem.startswith(component + "."):
             return component, stem.removeprefix(component + ".")
     return None, stem
@@ -336,6 +358,7 @@ def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architectu
     if not stray:
         return
     component = parsed[stray[0]].component or ""
+    _refuse_frozen(component, stray, architecture)
     owners = owners_of(component)
     adapter = " or ".join(label_of(f.name) for f in owners) or "another model family"
     raise AdapterIncompatible(
@@ -353,18 +376,42 @@ def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architectu
     )
 
 
+def _refuse_frozen(component: str, keys: list[str], architecture: Architecture) -> None:
+    """Keys for a text encoder the base family runs but never adapts (T5 on SD3/Flux): refused as such
+    (diffusers' SD3/Flux loaders drop them too), not as another family's adapter."""
+    family = find_family(architecture.family)
+    what = family.frozen_text_encoders.get(component) if family is not None else None
+    if family is None or what is None:
+        return
+    raise AdapterInvalid(
+        f"the adapter has {len(keys)} key(s) for {component}, {family.label}'s {what} text encoder, e.g. "
+        f"{keys[0]}; LoRAs on the {what} encoder are not supported (diffusers' {family.label} loader "
+        f"drops them too): only {', '.join(sorted({m.split('.', 1)[0] for m in architecture.modules}))} "
+        "may be adapted",
+        reason="unsupported_component",
+        detail={"component": component, "keys": first(keys), "count": len(keys), "family": family.name},
+        hint=f"Remove the {component}.* keys (or train the LoRA without the {what} encoder).",
+    )
+
+
 def _resolve_module(
     part: _ParsedKey, architecture: Architecture, kohya_table: Mapping[tuple[str, str], str]
 ) -> str | None:
     if part.layout == "kohya":
         return kohya_table.get((part.component or "", part.name))
-    components = [part.component] if part.component else ["unet", "text_encoder"]
+    components = [part.component] if part.component else [*_denoisers(architecture), "text_encoder"]
     for component in components:
         for path in _path_variants(component, part.name):
             candidate = f"{component}.{path}"
             if candidate in architecture.modules:
                 return candidate
     return None
+
+
+def _denoisers(architecture: Architecture) -> list[str]:
+    """The base's denoiser component (``unet`` or ``transformer``), for keys without a component."""
+    present = {module.split(".", 1)[0] for module in architecture.modules}
+    return [name for name in ("unet", "transformer") if name in present] or ["unet"]
 
 
 def _path_variants(component: str, path: str) -> list[str]:

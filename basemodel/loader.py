@@ -21,9 +21,11 @@ from typing import Any, Literal, TypeAlias
 import torch
 
 from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
-from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family
+from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family, read_index
 from basemodel.fingerprint import Architecture, fingerprint
-from basemodel.tiny import RANDOM_SPECS, TINY_NAME, ensure_random_tiny, ensure_tiny
+from basemodel.random_models import RANDOM_SPECS, ensure_random_tiny
+from basemodel.text_encoders import TextEncoderDevice, TextEncoderPlacement
+from basemodel.tiny import TINY_NAME, ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +129,9 @@ def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> Pipe
         pipe: Pipeline = load_single_file(ref.path, torch_dtype=dtype)
     else:
         family = detect_folder(ref.path)
+        extra = family.load_kwargs(read_index(ref.path))
         pipe = family.pipeline_class().from_pretrained(
-            ref.path, dtype=dtype, local_files_only=True, use_safetensors=True, **family.load_kwargs()
+            ref.path, dtype=dtype, local_files_only=True, use_safetensors=True, **extra
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -160,6 +163,7 @@ class BaseModel:
     architecture: Architecture
     device: torch.device
     dtype: torch.dtype
+    encoders: TextEncoderPlacement | None = None  # where the text encoders run (None: beside the denoiser)
 
     @property
     def name(self) -> str:
@@ -171,12 +175,13 @@ class BaseModel:
 
     @property
     def native_size(self) -> int:
-        """Default width and height (the family's rule: the UNet's sample size in pixels)."""
+        """Default width and height (the family's rule: the denoiser's sample size in pixels)."""
         return self.family.native_size(self.pipe)
 
     @property
     def lora_components(self) -> dict[str, Any]:
-        """Component name → module for every component LoRA may target (UNet, text encoder(s))."""
+        """Component name → module for every component LoRA may target (the denoiser first, then the
+        text encoders LoRA may touch)."""
         return self.family.lora_components(self.pipe)
 
 
@@ -186,6 +191,7 @@ def load_base_model(
     device: str = "auto",
     dtype: str = "auto",
     attention: str = "auto",
+    text_encoder_device: TextEncoderDevice = "cuda",
 ) -> BaseModel:
     ref = resolve_base_model(spec, models_dir)
     torch_device = resolve_device(device)
@@ -196,4 +202,6 @@ def load_base_model(
     family = detect_pipeline(pipe)
     family.after_load(pipe)
     apply_attention(pipe, attention, torch_device)
-    return BaseModel(ref, pipe, fingerprint(ref.path), family.architecture(pipe), torch_device, torch_dtype)
+    encoders = TextEncoderPlacement(pipe, family, text_encoder_device, torch_device)
+    architecture = family.architecture(pipe)
+    return BaseModel(ref, pipe, fingerprint(ref.path), architecture, torch_device, torch_dtype, encoders)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.families.base import Conditioning, DenoiserInputs, ModelFamily, ModelSignals
 from basemodel.textual_inversion import Embedding, encode_text
 
 
@@ -45,7 +45,7 @@ class SD1(ModelFamily):
             found.append("it has a second text encoder")
         return found
 
-    def load_kwargs(self) -> dict[str, Any]:
+    def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def encode(
@@ -58,6 +58,8 @@ class SD1(ModelFamily):
         guidance: bool,
         width: int,
         height: int,
+        guidance_scale: float = 0.0,
+        device: torch.device | None = None,
         embeddings: Mapping[str, Embedding] | None = None,
     ) -> Conditioning:
         """``StableDiffusionPipeline.encode_prompt``: the text encoder's last hidden states; a prompt
@@ -66,14 +68,14 @@ class SD1(ModelFamily):
         against = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
         cond, uncond = pipe.encode_prompt(
             prompt,
-            pipe.unet.device,
+            device or pipe.unet.device,
             num_images_per_prompt=num_images,
             do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt or None,
             prompt_embeds=embedded["hidden"] if embedded else None,
             negative_prompt_embeds=against["hidden"] if against else None,
         )
-        return Conditioning(UNetInputs(cond), UNetInputs(uncond) if guidance else None)
+        return Conditioning(DenoiserInputs(cond), DenoiserInputs(uncond) if guidance else None)
 
     def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The text encoder's last hidden states (what ``StableDiffusionPipeline`` conditions on)."""

@@ -19,13 +19,20 @@ from basemodel.errors import NotReady, RequestTimeout
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from service.engine.image_modes import ImageInput
-from service.engine.inputs import ProbedInputs, check_mode, load_inputs, output_size, probe_inputs
+from service.engine.inputs import (
+    ProbedInputs,
+    check_mode,
+    check_size,
+    load_inputs,
+    output_size,
+    probe_inputs,
+)
 from service.engine.limits import Limits
 from service.engine.png import encode_png
 from service.engine.progress import JobProgress
 from service.engine.recent import RecentRequests
-from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
-from service.engine.schedulers import a1111_label, check_available
+from service.engine.sampler import SampleParams, StageTimer, sample_batch
+from service.engine.schedulers import a1111_label, check_available, check_scheduler
 from service.engine.worker import InferenceWorker, Job
 from service.lora.embeddings import AppliedEmbedding
 from service.lora.request import adapter_request, extract_prompt_adapters
@@ -161,8 +168,12 @@ class Runtime:
         if self.base.family.inpainting(self.base.pipe):  # an inpainting checkpoint only inpaints
             blank, everything = Image.new("RGB", (size, size)), Image.new("L", (size, size), 255)
             image = ImageInput(blank, everything, 1.0)
-        params = SampleParams("warm-up", "", 2, 7.5, size, size, 0, 1, "ddim", image=image)
-        sample(self.base.pipe, params, StageTimer())
+        family = self.base.family
+        scheduler = family.default_scheduler
+        params = SampleParams(
+            "warm-up", "", 2, family.default_guidance, size, size, 0, 1, scheduler, image=image
+        )
+        sample_batch(self.base.pipe, [params], StageTimer(), encoders=self.base.encoders)
 
     # -- requests ------------------------------------------------------------------------------
     def check_ready(self) -> BaseModel:
@@ -184,24 +195,32 @@ class Runtime:
                 a.version,
                 a.scale,
                 field=f"adapters.{i}",
+                denoiser_scale=a.denoiser_scale,
                 unet_scale=a.unet_scale,
                 text_encoder_scale=a.text_encoder_scale,
             )
             for i, a in enumerate(request.adapters)
         ] + tagged
         check_mode(base, request)
-        check_available(request.scheduler)
+        family = base.family
+        scheduler = request.scheduler or family.default_scheduler
+        check_scheduler(
+            scheduler, flow_matching=family.flow_matching, family=f"{family.label} ({family.name})"
+        )
+        check_available(scheduler)
         probed: ProbedInputs | None = None
         if request.init_image is not None:
             probed = await asyncio.to_thread(probe_inputs, request, self.settings)
         limits = self.limits or Limits.for_model(self.settings, base.native_size)
         width, height = output_size(request, base.native_size, probed, limits)
         limits.check(width, height, request.steps, request.num_images)
+        check_size(base, width, height)
         self.worker.admit()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         image = None
         if probed is not None:
-            image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings)
+            start = family.start_step(request.steps, request.strength)
+            image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings, start)
         started = time.perf_counter()
         applied = await self.adapters.prepare(wanted) if (wanted and self.adapters) else ()
         try:
@@ -214,15 +233,18 @@ class Runtime:
             prompt=prompt,
             negative_prompt=request.negative_prompt,
             steps=request.steps,
-            guidance_scale=request.guidance_scale,
+            guidance_scale=family.default_guidance
+            if request.guidance_scale is None
+            else request.guidance_scale,
             width=width,
             height=height,
             seed=seed,
             num_images=request.num_images,
-            scheduler=request.scheduler,
+            scheduler=scheduler,
             adapters=applied,
             image=image,
             embeddings=embeddings,
+            true_cfg_scale=request.true_cfg_scale,
         )
         return Work(params, time.perf_counter() - started if (applied or embeddings) else 0.0)
 
@@ -286,6 +308,7 @@ class Runtime:
                 lambda: all(j.should_stop() for j in jobs),
                 lora,
                 on_step=_advance_all(jobs),
+                encoders=self.base.encoders,
             )
         except Exception as exc:
             failure: Exception = exc
@@ -320,15 +343,18 @@ class Runtime:
     def describe(self, params: SampleParams) -> dict[str, Any]:
         assert self.base is not None
         image_mode = {} if params.image is None else {"strength": params.image.strength}
+        flow = self.base.family.flow_matching
+        true_cfg = {"true_cfg_scale": params.true_cfg_scale} if params.true_cfg_scale != 1.0 else {}
         return {
             "mode": params.mode,
             **image_mode,
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
             "steps": params.steps,
-            "sampler": a1111_label(params.scheduler),
+            "sampler": a1111_label(params.scheduler, flow_matching=flow),
             "scheduler": params.scheduler,
             "guidance_scale": params.guidance_scale,
+            **true_cfg,
             "seed": params.seed,
             "width": params.width,
             "height": params.height,
@@ -368,4 +394,5 @@ def _default_loader(settings: Settings) -> BaseModel:
         device=settings.device,
         dtype=settings.dtype,
         attention=settings.attention,
+        text_encoder_device=settings.text_encoder_device,
     )

@@ -35,6 +35,7 @@ class DeviceAdapter:
     nbytes: int = field(default=0)
     # a textual-inversion embedding's vectors: text encoder component → [n, width]
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    device: torch.device | None = None  # where the layers live (None: unknown, assumed the model's)
 
     @classmethod
     def build(
@@ -79,4 +80,5 @@ class DeviceAdapter:
         }
         nbytes = sum(layer.nbytes for layer in modules.values())
         nbytes += sum(t.numel() * t.element_size() for t in vectors.values())
-        return cls(key, modules, nbytes, vectors)
+        placed = torch.empty(0, device=device).device  # normalised: "cuda" → "cuda:0"
+        return cls(key, modules, nbytes, vectors, placed)

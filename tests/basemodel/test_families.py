@@ -20,9 +20,9 @@ from basemodel.families import (
     detect_folder,
     get_family,
 )
+from basemodel.families.sdxl.tiny import save_tiny_sdxl
 from basemodel.fingerprint import Architecture
 from basemodel.loader import load_base_model
-from basemodel.tiny_sdxl import save_tiny_sdxl
 from tests.basemodel.test_tiny_and_identity import tree_digest
 
 SD1_UNET = {"cross_attention_dim": 768, "addition_embed_type": None}
@@ -65,7 +65,9 @@ def test_detection_from_pipeline_class_and_unet_config(
         ("StableDiffusionXLPipeline", SDXL_UNET, SD_COMPONENTS, "it has no text_encoder_2"),
         ("StableDiffusionPipeline", SDXL_UNET, SD_COMPONENTS, "added conditioning 'text_time'"),
         ("StableDiffusionPipeline", SD1_UNET, XL_COMPONENTS, "second text encoder"),
-        ("FluxPipeline", {}, {}, r"FluxPipeline of no supported model family"),
+        ("QwenImagePipeline", {}, {}, r"QwenImagePipeline of no supported model family"),
+        ("FluxPipeline", {}, {}, r"its transformer config has no 'num_single_layers'"),
+        ("StableDiffusion3Pipeline", SD1_UNET, {}, r"its transformer config has no 'joint_attention_dim'"),
     ],
 )
 def test_contradictions_and_unknown_pipelines_are_refused(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from basemodel.errors import BaseModelError
-from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.families.base import Conditioning, DenoiserInputs, ModelFamily, ModelSignals
 from basemodel.textual_inversion import Embedding, encode_text
 
 TEXT_TIME = "text_time"
@@ -59,7 +59,7 @@ class SDXL(ModelFamily):
             found.append(f"its UNet has no {TEXT_TIME!r} added conditioning")
         return found
 
-    def load_kwargs(self) -> dict[str, Any]:
+    def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # The invisible watermark changes pixels and is not part of the model; it is never applied.
         return {"add_watermarker": False}
 
@@ -78,11 +78,13 @@ class SDXL(ModelFamily):
         guidance: bool,
         width: int,
         height: int,
+        guidance_scale: float = 0.0,
+        device: torch.device | None = None,
         embeddings: Mapping[str, Embedding] | None = None,
     ) -> Conditioning:
         """``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids`` (same values); a prompt
         naming ``embeddings`` is encoded with their vectors (``basemodel.textual_inversion``)."""
-        device = pipe.unet.device
+        device = device or pipe.unet.device
         embedded = encode_text(self, pipe, prompt, embeddings or {})
         against = encode_text(self, pipe, negative_prompt, embeddings or {}) if guidance else None
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
@@ -98,9 +100,9 @@ class SDXL(ModelFamily):
         )
         ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=cond.dtype).to(device).repeat(num_images, 1)
-        positive = UNetInputs(cond, {"text_embeds": pooled, "time_ids": time_ids})
+        positive = DenoiserInputs(cond, {"text_embeds": pooled, "time_ids": time_ids})
         negative = (
-            UNetInputs(uncond, {"text_embeds": pooled_uncond, "time_ids": time_ids}) if guidance else None
+            DenoiserInputs(uncond, {"text_embeds": pooled_uncond, "time_ids": time_ids}) if guidance else None
         )
         return Conditioning(positive, negative)
 
@@ -154,7 +156,9 @@ class SDXL(ModelFamily):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
 
-    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, pipe: Any, latents: torch.Tensor, *, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
         vae = pipe.vae
         latents = latents.to(vae.dtype)  # fp32 when the VAE was upcast (after_load)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
