@@ -32,6 +32,7 @@ import torch
 from adapters.errors import AdapterInvalid
 from adapters.kinds import (
     CANONICAL_KEY,
+    COMPONENTS,
     KIND_LABELS,
     LYCORIS_ROLES,
     ROLE_KIND,
@@ -58,7 +59,7 @@ KOHYA_KEY = re.compile(
     rf"^(?P<prefix>{'|'.join(sorted(map(re.escape, KOHYA_COMPONENTS), key=len, reverse=True))})"
     rf"(?P<name>.+?)\.(?P<role>{_ROLE_PATTERN}|alpha)$"
 )
-CANONICAL_ALPHA = re.compile(r"^(?P<module>(?:unet|text_encoder|text_encoder_2)\..+)\.alpha$")
+CANONICAL_ALPHA = re.compile(rf"^(?P<module>(?:{'|'.join(COMPONENTS)})\..+)\.alpha$")
 
 
 def is_lycoris(tensors: Mapping[str, object]) -> bool:

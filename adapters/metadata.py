@@ -34,7 +34,7 @@ MIN_SCALE, MAX_SCALE = -4.0, 4.0
 MAX_METADATA_BYTES = 64 << 10
 """User-owned metadata, as JSON, is at most this long (it goes into the file header; the title twice)."""
 
-SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "loraswap"]
+SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "ai-toolkit", "xlabs", "loraswap"]
 AdapterKind = Literal["lora", "loha", "lokr", "full"]
 """What an adapter's tensors are (``adapters.kinds``); metadata without it (older files) is a LoRA."""
 TensorDType = Literal["fp32", "fp16", "bf16"]

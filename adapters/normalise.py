@@ -36,6 +36,7 @@ from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.kohya_ldm import UnsupportedUNet, is_ldm_name, kohya_unet_names
 from adapters.metadata import AdapterMetadata, SourceFormat
 from adapters.validate import (
+    COMPONENTS,
     DTYPE_NAMES,
     check_alpha,
     check_dtypes,
@@ -143,18 +144,25 @@ def normalise(
     *,
     max_rank: int | None = None,
     alpha: float | Mapping[str, float] | None = None,
+    community: bool = True,
 ) -> tuple[dict[str, torch.Tensor], NormaliseInfo]:
     """Any accepted layout → canonical tensors with alpha/rank folded into ``lora_B``.
 
     ``alpha`` supplies alphas a layout does not carry (PEFT state dicts keep alpha in ``LoraConfig``):
     one number for all modules, or canonical module name → alpha. ``.alpha`` keys take precedence;
-    modules with neither keep alpha = rank (scale 1.0).
+    modules with neither keep alpha = rank (scale 1.0). ``community``: first offer the file to the base
+    family's own layouts (``ModelFamily.community_lora``: Flux's and SD3's kohya, XLabs, ai-toolkit).
     """
     if not tensors:
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
     check_dtypes(tensors)
     check_finite(tensors)
     _refuse_unsupported(tensors)
+    if community:
+        found = _community(tensors, architecture)
+        if found is not None:
+            check_rank(found[1].ranks, max_rank)
+            return found
     from adapters import lycoris  # imports this module's helpers
 
     if lycoris.is_lycoris(tensors):
@@ -176,6 +184,18 @@ def normalise(
         folded = up.detach().to(torch.float32) * scale if scale != 1.0 else up.detach()
         canonical[f"{module}.lora_B.weight"] = folded.to(dtype, copy=True).contiguous()
     return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype])
+
+
+def _community(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture
+) -> tuple[dict[str, torch.Tensor], NormaliseInfo] | None:
+    """The base family's reading of a file in a layout only its tools write (None: not one of those)."""
+    family = find_family(architecture.family)
+    hook = getattr(family, "community_lora", None)
+    if hook is None:
+        return None
+    found: tuple[dict[str, torch.Tensor], NormaliseInfo] | None = hook(tensors, architecture)
+    return found
 
 
 def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -238,7 +258,7 @@ def _parse_key(key: str) -> _ParsedKey | None:
 
 
 def _split_component(stem: str) -> tuple[str | None, str]:
-    for component in ("unet", "text_encoder_2", "text_encoder"):
+    for component in COMPONENTS:
         if stem.startswith(component + "."):
             return component, stem.removeprefix(component + ".")
     return None, stem
@@ -360,13 +380,19 @@ def _resolve_module(
 ) -> str | None:
     if part.layout == "kohya":
         return kohya_table.get((part.component or "", part.name))
-    components = [part.component] if part.component else ["unet", "text_encoder"]
+    components = [part.component] if part.component else _components(architecture)
     for component in components:
         for path in _path_variants(component, part.name):
             candidate = f"{component}.{path}"
             if candidate in architecture.modules:
                 return candidate
     return None
+
+
+def _components(architecture: Architecture) -> list[str]:
+    """The base's LoRA components, the denoiser first (where a key without a component is looked up)."""
+    present = {module.split(".", 1)[0] for module in architecture.modules}
+    return [c for c in ("unet", "transformer", "text_encoder") if c in present]
 
 
 def _path_variants(component: str, path: str) -> list[str]:
