@@ -36,6 +36,7 @@ from adapters.kinds import LYCORIS_ROLES, ROLE_KIND
 from adapters.metadata import SourceFormat
 from adapters.normalise import NormaliseInfo, _kohya_table, _path_variants, normalise
 from adapters.validate import check_modules_exist, first
+from basemodel.families import find_family, label_of
 from basemodel.families.lora_tables import CommunityLayout, Rows, Target
 from basemodel.fingerprint import Architecture
 
@@ -328,3 +329,31 @@ def _lokr_rows(factors: Mapping[str, torch.Tensor], rows: Rows, name: str) -> di
     out = dict(factors)
     out[role] = torch.cat([factors[role][start // block : end // block] for start, end in rows]).contiguous()
     return out
+
+
+def layout_of(architecture: Architecture) -> CommunityLayout | None:
+    """The base family's community layout (``ModelFamily.lora_layout`` of the denoiser config); None for
+    families without one (the UNet families: their kohya names are read by ``adapters.normalise``)."""
+    family = find_family(architecture.family)
+    build = getattr(family, "lora_layout", None)
+    if build is None:
+        return None
+    config = architecture.unet_config
+    if config is None:
+        raise AdapterInvalid(
+            f"community LoRA names of {label_of(architecture.family)} are mapped from the base model's "
+            "transformer config, and this base model's descriptor has none",
+            reason="unknown_layout",
+            hint="Load the base model from a diffusers folder (its transformer/config.json), or use a "
+            "diffusers/PEFT-layout LoRA.",
+        )
+    layout: CommunityLayout | None = build(config)
+    return layout
+
+
+def read_community(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture
+) -> tuple[dict[str, torch.Tensor], NormaliseInfo] | None:
+    """``ModelFamily.community_lora`` for families with a ``lora_layout``: ``normalise_community``."""
+    layout = layout_of(architecture)
+    return None if layout is None else normalise_community(tensors, architecture, layout)

@@ -456,6 +456,12 @@ def to_kohya(
     family = (find_family(architecture.family) if architecture is not None else None) or get_family("sd1")
     unet_names = _export_unet_names(family, architecture)
     from adapters import lycoris  # imports this module's helpers
+    from adapters.community import layout_of
+    from adapters.community_export import to_community_kohya
+
+    layout = layout_of(architecture) if architecture is not None else None
+    if layout is not None:  # Flux / SD3: the original model's names, fused where it fuses
+        return to_community_kohya(tensors, layout, lambda module: _kohya_name(module, family, unet_names))
 
     if lycoris.is_lycoris(tensors):
         return lycoris.lycoris_to_kohya(tensors, lambda module: _kohya_name(module, family, unet_names))

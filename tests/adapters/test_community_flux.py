@@ -227,3 +227,43 @@ def test_fused_rows_that_do_not_fit_are_a_shape_mismatch() -> None:
     with pytest.raises(AdapterIncompatible) as err:
         normalise_community(file, arch, layout)
     assert err.value.reason == "shape_mismatch" and "single_blocks_0_linear1" in err.value.message
+
+
+def test_export_to_kohya_roundtrips_exactly() -> None:
+    """kohya → canonical → kohya (fused names, shared downs kept) → canonical: the same ΔW."""
+    from adapters.community_export import to_community_kohya
+
+    arch, layout = tiny_flux()
+    file = kohya_lora(layout.kohya, arch, list(layout.kohya), alpha=1.0)
+    canonical, _ = normalise_community(file, arch, layout) or ({}, None)
+    exported = to_community_kohya(canonical, layout, lambda m: "lora_te1_" + m.split(".", 1)[1].replace(".", "_"))
+    assert {k.rsplit(".", 1)[0].rsplit(".", 1)[0] for k in exported} == {
+        "lora_unet_" + n.replace(".", "_") for n in layout.kohya
+    }
+    assert exported["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 2  # shared down
+    again, _ = normalise_community(exported, arch, layout) or ({}, None)
+    ours, back = probes(canonical), probes(again)
+    for module in ours:
+        torch.testing.assert_close(back[module], ours[module], msg=module)
+
+
+def test_export_stacks_different_downs_block_structured() -> None:
+    """A PEFT LoRA on to_q and to_v only (own downs) → one qkv LoRA of rank 2+3, k rows zero: exact."""
+    from adapters.community_export import to_community_kohya
+
+    arch, layout = tiny_flux()
+    canonical = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 16),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(16, 2),
+        "transformer.transformer_blocks.0.attn.to_v.lora_A.weight": torch.randn(3, 16),
+        "transformer.transformer_blocks.0.attn.to_v.lora_B.weight": torch.randn(16, 3),
+    }
+    exported = to_community_kohya(canonical, layout, lambda m: m)
+    up = exported["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
+    assert up.shape == (48, 5) and not up[16:32].any()
+    again, _ = normalise_community(exported, arch, layout) or ({}, None)
+    back = deltas(again)
+    for module in ("to_q", "to_v"):
+        name = f"transformer.transformer_blocks.0.attn.{module}"
+        torch.testing.assert_close(back[name], canonical[f"{name}.lora_B.weight"] @ canonical[f"{name}.lora_A.weight"])
+    assert not back["transformer.transformer_blocks.0.attn.to_k"].any()
