@@ -260,14 +260,16 @@ def _kind_of(group: _Group) -> str:
 
 
 def _source_rows(kind: str, factors: Mapping[str, torch.Tensor]) -> int | None:
-    """The number of rows of the source's ΔW (None: the factors do not say; normalise checks them)."""
+    """The number of rows of the source's ΔW as every factor that gets sliced says it (None: they
+    disagree, or one is a scalar)."""
     if kind == "lokr":
         w1 = factors.get("lokr_w1", factors.get("lokr_w1_a"))
         block = _lokr_block(factors)
-        return None if w1 is None or block is None else int(w1.shape[0]) * block
-    role = ROW_FACTORS[kind][0]
-    tensor = factors.get(role)
-    return None if tensor is None or tensor.dim() == 0 else int(tensor.shape[0])
+        if w1 is None or w1.dim() == 0 or not block:
+            return None
+        return int(w1.shape[0]) * block
+    counts = {int(t.shape[0]) if t.dim() else -1 for r, t in factors.items() if r in ROW_FACTORS[kind]}
+    return counts.pop() if len(counts) == 1 and -1 not in counts else None
 
 
 def _check_rows(group: _Group, kind: str, factors: Mapping[str, torch.Tensor]) -> None:
@@ -276,23 +278,26 @@ def _check_rows(group: _Group, kind: str, factors: Mapping[str, torch.Tensor]) -
         return
     want = max(end for t in targets for _, end in (t.rows or ()))
     have = _source_rows(kind, factors)
-    if have is not None and have != want:
+    if have != want:
         parts = ", ".join(f"{t.module} {t.out_rows()}" for t in targets)
+        found = "factors of inconsistent shapes" if have is None else f"{have} output rows"
         raise AdapterIncompatible(
-            f"module {group.source.name} gives {have} output rows; the base model's "
-            f"{len(targets)} module(s) it maps onto ({parts}) take {want}",
+            f"module {group.source.name} gives {found}; the base model's {len(targets)} module(s) it "
+            f"maps onto ({parts}) take {want}",
             reason="shape_mismatch",
-            detail={"modules": {group.source.name: f"{have} rows, expected {want}"}},
+            detail={"modules": {group.source.name: f"{found}, expected {want} rows"}},
         )
 
 
 def _lokr_block(factors: Mapping[str, torch.Tensor]) -> int | None:
     """Rows of LoKr's second factor (W2): ΔW = W1 ⊗ W2 is made of blocks of that many rows."""
     if "lokr_w2" in factors:
-        return int(factors["lokr_w2"].shape[0])
+        w2 = factors["lokr_w2"]
+        return int(w2.shape[0]) if w2.dim() else None
     if "lokr_w2_a" in factors:
         w2a = factors["lokr_w2_a"]
-        return int(w2a.shape[1] if "lokr_t2" in factors else w2a.shape[0])
+        axis = 1 if "lokr_t2" in factors else 0
+        return int(w2a.shape[axis]) if w2a.dim() > axis else None
     return None
 
 

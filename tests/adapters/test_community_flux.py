@@ -267,3 +267,32 @@ def test_export_stacks_different_downs_block_structured() -> None:
         name = f"transformer.transformer_blocks.0.attn.{module}"
         torch.testing.assert_close(back[name], canonical[f"{name}.lora_B.weight"] @ canonical[f"{name}.lora_A.weight"])
     assert not back["transformer.transformer_blocks.0.attn.to_k"].any()
+
+
+@pytest.mark.parametrize(
+    "factors",
+    [
+        {"lora_down.weight": (), "lora_up.weight": ()},
+        {"lora_down.weight": (2, 16), "lora_up.weight": (64, 2)},
+        {"lora_down.weight": (2, 16), "lora_up.weight": (112,)},
+        {"lora_down.weight": (2, 15), "lora_up.weight": (112, 2), "alpha": (2,)},
+        {"lora_up.weight": (112, 2)},
+        {"alpha": ()},
+        {"hada_w1_a": (), "hada_w1_b": (2, 16), "hada_w2_a": (112, 2), "hada_w2_b": (2, 16)},
+        {"hada_w1_a": (4, 112), "hada_w1_b": (4, 16), "hada_w2_a": (4, 112), "hada_w2_b": (4, 16), "hada_t1": (4, 4, 1, 1), "hada_t2": (4, 4, 1, 1)},
+        {"lokr_w1": (), "lokr_w2": (8, 16)},
+        {"lokr_w1": (14, 1), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 16), "lokr_t2": (2, 2, 1, 1)},
+        {"diff": (112, 16), "diff_b": ()},
+        {"diff": (112, 16), "lora_down.weight": (2, 16)},
+    ],
+)
+def test_malformed_fused_modules_are_typed_errors(factors: dict[str, tuple[int, ...]]) -> None:
+    """Whatever a file holds for a fused module, the answer is a typed 4xx, never a crash."""
+    from basemodel.errors import LoraswapError
+    from service.errors import status_for
+
+    arch, layout = tiny_flux()
+    file = {f"lora_unet_single_blocks_0_linear1.{role}": torch.ones(shape) for role, shape in factors.items()}
+    with pytest.raises(LoraswapError) as err:
+        normalise_community(file, arch, layout)
+    assert status_for(err.value) in (409, 422)
