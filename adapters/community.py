@@ -3,7 +3,8 @@
 A family describes its layouts with a ``CommunityLayout`` (``basemodel/families/<family>/lora_keys.py``,
 built from the transformer config); this module applies it. Accepted, per key:
 
-* kohya sd-scripts / ComfyUI: ``lora_unet_<BFL or SGM path with _>`` (``lora_unet_double_blocks_0_img_attn_qkv``,
+* kohya sd-scripts / ComfyUI: ``lora_unet_<BFL or SGM path with _>``
+  (``lora_unet_double_blocks_0_img_attn_qkv``,
   ``lora_unet_joint_blocks_0_x_block_attn_qkv``) or ``lora_unet_<diffusers path with _>``, with
   ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; text encoders under the family's prefixes
   (``lora_te1_`` …), named as for the UNet families;
@@ -301,7 +302,9 @@ def _lokr_block(factors: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _rows(kind: str, factors: Mapping[str, torch.Tensor], rows: Rows | None, name: str) -> dict[str, torch.Tensor]:
+def _rows(
+    kind: str, factors: Mapping[str, torch.Tensor], rows: Rows | None, name: str
+) -> dict[str, torch.Tensor]:
     """The factors of the ΔW rows ``rows`` (concatenated) of a source module's ΔW."""
     if rows is None:
         return dict(factors)
@@ -328,7 +331,8 @@ def _lokr_rows(factors: Mapping[str, torch.Tensor], rows: Rows, name: str) -> di
             f"on the boundaries {[list(r) for r in rows]} of the base model's modules",
             reason="unsplittable_adapter",
             detail={"modules": [name]},
-            hint="Train the LoKr on the diffusers modules (to_q, to_k, to_v), or merge it with its own tools.",
+            hint="Train the LoKr on the diffusers modules (to_q, to_k, to_v), or merge it with its own "
+            "tools.",
         )
     role = "lokr_w1" if "lokr_w1" in factors else "lokr_w1_a"
     out = dict(factors)

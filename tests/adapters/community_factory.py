@@ -70,7 +70,9 @@ def architecture(family: str, transformer: Any, encoders: Mapping[str, Any]) -> 
     return Architecture(modules=modules, family=family, unet_config=public_config(transformer.config))
 
 
-def source_shape(targets: tuple[Target, ...], arch: Architecture, component: str = "transformer") -> tuple[int, ...]:
+def source_shape(
+    targets: tuple[Target, ...], arch: Architecture, component: str = "transformer"
+) -> tuple[int, ...]:
     """The weight shape of the original (fused) module the targets were split from."""
     shapes = [arch.modules[f"{component}.{t.module}"] for t in targets]
     out = max(end for t in targets for _, end in t.rows) if targets[0].rows else shapes[0][0]
@@ -130,5 +132,7 @@ def probes(canonical: Mapping[str, torch.Tensor], prefix: str = "", seed: int = 
             module = key.removesuffix(".lora_A.weight")
             gen = torch.Generator().manual_seed(seed)
             p = torch.randn(down.flatten(1).shape[1], 4, generator=gen)
-            out[prefix + module] = canonical[module + ".lora_B.weight"].float().flatten(1) @ (down.float().flatten(1) @ p)
+            out[prefix + module] = canonical[module + ".lora_B.weight"].float().flatten(1) @ (
+                down.float().flatten(1) @ p
+            )
     return out

@@ -105,7 +105,9 @@ def test_kohya_block_sparse_qkv_matches_diffusers() -> None:
         up[rows] = 0
         up[rows, part * 2 : part * 2 + 2] = keep
     canonical, _ = normalise_community(file, arch, layout) or ({}, None)
-    assert_same(transformer_only(canonical), diffusers_probes(_convert_kohya_flux_lora_to_diffusers(dict(file))))
+    assert_same(
+        transformer_only(canonical), diffusers_probes(_convert_kohya_flux_lora_to_diffusers(dict(file)))
+    )
 
 
 @pytest.mark.parametrize("prefix", ["", "diffusion_model."])
@@ -117,14 +119,23 @@ def test_xlabs_matches_diffusers(prefix: str) -> None:
     )
     canonical, info = normalise_community(file, arch, layout) or ({}, None)
     assert info is not None and info.source_format == "xlabs"
-    assert_same(transformer_only(canonical), diffusers_probes(_convert_xlabs_flux_lora_to_diffusers(dict(file))))
+    assert_same(
+        transformer_only(canonical), diffusers_probes(_convert_xlabs_flux_lora_to_diffusers(dict(file)))
+    )
 
 
 def test_ai_toolkit_bfl_names_match_diffusers() -> None:
     """``diffusion_model.`` + BFL names with lora_A/lora_B (ComfyUI, ai-toolkit) = the same kohya file."""
     arch, layout = flux_dev()
     names = sample_names(layout)
-    file = kohya_lora(layout.kohya, arch, names, prefix="diffusion_model.", dotted=True, roles=("lora_A.weight", "lora_B.weight"))
+    file = kohya_lora(
+        layout.kohya,
+        arch,
+        names,
+        prefix="diffusion_model.",
+        dotted=True,
+        roles=("lora_A.weight", "lora_B.weight"),
+    )
     kohya = kohya_lora(layout.kohya, arch, names)
     canonical, info = normalise_community(file, arch, layout) or ({}, None)
     assert info is not None and info.source_format == "ai-toolkit"
@@ -151,14 +162,24 @@ def test_tiny_widths_come_from_the_config() -> None:
     file = kohya_lora(layout.kohya, arch, list(layout.kohya), alpha=1.0)
     canonical, info = normalise_community(file, arch, layout) or ({}, None)
     assert info is not None and len(info.ranks) == sum(len(t) for t in layout.kohya.values())
-    fused = file["lora_unet_single_blocks_1_linear1.lora_up.weight"] @ file["lora_unet_single_blocks_1_linear1.lora_down.weight"] / 2
+    fused = (
+        file["lora_unet_single_blocks_1_linear1.lora_up.weight"]
+        @ file["lora_unet_single_blocks_1_linear1.lora_down.weight"]
+        / 2
+    )
     ours = deltas(canonical)
     torch.testing.assert_close(ours["transformer.single_transformer_blocks.1.proj_mlp"], fused[48:112])
-    final = file["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"] @ file["lora_unet_final_layer_adaLN_modulation_1.lora_down.weight"] / 2
+    final = (
+        file["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"]
+        @ file["lora_unet_final_layer_adaLN_modulation_1.lora_down.weight"]
+        / 2
+    )
     torch.testing.assert_close(ours["transformer.norm_out.linear"], torch.cat([final[16:], final[:16]]))
 
 
-def lycoris_file(kind: str, arch: Architecture, layout: CommunityLayout, name: str, block: int = 8) -> dict[str, torch.Tensor]:
+def lycoris_file(
+    kind: str, arch: Architecture, layout: CommunityLayout, name: str, block: int = 8
+) -> dict[str, torch.Tensor]:
     out_f, in_f = source_shape(layout.kohya[name], arch)
     key = "lora_unet_" + name.replace(".", "_")
     gen = torch.Generator().manual_seed(3)
@@ -186,7 +207,9 @@ def test_lycoris_on_fused_qkv_splits_exactly(kind: str) -> None:
     modules, _ = group(canonical)
     for part, module in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
         name_ = f"transformer.transformer_blocks.1.attn.{module}"
-        torch.testing.assert_close(module_delta(kind, modules[name_], (16, 16)), fused[part * 16 : (part + 1) * 16])
+        torch.testing.assert_close(
+            module_delta(kind, modules[name_], (16, 16)), fused[part * 16 : (part + 1) * 16]
+        )
         if kind == "full":
             torch.testing.assert_close(modules[name_]["diff_b"], whole["diff_b"][part * 16 : (part + 1) * 16])
 
@@ -202,15 +225,37 @@ def test_lokr_across_module_boundaries_is_refused() -> None:
 @pytest.mark.parametrize(
     ("key", "shape", "error", "reason"),
     [
-        ("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", (2, 8), AdapterInvalid, "unsupported_component"),
-        ("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight", (2, 8), AdapterInvalid, "unsupported_component"),
-        ("lora_unet_double_blocks_0_img_attn_norm_query_norm.diff", (8,), AdapterIncompatible, "unsupported_module"),
+        (
+            "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
+            (2, 8),
+            AdapterInvalid,
+            "unsupported_component",
+        ),
+        (
+            "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+            (2, 8),
+            AdapterInvalid,
+            "unsupported_component",
+        ),
+        (
+            "lora_unet_double_blocks_0_img_attn_norm_query_norm.diff",
+            (8,),
+            AdapterIncompatible,
+            "unsupported_module",
+        ),
         ("lora_unet_double_blocks_0_img_attn_proj.diff_b", (16,), AdapterInvalid, "unsupported_adapter_type"),
-        ("lora_unet_double_blocks_7_img_attn_proj.lora_down.weight", (2, 16), AdapterIncompatible, "modules_absent"),
+        (
+            "lora_unet_double_blocks_7_img_attn_proj.lora_down.weight",
+            (2, 16),
+            AdapterIncompatible,
+            "modules_absent",
+        ),
         ("lora_unet_double_blocks_0_img_attn_proj.weird", (2, 16), AdapterInvalid, "unknown_layout"),
     ],
 )
-def test_refusals_name_the_keys(key: str, shape: tuple[int, ...], error: type[Exception], reason: str) -> None:
+def test_refusals_name_the_keys(
+    key: str, shape: tuple[int, ...], error: type[Exception], reason: str
+) -> None:
     arch, layout = tiny_flux()
     file = kohya_lora(layout.kohya, arch, ["double_blocks.0.img_attn.proj"])
     file[key] = torch.zeros(shape)
@@ -236,7 +281,9 @@ def test_export_to_kohya_roundtrips_exactly() -> None:
     arch, layout = tiny_flux()
     file = kohya_lora(layout.kohya, arch, list(layout.kohya), alpha=1.0)
     canonical, _ = normalise_community(file, arch, layout) or ({}, None)
-    exported = to_community_kohya(canonical, layout, lambda m: "lora_te1_" + m.split(".", 1)[1].replace(".", "_"))
+    exported = to_community_kohya(
+        canonical, layout, lambda m: "lora_te1_" + m.split(".", 1)[1].replace(".", "_")
+    )
     assert {k.rsplit(".", 1)[0].rsplit(".", 1)[0] for k in exported} == {
         "lora_unet_" + n.replace(".", "_") for n in layout.kohya
     }
@@ -265,7 +312,9 @@ def test_export_stacks_different_downs_block_structured() -> None:
     back = deltas(again)
     for module in ("to_q", "to_v"):
         name = f"transformer.transformer_blocks.0.attn.{module}"
-        torch.testing.assert_close(back[name], canonical[f"{name}.lora_B.weight"] @ canonical[f"{name}.lora_A.weight"])
+        torch.testing.assert_close(
+            back[name], canonical[f"{name}.lora_B.weight"] @ canonical[f"{name}.lora_A.weight"]
+        )
     assert not back["transformer.transformer_blocks.0.attn.to_k"].any()
 
 
@@ -279,7 +328,14 @@ def test_export_stacks_different_downs_block_structured() -> None:
         {"lora_up.weight": (112, 2)},
         {"alpha": ()},
         {"hada_w1_a": (), "hada_w1_b": (2, 16), "hada_w2_a": (112, 2), "hada_w2_b": (2, 16)},
-        {"hada_w1_a": (4, 112), "hada_w1_b": (4, 16), "hada_w2_a": (4, 112), "hada_w2_b": (4, 16), "hada_t1": (4, 4, 1, 1), "hada_t2": (4, 4, 1, 1)},
+        {
+            "hada_w1_a": (4, 112),
+            "hada_w1_b": (4, 16),
+            "hada_w2_a": (4, 112),
+            "hada_w2_b": (4, 16),
+            "hada_t1": (4, 4, 1, 1),
+            "hada_t2": (4, 4, 1, 1),
+        },
         {"lokr_w1": (), "lokr_w2": (8, 16)},
         {"lokr_w1": (14, 1), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 16), "lokr_t2": (2, 2, 1, 1)},
         {"diff": (112, 16), "diff_b": ()},

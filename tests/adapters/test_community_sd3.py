@@ -44,7 +44,9 @@ def sd3(variant: str) -> tuple[Architecture, CommunityLayout, Any]:
     return arch, lora_keys.layout(arch.unet_config or {}), transformer
 
 
-def merged_by_diffusers(file: dict[str, torch.Tensor], arch: Architecture, layout: CommunityLayout) -> dict[str, torch.Tensor]:
+def merged_by_diffusers(
+    file: dict[str, torch.Tensor], arch: Architecture, layout: CommunityLayout
+) -> dict[str, torch.Tensor]:
     """ΔW of every kohya module written into a zero SGM checkpoint, converted by diffusers' single-file
     code: diffusers module → the ΔW it receives."""
     config = arch.unet_config or {}
@@ -67,9 +69,13 @@ def merged_by_diffusers(file: dict[str, torch.Tensor], arch: Architecture, layou
             path = next(p for p in layout.kohya if p.replace(".", "_") == name)
             up, down = file[key.replace("lora_down", "lora_up")], file[key]
             scale = float(file[key.replace("lora_down.weight", "alpha")]) / down.shape[0]
-            ckpt[f"{path}.weight"] = (up.flatten(1) @ down.flatten(1)).reshape(ckpt[f"{path}.weight"].shape) * scale
+            ckpt[f"{path}.weight"] = (up.flatten(1) @ down.flatten(1)).reshape(
+                ckpt[f"{path}.weight"].shape
+            ) * scale
     converted = convert_sd3_transformer_checkpoint_to_diffusers(ckpt)
-    return {f"transformer.{k.removesuffix('.weight')}": v for k, v in converted.items() if k.endswith(".weight")}
+    return {
+        f"transformer.{k.removesuffix('.weight')}": v for k, v in converted.items() if k.endswith(".weight")
+    }
 
 
 @pytest.mark.parametrize("variant", ["sd3", "sd3.5"])
@@ -107,7 +113,7 @@ def test_text_encoders_and_t5() -> None:
         file[f"{prefix}text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(32, 2)
         file[f"{prefix}text_projection.lora_down.weight"] = torch.randn(2, width)
         file[f"{prefix}text_projection.lora_up.weight"] = torch.randn(16, 2)
-    canonical, info = normalise_community(file, arch, layout) or ({}, None)
+    _, info = normalise_community(file, arch, layout) or ({}, None)
     assert info is not None
     assert {m.split(".", 1)[0] for m in info.ranks} == {"transformer", "text_encoder", "text_encoder_2"}
     assert "text_encoder_2.text_projection" in info.ranks  # CLIPTextModelWithProjection has it: applied

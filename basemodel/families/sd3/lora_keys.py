@@ -10,10 +10,12 @@ blocks of ``dual_attention_layers``::
 
     joint_blocks.{i}.x_block.attn.qkv            transformer_blocks.{i}.attn.to_q | to_k | to_v   (inner each)
     joint_blocks.{i}.x_block.attn.proj           transformer_blocks.{i}.attn.to_out.0
-    joint_blocks.{i}.x_block.attn2.qkv / .proj   transformer_blocks.{i}.attn2.to_q | to_k | to_v / attn2.to_out.0
+    joint_blocks.{i}.x_block.attn2.qkv           transformer_blocks.{i}.attn2.to_q | to_k | to_v
+    joint_blocks.{i}.x_block.attn2.proj          transformer_blocks.{i}.attn2.to_out.0
     joint_blocks.{i}.x_block.mlp.fc1 / fc2       transformer_blocks.{i}.ff.net.0.proj / ff.net.2
     joint_blocks.{i}.x_block.adaLN_modulation.1  transformer_blocks.{i}.norm1.linear
-    joint_blocks.{i}.context_block.attn.qkv      transformer_blocks.{i}.attn.add_q_proj | add_k_proj | add_v_proj
+    joint_blocks.{i}.context_block.attn.qkv      transformer_blocks.{i}.attn.add_q_proj | add_k_proj
+                                                 | add_v_proj
     joint_blocks.{i}.context_block.attn.proj     transformer_blocks.{i}.attn.to_add_out             (not last)
     joint_blocks.{i}.context_block.mlp.fc1 / fc2 transformer_blocks.{i}.ff_context.net.0.proj / .2  (not last)
     joint_blocks.{i}.context_block.adaLN_modulation.1
@@ -56,7 +58,9 @@ def kohya_table(config: Mapping[str, Any]) -> dict[str, tuple[Target, ...]]:
     table: dict[str, tuple[Target, ...]] = {}
     for i in range(layers):
         x, c, dst = f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block", f"transformer_blocks.{i}"
-        table[f"{x}.attn.qkv"] = split([f"{dst}.attn.to_q", f"{dst}.attn.to_k", f"{dst}.attn.to_v"], [inner] * 3)
+        table[f"{x}.attn.qkv"] = split(
+            [f"{dst}.attn.to_q", f"{dst}.attn.to_k", f"{dst}.attn.to_v"], [inner] * 3
+        )
         table[f"{x}.attn.proj"] = rename(f"{dst}.attn.to_out.0")
         table[f"{x}.mlp.fc1"] = rename(f"{dst}.ff.net.0.proj")
         table[f"{x}.mlp.fc2"] = rename(f"{dst}.ff.net.2")
