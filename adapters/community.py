@@ -37,7 +37,7 @@ from adapters.kinds import LYCORIS_ROLES, ROLE_KIND
 from adapters.metadata import SourceFormat
 from adapters.normalise import NormaliseInfo, _kohya_table, _path_variants, normalise
 from adapters.validate import check_modules_exist, first
-from basemodel.families import find_family, label_of
+from basemodel.families import ModelFamily, find_family, label_of
 from basemodel.families.lora_tables import CommunityLayout, Rows, Target
 from basemodel.fingerprint import Architecture
 
@@ -344,8 +344,7 @@ def layout_of(architecture: Architecture) -> CommunityLayout | None:
     """The base family's community layout (``ModelFamily.lora_layout`` of the denoiser config); None for
     families without one (the UNet families: their kohya names are read by ``adapters.normalise``)."""
     family = find_family(architecture.family)
-    build = getattr(family, "lora_layout", None)
-    if build is None:
+    if family is None or type(family).lora_layout is ModelFamily.lora_layout:
         return None
     config = architecture.unet_config
     if config is None:
@@ -356,8 +355,7 @@ def layout_of(architecture: Architecture) -> CommunityLayout | None:
             hint="Load the base model from a diffusers folder (its transformer/config.json), or use a "
             "diffusers/PEFT-layout LoRA.",
         )
-    layout: CommunityLayout | None = build(config)
-    return layout
+    return family.lora_layout(config)
 
 
 def read_community(

@@ -300,13 +300,20 @@ def complete_metadata(tensors: dict[str, torch.Tensor], metadata: AdapterMetadat
     return metadata.model_copy(update=update)
 
 
-def write_adapter(path: Path | None, tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> bytes:
+def write_adapter(
+    path: Path | None,
+    tensors: dict[str, torch.Tensor],
+    metadata: AdapterMetadata,
+    architecture: Architecture | None = None,
+) -> bytes:
     """Validate canonical-layout tensors and write .safetensors.
 
-    Returns the bytes; also writes them atomically to ``path`` when given.
+    Returns the bytes; also writes them atomically to ``path`` when given. ``architecture`` (the
+    base's) lets the modelspec / kohya keys name the family's variant (Flux dev or schnell …).
     """
     metadata = complete_metadata(tensors, metadata)
-    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
+    config = architecture.unet_config if architecture is not None else None
+    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata, config)}
     data = serialise(tensors, header)
     if path is not None:
         write_bytes_atomic(Path(path), data)
@@ -325,7 +332,8 @@ def write_kohya(
     UNet names and ``lora_te1_``/``lora_te2_`` (see ``adapters.normalise.to_kohya``).
     """
     metadata = complete_metadata(tensors, metadata)
-    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
+    config = architecture.unet_config if architecture is not None else None
+    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata, config)}
     data = serialise(to_kohya(tensors, architecture), header)
     if path is not None:
         write_bytes_atomic(Path(path), data)

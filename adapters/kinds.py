@@ -46,7 +46,9 @@ LYCORIS_KINDS = ("loha", "lokr", "full")
 ROLE_KIND: dict[str, str] = {role: kind for kind, roles in ROLES.items() for role in roles}
 LYCORIS_ROLES = tuple(role for kind in LYCORIS_KINDS for role in ROLES[kind])
 FOLDED_INTO = {"lora": "lora_B.weight", "loha": "hada_w1_a", "lokr": ("lokr_w1", "lokr_w1_a")}
-COMPONENTS = ("unet", "transformer", "text_encoder_2", "text_encoder")
+# every component a canonical key may start with: the denoisers (``basemodel.families``: UNet families,
+# transformer families) and the text encoders a LoRA may target
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 CANONICAL_KEY = re.compile(
     rf"^(?P<module>(?:{'|'.join(COMPONENTS)})\..+)\."
     rf"(?P<role>{'|'.join(re.escape(r) for roles in ROLES.values() for r in roles)})$"

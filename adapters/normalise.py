@@ -36,7 +36,6 @@ from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.kohya_ldm import UnsupportedUNet, is_ldm_name, kohya_unet_names
 from adapters.metadata import AdapterMetadata, SourceFormat
 from adapters.validate import (
-    COMPONENTS,
     DTYPE_NAMES,
     check_alpha,
     check_dtypes,
@@ -190,11 +189,12 @@ def _community(
     tensors: Mapping[str, torch.Tensor], architecture: Architecture
 ) -> tuple[dict[str, torch.Tensor], NormaliseInfo] | None:
     """The base family's reading of a file in a layout only its tools write (None: not one of those)."""
+    from adapters.community import read_community  # reads its tables with this module's helpers
+
+    found = read_community(tensors, architecture)
     family = find_family(architecture.family)
-    hook = getattr(family, "community_lora", None)
-    if hook is None:
-        return None
-    found: tuple[dict[str, torch.Tensor], NormaliseInfo] | None = hook(tensors, architecture)
+    if found is None and family is not None:
+        found = family.community_lora(tensors, architecture)
     return found
 
 
@@ -258,7 +258,7 @@ def _parse_key(key: str) -> _ParsedKey | None:
 
 
 def _split_component(stem: str) -> tuple[str | None, str]:
-    for component in COMPONENTS:
+    for component in ("unet", "transformer", "text_encoder_2", "text_encoder"):
         if stem.startswith(component + "."):
             return component, stem.removeprefix(component + ".")
     return None, stem
@@ -358,7 +358,10 @@ def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architectu
     if not stray:
         return
     component = parsed[stray[0]].component or ""
+    _refuse_frozen(component, stray, architecture)
     owners = owners_of(component)
+    if parsed[stray[0]].layout == "kohya":  # a kohya prefix: the families whose sd-scripts write it
+        owners = [f for f in owners if component in f.kohya_prefixes.values()] or owners
     adapter = " or ".join(label_of(f.name) for f in owners) or "another model family"
     raise AdapterIncompatible(
         f"the adapter is for {adapter} base models: it has {len(stray)} key(s) for {component}, e.g. "
@@ -375,12 +378,30 @@ def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architectu
     )
 
 
+def _refuse_frozen(component: str, keys: list[str], architecture: Architecture) -> None:
+    """Keys for a text encoder the base family runs but never adapts (T5 on SD3/Flux): refused as such
+    (diffusers' SD3/Flux loaders drop them too), not as another family's adapter."""
+    family = find_family(architecture.family)
+    what = family.frozen_text_encoders.get(component) if family is not None else None
+    if family is None or what is None:
+        return
+    raise AdapterInvalid(
+        f"the adapter has {len(keys)} key(s) for {component}, {family.label}'s {what} text encoder, e.g. "
+        f"{keys[0]}; LoRAs on the {what} encoder are not supported (diffusers' {family.label} loader "
+        f"drops them too): only {', '.join(sorted({m.split('.', 1)[0] for m in architecture.modules}))} "
+        "may be adapted",
+        reason="unsupported_component",
+        detail={"component": component, "keys": first(keys), "count": len(keys), "family": family.name},
+        hint=f"Remove the {component}.* keys (or train the LoRA without the {what} encoder).",
+    )
+
+
 def _resolve_module(
     part: _ParsedKey, architecture: Architecture, kohya_table: Mapping[tuple[str, str], str]
 ) -> str | None:
     if part.layout == "kohya":
         return kohya_table.get((part.component or "", part.name))
-    components = [part.component] if part.component else _components(architecture)
+    components = [part.component] if part.component else [*_denoisers(architecture), "text_encoder"]
     for component in components:
         for path in _path_variants(component, part.name):
             candidate = f"{component}.{path}"
@@ -389,10 +410,10 @@ def _resolve_module(
     return None
 
 
-def _components(architecture: Architecture) -> list[str]:
-    """The base's LoRA components, the denoiser first (where a key without a component is looked up)."""
+def _denoisers(architecture: Architecture) -> list[str]:
+    """The base's denoiser component (``unet`` or ``transformer``), for keys without a component."""
     present = {module.split(".", 1)[0] for module in architecture.modules}
-    return [c for c in ("unet", "transformer", "text_encoder") if c in present]
+    return [name for name in ("unet", "transformer") if name in present] or ["unet"]
 
 
 def _path_variants(component: str, path: str) -> list[str]:
@@ -461,7 +482,8 @@ def to_kohya(
 
     layout = layout_of(architecture) if architecture is not None else None
     if layout is not None:  # Flux / SD3: the original model's names, fused where it fuses
-        return to_community_kohya(tensors, layout, lambda module: _kohya_name(module, family, unet_names))
+        prefixes = {c: p for p, c in reversed(layout.text_prefixes.items()) if p.startswith("lora_")}
+        return to_community_kohya(tensors, layout, lambda module: _text_name(module, prefixes))
 
     if lycoris.is_lycoris(tensors):
         return lycoris.lycoris_to_kohya(tensors, lambda module: _kohya_name(module, family, unet_names))
@@ -502,6 +524,14 @@ def _kohya_name(module: str, family: ModelFamily, unet_names: Mapping[str, str])
         ) from None
     if component == "unet":
         return prefix + unet_names.get(path, path.replace(".", "_"))
+    return _text_name(module, {component: prefix})
+
+
+def _text_name(module: str, prefixes: Mapping[str, str]) -> str:
+    """A text-encoder module's kohya name (``lora_te1_text_model_…``) with its component's prefix."""
+    component, path = module.split(".", 1)
+    if component not in prefixes:
+        raise AdapterInvalid(f"cannot export module {module} to kohya names", reason="not_canonical")
     if not path.startswith((TEXT_MODEL, "text_projection")):  # CLIPTextModelWithProjection's own
         path = TEXT_MODEL + path
-    return prefix + path.replace(".", "_")
+    return prefixes[component] + path.replace(".", "_")

@@ -195,7 +195,7 @@ class Registry:
         meta = prepared.metadata.model_copy(
             update={"adapter_id": adapter_id, "version": number, "created_at": created_at}
         )
-        data = write_adapter(None, prepared.tensors, meta)
+        data = write_adapter(None, prepared.tensors, meta, self.base.architecture if self.base else None)
         sha = hashlib.sha256(data).hexdigest()
         record = AdapterVersion.from_metadata(
             meta, sha256=sha, content_sha256=prepared.digest, size=len(data)

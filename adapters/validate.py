@@ -22,8 +22,7 @@ from adapters.kinds import LYCORIS_ROLES
 from basemodel.fingerprint import Architecture
 
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# the denoiser (unet / transformer) and the text encoders; text_encoder_2: SDXL's and SD3's second one
-COMPONENTS = ("unet", "transformer", "text_encoder_2", "text_encoder")
+COMPONENTS = kinds.COMPONENTS  # text_encoder_2: SDXL's and SD3's second CLIP
 CANONICAL_KEY = re.compile(rf"^(?P<module>(?:{'|'.join(COMPONENTS)})\..+)\.lora_(?P<role>[AB])\.weight$")
 SHOW = 5  # how many offending keys an error message lists
 MAX_ALPHA_RATIO = 64

@@ -70,6 +70,12 @@ class MaskMismatch(ValidationFailed):
     hint = "Send a mask of exactly the init image's width and height (white = repaint)."
 
 
+class Unsupported(ValidationFailed):
+    """A valid request the base model's family cannot do (image-to-image on a family without it)."""
+
+    type = "unsupported"
+
+
 class UnsafeFormat(ValidationFailed):
     """A file in a format we refuse to open (pickle checkpoints, unknown containers)."""
 

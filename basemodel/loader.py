@@ -21,6 +21,7 @@ import torch
 from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
 from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family
 from basemodel.fingerprint import Architecture, fingerprint
+from basemodel.text_encoders import TextEncoderDevice, TextEncoderPlacement
 from basemodel.tiny import RANDOM_SPECS, TINY_NAME, ensure_random_tiny, ensure_tiny
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class BaseModel:
     architecture: Architecture
     device: torch.device
     dtype: torch.dtype
+    encoders: TextEncoderPlacement | None = None  # where the text encoders run (None: beside the denoiser)
 
     @property
     def name(self) -> str:
@@ -139,12 +141,13 @@ class BaseModel:
 
     @property
     def native_size(self) -> int:
-        """Default width and height (the family's rule: the UNet's sample size in pixels)."""
+        """Default width and height (the family's rule: the denoiser's sample size in pixels)."""
         return self.family.native_size(self.pipe)
 
     @property
     def lora_components(self) -> dict[str, Any]:
-        """Component name → module for every component LoRA may target (UNet, text encoder(s))."""
+        """Component name → module for every component LoRA may target (the denoiser first, then the
+        text encoders LoRA may touch)."""
         return self.family.lora_components(self.pipe)
 
 
@@ -154,6 +157,7 @@ def load_base_model(
     device: str = "auto",
     dtype: str = "auto",
     attention: str = "auto",
+    text_encoder_device: TextEncoderDevice = "cuda",
 ) -> BaseModel:
     ref = resolve_base_model(spec, models_dir)
     torch_device = resolve_device(device)
@@ -164,4 +168,6 @@ def load_base_model(
     family = detect_pipeline(pipe)
     family.after_load(pipe)
     apply_attention(pipe, attention, torch_device)
-    return BaseModel(ref, pipe, fingerprint(ref.path), family.architecture(pipe), torch_device, torch_dtype)
+    encoders = TextEncoderPlacement(pipe, family, text_encoder_device, torch_device)
+    architecture = family.architecture(pipe)
+    return BaseModel(ref, pipe, fingerprint(ref.path), architecture, torch_device, torch_dtype, encoders)

@@ -14,6 +14,7 @@ from basemodel.errors import ConfigError
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
 Attention = Literal["auto", "sdpa", "xformers"]
+TextEncoderDevice = Literal["cuda", "cpu", "offload"]
 
 TokenList = Annotated[list[str], NoDecode]
 
@@ -28,6 +29,11 @@ class Settings(BaseSettings):
     device: Device = "auto"
     dtype: DType = "auto"
     attention: Attention = "auto"
+    text_encoder_device: TextEncoderDevice = Field(
+        "cuda",
+        description="Where text encoders live: 'cuda' beside the denoiser, 'cpu' (run there), 'offload' "
+        "(on the GPU only while encoding). See docs/operations.md.",
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -33,10 +33,17 @@ from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 TINY_NAME = "tiny-sd"
 RANDOM_NAME = "tiny-sd-random"
 SDXL_RANDOM_NAME = "tiny-sdxl-random"
+FLUX_RANDOM_NAME = "tiny-flux-random"
+SD3_RANDOM_NAME = "tiny-sd3-random"
 INPAINT_RANDOM_NAME = "tiny-sd-inpaint-random"
 INPAINT_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
 # family → its random-weights test model (``loraswap model init-tiny --random --family F``)
-RANDOM_MODELS = {"sd1": RANDOM_NAME, "sdxl": SDXL_RANDOM_NAME}
+RANDOM_MODELS = {
+    "sd1": RANDOM_NAME,
+    "sdxl": SDXL_RANDOM_NAME,
+    "sd3": SD3_RANDOM_NAME,
+    "flux": FLUX_RANDOM_NAME,
+}
 RANDOM_SPECS = (*RANDOM_MODELS.values(), INPAINT_RANDOM_NAME)  # every random-weights spec
 DEFAULT_SEED = 0
 RESOLUTION = 32
@@ -177,12 +184,16 @@ def ensure_tiny(models_dir: Path) -> Path:
 
 def save_random(name: str, output: Path, seed: int = DEFAULT_SEED) -> Path:
     """Build the random model ``name`` (one of ``RANDOM_SPECS``) from ``seed`` into ``output``."""
+    from basemodel.families.flux.tiny import save_tiny_flux
+    from basemodel.families.sd3.tiny import save_tiny_sd3
     from basemodel.tiny_sdxl import save_tiny_sdxl
 
     builders = {
         RANDOM_NAME: save_tiny,
         SDXL_RANDOM_NAME: save_tiny_sdxl,
         INPAINT_RANDOM_NAME: save_tiny_inpaint,
+        FLUX_RANDOM_NAME: save_tiny_flux,
+        SD3_RANDOM_NAME: save_tiny_sd3,
     }
     return builders[name](output, seed)
 

@@ -15,7 +15,9 @@ from adapters.metadata import MAX_SCALE, MIN_SCALE
 from adapters.refs import ID_PATTERN, MAX_VERSION
 from service.openapi import ErrorInfo
 
-SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
+SchedulerName = Literal[
+    "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc", "lcm"
+]
 MAX_SEED = 2**63 - 1 - 64  # image i uses seed + i; stay inside torch's int64 seed range
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 """Every request model: no unknown fields, no type coercion, no NaN/Infinity."""
@@ -42,9 +44,11 @@ class AdapterSpec(BaseModel):
     id: str = adapter_id_field(description="Adapter id, e.g. 'watercolor'.", examples=["watercolor"])
     version: int | None = version_field("Pinned version; latest when absent.")
     scale: float | None = scale_field("Weight, -4..4; the adapter's scale_default or 1.0 when absent.")
-    unet_scale: float | None = scale_field(
-        "Weight on the UNet (ComfyUI strength_model), -4..4; `scale` when absent."
+    denoiser_scale: float | None = scale_field(
+        "Weight on the denoiser — the UNet or the transformer (ComfyUI strength_model), -4..4; `scale` "
+        "when absent."
     )
+    unet_scale: float | None = scale_field("Another name for `denoiser_scale` (its older one).")
     text_encoder_scale: float | None = scale_field(
         "Weight on the text encoder(s) (ComfyUI strength_clip), -4..4; `scale` when absent."
     )
@@ -56,12 +60,29 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(max_length=4000, description="What to draw.", examples=["a red fox"])
     negative_prompt: str = Field("", max_length=4000, description="What to steer away from.")
     steps: int = Field(20, ge=1, le=150, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0.0, le=30.0, description="Classifier-free guidance (≤1: off).")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=30.0,
+        description="Guidance: classifier-free (≤1: off) on SD1/SD2/SDXL/SD3; Flux-dev's distilled guidance "
+        "(no CFG). Default: the family's (7.5; SD3 7.0; Flux 3.5).",
+    )
+    true_cfg_scale: float = Field(
+        1.0,
+        ge=0.0,
+        le=30.0,
+        description="Flux: real classifier-free guidance with negative_prompt when > 1 (diffusers' "
+        "FluxPipeline true_cfg_scale); ignored by the other families.",
+    )
     width: int | None = Field(None, ge=8, description="Multiple of 8; default: the model's native size.")
     height: int | None = Field(None, ge=8, description="Multiple of 8; default: the model's native size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; always echoed.")
     num_images: int = Field(1, ge=1, le=8, description="Images i=0..n-1 use seed+i.")
-    scheduler: SchedulerName = Field("ddim", description="Sampler.")
+    scheduler: SchedulerName | None = Field(
+        None,
+        description="Sampler; default: the family's (ddim; euler on the flow-matching SD3 and Flux). "
+        "Flow-matching families take euler, heun, dpmpp_2m, unipc, lcm; the others all but lcm.",
+    )
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=8, description="LoRA adapters.")
     init_image: str | None = Field(
         None,

@@ -1,13 +1,16 @@
-"""Model families — ``sd1``, ``sd2``, ``sdxl`` — one module each, and the registry that detects them.
+"""Model families — ``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux`` — one module or package each, and
+the registry that detects them.
 
 A family is detected from the model, never from its file name: for a diffusers folder from
-``model_index.json``'s ``_class_name`` (checked against the UNet config: ``addition_embed_type ==
-"text_time"`` for SDXL, ``cross_attention_dim`` 1024 for SD2.x) and for a single-file checkpoint from
-its keys (``conditioner.embedders.1.`` → SDXL, OpenCLIP ``cond_stage_model.model.`` → SD2.x,
+``model_index.json``'s ``_class_name`` (checked against the denoiser's config: ``addition_embed_type ==
+"text_time"`` for SDXL, ``cross_attention_dim`` 1024 for SD2.x, ``joint_attention_dim`` for SD3,
+``guidance_embeds`` telling Flux-dev from schnell) and for a single-file checkpoint from its keys
+(``conditioner.embedders.1.`` → SDXL, OpenCLIP ``cond_stage_model.model.`` → SD2.x,
 ``cond_stage_model.transformer.`` → SD1.x, each beside ``model.diffusion_model.``).
 
-Adding a family (SD3, Flux …) means adding a module with a ``ModelFamily`` subclass and listing it in
-``FAMILIES``; detection asks the families in that order and the first that claims a model wins.
+Adding a family (Flux.2, Qwen-Image …) means adding a module with a ``ModelFamily`` subclass and
+listing it in ``FAMILIES``; detection asks the families in that order and the first that claims a
+model wins.
 """
 
 from __future__ import annotations
@@ -18,14 +21,25 @@ from pathlib import Path
 from typing import Any
 
 from basemodel.errors import BaseModelError
-from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.families.base import (
+    Conditioning,
+    DenoiserCall,
+    DenoiserInputs,
+    ModelFamily,
+    ModelSignals,
+    UNetInputs,
+)
+from basemodel.families.flux import Flux
 from basemodel.families.sd1 import SD1
 from basemodel.families.sd2 import SD2
+from basemodel.families.sd3 import SD3
 from basemodel.families.sdxl import SDXL
 
 __all__ = [
     "FAMILIES",
     "Conditioning",
+    "DenoiserCall",
+    "DenoiserInputs",
     "ModelFamily",
     "ModelSignals",
     "UNetInputs",
@@ -38,11 +52,12 @@ __all__ = [
     "get_family",
     "kohya_components",
     "label_of",
+    "lora_components",
     "owners_of",
 ]
 
 # Detection order: the more specific claim first (SD2.x is SD1.x's pipeline with a wider context).
-FAMILIES: tuple[ModelFamily, ...] = (SDXL(), SD2(), SD1())
+FAMILIES: tuple[ModelFamily, ...] = (Flux(), SD3(), SDXL(), SD2(), SD1())
 _BY_NAME = {family.name: family for family in FAMILIES}
 
 
@@ -88,12 +103,26 @@ def detect(signals: ModelSignals, where: str = "the model") -> ModelFamily:
     )
 
 
+def denoiser_names() -> tuple[str, ...]:
+    """Every component name a family's denoiser has (``unet``, ``transformer``)."""
+    return tuple(dict.fromkeys(family.denoiser for family in FAMILIES))
+
+
+def lora_components() -> tuple[str, ...]:
+    """Every component name a LoRA key may start with, over all families: the denoisers, then the
+    text encoders (``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``)."""
+    encoders = (name for family in FAMILIES for name in family.text_encoders)
+    return tuple(dict.fromkeys((*denoiser_names(), *sorted(encoders))))
+
+
 def detect_folder(path: Path) -> ModelFamily:
-    """The family of a diffusers folder, from ``model_index.json`` and ``unet/config.json``."""
+    """The family of a diffusers folder, from ``model_index.json`` and the denoiser's config
+    (``unet/config.json`` or ``transformer/config.json``)."""
     index = read_index(path)
+    denoiser = next((name for name in denoiser_names() if (path / name / "config.json").is_file()), "unet")
     signals = ModelSignals(
         pipeline_class=str(index.get("_class_name")),
-        unet=read_json(path / "unet" / "config.json"),
+        denoiser=read_json(path / denoiser / "config.json"),
         components={
             name: (str(value[0]), str(value[1]))
             for name, value in index.items()
@@ -104,20 +133,25 @@ def detect_folder(path: Path) -> ModelFamily:
 
 
 def detect_pipeline(pipe: Any) -> ModelFamily:
-    """The family of a loaded pipeline (its class and UNet config)."""
+    """The family of a loaded pipeline (its class and denoiser config)."""
     components = {
         name: (type(module).__module__.split(".")[0], type(module).__name__)
         for name, module in pipe.components.items()
         if module is not None
     }
-    return detect(ModelSignals(type(pipe).__name__, dict(pipe.unet.config), components))
+    denoiser = next(
+        (pipe.components[n] for n in denoiser_names() if pipe.components.get(n) is not None), None
+    )
+    config = dict(denoiser.config) if denoiser is not None else {}
+    return detect(ModelSignals(type(pipe).__name__, config, components))
 
 
 def detect_checkpoint(keys: Iterable[str]) -> ModelFamily | None:
     """The family of a single-file (LDM/SGM-layout) checkpoint from its keys; None when none matches."""
     keys = list(keys)
     for family in FAMILIES:
-        if all(any(key.startswith(marker) for key in keys) for marker in family.checkpoint_markers):
+        markers = family.checkpoint_markers
+        if markers and all(any(key.startswith(marker) for key in keys) for marker in markers):
             return family
     return None
 
@@ -135,8 +169,8 @@ def kohya_components() -> dict[str, str]:
 
 
 def owners_of(component: str) -> list[ModelFamily]:
-    """The families whose LoRA components include ``component`` (``text_encoder_2``: SDXL)."""
-    return [family for family in FAMILIES if component in ("unet", *family.text_encoders)]
+    """The families whose LoRA components include ``component`` (``text_encoder_2``: SDXL, SD3)."""
+    return [family for family in FAMILIES if component in (family.denoiser, *family.text_encoders)]
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -156,8 +190,10 @@ def declared_by(header: Mapping[str, str]) -> tuple[ModelFamily, str] | None:
 
 def _interop_names(family: ModelFamily, key: str) -> set[str]:
     if key == "modelspec.architecture":
-        return {family.modelspec_architecture(p) for p in PREDICTION_TYPES}
-    return {family.kohya_base_version(p) for p in PREDICTION_TYPES}
+        names = {family.modelspec_architecture(p) for p in PREDICTION_TYPES}
+    else:
+        names = {family.kohya_base_version(p) for p in PREDICTION_TYPES}
+    return names | family.interop_aliases(key)
 
 
 def label_of(name: str | None) -> str:

@@ -1,69 +1,110 @@
-"""``ModelFamily``: everything that differs between SD1.x, SD2.x and SDXL, behind one interface.
+"""``ModelFamily``: everything that differs between model families, behind one interface.
 
-A family says which diffusers pipeline class loads it, which components carry LoRA-targetable
-modules (the UNet and one or two text encoders), its default resolution, where its prediction type
-comes from, how a prompt becomes what the UNet takes (``encode``: hidden states plus, for SDXL,
-pooled text embeddings and size/crop time ids), how latents are decoded, how the trainer conditions
-the UNet (``tokenize``, ``training_text``, ``size_conditioning``, ``training_inputs``: what
-``loraswap train`` encodes and caches per caption and per image), and the names other tools use for
-it (kohya key prefixes, the SAI modelspec architecture, kohya's ``ss_base_model_version``).
-Code outside ``basemodel/families/`` asks the family object instead of testing its name.
+A family names its **denoiser** component (``unet`` for SD1.x/SD2.x/SDXL, ``transformer`` for SD3 and
+Flux.1) and owns everything that differs around it:
+
+* detection, loading and the components LoRA may target (the denoiser and the text encoders a LoRA may
+  touch; a frozen encoder such as T5 is listed in ``frozen_text_encoders``);
+* prompt encoding (``encode``: what the denoiser takes besides latents and timestep, as
+  ``DenoiserInputs``) and how guidance applies (``cfg_scale``: the classifier-free scale the loop
+  applies; Flux-dev puts its distilled guidance into the inputs instead);
+* the latent space (``noise_latents``: initial noise in the denoiser's layout — Flux packs 2×2 patches;
+  ``decode``: back to pixels with the VAE's ``scaling_factor`` and ``shift_factor``);
+* the scheduler's set-up (``set_timesteps``: SD3's static shift, Flux's dynamic ``mu``) and which
+  samplers it takes (``flow_matching``);
+* the model call (``denoiser_call``: a callable ``(latents, t) → prediction`` with the family's
+  keyword arguments, timestep scaling and positional ids bound once per batch);
+* how the trainer conditions it (``tokenize``, ``training_text``, ``size_conditioning``,
+  ``training_inputs``), and the names other tools use for it (kohya key prefixes, the SAI modelspec
+  architecture, kohya's ``ss_base_model_version``, ``community_lora`` for other key layouts).
+
+The sampling loop (``service/engine/sampler.py``) asks the family for each of these and keeps no
+family branch. Code outside ``basemodel/families/`` asks the family object instead of testing its name.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from basemodel.families.lora_tables import CommunityLayout
 from basemodel.fingerprint import Architecture, architecture_of
 
 
 @dataclass(frozen=True)
-class UNetInputs:
-    """What the UNet takes besides latents and timestep, for some rows of a batch.
+class DenoiserInputs:
+    """What the denoiser takes besides latents and timestep, for some rows of a batch.
 
-    ``hidden`` is ``encoder_hidden_states`` ``[rows, tokens, width]``; ``added`` is diffusers'
-    ``added_cond_kwargs`` (SDXL: ``text_embeds`` ``[rows, projection]`` and ``time_ids`` ``[rows, 6]``),
-    empty for families without added conditioning.
+    ``hidden`` is ``encoder_hidden_states`` ``[rows, tokens, width]``. ``added`` holds the other per-row
+    inputs, named as the family's model call names them: SDXL's ``added_cond_kwargs`` (``text_embeds``
+    ``[rows, projection]``, ``time_ids`` ``[rows, 6]``); SD3's and Flux's ``pooled_projections``; Flux-dev's
+    ``guidance`` ``[rows]``. ``shared`` holds inputs that are the same for every row and are not stacked
+    (Flux's ``txt_ids`` ``[tokens, 3]``). How they reach the model is ``ModelFamily.denoiser_call``'s
+    business.
     """
 
     hidden: torch.Tensor
     added: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    shared: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
-    def cat(parts: Sequence[UNetInputs]) -> UNetInputs:
-        """Rows of several inputs stacked in order (every part has the same ``added`` keys)."""
+    def cat(parts: Sequence[DenoiserInputs]) -> DenoiserInputs:
+        """Rows of several inputs stacked in order (every part has the same ``added`` keys; ``shared``
+        is the first part's)."""
         keys = list(parts[0].added)
-        return UNetInputs(
+        return DenoiserInputs(
             torch.cat([p.hidden for p in parts]),
             {key: torch.cat([p.added[key] for p in parts]) for key in keys},
+            parts[0].shared,
+        )
+
+    def to(self, device: torch.device) -> DenoiserInputs:
+        """The same inputs on ``device`` (text encoders may run elsewhere than the denoiser)."""
+        return DenoiserInputs(
+            self.hidden.to(device),
+            {key: value.to(device) for key, value in self.added.items()},
+            {key: value.to(device) for key, value in self.shared.items()},
         )
 
     def unet_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a ``UNet2DConditionModel`` call."""
         return {"encoder_hidden_states": self.hidden, "added_cond_kwargs": dict(self.added) or None}
+
+
+UNetInputs = DenoiserInputs  # the name the UNet families' trainer code knows
+
+# The denoiser call the loop makes each step: (model input, timestep) → prediction.
+DenoiserCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Conditioning:
     """One request's encoded prompt: ``cond`` rows and, under classifier-free guidance, ``uncond``."""
 
-    cond: UNetInputs
-    uncond: UNetInputs | None
+    cond: DenoiserInputs
+    uncond: DenoiserInputs | None
 
 
 @dataclass(frozen=True)
 class ModelSignals:
     """What detection reads from a model: ``model_index.json``'s ``_class_name`` (None when unknown),
-    the UNet config, and the component classes (``model_index.json`` ``name → [library, class]``)."""
+    the denoiser's config (``unet/config.json`` or ``transformer/config.json``), and the component
+    classes (``model_index.json`` ``name → [library, class]``)."""
 
     pipeline_class: str | None
-    unet: Mapping[str, Any]
+    denoiser: Mapping[str, Any]
     components: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def unet(self) -> Mapping[str, Any]:
+        """The denoiser's config under the name the UNet families use."""
+        return self.denoiser
 
 
 class ModelFamily:
@@ -71,9 +112,21 @@ class ModelFamily:
 
     name: ClassVar[str]
     label: ClassVar[str]
+    # the pipeline attribute holding the denoiser: "unet" or "transformer"
+    denoiser: ClassVar[str] = "unet"
+    # flow matching (SD3, Flux: FlowMatch schedulers) rather than noise/v prediction on a DDPM schedule
+    flow_matching: ClassVar[bool] = False
+    # the sampler and guidance scale a request gets when it names none
+    default_scheduler: ClassVar[str] = "ddim"
+    default_guidance: ClassVar[float] = 7.5
+    # request modes besides text-to-image that the family supports
+    image_modes: ClassVar[frozenset[str]] = frozenset({"img2img", "inpaint"})
     # ``model_index.json`` ``_class_name`` values of this family; the first is the class that loads it.
     pipeline_classes: ClassVar[tuple[str, ...]]
+    # the text encoders LoRA may target, in pipeline order
     text_encoders: ClassVar[tuple[str, ...]]
+    # text encoders the family runs but no LoRA may target (T5 on SD3/Flux), with a word for each
+    frozen_text_encoders: ClassVar[dict[str, str]] = {}
     # the pipeline attribute holding each text encoder's tokenizer (same order as ``text_encoders``)
     tokenizers: ClassVar[tuple[str, ...]]
     default_resolution: ClassVar[int]
@@ -104,7 +157,7 @@ class ModelFamily:
 
     def problems(self, signals: ModelSignals) -> list[str]:
         """What in a model claimed by its pipeline class contradicts this family (empty: consistent)."""
-        missing = [name for name in ("unet", *self.text_encoders) if name not in signals.components]
+        missing = [name for name in (self.denoiser, *self.text_encoders) if name not in signals.components]
         return [f"it has no {' or '.join(missing)}"] if signals.components and missing else []
 
     # -- loading -----------------------------------------------------------------------------------
@@ -121,9 +174,37 @@ class ModelFamily:
     def after_load(self, pipe: Any) -> None:
         """Adjust a loaded pipeline once it is on its device and dtype (default: nothing)."""
 
+    def denoiser_module(self, pipe: Any) -> nn.Module:
+        """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
+        module: nn.Module = getattr(pipe, self.denoiser)
+        return module
+
     def lora_components(self, pipe: Any) -> dict[str, nn.Module]:
-        """Component name → module, for every component whose modules LoRA may target."""
-        return {name: getattr(pipe, name) for name in ("unet", *self.text_encoders)}
+        """Component name → module, for every component whose modules LoRA may target; the denoiser
+        first (``LoRAModelManager`` fuses the first component)."""
+        return {name: getattr(pipe, name) for name in (self.denoiser, *self.text_encoders)}
+
+    def community_lora(self, tensors: Mapping[str, torch.Tensor], architecture: Architecture) -> Any:
+        """A LoRA file in a layout only this family's tools write, converted; None when ``tensors`` are
+        in no such layout (the generic readers then take them: PEFT/diffusers, kohya, LyCORIS).
+
+        Contract for implementers: called before the generic readers with the file's tensors and the
+        base's ``Architecture`` (its ``family`` is this one). Return None to decline; otherwise return
+        ``(canonical, info)`` exactly as ``adapters.normalise.normalise`` returns them — canonical keys
+        ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` with alpha/rank folded into
+        ``lora_B``, every module in ``architecture.modules`` — or raise a typed ``AdapterInvalid`` /
+        ``AdapterIncompatible`` naming what was found. Fused projections (Flux's qkv) are split at the
+        model's own widths, never guessed. Default: no community layout — families whose community
+        layouts are key tables say so with ``lora_layout`` instead, which ``adapters.community`` applies.
+        """
+        return None
+
+    def lora_layout(self, config: Mapping[str, Any]) -> CommunityLayout | None:
+        """The key tables of the LoRA layouts only this family's tools write (the original model's
+        module names: kohya sd-scripts, ComfyUI, ai-toolkit, XLabs), built from the denoiser's
+        ``config``; ``adapters.community`` reads and writes files with them. None: no such layout (the
+        UNet families' kohya names are read by ``adapters.normalise``)."""
+        return None
 
     def architecture(self, pipe: Any) -> Architecture:
         return architecture_of(self.lora_components(pipe), family=self.name)
@@ -132,7 +213,7 @@ class ModelFamily:
         """The architecture of a diffusers folder from its configs alone (modules on ``meta``)."""
         components: dict[str, nn.Module] = {}
         with torch.device("meta"):
-            for name in ("unet", *self.text_encoders):
+            for name in (self.denoiser, *self.text_encoders):
                 library, class_name = index[name]
                 cls = getattr(importlib.import_module(library), class_name)
                 if library == "diffusers":
@@ -142,9 +223,9 @@ class ModelFamily:
         return architecture_of(components, family=self.name)
 
     def native_size(self, pipe: Any) -> int:
-        """Default width and height: the UNet's sample size in pixels (diffusers' default), else the
+        """Default width and height: the denoiser's sample size in pixels (diffusers' default), else the
         family's resolution."""
-        sample_size = getattr(pipe.unet.config, "sample_size", None)
+        sample_size = getattr(self.denoiser_module(pipe).config, "sample_size", None)
         if sample_size is None:
             return self.default_resolution
         return int(sample_size) * int(pipe.vae_scale_factor)
@@ -155,13 +236,23 @@ class ModelFamily:
         return str(scheduler_config.get("prediction_type") or "epsilon")
 
     # -- names other tools use -----------------------------------------------------------------------
-    def modelspec_architecture(self, prediction_type: str | None = None) -> str:
-        """SAI modelspec ``modelspec.architecture`` for a LoRA on this family."""
+    def modelspec_architecture(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
+        """SAI modelspec ``modelspec.architecture`` for a LoRA on this family (``config``: the
+        denoiser's, for families whose name depends on the variant)."""
         return f"{self.modelspec}/lora"
 
-    def kohya_base_version(self, prediction_type: str | None = None) -> str:
+    def kohya_base_version(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
         """kohya sd-scripts' ``ss_base_model_version``."""
         return self.kohya_version
+
+    def interop_aliases(self, key: str) -> frozenset[str]:
+        """Every other value of header ``key`` (``modelspec.architecture``, ``ss_base_model_version``)
+        that names this family (its variants: Flux dev and schnell …); none by default."""
+        return frozenset()
 
     def kohya_prefix(self, component: str) -> str:
         """The kohya key prefix of ``component`` (``lora_unet_``, ``lora_te_`` / ``lora_te1_`` …)."""
@@ -171,6 +262,11 @@ class ModelFamily:
         raise KeyError(f"{self.name} has no kohya prefix for component {component!r}")
 
     # -- sampling ------------------------------------------------------------------------------------
+    def cfg_scale(self, guidance_scale: float, true_cfg_scale: float, negative_prompt: str) -> float:
+        """The classifier-free guidance scale the loop applies (≤ 1: none, no unconditional rows).
+        Default: ``guidance_scale`` (SD1.x … SDXL, SD3)."""
+        return guidance_scale
+
     def encode(
         self,
         pipe: Any,
@@ -181,15 +277,71 @@ class ModelFamily:
         guidance: bool,
         width: int,
         height: int,
+        guidance_scale: float = 0.0,
+        device: torch.device | None = None,
     ) -> Conditioning:
-        """The prompt (and negative prompt, under guidance) as UNet inputs, ``num_images`` rows each;
-        an empty ``negative_prompt`` means none, as diffusers' ``negative_prompt=None``."""
+        """The prompt (and negative prompt, under guidance) as denoiser inputs, ``num_images`` rows each;
+        an empty ``negative_prompt`` means none, as diffusers' ``negative_prompt=None``. ``guidance``:
+        classifier-free guidance is on; ``guidance_scale``: the request's, for families that embed it
+        (Flux-dev); ``device``: where the text encoders run (default: the denoiser's device)."""
         raise NotImplementedError
 
+    def latent_channels(self, pipe: Any) -> int:
+        """Channels of the initial noise (the denoiser's input channels)."""
+        return int(self.denoiser_module(pipe).config.in_channels)
+
+    def latent_shape(self, pipe: Any, rows: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape of ``rows`` latents for a ``height`` × ``width`` image in the denoiser's layout."""
+        factor = int(pipe.vae_scale_factor)
+        return (rows, self.latent_channels(pipe), height // factor, width // factor)
+
+    def noise_latents(
+        self,
+        pipe: Any,
+        rows: int,
+        height: int,
+        width: int,
+        generators: Sequence[torch.Generator],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Initial noise in the denoiser's layout, row i from ``generators[i]`` (the pipelines'
+        ``prepare_latents``), before ``init_noise_sigma``."""
+        shape = self.latent_shape(pipe, rows, height, width)
+        return randn_tensor(shape, generator=list(generators), device=device, dtype=dtype)
+
+    def set_timesteps(
+        self,
+        pipe: Any,
+        scheduler: Any,
+        steps: int,
+        device: torch.device,
+        *,
+        latent_shape: tuple[int, ...],
+    ) -> None:
+        """Set a fresh scheduler's timesteps for ``steps`` as the family's pipeline does;
+        ``latent_shape``: ``latent_shape`` of the batch (flow families derive the shift from it)."""
+        scheduler.set_timesteps(steps, device=device)
+        self.begin_denoising(scheduler)
+
+    def denoiser_call(self, pipe: Any, inputs: DenoiserInputs, *, height: int, width: int) -> DenoiserCall:
+        """The model call the loop makes each step, with ``inputs`` (all rows of the batch, guidance
+        copies included) bound: UNet families call ``unet(x, t, encoder_hidden_states=…,
+        added_cond_kwargs=…)``."""
+        unet = self.denoiser_module(pipe)
+        kwargs = inputs.unet_kwargs()
+
+        def call(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = unet(model_input, t, **kwargs, return_dict=False)[0]
+            return out
+
+        return call
+
     def inpainting(self, pipe: Any) -> bool:
-        """Whether the UNet is a dedicated inpainting one: it takes the latents, the mask and the masked
-        image's latents stacked (9 input channels on SD1.5/SDXL inpainting checkpoints)."""
-        return int(pipe.unet.config.in_channels) == 2 * int(pipe.vae.config.latent_channels) + 1
+        """Whether the denoiser is a dedicated inpainting one: it takes the latents, the mask and the
+        masked image's latents stacked (9 input channels on SD1.5/SDXL inpainting checkpoints)."""
+        channels = int(self.denoiser_module(pipe).config.in_channels)
+        return channels == 2 * int(pipe.vae.config.latent_channels) + 1
 
     def encode_image(
         self, pipe: Any, pixels: torch.Tensor, generators: Sequence[torch.Generator], *, normalise: bool
@@ -205,8 +357,11 @@ class ModelFamily:
     def begin_denoising(self, scheduler: Any) -> None:
         """Prepare a fresh scheduler after ``set_timesteps``, as the family's pipeline does."""
 
-    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents → images in [-1, 1] (``vae.decode``), as the family's pipeline does."""
+    def decode(
+        self, pipe: Any, latents: torch.Tensor, *, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """Final latents → images in [-1, 1] (``vae.decode``), as the family's pipeline does;
+        ``height``/``width``: the image size (families with packed latents need it)."""
         decoded: torch.Tensor = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[
             0
         ]
@@ -246,11 +401,11 @@ class ModelFamily:
 
     def training_inputs(
         self, text: Mapping[str, torch.Tensor], added: Mapping[str, torch.Tensor]
-    ) -> UNetInputs:
+    ) -> DenoiserInputs:
         """UNet inputs of a training batch from ``training_text`` and ``size_conditioning`` rows:
         ``hidden`` is the cross-attention context, everything else goes to ``added_cond_kwargs``."""
         extra = {key: value for key, value in text.items() if key != "hidden"}
-        return UNetInputs(text["hidden"], {**extra, **added})
+        return DenoiserInputs(text["hidden"], {**extra, **added})
 
     def training_vae_dtype(self, pipe: Any, dtype: torch.dtype) -> torch.dtype:
         """The dtype the trainer keeps the (frozen) VAE in when the base trains in ``dtype``."""

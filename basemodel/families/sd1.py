@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.families.base import Conditioning, DenoiserInputs, ModelFamily, ModelSignals
 
 
 class SD1(ModelFamily):
@@ -57,16 +57,18 @@ class SD1(ModelFamily):
         guidance: bool,
         width: int,
         height: int,
+        guidance_scale: float = 0.0,
+        device: torch.device | None = None,
     ) -> Conditioning:
         """``StableDiffusionPipeline.encode_prompt``: the text encoder's last hidden states."""
         cond, uncond = pipe.encode_prompt(
             prompt,
-            pipe.unet.device,
+            device or pipe.unet.device,
             num_images_per_prompt=num_images,
             do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt or None,
         )
-        return Conditioning(UNetInputs(cond), UNetInputs(uncond) if guidance else None)
+        return Conditioning(DenoiserInputs(cond), DenoiserInputs(uncond) if guidance else None)
 
     def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The text encoder's last hidden states (what ``StableDiffusionPipeline`` conditions on)."""

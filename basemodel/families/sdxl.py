@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from basemodel.errors import BaseModelError
-from basemodel.families.base import Conditioning, ModelFamily, ModelSignals, UNetInputs
+from basemodel.families.base import Conditioning, DenoiserInputs, ModelFamily, ModelSignals
 
 TEXT_TIME = "text_time"
 TIME_IDS = 6  # original size (2) + crop top-left (2) + target size (2)
@@ -77,9 +77,11 @@ class SDXL(ModelFamily):
         guidance: bool,
         width: int,
         height: int,
+        guidance_scale: float = 0.0,
+        device: torch.device | None = None,
     ) -> Conditioning:
         """``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids`` (same values)."""
-        device = pipe.unet.device
+        device = device or pipe.unet.device
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
             prompt=prompt,
             device=device,
@@ -89,9 +91,9 @@ class SDXL(ModelFamily):
         )
         ids = [height, width, 0, 0, height, width]
         time_ids = torch.tensor([ids], dtype=cond.dtype).to(device).repeat(num_images, 1)
-        positive = UNetInputs(cond, {"text_embeds": pooled, "time_ids": time_ids})
+        positive = DenoiserInputs(cond, {"text_embeds": pooled, "time_ids": time_ids})
         negative = (
-            UNetInputs(uncond, {"text_embeds": pooled_uncond, "time_ids": time_ids}) if guidance else None
+            DenoiserInputs(uncond, {"text_embeds": pooled_uncond, "time_ids": time_ids}) if guidance else None
         )
         return Conditioning(positive, negative)
 
@@ -145,7 +147,9 @@ class SDXL(ModelFamily):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
 
-    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, pipe: Any, latents: torch.Tensor, *, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
         vae = pipe.vae
         latents = latents.to(vae.dtype)  # fp32 when the VAE was upcast (after_load)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)

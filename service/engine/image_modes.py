@@ -1,9 +1,11 @@
 """Where denoising starts, and what the loop adds per step: text-to-image, image-to-image, inpainting.
 
 Each mode follows its diffusers pipeline step for step (the SDXL variants are the same steps; what
-differs per family — the VAE encode and its latent normalisation — is ``ModelFamily.encode_image``):
+differs per family — the noise's layout, the VAE encode and its latent normalisation — is
+``ModelFamily.noise_latents`` / ``ModelFamily.encode_image``):
 
-- text-to-image (``StableDiffusionPipeline``): noise × ``init_noise_sigma``, every timestep.
+- text-to-image: the family's noise (``prepare_latents``; Flux packs it) × ``init_noise_sigma``, every
+  timestep.
 - image-to-image (``StableDiffusionImg2ImgPipeline``): ``VaeImageProcessor.preprocess`` of the init
   image to (height, width); ``get_timesteps``: ``int(steps × strength)`` steps from index
   ``t_start = steps − that`` (``set_begin_index(t_start × order)``); the image repeated per output
@@ -92,7 +94,8 @@ class Start:
     def __init__(self, latents: torch.Tensor) -> None:
         self.latents = latents
 
-    def unet_input(self, model_input: torch.Tensor) -> torch.Tensor:
+    def model_input(self, model_input: torch.Tensor) -> torch.Tensor:
+        """What the denoiser takes this step (inpainting UNets: the mask and masked image stacked on)."""
         return model_input
 
     def after_step(self, latents: torch.Tensor, index: int) -> torch.Tensor:
@@ -122,7 +125,7 @@ class InpaintStart(Start):
         self.mask_input = torch.cat([mask] * copies)
         self.masked_input = torch.cat([masked] * copies)
 
-    def unet_input(self, model_input: torch.Tensor) -> torch.Tensor:
+    def model_input(self, model_input: torch.Tensor) -> torch.Tensor:
         if not self.nine:
             return model_input
         return torch.cat([model_input, self.mask_input, self.masked_input], dim=1)
@@ -149,19 +152,13 @@ def prepare_start(
 ) -> Start:
     """The batch's initial latents (rows per request, in order) and its mode's hooks."""
     first = batch[0]
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    height, width = first.height, first.width
+    denoiser = family.denoiser_module(pipe)
+    device, dtype = denoiser.device, denoiser.dtype
     if first.image is None:
-        shape = (
-            sum(p.num_images for p in batch),
-            pipe.unet.config.in_channels,
-            height // pipe.vae_scale_factor,
-            width // pipe.vae_scale_factor,
-        )
+        rows = sum(p.num_images for p in batch)
         flat = [g for gens in generators for g in gens]
-        return Start(
-            randn_tensor(shape, generator=flat, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        )
+        noise = family.noise_latents(pipe, rows, first.height, first.width, flat, device, dtype)
+        return Start(noise * getattr(scheduler, "init_noise_sigma", 1.0))  # FlowMatch: pure noise, σ = 1
     if first.image.mask is None:
         rows = [
             _img2img(pipe, family, p, scheduler, timesteps, gens)
@@ -200,7 +197,8 @@ def _img2img(
 ) -> torch.Tensor:
     """``StableDiffusion(XL)Img2ImgPipeline``: preprocess, encode each copy with its generator, add noise."""
     assert params.image is not None
-    device, dtype, n = pipe.unet.device, pipe.unet.dtype, params.num_images
+    denoiser = family.denoiser_module(pipe)
+    device, dtype, n = denoiser.device, denoiser.dtype, params.num_images
     pixels = pipe.image_processor.preprocess(params.image.image, height=params.height, width=params.width)
     pixels = pixels.to(device=device, dtype=dtype)
     init = family.encode_image(pipe, torch.cat([pixels] * n), generators, normalise=True)
@@ -220,7 +218,8 @@ def _inpaint(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``StableDiffusion(XL)InpaintPipeline``: (latents, noise, mask, masked-image latents, image latents)."""
     assert params.image is not None and params.image.mask is not None
-    device, dtype, n = pipe.unet.device, pipe.unet.dtype, params.num_images
+    denoiser = family.denoiser_module(pipe)
+    device, dtype, n = denoiser.device, denoiser.dtype, params.num_images
     height, width, factor = params.height, params.width, pipe.vae_scale_factor
     init = pipe.image_processor.preprocess(params.image.image, height=height, width=width).to(torch.float32)
     condition = mask_processor(pipe).preprocess(params.image.mask, height=height, width=width)

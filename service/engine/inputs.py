@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from basemodel.errors import ImageInvalid, ImageTooLarge, MaskMismatch, ValidationFailed
+from basemodel.errors import ImageInvalid, ImageTooLarge, MaskMismatch, Unsupported, ValidationFailed
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
 from service.engine.image_modes import ImageInput, denoising_steps
@@ -37,6 +37,15 @@ def check_mode(base: BaseModel, request: GenerateRequest) -> None:
     """What the request asks for fits the base model and itself (before any image is read)."""
     if request.mask_image is not None and request.init_image is None:
         raise ValidationFailed("mask_image needs an init_image to inpaint", detail={"field": "mask_image"})
+    family = base.family
+    mode = "txt2img" if request.init_image is None else "inpaint" if request.mask_image else "img2img"
+    if mode != "txt2img" and mode not in family.image_modes:
+        raise Unsupported(
+            f"{mode} is not supported on {family.label} ({family.name}) base models yet; "
+            "they generate from text only",
+            detail={"field": "init_image", "mode": mode, "family": family.name},
+            hint="Send the request without init_image/mask_image, or serve an SD1.x, SD2.x or SDXL model.",
+        )
     if base.family.inpainting(base.pipe) and request.mask_image is None:
         raise ValidationFailed(
             f"the base model {base.name} is an inpainting checkpoint (9-channel UNet): it only inpaints",

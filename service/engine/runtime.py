@@ -22,8 +22,8 @@ from service.engine.image_modes import ImageInput
 from service.engine.inputs import ProbedInputs, check_mode, load_inputs, output_size, probe_inputs
 from service.engine.png import encode_png
 from service.engine.progress import JobProgress
-from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
-from service.engine.schedulers import a1111_label
+from service.engine.sampler import SampleParams, StageTimer, sample_batch
+from service.engine.schedulers import a1111_label, check_scheduler
 from service.engine.worker import InferenceWorker, Job
 from service.lora.request import adapter_request, extract_prompt_adapters
 from service.lora.worker_manager import AdapterManager
@@ -154,8 +154,12 @@ class Runtime:
         if self.base.family.inpainting(self.base.pipe):  # an inpainting checkpoint only inpaints
             blank, everything = Image.new("RGB", (size, size)), Image.new("L", (size, size), 255)
             image = ImageInput(blank, everything, 1.0)
-        params = SampleParams("warm-up", "", 2, 7.5, size, size, 0, 1, "ddim", image=image)
-        sample(self.base.pipe, params, StageTimer())
+        family = self.base.family
+        scheduler = family.default_scheduler
+        params = SampleParams(
+            "warm-up", "", 2, family.default_guidance, size, size, 0, 1, scheduler, image=image
+        )
+        sample_batch(self.base.pipe, [params], StageTimer(), encoders=self.base.encoders)
 
     # -- requests ------------------------------------------------------------------------------
     def check_ready(self) -> BaseModel:
@@ -177,12 +181,18 @@ class Runtime:
                 a.version,
                 a.scale,
                 field=f"adapters.{i}",
+                denoiser_scale=a.denoiser_scale,
                 unet_scale=a.unet_scale,
                 text_encoder_scale=a.text_encoder_scale,
             )
             for i, a in enumerate(request.adapters)
         ] + tagged
         check_mode(base, request)
+        family = base.family
+        scheduler = request.scheduler or family.default_scheduler
+        check_scheduler(
+            scheduler, flow_matching=family.flow_matching, family=f"{family.label} ({family.name})"
+        )
         probed: ProbedInputs | None = None
         if request.init_image is not None:
             probed = await asyncio.to_thread(probe_inputs, request, self.settings)
@@ -199,14 +209,17 @@ class Runtime:
             prompt=prompt,
             negative_prompt=request.negative_prompt,
             steps=request.steps,
-            guidance_scale=request.guidance_scale,
+            guidance_scale=family.default_guidance
+            if request.guidance_scale is None
+            else request.guidance_scale,
             width=width,
             height=height,
             seed=seed,
             num_images=request.num_images,
-            scheduler=request.scheduler,
+            scheduler=scheduler,
             adapters=applied,
             image=image,
+            true_cfg_scale=request.true_cfg_scale,
         )
         return Work(params, time.perf_counter() - started if applied else 0.0)
 
@@ -279,6 +292,7 @@ class Runtime:
                 lambda: all(j.should_stop() for j in jobs),
                 lora,
                 on_step=_advance_all(jobs),
+                encoders=self.base.encoders,
             )
         except Exception as exc:
             failure: Exception = exc
@@ -309,15 +323,18 @@ class Runtime:
     def describe(self, params: SampleParams) -> dict[str, Any]:
         assert self.base is not None
         image_mode = {} if params.image is None else {"strength": params.image.strength}
+        flow = self.base.family.flow_matching
+        true_cfg = {"true_cfg_scale": params.true_cfg_scale} if params.true_cfg_scale != 1.0 else {}
         return {
             "mode": params.mode,
             **image_mode,
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
             "steps": params.steps,
-            "sampler": a1111_label(params.scheduler),
+            "sampler": a1111_label(params.scheduler, flow_matching=flow),
             "scheduler": params.scheduler,
             "guidance_scale": params.guidance_scale,
+            **true_cfg,
             "seed": params.seed,
             "width": params.width,
             "height": params.height,
@@ -355,4 +372,5 @@ def _default_loader(settings: Settings) -> BaseModel:
         device=settings.device,
         dtype=settings.dtype,
         attention=settings.attention,
+        text_encoder_device=settings.text_encoder_device,
     )

@@ -2,7 +2,7 @@
 
 **Hooks.** A module carries a forward hook only while an adapter that touches it is active: ``activate``
 installs hooks on exactly the modules the active adapters touch, in the components the caller runs
-(``components``: the text encoders for prompt encoding, ``unet`` for denoising), and an activation with
+(``components``: the text encoders for prompt encoding, the denoiser for denoising), and an activation with
 no adapter removes them, so a request without adapters runs no Python hook at all. Hooks are *sticky*
 per component: they stay installed after the ``with`` block and the next activation only adds and
 removes the difference, so switching between adapters that target the same modules costs one attribute
@@ -10,7 +10,8 @@ assignment, as before. Outside an activation the hooks find no active adapter an
 hooks share a ``LoRAContext``; ``activate`` always clears it, so no state leaks from one request into
 the next.
 
-**Paths.** ``denoising`` picks, per batch, how the UNet gets its adapters (``policy.py``): ``none``,
+**Paths.** ``denoising`` picks, per batch, how the denoiser (UNet or transformer: the first component)
+gets its adapters (``policy.py``): ``none``,
 ``fused`` (``fusion.py``: the weights replaced by ``W + Σ sᵢ·ΔWᵢ``, hook-free, restored exactly) or
 ``hooked`` (the row-indexed hooks for mixed batches). A fused set stays in place after the batch
 (sticky) and is restored before any batch that asks for something else; a batch that fails or is
@@ -38,7 +39,6 @@ from service.lora.weights import DeviceAdapter
 if TYPE_CHECKING:
     from service.metrics import Metrics
 
-FUSED_COMPONENT = "unet"  # the component the fused path fuses (the text encoders stay hooked)
 MIB = 1 << 20
 DEFAULT_FUSE_BUDGET_MB = 256  # SD1.5's attention projections in fp16: 178 MiB
 
@@ -110,8 +110,9 @@ class LoRAModelManager:
         fuse_budget_bytes: int = DEFAULT_FUSE_BUDGET_MB * MIB,
         metrics: Metrics | None = None,
     ) -> None:
-        """``components``: name → module, e.g. ``BaseModel.lora_components`` (``unet``,
-        ``text_encoder`` and, for SDXL, ``text_encoder_2``); targets are named ``<name>.<path>``."""
+        """``components``: name → module, e.g. ``BaseModel.lora_components``, the denoiser first (``unet``
+        or ``transformer``, then ``text_encoder`` …); targets are named ``<name>.<path>``. The first
+        component is the one the fused path fuses (the text encoders stay hooked)."""
         self.context = LoRAContext()
         self.targets: dict[str, nn.Module] = {}
         for prefix, model in components.items():
@@ -124,10 +125,11 @@ class LoRAModelManager:
         self._names: dict[int, _Names] = {}
         self.policy = PathPolicy(mode)
         self.metrics = metrics
-        unet = components.get(FUSED_COMPONENT)
+        self.denoiser = next(iter(components), "unet")
+        denoiser = components.get(self.denoiser)
         self.fusion = (
-            FusedWeights.for_model(unet, self.targets, f"{FUSED_COMPONENT}.", fuse_budget_bytes)
-            if unet is not None
+            FusedWeights.for_model(denoiser, self.targets, f"{self.denoiser}.", fuse_budget_bytes)
+            if denoiser is not None
             else None
         )
         if metrics is not None:
@@ -215,7 +217,7 @@ class LoRAModelManager:
         steps: int,
         shape: Shape,
     ) -> Iterator[Applied]:
-        """The UNet's adapters for one denoising batch.
+        """The denoiser's adapters for one denoising batch.
 
         ``requests``: each request's adapters (whole-request scales); ``rows``: the same as row-indexed
         activations for the hooked path; ``steps`` left to run; ``shape``: rows × latent h × w.
@@ -237,14 +239,14 @@ class LoRAModelManager:
         applied = Applied(choice.path, choice.reason, requests=len(requests))
         if choice.path == "fused":
             assert fusion is not None and fuse_set is not None
-            self._ensure(FUSED_COMPONENT, frozenset())
+            self._ensure(self.denoiser, frozenset())
             timing = fusion.fuse(fuse_set)
             applied.fuse_s, applied.restore_s = timing.fuse_s, timing.restore_s
             if timing.computed:
                 self.policy.observe_fuse(timing.fuse_s, fusion.parameters(fuse_set))
         else:
             applied.restore_s = fusion.restore() if fusion is not None else 0.0
-            self._hook_only(rows if choice.path == "hooked" else (), (FUSED_COMPONENT,))
+            self._hook_only(rows if choice.path == "hooked" else (), (self.denoiser,))
         if applied.restore_s:
             self.policy.observe_restore(applied.restore_s)
         self._observe(applied)

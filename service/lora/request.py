@@ -1,10 +1,11 @@
 """What a request asks for, what it resolved to, and A1111's ``<lora:name:weight>`` prompt syntax.
 
-An adapter has one ``scale`` and optional per-component weights: ``unet_scale`` and
-``text_encoder_scale`` (ComfyUI's ``strength_model`` / ``strength_clip``), each ``scale`` when absent.
-A1111's tag forms map onto them: ``<lora:id:w>`` is ``scale = w``; ``<lora:id:te:unet>`` and
-``<lora:id:te=…:unet=…>`` are ``scale = te`` (so the text encoders get ``te``) and ``unet_scale = unet``
-(A1111: the UNet multiplier defaults to the text-encoder one). Every weight goes through ``check_scale``.
+An adapter has one ``scale`` and optional per-component weights: ``denoiser_scale`` (the UNet or the
+transformer; ``unet_scale`` is its older name and stays an alias) and ``text_encoder_scale`` (ComfyUI's
+``strength_model`` / ``strength_clip``), each ``scale`` when absent. A1111's tag forms map onto them:
+``<lora:id:w>`` is ``scale = w``; ``<lora:id:te:unet>`` and ``<lora:id:te=…:unet=…>`` are ``scale = te``
+(so the text encoders get ``te``) and ``denoiser_scale = unet`` (A1111: the UNet multiplier defaults to
+the text-encoder one). Every weight goes through ``check_scale``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ class AdapterRequest:
     adapter_id: str
     version: int | None = None
     scale: float | None = None
-    unet_scale: float | None = None
+    denoiser_scale: float | None = None
     text_encoder_scale: float | None = None
+
+    @property
+    def unet_scale(self) -> float | None:
+        """``denoiser_scale`` under its older name."""
+        return self.denoiser_scale
 
     @property
     def ref(self) -> str:
@@ -45,13 +51,23 @@ class AppliedAdapter:
     adapter: DeviceAdapter
     scale: float
     stale: bool = False  # a remembered 'latest' served while the store could not confirm it
-    unet_scale: float | None = None  # None: ``scale``
+    denoiser_scale: float | None = None  # None: ``scale``
     text_encoder_scale: float | None = None  # None: ``scale``
 
     @property
+    def denoiser_weight(self) -> float:
+        """The weight applied while the denoiser (UNet or transformer) runs."""
+        return self.scale if self.denoiser_scale is None else self.denoiser_scale
+
+    @property
+    def unet_scale(self) -> float | None:
+        """``denoiser_scale`` under its older name."""
+        return self.denoiser_scale
+
+    @property
     def unet_weight(self) -> float:
-        """The weight applied while the UNet runs (denoising)."""
-        return self.scale if self.unet_scale is None else self.unet_scale
+        """``denoiser_weight`` under its older name."""
+        return self.denoiser_weight
 
     @property
     def text_encoder_weight(self) -> float:
@@ -65,8 +81,9 @@ class AppliedAdapter:
             "sha256": self.version.sha256,
             "scale": self.scale,
         }
-        if self.unet_scale is not None:
-            described["unet_scale"] = self.unet_scale
+        if self.denoiser_scale is not None:  # echoed under both names (unet_scale: the older one)
+            described["denoiser_scale"] = self.denoiser_scale
+            described["unet_scale"] = self.denoiser_scale
         if self.text_encoder_scale is not None:
             described["text_encoder_scale"] = self.text_encoder_scale
         if self.stale:
@@ -80,15 +97,25 @@ def adapter_request(
     scale: float | None,
     *,
     field: str,
-    unet_scale: float | None = None,
+    denoiser_scale: float | None = None,
     text_encoder_scale: float | None = None,
+    unet_scale: float | None = None,
 ) -> AdapterRequest:
     """The one validation of an adapter named by a request: JSON ``adapters``, prompt tags, preload.
 
     Id as ``adapters.refs.validate_id``, version 1..``MAX_VERSION``, every weight (``scale``,
-    ``unet_scale``, ``text_encoder_scale``) as ``check_scale`` (finite, −4..4); anything else → 422
-    naming ``field``.
+    ``denoiser_scale`` or its alias ``unet_scale``, ``text_encoder_scale``) as ``check_scale`` (finite,
+    −4..4); the two names of the denoiser weight with different values, or anything else → 422 naming
+    ``field``.
     """
+    if denoiser_scale is not None and unet_scale is not None and denoiser_scale != unet_scale:
+        raise ValidationFailed(
+            f"{field}: denoiser_scale {denoiser_scale:g} and unet_scale {unet_scale:g} disagree "
+            f"for {adapter_id!r}; unet_scale is another name for denoiser_scale",
+            detail={"field": field},
+            hint="Send one of them.",
+        )
+    denoiser_scale = unet_scale if denoiser_scale is None else denoiser_scale
     try:
         validate_id(adapter_id)
     except InvalidAdapterRef as exc:
@@ -108,13 +135,13 @@ def adapter_request(
         adapter_id,
         version,
         checked(scale, "the weight"),
-        checked(unet_scale, "the UNet weight"),
+        checked(denoiser_scale, "the denoiser (UNet/transformer) weight"),
         checked(text_encoder_scale, "the text-encoder weight"),
     )
 
 
 def _tag_weights(weight: str) -> tuple[float | None, float | None]:
-    """A tag's weights → (scale, unet_scale): ``w``, ``te:unet``, ``te=…:unet=…`` (A1111's forms)."""
+    """A tag's weights → (scale, denoiser_scale): ``w``, ``te:unet``, ``te=…:unet=…`` (A1111's forms)."""
     if not weight:
         return None, None
     positional: list[float] = []
@@ -142,7 +169,7 @@ def extract_prompt_adapters(prompt: str) -> tuple[str, list[AdapterRequest]]:
         weight = (match["weight"] or "").strip()
         try:
             ref = parse_ref(match["name"].strip().lower())
-            scale, unet_scale = _tag_weights(weight)
+            scale, denoiser_scale = _tag_weights(weight)
         except (ValueError, InvalidAdapterRef):
             raise ValidationFailed(
                 f"bad prompt tag {tag!r}",
@@ -152,7 +179,9 @@ def extract_prompt_adapters(prompt: str) -> tuple[str, list[AdapterRequest]]:
             ) from None
         try:
             found.append(
-                adapter_request(ref.adapter_id, ref.version, scale, field="prompt", unet_scale=unet_scale)
+                adapter_request(
+                    ref.adapter_id, ref.version, scale, field="prompt", denoiser_scale=denoiser_scale
+                )
             )
         except ValidationFailed as exc:
             raise ValidationFailed(

@@ -149,7 +149,7 @@ class AdapterManager:
                         adapter,
                         _scale(request, version),
                         stale=resolution.stale,
-                        unet_scale=request.unet_scale,
+                        denoiser_scale=request.denoiser_scale,
                         text_encoder_scale=request.text_encoder_scale,
                     )
                 )

@@ -65,7 +65,9 @@ def test_detection_from_pipeline_class_and_unet_config(
         ("StableDiffusionXLPipeline", SDXL_UNET, SD_COMPONENTS, "it has no text_encoder_2"),
         ("StableDiffusionPipeline", SDXL_UNET, SD_COMPONENTS, "added conditioning 'text_time'"),
         ("StableDiffusionPipeline", SD1_UNET, XL_COMPONENTS, "second text encoder"),
-        ("FluxPipeline", {}, {}, r"FluxPipeline of no supported model family"),
+        ("QwenImagePipeline", {}, {}, r"QwenImagePipeline of no supported model family"),
+        ("FluxPipeline", {}, {}, r"its transformer config has no 'num_single_layers'"),
+        ("StableDiffusion3Pipeline", SD1_UNET, {}, r"its transformer config has no 'joint_attention_dim'"),
     ],
 )
 def test_contradictions_and_unknown_pipelines_are_refused(

@@ -49,6 +49,8 @@ TE2_WHY = (
 MODELSPEC_DEV = "flux-1-dev"
 MODELSPEC_SCHNELL = "flux-1-schnell"
 KOHYA_VERSION = "flux1"  # sd-scripts' flux_utils.MODEL_VERSION_FLUX_V1
+# every modelspec.architecture sd-scripts writes for a Flux.1 LoRA (``flux-1`` when it cannot tell)
+MODELSPEC_NAMES = (f"{MODELSPEC_DEV}/lora", f"{MODELSPEC_SCHNELL}/lora", "flux-1/lora")
 
 
 def widths(config: Mapping[str, Any]) -> tuple[int, int]:

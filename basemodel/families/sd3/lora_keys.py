@@ -44,6 +44,7 @@ T5_WHY = (
     "the LoRA without its T5 part (lora_te3_)"
 )
 MODELSPEC = "stable-diffusion-3"  # sd-scripts' sai_model_spec.ARCH_SD3_M, followed by the model type
+MODEL_TYPES = ("medium", "5-large", "5-medium")  # sd-scripts' sd3_utils model types
 
 
 def inner_width(config: Mapping[str, Any]) -> int:
