@@ -35,7 +35,14 @@ import torch
 from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.kinds import LYCORIS_ROLES, ROLE_KIND
 from adapters.metadata import SourceFormat
-from adapters.normalise import NormaliseInfo, _kohya_table, _path_variants, normalise
+from adapters.normalise import (
+    NormaliseInfo,
+    _check_components,
+    _kohya_table,
+    _ParsedKey,
+    _path_variants,
+    normalise,
+)
 from adapters.validate import check_modules_exist, first
 from basemodel.families import ModelFamily, find_family, label_of
 from basemodel.families.lora_tables import CommunityLayout, Rows, Target
@@ -83,6 +90,7 @@ def normalise_community(
     """A community file → canonical tensors and what normalisation found; None when every key is in the
     generic layouts (``<component>.<diffusers path>…``), which ``adapters.normalise`` reads itself."""
     _refuse(tensors, layout)
+    _refuse_components(tensors, architecture)
     resolver = _Resolver(architecture, layout)
     groups: dict[str, _Group] = {}
     unknown: list[str] = []
@@ -124,6 +132,19 @@ def _refuse(tensors: Mapping[str, torch.Tensor], layout: CommunityLayout) -> Non
                 reason="unsupported_component",
                 detail={"keys": first(keys), "count": len(keys)},
             )
+
+
+def _refuse_components(tensors: Mapping[str, torch.Tensor], architecture: Architecture) -> None:
+    """Keys of a component the base does not adapt (``text_encoder_2.`` on Flux: its T5; ``text_encoder_3.``
+    on SD3) are refused as ``adapters.normalise`` refuses them (frozen encoder, or another family's)."""
+    present = {module.split(".", 1)[0] for module in architecture.modules}
+    foreign: dict[str, _ParsedKey] = {}
+    for key in tensors:
+        component = key.split(".", 1)[0]
+        if component in (*GENERIC_COMPONENTS, "text_encoder_3", "unet") and component not in present:
+            foreign[key] = _ParsedKey("diffusers", component, key.split(".", 1)[-1], "down")
+    if foreign:
+        _check_components(foreign, architecture)
 
 
 def _split_role(key: str) -> tuple[str, str] | None:

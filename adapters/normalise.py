@@ -46,7 +46,16 @@ from adapters.validate import (
     dominant,
     first,
 )
-from basemodel.families import ModelFamily, find_family, get_family, kohya_components, label_of, owners_of
+from basemodel.families import (
+    FAMILIES,
+    ModelFamily,
+    find_family,
+    get_family,
+    kohya_components,
+    label_of,
+    lora_components,
+    owners_of,
+)
 from basemodel.fingerprint import Architecture
 
 Role = Literal["down", "up", "alpha"]
@@ -88,6 +97,14 @@ REFUSED_WHY = {
     "applied per request, mixed in a batch or scaled linearly; merge it with its own tools instead",
 }
 PEFT_PREFIXES = ("base_model.model.",)
+# component prefixes a diffusers key may start with: every family's LoRA components and the text
+# encoders no LoRA may target (T5: ``text_encoder_3`` on SD3), longest first (``text_encoder_2`` before
+# ``text_encoder``)
+KEY_COMPONENTS = tuple(
+    sorted(
+        {*lora_components(), *(n for f in FAMILIES for n in f.frozen_text_encoders)}, key=len, reverse=True
+    )
+)
 TEXT_MODEL = "text_model."
 
 
@@ -258,7 +275,7 @@ def _parse_key(key: str) -> _ParsedKey | None:
 
 
 def _split_component(stem: str) -> tuple[str | None, str]:
-    for component in ("unet", "transformer", "text_encoder_2", "text_encoder"):
+    for component in KEY_COMPONENTS:
         if stem.startswith(component + "."):
             return component, stem.removeprefix(component + ".")
     return None, stem

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeAlias
 import torch
 
 from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
-from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family
+from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family, read_index
 from basemodel.fingerprint import Architecture, fingerprint
 from basemodel.text_encoders import TextEncoderDevice, TextEncoderPlacement
 from basemodel.tiny import RANDOM_SPECS, TINY_NAME, ensure_random_tiny, ensure_tiny
@@ -96,8 +96,9 @@ def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> Pipe
         pipe: Pipeline = load_single_file(ref.path, torch_dtype=dtype)
     else:
         family = detect_folder(ref.path)
+        extra = family.load_kwargs(read_index(ref.path))
         pipe = family.pipeline_class().from_pretrained(
-            ref.path, dtype=dtype, local_files_only=True, use_safetensors=True, **family.load_kwargs()
+            ref.path, dtype=dtype, local_files_only=True, use_safetensors=True, **extra
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe

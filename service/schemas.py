@@ -15,9 +15,7 @@ from adapters.metadata import MAX_SCALE, MIN_SCALE
 from adapters.refs import ID_PATTERN, MAX_VERSION
 from service.openapi import ErrorInfo
 
-SchedulerName = Literal[
-    "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc", "lcm"
-]
+SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
 MAX_SEED = 2**63 - 1 - 64  # image i uses seed + i; stay inside torch's int64 seed range
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 """Every request model: no unknown fields, no type coercion, no NaN/Infinity."""
@@ -81,7 +79,7 @@ class GenerateRequest(BaseModel):
     scheduler: SchedulerName | None = Field(
         None,
         description="Sampler; default: the family's (ddim; euler on the flow-matching SD3 and Flux). "
-        "Flow-matching families take euler, heun, dpmpp_2m, unipc, lcm; the others all but lcm.",
+        "Flow-matching families take euler, heun, dpmpp_2m, unipc.",
     )
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=8, description="LoRA adapters.")
     init_image: str | None = Field(

@@ -167,8 +167,9 @@ class ModelFamily:
         cls: type[Any] = getattr(diffusers, self.pipeline_classes[0])
         return cls
 
-    def load_kwargs(self) -> dict[str, Any]:
-        """Extra ``from_pretrained`` / constructor arguments (components to leave out)."""
+    def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Extra ``from_pretrained`` / constructor arguments (components to leave out); ``index``: the
+        folder's ``model_index.json`` when loading one."""
         return {}
 
     def after_load(self, pipe: Any) -> None:

@@ -44,7 +44,7 @@ class SD1(ModelFamily):
             found.append("it has a second text encoder")
         return found
 
-    def load_kwargs(self) -> dict[str, Any]:
+    def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def encode(

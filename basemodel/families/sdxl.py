@@ -58,7 +58,7 @@ class SDXL(ModelFamily):
             found.append(f"its UNet has no {TEXT_TIME!r} added conditioning")
         return found
 
-    def load_kwargs(self) -> dict[str, Any]:
+    def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # The invisible watermark changes pixels and is not part of the model; it is never applied.
         return {"add_watermarker": False}
 

@@ -18,7 +18,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
-    FlowMatchLCMScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -62,7 +61,6 @@ FLOW_SCHEDULERS: dict[str, Entry] = {
         "DPM++ 2M",
     ),
     "unipc": (UniPCMultistepScheduler, FLOW, "UniPC"),
-    "lcm": (FlowMatchLCMScheduler, {}, "LCM"),
 }
 NAMES = tuple(dict.fromkeys((*SCHEDULERS, *FLOW_SCHEDULERS)))  # every name a request may send
 

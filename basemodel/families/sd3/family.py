@@ -75,6 +75,14 @@ class SD3(FlowMatchFamily):
         """kohya sd-scripts / ComfyUI / ai-toolkit names (``lora_keys.py``), from the transformer config."""
         return lora_keys.layout(config)
 
+    def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A folder saved without T5 (``text_encoder_3=None``) loads with it left out, as diffusers
+        users load SD3 without T5."""
+        if index is None:
+            return {}
+        present = {name for name, value in index.items() if isinstance(value, list) and value[0] is not None}
+        return {name: None for name in ("text_encoder_3", "tokenizer_3") if name not in present}
+
     def claims(self, signals: ModelSignals) -> bool:
         if signals.pipeline_class is not None:
             return signals.pipeline_class in self.pipeline_classes
