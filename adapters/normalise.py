@@ -499,7 +499,7 @@ def to_kohya(
 
     layout = layout_of(architecture) if architecture is not None else None
     if layout is not None:  # Flux / SD3: the original model's names, fused where it fuses
-        prefixes = {c: p for p, c in reversed(layout.text_prefixes.items()) if p.startswith("lora_")}
+        prefixes = {c: p for p, c in list(layout.text_prefixes.items())[::-1] if p.startswith("lora_")}
         return to_community_kohya(tensors, layout, lambda module: _text_name(module, prefixes))
 
     if lycoris.is_lycoris(tensors):
