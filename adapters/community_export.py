@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from adapters.errors import AdapterInvalid
-from adapters.kinds import group
+from adapters.kinds import check_module, group, kind_of, uses_alpha
 from basemodel.families.lora_tables import CommunityLayout, Target
 
 Part = tuple[Target, torch.Tensor, torch.Tensor]  # target, lora_A, lora_B
@@ -66,7 +66,9 @@ def to_community_kohya(
         name = text_name(module) if not module.startswith(prefix) else _plain_name(layout, owners, path)
         for role, tensor in factors.items():
             out[f"{name}.{role}"] = tensor
-        out[f"{name}.alpha"] = _lycoris_alpha(factors)
+        alpha = _lycoris_alpha(factors)
+        if alpha is not None:
+            out[f"{name}.alpha"] = alpha
     return out
 
 
@@ -91,12 +93,13 @@ def _plain_name(layout: CommunityLayout, owners: Mapping[str, tuple[str, Target]
     return layout.kohya_prefix + source.replace(".", "_")
 
 
-def _lycoris_alpha(factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    from adapters.kinds import check_module, kind_of
-
+def _lycoris_alpha(factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """alpha = rank where the kind applies one (the scale is folded in), as ``lycoris_to_kohya`` writes."""
     kind = kind_of(set(factors)).pop()
     rank, _ = check_module(kind, factors, None)
-    return torch.tensor(float(rank or 1), dtype=torch.float32)
+    if rank is None or not uses_alpha(kind, factors):
+        return None
+    return torch.tensor(float(rank), dtype=torch.float32)
 
 
 def _write(out: dict[str, torch.Tensor], name: str, down: torch.Tensor, up: torch.Tensor) -> None:

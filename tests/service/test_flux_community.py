@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from diffusers import FluxPipeline
 
 from adapters.identity import BaseIdentity
@@ -93,3 +94,63 @@ def test_flux_kohya_file_serves_like_load_lora_weights(
     ours = images(server, adapters=[{"id": "flux-kohya", "scale": 0.8}])
     assert max_diff(ours, diffusers_reference(flux.ref.path, kohya_file, 0.8)) <= 1
     assert max_diff(ours, plain) > 10, "the adapter must visibly change the image"
+
+
+def test_flux_loha_on_fused_modules_serves_like_the_merged_weights(
+    start_server: Any, flux: BaseModel, tmp_path: Path
+) -> None:
+    """A LyCORIS LoHa under kohya Flux names on the fused ``img_attn.qkv`` and ``linear1``: served through
+    the dense path, it draws what FluxPipeline draws with ``W + ΔW`` written into the weights by hand
+    (ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b) · alpha / rank, its rows cut in BFL order q, k, v(, MLP))."""
+    gen = torch.Generator().manual_seed(12)
+    pipe_modules = dict(flux.pipe.transformer.named_modules())
+    fused = {
+        "double_blocks_0_img_attn_qkv": [
+            "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.attn.to_k",
+            "transformer_blocks.0.attn.to_v",
+        ],
+        "single_blocks_0_linear1": [f"single_transformer_blocks.0.attn.to_{p}" for p in "qkv"]
+        + ["single_transformer_blocks.0.proj_mlp"],
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    merged: dict[str, torch.Tensor] = {}
+    for name, parts in fused.items():
+        rows = [pipe_modules[p].weight.shape[0] for p in parts]
+        width = pipe_modules[parts[0]].weight.shape[1]
+        f = {
+            "hada_w1_a": torch.randn(sum(rows), 2, generator=gen),
+            "hada_w1_b": torch.randn(2, width, generator=gen),
+            "hada_w2_a": torch.randn(sum(rows), 2, generator=gen),
+            "hada_w2_b": torch.randn(2, width, generator=gen) / width**0.5,
+        }
+        tensors |= {f"lora_unet_{name}.{role}": t for role, t in f.items()}
+        tensors[f"lora_unet_{name}.alpha"] = torch.tensor(4.0)
+        delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]) * 2.0
+        for part, chunk in zip(parts, torch.split(delta, rows), strict=True):
+            merged[part] = chunk
+    path = tmp_path / "loha.safetensors"
+    path.write_bytes(save_bytes(tensors))
+    registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(flux))
+    version = registry.register(path, "flux-loha")
+    assert version.kind == "loha" and version.num_modules == 7
+    server = start_server(loader=lambda _: flux, store=registry.store.uri)
+    ours = images(server, adapters=[{"id": "flux-loha", "scale": 1.0}])
+
+    pipe = FluxPipeline.from_pretrained(flux.ref.path)
+    pipe.set_progress_bar_config(disable=True)
+    modules = dict(pipe.transformer.named_modules())
+    with torch.no_grad():
+        for part, delta in merged.items():
+            modules[part].weight += delta
+    result = pipe(
+        REQUEST["prompt"],
+        num_inference_steps=REQUEST["steps"],
+        guidance_scale=REQUEST["guidance_scale"],
+        width=32,
+        height=32,
+        generator=generators_for(REQUEST["seed"], 1),
+        output_type="pil",
+    )
+    assert max_diff(ours, [np.asarray(image, dtype=np.int16) for image in result.images]) <= 1
+    assert max_diff(ours, images(server)) > 10
