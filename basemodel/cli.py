@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from basemodel.errors import ConfigError
+from basemodel.random_models import RANDOM_MODELS
 from basemodel.settings import load_settings
-from basemodel.tiny import RANDOM_MODELS
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +36,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--family",
         choices=sorted(RANDOM_MODELS),
         default="sd1",
-        help="with --random: the model family (sd1: tiny-sd-random, sdxl: tiny-sdxl-random)",
+        help="with --random: the model family (sd1: tiny-sd-random, sdxl: tiny-sdxl-random, "
+        "sd3: tiny-sd3-random, flux: tiny-flux-random)",
     )
     init.set_defaults(func=_init_tiny)
 
@@ -56,7 +57,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def _init_tiny(args: argparse.Namespace) -> int:
     from basemodel.pretrain.shipped import ensure_installed, install
-    from basemodel.tiny import TINY_NAME, save_random
+    from basemodel.random_models import save_random
+    from basemodel.tiny import TINY_NAME
 
     if args.random:
         name = RANDOM_MODELS[args.family]

@@ -21,8 +21,9 @@ import torch
 from basemodel.errors import BaseModelError, ConfigError, UnsafeFormat
 from basemodel.families import ModelFamily, detect_folder, detect_pipeline, get_family, read_index
 from basemodel.fingerprint import Architecture, fingerprint
+from basemodel.random_models import RANDOM_SPECS, ensure_random_tiny
 from basemodel.text_encoders import TextEncoderDevice, TextEncoderPlacement
-from basemodel.tiny import RANDOM_SPECS, TINY_NAME, ensure_random_tiny, ensure_tiny
+from basemodel.tiny import TINY_NAME, ensure_tiny
 
 log = logging.getLogger(__name__)
 

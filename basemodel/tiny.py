@@ -8,8 +8,9 @@ first use; nothing is trained or downloaded at start-up.
 ``tiny-sd-random`` (``loraswap model init-tiny --random``) is the same architecture with random weights
 built from a seed; the same seed always gives byte-identical weight files. ``tiny-sd-inpaint-random``
 is its inpainting counterpart: a ``StableDiffusionInpaintPipeline`` folder whose UNet takes 9 input
-channels (latents, mask, masked-image latents), as SD1.5's inpainting checkpoint. ``tiny-sdxl-random``
-(``--random --family sdxl``) is its SDXL-shaped counterpart (``basemodel/tiny_sdxl.py``).
+channels (latents, mask, masked-image latents), as SD1.5's inpainting checkpoint. The other families'
+random models (``tiny-sdxl-random``, ``tiny-sd3-random``, ``tiny-flux-random``) live in their family
+packages and build on this module's VAE and CLIP parts; ``basemodel.random_models`` lists them all.
 
 Module names follow SD1.5 (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` …) so
 adapters, converters and tests exercise the same paths as on a full model; only widths and depths
@@ -32,19 +33,8 @@ from basemodel.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 
 TINY_NAME = "tiny-sd"
 RANDOM_NAME = "tiny-sd-random"
-SDXL_RANDOM_NAME = "tiny-sdxl-random"
-FLUX_RANDOM_NAME = "tiny-flux-random"
-SD3_RANDOM_NAME = "tiny-sd3-random"
 INPAINT_RANDOM_NAME = "tiny-sd-inpaint-random"
 INPAINT_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4)
-# family → its random-weights test model (``loraswap model init-tiny --random --family F``)
-RANDOM_MODELS = {
-    "sd1": RANDOM_NAME,
-    "sdxl": SDXL_RANDOM_NAME,
-    "sd3": SD3_RANDOM_NAME,
-    "flux": FLUX_RANDOM_NAME,
-}
-RANDOM_SPECS = (*RANDOM_MODELS.values(), INPAINT_RANDOM_NAME)  # every random-weights spec
 DEFAULT_SEED = 0
 RESOLUTION = 32
 LATENT_SIZE = RESOLUTION // 2
@@ -180,27 +170,3 @@ def ensure_tiny(models_dir: Path) -> Path:
     from basemodel.pretrain.shipped import ensure_installed
 
     return ensure_installed(Path(models_dir) / TINY_NAME)
-
-
-def save_random(name: str, output: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Build the random model ``name`` (one of ``RANDOM_SPECS``) from ``seed`` into ``output``."""
-    from basemodel.families.flux.tiny import save_tiny_flux
-    from basemodel.families.sd3.tiny import save_tiny_sd3
-    from basemodel.tiny_sdxl import save_tiny_sdxl
-
-    builders = {
-        RANDOM_NAME: save_tiny,
-        SDXL_RANDOM_NAME: save_tiny_sdxl,
-        INPAINT_RANDOM_NAME: save_tiny_inpaint,
-        FLUX_RANDOM_NAME: save_tiny_flux,
-        SD3_RANDOM_NAME: save_tiny_sd3,
-    }
-    return builders[name](output, seed)
-
-
-def ensure_random_tiny(models_dir: Path, seed: int = DEFAULT_SEED, name: str = RANDOM_NAME) -> Path:
-    """The random model ``name`` under ``models_dir``, built from ``seed`` on first use."""
-    target = Path(models_dir) / name
-    if not (target / "model_index.json").is_file():
-        save_random(name, target, seed)
-    return target

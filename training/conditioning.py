@@ -36,6 +36,11 @@ class Conditioner:
     pipe: Any
 
     @property
+    def denoiser(self) -> nn.Module:
+        """The family's denoiser (the UNet; the transformer on SD3/Flux), which carries the LoRA."""
+        return self.family.denoiser_module(self.pipe)
+
+    @property
     def text_encoders(self) -> dict[str, nn.Module]:
         """Component name → text encoder, in the family's order."""
         return {name: getattr(self.pipe, name) for name in self.family.text_encoders}

@@ -92,7 +92,7 @@ def validation_loss(
 ) -> float | None:
     if not batches:
         return None
-    unet, encoders = conditioner.pipe.unet, list(conditioner.text_encoders.values())
+    unet, encoders = conditioner.denoiser, list(conditioner.text_encoders.values())
     was_training = unet.training, [encoder.training for encoder in encoders]
     unet.eval()
     for encoder in encoders:

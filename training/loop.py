@@ -121,7 +121,7 @@ class Trainer:
     def __init__(self, parts: TrainerParts) -> None:
         self.p = parts
         cfg = parts.config
-        self.unet = parts.pipe.unet
+        self.unet = parts.conditioner.denoiser
         self.text_encoders = parts.conditioner.text_encoders
         groups = [{"params": parts.injection.unet_params, "lr": cfg.lr}]
         if parts.injection.text_encoder_params:

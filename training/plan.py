@@ -40,7 +40,7 @@ def activation_bytes(
     autocast: AbstractContextManager[Any],
 ) -> int:
     """Bytes autograd saves for one training forward at batch size 1 (measured)."""
-    unet = conditioner.pipe.unet
+    unet = conditioner.denoiser
     encoders = list(conditioner.text_encoders.values())
     seen: set[tuple[int, tuple[int, ...]]] = set()
     total = 0

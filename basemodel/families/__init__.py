@@ -56,8 +56,10 @@ __all__ = [
     "owners_of",
 ]
 
-# Detection order: the more specific claim first (SD2.x is SD1.x's pipeline with a wider context).
-FAMILIES: tuple[ModelFamily, ...] = (Flux(), SD3(), SDXL(), SD2(), SD1())
+# Detection order: the more specific claim first (SD2.x is SD1.x's pipeline with a wider context; SD1.x
+# claims any UNet without added conditioning, so the transformer families come before it). Where several
+# families own a component (``text_encoder_2``: SDXL, SD3), messages name them in this order.
+FAMILIES: tuple[ModelFamily, ...] = (SDXL(), SD3(), Flux(), SD2(), SD1())
 _BY_NAME = {family.name: family for family in FAMILIES}
 
 

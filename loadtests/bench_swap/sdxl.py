@@ -2,8 +2,8 @@
 
 ``sdxl`` takes the shipped SDXL base configs (``basemodel/configs/sdxl``: a 2.6 B-parameter UNet, CLIP
 ViT-L and OpenCLIP ViT-bigG-shaped text encoders, the SDXL VAE, the Euler scheduler, the offline
-tokenizers); ``tiny-sdxl`` takes tiny-sdxl-random's configs and tokenizer (``basemodel.tiny_sdxl``), so
-a test covers the same code path in seconds. Nothing is downloaded.
+tokenizers); ``tiny-sdxl`` takes tiny-sdxl-random's configs and tokenizer
+(``basemodel.families.sdxl.tiny``), so a test covers the same code path in seconds. Nothing is downloaded.
 
 How the weights come to be, without a second copy of the model in memory:
 
@@ -84,8 +84,8 @@ def shipped_shape() -> SDXLShape:
 
 
 def tiny_shape() -> SDXLShape:
-    """tiny-sdxl-random's configs and tokenizer (the shape of ``basemodel.tiny_sdxl``)."""
-    from basemodel.tiny_sdxl import build_tiny_sdxl_pipeline
+    """tiny-sdxl-random's configs and tokenizer (the shape of ``basemodel.families.sdxl.tiny``)."""
+    from basemodel.families.sdxl.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline()
     configs = {name: dict(getattr(pipe, name).config) for name in ("unet", "vae", "scheduler")}

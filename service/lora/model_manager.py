@@ -82,6 +82,11 @@ def _apply(name: str, context: LoRAContext, x: torch.Tensor, output: torch.Tenso
         pair = lora.adapter.modules.get(name)
         if pair is None:
             continue
+        home = lora.adapter.device
+        if home is not None and home != x.device:  # text encoders kept on the CPU, adapters on the GPU
+            assert lora.rows is None, "row-indexed adapters act on the denoiser, beside their weights"
+            output = output + pair.delta(x.to(home)).to(output.device) * lora.scale
+            continue
         if lora.rows is None:
             output = output + pair.delta(x) * lora.scale  # PEFT's order: result + B(A(x)) * scaling
         else:

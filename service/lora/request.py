@@ -135,7 +135,7 @@ def adapter_request(
         adapter_id,
         version,
         checked(scale, "the weight"),
-        checked(denoiser_scale, "the denoiser (UNet/transformer) weight"),
+        checked(denoiser_scale, "the denoiser weight (the UNet weight; the transformer's on SD3/Flux)"),
         checked(text_encoder_scale, "the text-encoder weight"),
     )
 

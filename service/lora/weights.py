@@ -29,6 +29,7 @@ class DeviceAdapter:
     key: str
     modules: dict[str, Layer]
     nbytes: int = field(default=0)
+    device: torch.device | None = None  # where the layers live (None: unknown, assumed the model's)
 
     @classmethod
     def build(
@@ -60,4 +61,5 @@ class DeviceAdapter:
                 lycoris.setdefault(parts[0], {})[parts[1]] = moved
         for module_name, factors in lycoris.items():
             modules[module_name] = dense_for(targets[module_name], ROLE_KIND[next(iter(factors))], factors)
-        return cls(key, modules, sum(layer.nbytes for layer in modules.values()))
+        placed = torch.empty(0, device=device).device  # normalised: "cuda" → "cuda:0"
+        return cls(key, modules, sum(layer.nbytes for layer in modules.values()), placed)

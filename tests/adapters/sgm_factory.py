@@ -1,7 +1,7 @@
 """UNet configs (SD1.5 and SDXL base, small SD1.5 shapes), tiny-sdxl-random's components, kohya files
 in LDM/SGM names.
 
-tiny-sdxl-random (``basemodel.tiny_sdxl``, built in memory) is the SDXL base of the adapter tests: an
+tiny-sdxl-random (``basemodel.families.sdxl.tiny``, built in memory) is the SDXL base of the adapter tests: an
 SDXL-layout UNet (``text_time`` embedding, no attention in the first down block, transformer depth 2
 in the last) and two CLIP text encoders of different widths, the second with a projection. The real
 SDXL base and SD1.5 UNets are built on the meta device (shapes only) for the table tests.
@@ -22,9 +22,9 @@ from torch import nn
 
 from adapters.kohya_ldm import kohya_unet_names
 from basemodel.families import get_family
+from basemodel.families.sdxl.tiny import build_tiny_sdxl_pipeline
 from basemodel.fingerprint import Architecture, describe_modules, public_config
 from basemodel.single_file import SD15_CONFIG_DIR, SDXL_CONFIG_DIR
-from basemodel.tiny_sdxl import build_tiny_sdxl_pipeline
 
 TINY_SD_CONFIG_PATH = SD15_CONFIG_DIR.parents[1] / "weights" / "tiny-sd" / "unet" / "config.json"
 

@@ -20,9 +20,9 @@ from basemodel.families import (
     detect_folder,
     get_family,
 )
+from basemodel.families.sdxl.tiny import save_tiny_sdxl
 from basemodel.fingerprint import Architecture
 from basemodel.loader import load_base_model
-from basemodel.tiny_sdxl import save_tiny_sdxl
 from tests.basemodel.test_tiny_and_identity import tree_digest
 
 SD1_UNET = {"cross_attention_dim": 768, "addition_embed_type": None}

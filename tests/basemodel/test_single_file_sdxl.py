@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from basemodel.families import detect_checkpoint
+from basemodel.families.sdxl.tiny import build_tiny_sdxl_pipeline
 from basemodel.single_file import SDXL_CONFIG_DIR, load_single_file
-from basemodel.tiny_sdxl import build_tiny_sdxl_pipeline
 from tests.basemodel.test_single_file import _assert_same_weights, unet_to_ldm, vae_to_ldm
 
 OPENCLIP_LAYER = {

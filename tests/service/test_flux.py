@@ -212,6 +212,8 @@ def test_flux_refuses_what_it_cannot_do(
     error = response.json()["error"]
     assert error["type"] == "adapter_incompatible"
     assert "SD1.x (sd1)" in error["message"] and "Flux.1 (flux)" in error["message"], error
+    response = generate(server, adapters=[{"id": "sd1-style", "denoiser_scale": 0.5, "unet_scale": 0.7}])
+    assert response.status_code == 422 and "unet_scale is another name" in response.text, response.text
     response = generate(server, scheduler="ddim")
     assert response.status_code == 422, response.text
     error = response.json()["error"]

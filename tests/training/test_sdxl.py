@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from adapters.format import read_adapter
 from adapters.metadata import parse_header_metadata
 from basemodel.families import get_family
+from basemodel.families.sdxl.tiny import build_tiny_sdxl_pipeline
 from basemodel.loader import BaseModel, load_base_model
-from basemodel.tiny_sdxl import build_tiny_sdxl_pipeline
 from tests.basemodel.test_families import build_tiny_sd2
 from tests.service.conftest import start_server  # noqa: F401  (fixture)
 from tests.service.test_sdxl import diffusers_reference, images, max_diff

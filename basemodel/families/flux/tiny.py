@@ -25,6 +25,7 @@ from basemodel.families.t5 import build_t5_tokenizer
 from basemodel.tiny import DEFAULT_SEED, RESOLUTION, clip_text_config
 from basemodel.tokenizer import build_tokenizer
 
+FLUX_RANDOM_NAME = "tiny-flux-random"
 FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
 LATENT_CHANNELS = 4  # Flux.1: 16
 CLIP_WIDTH = 32  # CLIP-L: 768 (its pooled output is Flux's pooled projection)

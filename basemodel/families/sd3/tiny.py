@@ -25,6 +25,7 @@ from basemodel.families.t5 import build_t5_tokenizer
 from basemodel.tiny import DEFAULT_SEED, LATENT_SIZE, clip_text_config
 from basemodel.tokenizer import build_tokenizer
 
+SD3_RANDOM_NAME = "tiny-sd3-random"
 SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
 CLIP_WIDTHS = (32, 32)  # CLIP-L, CLIP-G (SD3: 768, 1280)
 PROJECTION = 32  # each CLIP's pooled projection (SD3: 768, 1280 → pooled_projection_dim 2048)

@@ -19,9 +19,11 @@ from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from basemodel.families import read_index, read_json
-from basemodel.single_file import (
+from basemodel.single_file_parts import (
     SDXL_CLIP_PREFIX,
     SDXL_OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
     assign_weights,
     clip_text_encoder,
     converted,
@@ -29,6 +31,14 @@ from basemodel.single_file import (
     load_tokenizer,
     subset,
 )
+
+# SDXL's single-file component key prefixes, in words (what a checkpoint must have)
+SDXL_COMPONENTS = {
+    UNET_PREFIX: "UNet",
+    VAE_PREFIX: "VAE",
+    SDXL_CLIP_PREFIX: "CLIP ViT-L text encoder",
+    SDXL_OPENCLIP_PREFIX: "OpenCLIP ViT-bigG text encoder",
+}
 
 
 def assemble_sdxl(

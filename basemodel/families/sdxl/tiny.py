@@ -21,11 +21,12 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DC
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from basemodel.atomic import staged_folder
-from basemodel.tiny import DEFAULT_SEED, LATENT_SIZE, SDXL_RANDOM_NAME, build_vae, clip_text_config
+from basemodel.tiny import DEFAULT_SEED, LATENT_SIZE, build_vae, clip_text_config
 from basemodel.tokenizer import build_tokenizer
 
 __all__ = ["SDXL_RANDOM_NAME", "build_tiny_sdxl_pipeline", "save_tiny_sdxl"]
 
+SDXL_RANDOM_NAME = "tiny-sdxl-random"
 SDXL_VAE_SCALING = 0.13025
 TEXT_WIDTHS = (32, 64)  # text_encoder, text_encoder_2 (SDXL: 768, 1280)
 PROJECTION = 48  # text_encoder_2's pooled projection (SDXL: 1280)
