@@ -16,7 +16,7 @@ from adapters.identity import BaseIdentity
 from basemodel.families import get_family
 from basemodel.families.lora_tables import CommunityLayout
 from basemodel.fingerprint import Architecture
-from basemodel.tiny import FLUX_RANDOM_NAME, SD3_RANDOM_NAME, ensure_random_tiny
+from basemodel.random_models import FLUX_RANDOM_NAME, SD3_RANDOM_NAME, ensure_random_tiny
 from service.cli import main
 from tests.adapters.community_factory import deltas, kohya_lora
 from tests.adapters.conftest import save_bytes

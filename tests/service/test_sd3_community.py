@@ -22,7 +22,7 @@ from adapters.registry import Registry
 from adapters.sources import open_store
 from basemodel.families import get_family
 from basemodel.loader import BaseModel, load_base_model
-from basemodel.tiny import SD3_RANDOM_NAME, ensure_random_tiny
+from basemodel.random_models import SD3_RANDOM_NAME, ensure_random_tiny
 from service.engine.sampler import generators_for
 from tests.adapters.community_factory import kohya_lora
 from tests.adapters.conftest import save_bytes
