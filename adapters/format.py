@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 from adapters.errors import AdapterInvalid, AdapterTooLarge, AdapterUnsafeFormat
+from adapters.kohya_export import to_kohya
 from adapters.metadata import (
     METADATA_KEY,
     AdapterMetadata,
@@ -31,7 +32,7 @@ from adapters.metadata import (
     parse_header_metadata,
     untrusted_json,
 )
-from adapters.normalise import NormaliseInfo, normalise, to_kohya
+from adapters.normalise import NormaliseInfo, normalise
 from adapters.validate import check_canonical, dominant
 from basemodel.fingerprint import Architecture
 
@@ -329,7 +330,7 @@ def write_kohya(
     """Export canonical tensors in kohya/A1111 layout (``lora_unet_…``/``lora_te_…``, alpha = rank).
 
     ``architecture`` (the base's) selects the names sd-scripts writes for its family, e.g. SDXL's LDM/SGM
-    UNet names and ``lora_te1_``/``lora_te2_`` (see ``adapters.normalise.to_kohya``).
+    UNet names and ``lora_te1_``/``lora_te2_`` (see ``adapters.kohya_export.to_kohya``).
     """
     metadata = complete_metadata(tensors, metadata)
     config = architecture.unet_config if architecture is not None else None
