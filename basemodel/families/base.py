@@ -175,10 +175,10 @@ class ModelFamily:
     def after_load(self, pipe: Any) -> None:
         """Adjust a loaded pipeline once it is on its device and dtype (default: nothing)."""
 
-    def denoiser_module(self, pipe: Any) -> nn.Module:
-        """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
-        module: nn.Module = getattr(pipe, self.denoiser)
-        return module
+    def denoiser_module(self, pipe: Any) -> Any:
+        """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``; a diffusers model, typed
+        loosely as the pipeline is: it has ``device``, ``dtype`` and ``config``)."""
+        return getattr(pipe, self.denoiser)
 
     def lora_components(self, pipe: Any) -> dict[str, nn.Module]:
         """Component name → module, for every component whose modules LoRA may target; the denoiser
