@@ -5,7 +5,8 @@ built from the transformer config); this module applies it. Accepted, per key:
 
 * kohya sd-scripts / ComfyUI: ``lora_unet_<BFL or SGM path with _>``
   (``lora_unet_double_blocks_0_img_attn_qkv``,
-  ``lora_unet_joint_blocks_0_x_block_attn_qkv``) or ``lora_unet_<diffusers path with _>``, with
+  ``lora_unet_joint_blocks_0_x_block_attn_qkv``) or ``lora_unet_<diffusers path with _>`` (also
+  ``lora_transformer_<diffusers path with _>``, the "mixture" files diffusers reads), with
   ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; text encoders under the family's prefixes
   (``lora_te1_`` …), named as for the UNet families;
 * ai-toolkit / ComfyUI / SimpleTuner: ``diffusion_model.`` + BFL or diffusers paths with ``lora_A`` /
@@ -170,10 +171,10 @@ class _Resolver:
         self.text = _kohya_table(architecture)
 
     def resolve(self, stem: str) -> _Source | None:
-        if stem.startswith(self.layout.kohya_prefix):
-            name = stem.removeprefix(self.layout.kohya_prefix)
-            targets = self.kohya.get(name)
-            return _Source(self.component, targets, "kohya", stem) if targets else None
+        for prefix in (self.layout.kohya_prefix, f"lora_{self.component}_"):  # sd-scripts; "mixture" files
+            if stem.startswith(prefix):
+                targets = self.kohya.get(stem.removeprefix(prefix))
+                return _Source(self.component, targets, "kohya", stem) if targets else None
         for prefix, component in self.layout.text_prefixes.items():
             if stem.startswith(prefix):
                 return self._text(stem, prefix, component)

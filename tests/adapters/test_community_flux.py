@@ -352,3 +352,27 @@ def test_malformed_fused_modules_are_typed_errors(factors: dict[str, tuple[int, 
     with pytest.raises(LoraswapError) as err:
         normalise_community(file, arch, layout)
     assert status_for(err.value) in (409, 422)
+
+
+def test_lora_transformer_mixture_names_match_diffusers() -> None:
+    """``lora_transformer_<diffusers path with _>`` files (diffusers' "mixture" branch) read the same.
+    (That branch maps a single block's ``proj_mlp`` / ``proj_out`` to the block itself, which then loads
+    nowhere; we read them by name, so the comparison takes modules diffusers maps right.)"""
+    arch, layout = flux_dev()
+    gen = torch.Generator().manual_seed(8)
+    file: dict[str, torch.Tensor] = {}
+    for path in (
+        "transformer_blocks.4.attn.to_q",
+        "single_transformer_blocks.9.attn.to_k",
+        "norm_out.linear",
+    ):
+        out_f, in_f = arch.modules[f"transformer.{path}"]
+        name = "lora_transformer_" + path.replace(".", "_")
+        file[f"{name}.lora_down.weight"] = torch.randn(2, in_f, generator=gen) / in_f**0.5
+        file[f"{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=gen)
+        file[f"{name}.alpha"] = torch.tensor(1.0)
+    canonical, info = normalise_community(file, arch, layout) or ({}, None)
+    assert info is not None and info.source_format == "kohya"
+    assert_same(
+        transformer_only(canonical), diffusers_probes(_convert_kohya_flux_lora_to_diffusers(dict(file)))
+    )

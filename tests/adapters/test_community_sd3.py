@@ -129,3 +129,23 @@ def test_modelspec_names_follow_sd_scripts() -> None:
     large = {**TINY_SD35, "dual_attention_layers": ()}
     assert lora_keys.modelspec_architecture(large) == "stable-diffusion-3-5-large/lora"
     assert lora_keys.kohya_base_version(large) == "5-large"
+
+
+def test_comfyui_names_read_like_kohya() -> None:
+    """ComfyUI's ``diffusion_model.`` + SGM dotted names and ``text_encoders.clip_l/clip_g.transformer.``
+    CLIP names (``lora_A``/``lora_B``): the same ΔW as the kohya file."""
+    arch, layout, _ = sd3("sd3.5")
+    names = ["joint_blocks.0.x_block.attn2.qkv", "joint_blocks.2.context_block.adaLN_modulation.1"]
+    kohya = kohya_lora(layout.kohya, arch, names, alpha=2.0) | {
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight": torch.ones(2, 16),
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.lora_up.weight": torch.ones(16, 2),
+    }
+    comfy = kohya_lora(layout.kohya, arch, names, alpha=2.0, prefix="diffusion_model.", dotted=True)
+    clip_g = "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.k_proj"
+    comfy |= {f"{clip_g}.lora_A.weight": torch.ones(2, 16), f"{clip_g}.lora_B.weight": torch.ones(16, 2)}
+    ours, info = normalise_community(comfy, arch, layout) or ({}, None)
+    theirs, _ = normalise_community(kohya, arch, layout) or ({}, None)
+    assert info is not None and info.source_format == "ai-toolkit"
+    assert set(ours) == set(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], msg=key)
