@@ -287,6 +287,11 @@ class ModelFamily:
         (Flux-dev); ``device``: where the text encoders run (default: the denoiser's device)."""
         raise NotImplementedError
 
+    def size_multiple(self, pipe: Any) -> int:
+        """Width and height must be multiples of this (beyond the API's 8): the VAE factor times the
+        transformer's patch size on SD3 and Flux (16 on the released models); 1: no further rule."""
+        return 1
+
     def latent_channels(self, pipe: Any) -> int:
         """Channels of the initial noise (the denoiser's input channels)."""
         return int(self.denoiser_module(pipe).config.in_channels)
