@@ -241,7 +241,7 @@ def _convert(args: argparse.Namespace) -> int:
             hint="Use --to kohya (LyCORIS names, read by A1111 and ComfyUI), or 'loraswap adapters merge'.",
         )
     if args.to == "diffusers":
-        data = write_adapter(args.output, prepared.tensors, prepared.metadata)
+        data = write_adapter(args.output, prepared.tensors, prepared.metadata, base.architecture)
     else:
         data = write_kohya(args.output, prepared.tensors, prepared.metadata, base.architecture)
     modules = len(prepared.metadata.target_modules)

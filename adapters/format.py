@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from adapters.errors import AdapterInvalid, AdapterTooLarge, AdapterUnsafeFormat
+from adapters.kohya_export import to_kohya
 from adapters.metadata import (
     METADATA_KEY,
     AdapterMetadata,
@@ -34,7 +35,7 @@ from adapters.metadata import (
     parse_header_metadata,
     untrusted_json,
 )
-from adapters.normalise import NormaliseInfo, normalise, to_kohya
+from adapters.normalise import NormaliseInfo, normalise
 from adapters.sniff import SNIFF_BYTES, check_start
 from adapters.validate import check_canonical, dominant
 from basemodel.fingerprint import Architecture
@@ -304,13 +305,20 @@ def complete_metadata(tensors: dict[str, torch.Tensor], metadata: AdapterMetadat
     return metadata.model_copy(update=update)
 
 
-def write_adapter(path: Path | None, tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> bytes:
+def write_adapter(
+    path: Path | None,
+    tensors: dict[str, torch.Tensor],
+    metadata: AdapterMetadata,
+    architecture: Architecture | None = None,
+) -> bytes:
     """Validate canonical-layout tensors and write .safetensors.
 
-    Returns the bytes; also writes them atomically to ``path`` when given.
+    Returns the bytes; also writes them atomically to ``path`` when given. ``architecture`` (the
+    base's) lets the modelspec / kohya keys name the family's variant (Flux dev or schnell …).
     """
     metadata = complete_metadata(tensors, metadata)
-    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
+    config = architecture.unet_config if architecture is not None else None
+    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata, config)}
     data = serialise(tensors, header)
     if path is not None:
         write_bytes_atomic(Path(path), data)
@@ -326,10 +334,11 @@ def write_kohya(
     """Export canonical tensors in kohya/A1111 layout (``lora_unet_…``/``lora_te_…``, alpha = rank).
 
     ``architecture`` (the base's) selects the names sd-scripts writes for its family, e.g. SDXL's LDM/SGM
-    UNet names and ``lora_te1_``/``lora_te2_`` (see ``adapters.normalise.to_kohya``).
+    UNet names and ``lora_te1_``/``lora_te2_`` (see ``adapters.kohya_export.to_kohya``).
     """
     metadata = complete_metadata(tensors, metadata)
-    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata)}
+    config = architecture.unet_config if architecture is not None else None
+    header = {METADATA_KEY: metadata.to_json(), **interop_keys(metadata, config)}
     data = serialise(to_kohya(tensors, architecture), header)
     if path is not None:
         write_bytes_atomic(Path(path), data)

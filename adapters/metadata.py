@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ MIN_SCALE, MAX_SCALE = -4.0, 4.0
 MAX_METADATA_BYTES = 64 << 10
 """User-owned metadata, as JSON, is at most this long (it goes into the file header; the title twice)."""
 
-SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "a1111", "loraswap"]
+SourceFormat = Literal["diffusers", "diffusers-legacy", "kohya", "a1111", "ai-toolkit", "xlabs", "loraswap"]
 AdapterKind = Literal["lora", "loha", "lokr", "full", "dora", "embedding"]
 """What an adapter's tensors are (``adapters.kinds``); metadata without it (older files) is a LoRA."""
 TensorDType = Literal["fp32", "fp16", "bf16"]
@@ -242,26 +243,28 @@ def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
     return TrainingInfo(**fields) if fields else None
 
 
-def _modelspec_architecture(family: str | None) -> str:
+def _modelspec_architecture(family: str | None, config: Mapping[str, Any] | None) -> str:
     known = find_family(family or "sd1")
-    return known.modelspec_architecture() if known is not None else f"{family}/lora"
+    return known.modelspec_architecture(config=config) if known is not None else f"{family}/lora"
 
 
-def _kohya_base_version(family: str | None) -> str:
+def _kohya_base_version(family: str | None, config: Mapping[str, Any] | None) -> str:
     known = find_family(family or "sd1")
-    return known.kohya_base_version() if known is not None else f"loraswap_{family}"
+    return known.kohya_base_version(config=config) if known is not None else f"loraswap_{family}"
 
 
-def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:
+def interop_keys(metadata: AdapterMetadata, config: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The kohya / SAI-modelspec header keys derived from ``metadata`` (values are strings).
 
     Alpha is folded into the weights, so the file's effective alpha equals its rank:
     ``ss_network_alpha`` is written equal to ``ss_network_dim`` (the original alpha is in
     ``loraswap.alpha``). ``sshs_model_hash`` (sha256 of the bytes after the header, kohya's definition)
-    depends on the serialised data, so ``adapters.format.serialise`` adds it.
+    depends on the serialised data, so ``adapters.format.serialise`` adds it. ``config`` (the base's
+    denoiser config) names the variant where the family's names depend on it (Flux dev / schnell, SD3
+    medium / 3.5 large …).
     """
     family = metadata.base_model.family if metadata.base_model else None
-    architecture = _modelspec_architecture(family)
+    architecture = _modelspec_architecture(family, config)
     if metadata.kind == "embedding":  # SAI modelspec's name for textual inversion
         architecture = architecture.removesuffix("/lora") + "/textual-inversion"
     keys: dict[str, str] = {
@@ -269,7 +272,7 @@ def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:
         "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": metadata.title or metadata.adapter_id or "lora",
-        "ss_base_model_version": _kohya_base_version(family),
+        "ss_base_model_version": _kohya_base_version(family, config),
     }
     if metadata.rank is not None:
         keys["ss_network_dim"] = str(metadata.rank)

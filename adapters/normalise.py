@@ -48,9 +48,7 @@ from adapters.validate import (
 )
 from basemodel.families import (
     FAMILIES,
-    ModelFamily,
     find_family,
-    get_family,
     kohya_components,
     label_of,
     lora_components,
@@ -155,12 +153,14 @@ def normalise(
     *,
     max_rank: int | None = None,
     alpha: float | Mapping[str, float] | None = None,
+    community: bool = True,
 ) -> tuple[dict[str, torch.Tensor], NormaliseInfo]:
     """Any accepted layout → canonical tensors with alpha/rank folded into ``lora_B``.
 
     ``alpha`` supplies alphas a layout does not carry (PEFT state dicts keep alpha in ``LoraConfig``):
     one number for all modules, or canonical module name → alpha. ``.alpha`` keys take precedence;
-    modules with neither keep alpha = rank (scale 1.0).
+    modules with neither keep alpha = rank (scale 1.0). ``community``: first offer the file to the base
+    family's own layouts (``ModelFamily.community_lora``: Flux's and SD3's kohya, XLabs, ai-toolkit).
     """
     if not tensors:
         raise AdapterInvalid("the adapter contains no tensors", reason="empty")
@@ -171,11 +171,11 @@ def normalise(
     if embedding.is_embedding(tensors):
         return embedding.normalise_file(tensors, architecture)
     _refuse_unsupported(tensors)
-    family = find_family(architecture.family)
-    community = family.community_lora(tensors, architecture) if family is not None else None
-    if community is not None:  # a layout only this family's tools write (ModelFamily.community_lora)
-        check_rank(community[1].ranks, max_rank)
-        return community
+    if community:
+        found = _community(tensors, architecture)
+        if found is not None:
+            check_rank(found[1].ranks, max_rank)
+            return found
 
     if lycoris.is_lycoris(tensors):
         return lycoris.normalise_lycoris(tensors, architecture, max_rank=max_rank, alpha=alpha)
@@ -196,6 +196,19 @@ def normalise(
         folded = up.detach().to(torch.float32) * scale if scale != 1.0 else up.detach()
         canonical[f"{module}.lora_B.weight"] = folded.to(dtype, copy=True).contiguous()
     return canonical, NormaliseInfo(layout, ranks, alphas, DTYPE_NAMES[dtype])
+
+
+def _community(
+    tensors: Mapping[str, torch.Tensor], architecture: Architecture
+) -> tuple[dict[str, torch.Tensor], NormaliseInfo] | None:
+    """The base family's reading of a file in a layout only its tools write (None: not one of those)."""
+    from adapters.community import read_community  # reads its tables with this module's helpers
+
+    found = read_community(tensors, architecture)
+    family = find_family(architecture.family)
+    if found is None and family is not None:
+        found = family.community_lora(tensors, architecture)
+    return found
 
 
 def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -360,6 +373,8 @@ def _check_components(parsed: Mapping[str, _ParsedKey], architecture: Architectu
     component = parsed[stray[0]].component or ""
     _refuse_frozen(component, stray, architecture)
     owners = owners_of(component)
+    if parsed[stray[0]].layout == "kohya":  # a kohya prefix: the families whose sd-scripts write it
+        owners = [f for f in owners if component in f.kohya_prefixes.values()] or owners
     adapter = " or ".join(label_of(f.name) for f in owners) or "another model family"
     raise AdapterIncompatible(
         f"the adapter is for {adapter} base models: it has {len(stray)} key(s) for {component}, e.g. "
@@ -464,59 +479,7 @@ def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 def to_kohya(
     tensors: Mapping[str, torch.Tensor], architecture: Architecture | None = None
 ) -> dict[str, torch.Tensor]:
-    """Canonical tensors → kohya/A1111 keys (``.lora_down``/``.lora_up``/``.alpha`` = rank).
+    """Canonical tensors → kohya/A1111 keys: ``adapters.kohya_export.to_kohya`` (kept here for callers)."""
+    from adapters.kohya_export import to_kohya as export
 
-    The names are the ones sd-scripts writes for the base's family (``ModelFamily.kohya_prefixes`` and
-    ``kohya_unet_layout``): SD1.x/SD2.x ``lora_unet_down_blocks_…`` + ``lora_te_…``; SDXL LDM/SGM UNet
-    names from the UNet config (``lora_unet_input_blocks_…``) + ``lora_te1_…``/``lora_te2_…``. Without
-    an architecture, or for a family no registry knows, SD1.x's. Text-encoder names get the
-    conventional ``text_model_`` level back when the base model lacks it.
-    """
-    family = (find_family(architecture.family) if architecture is not None else None) or get_family("sd1")
-    unet_names = _export_unet_names(family, architecture)
-    from adapters import embedding, lycoris  # imports this module's helpers
-
-    if embedding.is_canonical(tensors):
-        return embedding.to_a1111(tensors)
-    if lycoris.is_lycoris(tensors):
-        return lycoris.lycoris_to_kohya(tensors, lambda module: _kohya_name(module, family, unet_names))
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in sorted(tensors.items()):
-        module, role = key.rsplit(".lora_", 1)
-        name = _kohya_name(module, family, unet_names)
-        if role == "A.weight":
-            out[f"{name}.lora_down.weight"] = tensor
-            out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]), dtype=torch.float32)
-        elif role == "B.weight":
-            out[f"{name}.lora_up.weight"] = tensor
-        else:
-            raise AdapterInvalid(f"not a canonical key: {key}", reason="not_canonical")
-    return out
-
-
-def _export_unet_names(family: ModelFamily, architecture: Architecture | None) -> Mapping[str, str]:
-    """diffusers UNet path → kohya name, for a family whose kohya names are LDM/SGM ones; empty: the
-    diffusers path with ``_`` for ``.``. A UNet the LDM layout does not describe keeps diffusers-style
-    names, which kohya readers (diffusers, A1111, loraswap) accept too."""
-    config = architecture.unet_config if architecture is not None else None
-    if family.kohya_unet_layout != "ldm" or config is None:
-        return {}
-    try:
-        return {path: name for name, path in kohya_unet_names(config).items()}
-    except UnsupportedUNet:
-        return {}
-
-
-def _kohya_name(module: str, family: ModelFamily, unet_names: Mapping[str, str]) -> str:
-    component, path = module.split(".", 1)
-    try:
-        prefix = family.kohya_prefix(component)
-    except KeyError:
-        raise AdapterInvalid(
-            f"cannot export module {module} to {family.label} kohya names", reason="not_canonical"
-        ) from None
-    if component == "unet":
-        return prefix + unet_names.get(path, path.replace(".", "_"))
-    if not path.startswith((TEXT_MODEL, "text_projection")):  # CLIPTextModelWithProjection's own
-        path = TEXT_MODEL + path
-    return prefix + path.replace(".", "_")
+    return export(tensors, architecture)

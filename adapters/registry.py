@@ -277,7 +277,7 @@ class Registry:
         meta = prepared.metadata.model_copy(
             update={"adapter_id": adapter_id, "version": number, "created_at": created_at}
         )
-        data = write_adapter(None, prepared.tensors, meta)
+        data = write_adapter(None, prepared.tensors, meta, self.base.architecture if self.base else None)
         sha = hashlib.sha256(data).hexdigest()  # the content id, computed once (A1111/kohya name files by it)
         record = AdapterVersion.from_metadata(
             meta,

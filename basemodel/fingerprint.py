@@ -7,9 +7,10 @@
 * ``architecture``: the model family and every LoRA-targetable module (``nn.Linear`` / ``nn.Conv2d``)
   of the UNet and the text encoder(s), as ``"unet.<path>"`` / ``"text_encoder.<path>"`` /
   ``"text_encoder_2.<path>"`` → weight shape, plus its own sha256 (``architecture_id``, over the family
-  and the modules) so two models can be compared in O(1). It also keeps the UNet's config
-  (``unet_config``, public keys only), from which ``adapters.kohya_ldm`` derives the LDM/SGM names of
-  the UNet's modules; the config is not part of ``architecture_id`` nor of equality.
+  and the modules) so two models can be compared in O(1). It also keeps the denoiser's config
+  (``unet_config``, public keys only: the UNet's or the transformer's), from which ``adapters.kohya_ldm``
+  derives the LDM/SGM names of a UNet's modules and the transformer families their community LoRA
+  tables (``ModelFamily.lora_layout``); the config is not part of ``architecture_id`` nor of equality.
 """
 
 from __future__ import annotations
@@ -143,12 +144,16 @@ def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+DENOISERS = ("unet", "transformer")
+
+
 def architecture_of(components: Mapping[str, nn.Module], family: str) -> Architecture:
-    """The descriptor of ``components`` (name → module, e.g. ``unet``, ``text_encoder``); the UNet's
-    config comes along when the ``unet`` component has one (diffusers models do)."""
+    """The descriptor of ``components`` (name → module, e.g. ``unet``, ``text_encoder``); the denoiser's
+    config (the ``unet``'s or the ``transformer``'s) comes along when it has one (diffusers models do)."""
     modules: dict[str, tuple[int, ...]] = {}
     for prefix, model in components.items():
         modules |= describe_modules(prefix, model)
-    config = getattr(components.get("unet"), "config", None)
+    denoiser = next((components[name] for name in DENOISERS if name in components), None)
+    config = getattr(denoiser, "config", None)
     unet_config = public_config(config) if isinstance(config, Mapping) else None
     return Architecture(modules=modules, family=family, unet_config=unet_config)

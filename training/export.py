@@ -174,7 +174,7 @@ def export_adapter(
     dtype = DTYPES[config.save_dtype]
     canonical = {k: v.to(dtype) for k, v in canonical.items()}
     path = Path(output) / ADAPTER_FILE
-    data = write_adapter(path, canonical, metadata)
+    data = write_adapter(path, canonical, metadata, base.architecture)
     return ExportResult(path=path, size=len(data), adapter_id=metadata.adapter_id or adapter_id_for(config))
 
 

@@ -192,8 +192,10 @@ def declared_by(header: Mapping[str, str]) -> tuple[ModelFamily, str] | None:
 
 def _interop_names(family: ModelFamily, key: str) -> set[str]:
     if key == "modelspec.architecture":
-        return {family.modelspec_architecture(p) for p in PREDICTION_TYPES}
-    return {family.kohya_base_version(p) for p in PREDICTION_TYPES}
+        names = {family.modelspec_architecture(p) for p in PREDICTION_TYPES}
+    else:
+        names = {family.kohya_base_version(p) for p in PREDICTION_TYPES}
+    return names | family.interop_aliases(key)
 
 
 def label_of(name: str | None) -> str:

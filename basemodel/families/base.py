@@ -33,6 +33,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from basemodel.families.lora_tables import CommunityLayout
 from basemodel.fingerprint import Architecture, architecture_of
 
 if TYPE_CHECKING:
@@ -199,8 +200,16 @@ class ModelFamily:
         ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` with alpha/rank folded into
         ``lora_B``, every module in ``architecture.modules`` — or raise a typed ``AdapterInvalid`` /
         ``AdapterIncompatible`` naming what was found. Fused projections (Flux's qkv) are split at the
-        model's own widths, never guessed. Default: no community layout.
+        model's own widths, never guessed. Default: no community layout — families whose community
+        layouts are key tables say so with ``lora_layout`` instead, which ``adapters.community`` applies.
         """
+        return None
+
+    def lora_layout(self, config: Mapping[str, Any]) -> CommunityLayout | None:
+        """The key tables of the LoRA layouts only this family's tools write (the original model's
+        module names: kohya sd-scripts, ComfyUI, ai-toolkit, XLabs), built from the denoiser's
+        ``config``; ``adapters.community`` reads and writes files with them. None: no such layout (the
+        UNet families' kohya names are read by ``adapters.normalise``)."""
         return None
 
     def architecture(self, pipe: Any) -> Architecture:
@@ -233,13 +242,23 @@ class ModelFamily:
         return str(scheduler_config.get("prediction_type") or "epsilon")
 
     # -- names other tools use -----------------------------------------------------------------------
-    def modelspec_architecture(self, prediction_type: str | None = None) -> str:
-        """SAI modelspec ``modelspec.architecture`` for a LoRA on this family."""
+    def modelspec_architecture(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
+        """SAI modelspec ``modelspec.architecture`` for a LoRA on this family (``config``: the
+        denoiser's, for families whose name depends on the variant)."""
         return f"{self.modelspec}/lora"
 
-    def kohya_base_version(self, prediction_type: str | None = None) -> str:
+    def kohya_base_version(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
         """kohya sd-scripts' ``ss_base_model_version``."""
         return self.kohya_version
+
+    def interop_aliases(self, key: str) -> frozenset[str]:
+        """Every other value of header ``key`` (``modelspec.architecture``, ``ss_base_model_version``)
+        that names this family (its variants: Flux dev and schnell …); none by default."""
+        return frozenset()
 
     def kohya_prefix(self, component: str) -> str:
         """The kohya key prefix of ``component`` (``lora_unet_``, ``lora_te_`` / ``lora_te1_`` …)."""

@@ -6,6 +6,9 @@ every scheduler the server builds inherits); the 512 "base" models predict noise
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from basemodel.families.base import ModelSignals
 from basemodel.families.sd1 import SD1
 
@@ -26,9 +29,13 @@ class SD2(SD1):
         """SD1.x's pipeline with cross-attention 1024 wide."""
         return super().claims(signals) and signals.unet.get("cross_attention_dim") == self.context_width
 
-    def modelspec_architecture(self, prediction_type: str | None = None) -> str:
+    def modelspec_architecture(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
         arch = "stable-diffusion-v2-768-v" if prediction_type == V_PREDICTION else self.modelspec
         return f"{arch}/lora"
 
-    def kohya_base_version(self, prediction_type: str | None = None) -> str:
+    def kohya_base_version(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
         return self.kohya_version + ("_v" if prediction_type == V_PREDICTION else "")

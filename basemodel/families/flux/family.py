@@ -30,6 +30,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from basemodel.families.base import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals
 from basemodel.families.flow import FlowMatchFamily, dynamic_mu, set_flow_timesteps
+from basemodel.families.flux import lora_keys
+from basemodel.families.lora_tables import CommunityLayout
 
 if TYPE_CHECKING:
     from basemodel.textual_inversion import Embedding
@@ -57,6 +59,21 @@ class Flux(FlowMatchFamily):
     kohya_version = "flux1"
 
     # -- detection -------------------------------------------------------------------------------------
+    def modelspec_architecture(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
+        """``flux-1-dev/lora`` or ``flux-1-schnell/lora`` (sd-scripts' names), from ``guidance_embeds``."""
+        return lora_keys.modelspec_architecture(config if config is not None else {"guidance_embeds": True})
+
+    def interop_aliases(self, key: str) -> frozenset[str]:
+        if key == "modelspec.architecture":
+            return frozenset(lora_keys.MODELSPEC_NAMES)
+        return frozenset({lora_keys.KOHYA_VERSION})
+
+    def lora_layout(self, config: Mapping[str, Any]) -> CommunityLayout:
+        """kohya sd-scripts / ComfyUI / ai-toolkit / XLabs names (``lora_keys.py``), from the config."""
+        return lora_keys.layout(config)
+
     def claims(self, signals: ModelSignals) -> bool:
         if signals.pipeline_class is not None:
             return signals.pipeline_class in self.pipeline_classes

@@ -26,6 +26,8 @@ import torch
 
 from basemodel.families.base import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals
 from basemodel.families.flow import FlowMatchFamily, dynamic_mu, set_flow_timesteps
+from basemodel.families.lora_tables import CommunityLayout
+from basemodel.families.sd3 import lora_keys
 
 if TYPE_CHECKING:
     from basemodel.textual_inversion import Embedding
@@ -53,6 +55,28 @@ class SD3(FlowMatchFamily):
     checkpoint_description = "an SD3 checkpoint"
     modelspec = "stable-diffusion-3"
     kohya_version = "sd3"
+
+    def modelspec_architecture(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
+        """``stable-diffusion-3-<type>/lora`` as sd-scripts writes it (``medium``, ``5-large``,
+        ``5-medium`` from the transformer config); ``stable-diffusion-3/lora`` without a config."""
+        return lora_keys.modelspec_architecture(config) if config is not None else f"{self.modelspec}/lora"
+
+    def kohya_base_version(
+        self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str:
+        """sd-scripts' ``ss_base_model_version`` for SD3: the model type (``medium``, ``5-large`` …)."""
+        return lora_keys.kohya_base_version(config) if config is not None else self.kohya_version
+
+    def interop_aliases(self, key: str) -> frozenset[str]:
+        if key == "modelspec.architecture":
+            return frozenset(f"{lora_keys.MODELSPEC}-{t}/lora" for t in lora_keys.MODEL_TYPES)
+        return frozenset(lora_keys.MODEL_TYPES)
+
+    def lora_layout(self, config: Mapping[str, Any]) -> CommunityLayout:
+        """kohya sd-scripts / ComfyUI / ai-toolkit names (``lora_keys.py``), from the transformer config."""
+        return lora_keys.layout(config)
 
     def load_kwargs(self, index: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """A folder saved without T5 (``text_encoder_3=None``) loads with it left out, as diffusers
