@@ -1,10 +1,12 @@
-"""What the UNet is conditioned on in training, for any model family.
+"""What the denoiser is conditioned on in training, for any model family.
 
 A caption becomes token ids (one row per text encoder) and then the text conditioning (SD1.x/SD2.x: the
 text encoder's last hidden states; SDXL: both encoders' penultimate hidden states and the pooled
 projection), computed every step while a text-encoder LoRA trains and cached once while the encoders
 are frozen. An image adds its size conditioning (SDXL: ``time_ids`` from its original size, the crop
-taken from it and the size trained at; nothing for SD1.x/SD2.x). The family
+taken from it and the size trained at; nothing for SD1.x/SD2.x). SD3 and Flux add T5, which is
+frozen: its states are cached with the CLIPs' and recomputed (without gradients of its own) only while
+a CLIP LoRA trains. The family
 (``basemodel.families``) decides what each of these is; this module only batches and places them.
 """
 
@@ -34,6 +36,7 @@ class Conditioner:
 
     family: ModelFamily
     pipe: Any
+    guidance: float = 1.0  # the embedded guidance a distilled denoiser (Flux-dev) trains at
 
     @property
     def denoiser(self) -> nn.Module:
@@ -44,6 +47,17 @@ class Conditioner:
     def text_encoders(self) -> dict[str, nn.Module]:
         """Component name → text encoder, in the family's order."""
         return {name: getattr(self.pipe, name) for name in self.family.text_encoders}
+
+    @property
+    def frozen_encoders(self) -> dict[str, nn.Module]:
+        """Text encoders the family runs but never adapts (T5 on SD3/Flux), when loaded."""
+        found = {name: getattr(self.pipe, name, None) for name in self.family.frozen_text_encoders}
+        return {name: module for name, module in found.items() if module is not None}
+
+    @property
+    def all_encoders(self) -> dict[str, nn.Module]:
+        """Every text encoder the conditioning runs: the adaptable ones, then the frozen ones."""
+        return self.text_encoders | self.frozen_encoders
 
     @property
     def text_keys(self) -> tuple[str, ...]:
@@ -78,3 +92,7 @@ class Conditioner:
             computed = {key: value.to(device, dtype) for key, value in text.items()}
         placed = {key: value.to(device, dtype) for key, value in added.items()}
         return self.family.training_inputs(computed, placed)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: UNetInputs) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents (``[rows, channels, h, w]``) at ``timesteps``."""
+        return self.family.training_prediction(self.pipe, noisy, timesteps, inputs, guidance=self.guidance)

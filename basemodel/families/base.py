@@ -145,6 +145,10 @@ class ModelFamily:
     trainable: ClassVar[bool] = False
     # the tensors ``training_text`` returns (what the trainer's embedding cache holds per caption)
     training_text_keys: ClassVar[tuple[str, ...]] = ("hidden",)
+    # the denoiser modules ``loraswap train`` adapts by default (peft ``target_modules`` suffixes)
+    training_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    # flow-matching families: the timestep density / loss weighting their diffusers script defaults to
+    training_weighting: ClassVar[str] = "none"
 
     def __repr__(self) -> str:
         return f"<ModelFamily {self.name}>"
@@ -339,6 +343,16 @@ class ModelFamily:
     def begin_denoising(self, scheduler: Any) -> None:
         """Prepare a fresh scheduler after ``set_timesteps``, as the family's pipeline does."""
 
+    def pack(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``[rows, channels, h, w]`` → the denoiser's layout (default: as they are)."""
+        return latents
+
+    def unpack(
+        self, pipe: Any, latents: torch.Tensor, *, height: int | None, width: int | None
+    ) -> torch.Tensor:
+        """Latents in the denoiser's layout → the VAE's ``[rows, channels, h, w]`` (default: as they are)."""
+        return latents
+
     def decode(
         self, pipe: Any, latents: torch.Tensor, *, height: int | None = None, width: int | None = None
     ) -> torch.Tensor:
@@ -388,6 +402,40 @@ class ModelFamily:
         ``hidden`` is the cross-attention context, everything else goes to ``added_cond_kwargs``."""
         extra = {key: value for key, value in text.items() if key != "hidden"}
         return DenoiserInputs(text["hidden"], {**extra, **added})
+
+    def training_prediction(
+        self,
+        pipe: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        inputs: DenoiserInputs,
+        *,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:
+        """The denoiser's output for noisy VAE latents ``[rows, channels, h, w]`` at ``timesteps``
+        (the scheduler's: DDPM indices, or σ·1000 on flow-matching families), in the same layout.
+        ``guidance``: the value a guidance-distilled denoiser (Flux-dev) is trained at (unused here)."""
+        out: torch.Tensor = self.denoiser_module(pipe)(
+            noisy, timesteps, **inputs.unet_kwargs(), return_dict=False
+        )[0]
+        return out
+
+    def training_size_multiple(self, pipe: Any) -> int:
+        """Training image sides must be multiples of this: the VAE factor × the UNet's down-sampling."""
+        blocks = len(self.denoiser_module(pipe).config.block_out_channels)
+        return int(pipe.vae_scale_factor) * 2 ** (blocks - 1)
+
+    def training_problems(self, pipe: Any) -> list[str]:
+        """What makes a loaded pipeline untrainable (empty: fine): the UNet must cross-attend to the
+        width its text encoders give."""
+        cross = int(self.denoiser_module(pipe).config.cross_attention_dim)
+        hidden = self.text_width(pipe)
+        if cross == hidden:
+            return []
+        encoders = " + ".join(self.text_encoders)
+        return [
+            f"UNet cross-attention width {cross} does not match the text encoder(s) ({encoders}: {hidden})"
+        ]
 
     def training_vae_dtype(self, pipe: Any, dtype: torch.dtype) -> torch.dtype:
         """The dtype the trainer keeps the (frozen) VAE in when the base trains in ``dtype``."""
