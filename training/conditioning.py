@@ -67,8 +67,19 @@ class Conditioner:
     def tokenize(self, captions: Sequence[str]) -> Tensors:
         return self.family.tokenize(self.pipe, captions)
 
-    def encode_text(self, tokens: Mapping[str, torch.Tensor]) -> Tensors:
-        return self.family.training_text(self.pipe, tokens)
+    @property
+    def frozen_keys(self) -> tuple[str, ...]:
+        """The tensors of a caption's never-trained text part (T5's states), cached even while a
+        text-encoder LoRA trains."""
+        return self.family.frozen_text_keys
+
+    def encode_text(
+        self, tokens: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor] | None = None
+    ) -> Tensors:
+        return self.family.training_text(self.pipe, tokens, frozen)
+
+    def encode_frozen(self, tokens: Mapping[str, torch.Tensor]) -> Tensors:
+        return self.family.frozen_text(self.pipe, tokens)
 
     def size_conditioning(self, crop: Crop, flipped: bool = False) -> Tensors:
         """The family's per-image conditioning of an image cut by ``crop`` (mirrored when ``flipped``)."""
@@ -83,11 +94,16 @@ class Conditioner:
         added: Mapping[str, torch.Tensor],
         device: torch.device,
         dtype: torch.dtype,
+        frozen: Mapping[str, torch.Tensor] | None = None,
     ) -> UNetInputs:
         """A batch's UNet inputs: cached ``text`` (cast to ``dtype``) or the text encoders run on
-        ``tokens`` (with gradients when they train), plus the ``added`` size conditioning."""
+        ``tokens`` (with gradients when they train; ``frozen``: the cached never-trained part), plus
+        the ``added`` size conditioning."""
         if text is None:
-            computed = self.encode_text({name: ids.to(device) for name, ids in tokens.items()})
+            cached = {key: value.to(device, dtype) for key, value in (frozen or {}).items()}
+            computed = self.encode_text(
+                {name: ids.to(device) for name, ids in tokens.items()}, cached or None
+            )
         else:
             computed = {key: value.to(device, dtype) for key, value in text.items()}
         placed = {key: value.to(device, dtype) for key, value in added.items()}

@@ -43,6 +43,7 @@ class ValBatch:
     tokens: Tensors
     text: Tensors | None  # cached text conditioning (frozen text encoders)
     added: Tensors  # size conditioning (SDXL time ids)
+    frozen: Tensors | None = None  # cached never-trained text part (T5) while a CLIP LoRA trains
 
 
 class FixedNoising(Protocol):
@@ -73,6 +74,7 @@ def build_validation(
             noise = torch.stack([r[2] for r in chunk])
             noised = objective.at(latents, noise, [r[1] for r in chunk])
             texts = [r[3].text for r in chunk if r[3].text is not None]
+            frozen = [r[3].frozen for r in chunk if r[3].frozen is not None]
             batches.append(
                 ValBatch(
                     noisy=noised.noisy,
@@ -81,6 +83,7 @@ def build_validation(
                     tokens=stack([r[3].tokens for r in chunk]),
                     text=stack(texts) if len(texts) == len(chunk) else None,
                     added=stack([r[3].added for r in chunk]),
+                    frozen=stack(frozen) if len(frozen) == len(chunk) else None,
                 )
             )
     return batches
@@ -107,7 +110,12 @@ def validation_loss(
         for batch in batches:
             with autocast:
                 inputs = conditioner.unet_inputs(
-                    tokens=batch.tokens, text=batch.text, added=batch.added, device=device, dtype=dtype
+                    tokens=batch.tokens,
+                    text=batch.text,
+                    added=batch.added,
+                    device=device,
+                    dtype=dtype,
+                    frozen=batch.frozen,
                 )
                 pred = conditioner.predict(batch.noisy.to(device, dtype), batch.timesteps.to(device), inputs)
             err = (pred.float() - batch.target.to(device).float()).pow(2).mean(dim=(1, 2, 3))

@@ -241,12 +241,14 @@ class Trainer:
         noised = p.objective.draw(latents, self.generator)
         with self._autocast():
             texts = [it.text for it in items if it.text is not None]
+            frozen = [it.frozen for it in items if it.frozen is not None]
             inputs = p.conditioner.unet_inputs(
                 tokens=stack([it.tokens for it in items]),
                 text=stack(texts) if len(texts) == len(items) else None,
                 added=stack([it.added_for(f) for it, f in zip(items, flips, strict=True)]),
                 device=p.device,
                 dtype=p.dtype,
+                frozen=stack(frozen) if len(frozen) == len(items) else None,
             )
             pred = p.conditioner.predict(
                 noised.noisy.to(p.device, p.dtype), noised.timesteps.to(p.device), inputs

@@ -145,6 +145,8 @@ class ModelFamily:
     trainable: ClassVar[bool] = False
     # the tensors ``training_text`` returns (what the trainer's embedding cache holds per caption)
     training_text_keys: ClassVar[tuple[str, ...]] = ("hidden",)
+    # the tensors ``frozen_text`` returns (cached even while a text-encoder LoRA trains)
+    frozen_text_keys: ClassVar[tuple[str, ...]] = ()
     # the denoiser modules ``loraswap train`` adapts by default (peft ``target_modules`` suffixes)
     training_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # flow-matching families: the timestep density / loss weighting their diffusers script defaults to
@@ -383,10 +385,21 @@ class ModelFamily:
             ).input_ids
         return out
 
-    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """What the text encoders give the UNet in training, keyed by ``training_text_keys`` (gradients
-        flow when a text-encoder LoRA trains; the trainer caches the result while they are frozen)."""
+        flow when a text-encoder LoRA trains; the trainer caches the result while they are frozen).
+        ``frozen``: ``frozen_text`` of the same captions, cached, used instead of running those encoders."""
         raise NotImplementedError
+
+    def frozen_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of ``training_text`` that never trains (T5's states on SD3/Flux), keyed by
+        ``frozen_text_keys``: cached even while a text-encoder LoRA trains. Default: none."""
+        return {}
 
     def size_conditioning(
         self, original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]

@@ -10,7 +10,7 @@ length (``calculate_shift``'s ``mu``), as their pipelines compute it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -141,6 +141,19 @@ class FlowMatchFamily(ModelFamily):
     def sequence_length(self, pipe: Any) -> int:
         """T5's ``max_sequence_length`` (the pipeline's default)."""
         raise NotImplementedError
+
+    frozen_text_keys: ClassVar[tuple[str, ...]] = ("t5",)
+
+    def frozen_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """T5's last hidden states (zeros when the folder has none, as the pipelines give)."""
+        (name,) = self.frozen_text_encoders
+        t5 = getattr(pipe, name, None)
+        if t5 is not None:
+            return {"t5": t5(tokens[name], output_hidden_states=False)[0]}
+        rows = next(iter(tokens.values())).shape[0]
+        width = int(self.denoiser_module(pipe).config.joint_attention_dim)
+        device = self.denoiser_module(pipe).device
+        return {"t5": torch.zeros(rows, self.sequence_length(pipe), width, device=device)}
 
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
     packing: ClassVar[int] = 1

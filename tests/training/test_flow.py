@@ -105,6 +105,10 @@ def test_training_text_is_what_the_pipelines_encode() -> None:
     assert set(text) == {"hidden", "pooled_projections"} and text["hidden"].shape[1] == 512
     torch.testing.assert_close(text["hidden"], hidden, rtol=0, atol=0)
     torch.testing.assert_close(text["pooled_projections"], pooled, rtol=0, atol=0)
+    with torch.no_grad():  # T5's part cached apart (while a CLIP LoRA trains) gives the same
+        tokens = conditioner.tokenize(captions)
+        split = conditioner.encode_text(tokens, conditioner.encode_frozen(tokens))
+    torch.testing.assert_close(split["hidden"], hidden, rtol=0, atol=0)
 
     sd3 = build_tiny_sd3_pipeline()
     conditioner = Conditioner(get_family("sd3"), sd3)
@@ -113,6 +117,9 @@ def test_training_text_is_what_the_pipelines_encode() -> None:
         hidden, _, pooled, _ = sd3.encode_prompt(
             captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=256
         )
+        tokens = conditioner.tokenize(captions)
+        split = conditioner.encode_text(tokens, conditioner.encode_frozen(tokens))
+    torch.testing.assert_close(split["hidden"], hidden, rtol=0, atol=0)
     torch.testing.assert_close(text["hidden"], hidden, rtol=0, atol=0)
     torch.testing.assert_close(text["pooled_projections"], pooled, rtol=0, atol=0)
 
@@ -177,9 +184,11 @@ def test_flux_lora_run(flux_trained: Any) -> None:
         "step-00000004",
     ]
     assert report["evaluation"]["base_weights_unchanged"] is True
-    # latents are cached with the VAE's shift and scale; text is not cached while CLIP trains
+    # CLIP trains: its part is computed per step, T5's states are cached (512 tokens on dev)
     latents = list((out / "cache" / "latents").glob("*.safetensors"))
     assert latents and not (out / "cache" / "text").exists()
+    frozen = list((out / "cache" / "frozen").glob("*.safetensors"))
+    assert frozen and set(load_file(frozen[0])) == {"t5"} and load_file(frozen[0])["t5"].shape == (512, 32)
 
     tensors, header = read_adapter(flux_trained.adapter_path)
     assert {k.split(".", 1)[0] for k in tensors} == {"transformer", "text_encoder"}

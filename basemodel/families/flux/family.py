@@ -215,10 +215,15 @@ class Flux(FlowMatchFamily):
     def context_width_of(self, pipe: Any) -> int | None:
         return int(pipe.text_encoder_2.config.d_model)
 
-    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``FluxPipeline.encode_prompt``: CLIP-L's pooled output and T5's last hidden states."""
         pooled = pipe.text_encoder(tokens["text_encoder"], output_hidden_states=False).pooler_output
-        hidden = pipe.text_encoder_2(tokens["text_encoder_2"], output_hidden_states=False)[0]
+        hidden = (frozen or self.frozen_text(pipe, tokens))["t5"]
         return {"hidden": hidden, "pooled_projections": pooled}
 
     def training_inputs(

@@ -167,7 +167,12 @@ class SD3(FlowMatchFamily):
         t5 = getattr(pipe, "text_encoder_3", None)
         return int(t5.config.d_model) if t5 is not None else None
 
-    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``StableDiffusion3Pipeline.encode_prompt``: both CLIPs' penultimate states side by side,
         zero-padded to T5's width, then T5's states (zeros without T5); pooled: both CLIPs' projections."""
         states, pooled = [], []
@@ -176,12 +181,7 @@ class SD3(FlowMatchFamily):
             states.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(states, dim=-1)
-        t5 = getattr(pipe, "text_encoder_3", None)
-        if t5 is not None:
-            t5_states = t5(tokens["text_encoder_3"])[0]
-        else:
-            width = int(pipe.transformer.config.joint_attention_dim)
-            t5_states = torch.zeros(clip.shape[0], SEQUENCE, width, device=clip.device, dtype=clip.dtype)
+        t5_states = (frozen or self.frozen_text(pipe, tokens))["t5"].to(clip.dtype)
         clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return {
             "hidden": torch.cat([clip, t5_states], dim=-2),
