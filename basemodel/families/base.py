@@ -435,13 +435,15 @@ class ModelFamily:
 
     def training_size_multiple(self, pipe: Any) -> int:
         """Training image sides must be multiples of this: the VAE factor × the UNet's down-sampling."""
-        blocks = len(self.denoiser_module(pipe).config.block_out_channels)
+        config: Any = self.denoiser_module(pipe).config
+        blocks = len(config.block_out_channels)
         return int(pipe.vae_scale_factor) * 2 ** (blocks - 1)
 
     def training_problems(self, pipe: Any) -> list[str]:
         """What makes a loaded pipeline untrainable (empty: fine): the UNet must cross-attend to the
         width its text encoders give."""
-        cross = int(self.denoiser_module(pipe).config.cross_attention_dim)
+        config: Any = self.denoiser_module(pipe).config
+        cross = int(config.cross_attention_dim)
         hidden = self.text_width(pipe)
         if cross == hidden:
             return []

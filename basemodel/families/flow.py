@@ -110,7 +110,8 @@ class FlowMatchFamily(ModelFamily):
 
     def training_problems(self, pipe: Any) -> list[str]:
         """The transformer's ``joint_attention_dim`` must be the width of its text context."""
-        joint = int(self.denoiser_module(pipe).config.joint_attention_dim)
+        config: Any = self.denoiser_module(pipe).config
+        joint = int(config.joint_attention_dim)
         width = self.context_width_of(pipe)
         if width is None or width == joint:
             return []
@@ -151,8 +152,9 @@ class FlowMatchFamily(ModelFamily):
         if t5 is not None:
             return {"t5": t5(tokens[name], output_hidden_states=False)[0]}
         rows = next(iter(tokens.values())).shape[0]
-        width = int(self.denoiser_module(pipe).config.joint_attention_dim)
-        device = self.denoiser_module(pipe).device
+        config: Any = self.denoiser_module(pipe).config
+        width = int(config.joint_attention_dim)
+        device = next(self.denoiser_module(pipe).parameters()).device
         return {"t5": torch.zeros(rows, self.sequence_length(pipe), width, device=device)}
 
     t5_tokenizer: ClassVar[str] = "tokenizer_2"

@@ -243,7 +243,7 @@ RESUME: dict[str, Any] = FAST_FLOW | {
 def test_sd3_resume_reaches_the_same_weights(loraswap_home: Path, flow_data: Path, tmp_path: Path) -> None:
     """SD3 with both CLIP LoRAs and T5 recomputed per step: stopped at step 2 and resumed, the run
     ends with the weights, metrics and validation loss of an uninterrupted one."""
-    quiet = {"models_dir": loraswap_home / "models", "echo": lambda *_: None}
+    quiet: dict[str, Any] = {"models_dir": loraswap_home / "models", "echo": lambda *_: None}
     straight = train(make_config(flow_data, tmp_path / "straight", **RESUME), **quiet)
 
     def stop_at_2(trainer: Any) -> None:
@@ -292,6 +292,7 @@ def test_sd3_transformer_lora_trains_registers_and_serves(
     entries = list((tmp_path / "run" / "cache" / "text").glob("*.safetensors"))
     assert entries and set(load_file(entries[0])) == {"hidden", "pooled_projections"}
     assert load_file(entries[0])["hidden"].shape[0] == 77 + 256  # CLIP tokens, then T5's
+    assert result.adapter_path is not None
     tensors, header = read_adapter(result.adapter_path)
     assert {k.split(".", 1)[0] for k in tensors} == {"transformer"}
     assert header["modelspec.architecture"].startswith("stable-diffusion-3")
