@@ -180,10 +180,10 @@ class ModelFamily:
     def after_load(self, pipe: Any) -> None:
         """Adjust a loaded pipeline once it is on its device and dtype (default: nothing)."""
 
-    def denoiser_module(self, pipe: Any) -> nn.Module:
-        """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
-        module: nn.Module = getattr(pipe, self.denoiser)
-        return module
+    def denoiser_module(self, pipe: Any) -> Any:
+        """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``; a diffusers model, typed
+        loosely as the pipeline is: it has ``device``, ``dtype`` and ``config``)."""
+        return getattr(pipe, self.denoiser)
 
     def lora_components(self, pipe: Any) -> dict[str, nn.Module]:
         """Component name → module, for every component whose modules LoRA may target; the denoiser
@@ -273,6 +273,11 @@ class ModelFamily:
         classifier-free guidance is on; ``guidance_scale``: the request's, for families that embed it
         (Flux-dev); ``device``: where the text encoders run (default: the denoiser's device)."""
         raise NotImplementedError
+
+    def size_multiple(self, pipe: Any) -> int:
+        """Width and height must be multiples of this (beyond the API's 8): the VAE factor times the
+        transformer's patch size on SD3 and Flux (16 on the released models); 1: no further rule."""
+        return 1
 
     def latent_channels(self, pipe: Any) -> int:
         """Channels of the initial noise (the denoiser's input channels)."""

@@ -64,6 +64,11 @@ class FlowMatchFamily(ModelFamily):
     def inpainting(self, pipe: Any) -> bool:
         return False
 
+    def size_multiple(self, pipe: Any) -> int:
+        """VAE factor × 2: SD3's 2×2 patches (its pipeline refuses other sizes) and Flux's 2×2 packing
+        (its pipeline rounds down silently; refusing says so instead)."""
+        return int(pipe.vae_scale_factor) * 2
+
     def begin_denoising(self, scheduler: Any) -> None:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)

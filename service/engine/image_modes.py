@@ -155,10 +155,10 @@ def prepare_start(
     denoiser = family.denoiser_module(pipe)
     device, dtype = denoiser.device, denoiser.dtype
     if first.image is None:
-        rows = sum(p.num_images for p in batch)
+        count = sum(p.num_images for p in batch)
         flat = [g for gens in generators for g in gens]
-        noise = family.noise_latents(pipe, rows, first.height, first.width, flat, device, dtype)
-        return Start(noise * getattr(scheduler, "init_noise_sigma", 1.0))  # FlowMatch: pure noise, σ = 1
+        initial = family.noise_latents(pipe, count, first.height, first.width, flat, device, dtype)
+        return Start(initial * getattr(scheduler, "init_noise_sigma", 1.0))  # FlowMatch: pure noise, σ = 1
     if first.image.mask is None:
         rows = [
             _img2img(pipe, family, p, scheduler, timesteps, gens)

@@ -61,6 +61,20 @@ def check_mode(base: BaseModel, request: GenerateRequest) -> None:
         )
 
 
+def check_size(base: BaseModel, width: int, height: int) -> None:
+    """The size fits the family's latent grid (SD3/Flux: multiples of 16 on the released models)."""
+    multiple = base.family.size_multiple(base.pipe)
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            raise ValidationFailed(
+                f"{name} {value} is not a multiple of {multiple}, which {base.family.label} models need "
+                "(the VAE's factor times the transformer's 2×2 patches)",
+                detail={"field": name, "multiple": multiple},
+                hint=f"Use {lower} or {lower + multiple}.",
+            )
+
+
 def probe_inputs(request: GenerateRequest, settings: Settings) -> ProbedInputs:
     """Both images checked up to their headers (no pixel decoded); the mask's size against the image's."""
     assert request.init_image is not None

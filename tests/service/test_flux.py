@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -20,7 +21,9 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from adapters.sources import open_store
+from basemodel.errors import ValidationFailed
 from basemodel.loader import BaseModel, load_base_model
+from service.engine.inputs import check_size
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
@@ -214,6 +217,10 @@ def test_flux_refuses_what_it_cannot_do(
     assert "SD1.x (sd1)" in error["message"] and "Flux.1 (flux)" in error["message"], error
     response = generate(server, adapters=[{"id": "sd1-style", "denoiser_scale": 0.5, "unet_scale": 0.7}])
     assert response.status_code == 422 and "unet_scale is another name" in response.text, response.text
+    released = SimpleNamespace(family=flux.family, pipe=SimpleNamespace(vae_scale_factor=8))
+    with pytest.raises(ValidationFailed, match="multiple of 16") as info:  # a 1000-px request on Flux.1
+        check_size(cast(Any, released), 1000, 1024)
+    assert info.value.detail == {"field": "width", "multiple": 16} and "992 or 1008" in str(info.value.hint)
     response = generate(server, scheduler="ddim")
     assert response.status_code == 422, response.text
     error = response.json()["error"]
