@@ -109,9 +109,8 @@ class FlowMatchFamily(ModelFamily):
         return inputs
 
     def training_size_multiple(self, pipe: Any) -> int:
-        """The VAE factor × the transformer's patch size × the family's latent packing."""
-        patch = int(getattr(self.denoiser_module(pipe).config, "patch_size", 1) or 1)
-        return int(pipe.vae_scale_factor) * patch * self.packing
+        """Training sizes follow the sampling rule (``size_multiple``: the 2×2 patches / packing)."""
+        return self.size_multiple(pipe)
 
     def training_problems(self, pipe: Any) -> list[str]:
         """The transformer's ``joint_attention_dim`` must be the width of its text context."""
@@ -163,4 +162,3 @@ class FlowMatchFamily(ModelFamily):
         return {"t5": torch.zeros(rows, self.sequence_length(pipe), width, device=device)}
 
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
-    packing: ClassVar[int] = 1

@@ -69,7 +69,6 @@ class Flux(FlowMatchFamily):
         "ff_context.net.0.proj",
         "ff_context.net.2",
     )
-    packing = PATCH
 
     # -- detection -------------------------------------------------------------------------------------
     def claims(self, signals: ModelSignals) -> bool:
