@@ -133,6 +133,11 @@ def memory_estimate(
     }
 
 
+def _objective_line(objective: dict[str, Any]) -> str:
+    details = ", ".join(f"{key} {value}" for key, value in objective.items() if key != "kind")
+    return f"{objective.get('kind', '?').replace('_', ' ')} ({details})"
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """Human-readable plan for ``--dry-run``."""
     mem, lora, base, data, sched = (
@@ -158,6 +163,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"optimizer       AdamW lr {plan['lr']} ({plan['lr_scheduler']}, "
         f"warm-up {plan['lr_warmup_steps']} steps), "
         f"weight decay {plan['weight_decay']}",
+        f"objective       {_objective_line(plan.get('objective', {}))}",
         f"LoRA            rank {lora['r']}, alpha {lora['lora_alpha']} (scale {plan['lora_scale']:.4g}), "
         f"init {lora['init_lora_weights']}, rslora {lora['use_rslora']}, dora {lora['use_dora']}",
         f"targets         {denoiser} {', '.join(lora['target_modules'])} -> {plan['modules'][denoiser_key]} "

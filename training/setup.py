@@ -163,9 +163,9 @@ def for_family(config: TrainConfig, family: ModelFamily) -> TrainConfig:
         ]
         if unused:
             raise TrainConfigError(
-                f"{', '.join(unused)} apply to noise-prediction bases; {family.label} trains with flow "
-                "matching",
-                hint="Drop them; --weighting-scheme, --logit-mean/--logit-std and --mode-scale shape "
+                f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to noise-prediction "
+                f"bases; {family.label} trains with flow matching",
+                hint="Drop it; --weighting-scheme, --logit-mean/--logit-std and --mode-scale shape "
                 "the flow-matching objective.",
             )
         if config.weighting_scheme is None:
@@ -245,6 +245,25 @@ def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
     )
 
 
+def objective_summary(config: TrainConfig, base: BaseModel) -> dict[str, Any]:
+    """What the loss is: flow matching (SD3, Flux: weighting, embedded guidance) or noise/v prediction."""
+    family = base.family
+    if family.flow_matching:
+        summary: dict[str, Any] = {"kind": "flow_matching", "weighting_scheme": config.weighting_scheme}
+        if config.weighting_scheme == "logit_normal":
+            summary |= {"logit_mean": config.logit_mean, "logit_std": config.logit_std}
+        if config.weighting_scheme == "mode":
+            summary["mode_scale"] = config.mode_scale
+        embeds = family.embeds_guidance(base.pipe)
+        return summary | ({"train_guidance": config.train_guidance} if embeds else {})
+    return {
+        "kind": "noise_prediction",
+        "prediction_type": config.prediction_type,
+        "snr_gamma": config.snr_gamma,
+        "noise_offset": config.noise_offset,
+    }
+
+
 def build_plan(setup: RunSetup) -> dict[str, Any]:
     """The plan: identity of the base, data counts, schedule, LoRA layout, memory estimate."""
     config, base, injection = setup.config, setup.base, setup.injection
@@ -276,6 +295,7 @@ def build_plan(setup: RunSetup) -> dict[str, Any]:
         "lr_scheduler": config.lr_scheduler,
         "lr_warmup_steps": config.lr_warmup_steps,
         "weight_decay": config.weight_decay,
+        "objective": objective_summary(config, base),
         "lora": injection.lora_config,
         "lora_scale": config.lora_scale,
         "modules": injection.module_counts,

@@ -14,8 +14,11 @@ Flux.1) and owns everything that differs around it:
   samplers it takes (``flow_matching``);
 * the model call (``denoiser_call``: a callable ``(latents, t) → prediction`` with the family's
   keyword arguments, timestep scaling and positional ids bound once per batch);
-* how the trainer conditions it (``tokenize``, ``training_text``, ``size_conditioning``,
-  ``training_inputs``), and the names other tools use for it (kohya key prefixes, the SAI modelspec
+* how the trainer conditions and calls it (``tokenize``, ``training_text`` and ``frozen_text`` (T5's
+  states, cached even while a CLIP LoRA trains), ``size_conditioning``, ``training_inputs``,
+  ``training_prediction`` on VAE-layout latents (Flux packs inside), ``training_targets``,
+  ``training_size_multiple``, ``training_problems``; flow-matching families train with
+  ``training.flow``), and the names other tools use for it (kohya key prefixes, the SAI modelspec
   architecture, kohya's ``ss_base_model_version``, ``community_lora`` for other key layouts).
 
 The sampling loop (``service/engine/sampler.py``) asks the family for each of these and keeps no
@@ -437,6 +440,10 @@ class ModelFamily:
             noisy, timesteps, **inputs.unet_kwargs(), return_dict=False
         )[0]
         return out
+
+    def embeds_guidance(self, pipe: Any) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (guidance-distilled: Flux-dev)."""
+        return False
 
     def training_size_multiple(self, pipe: Any) -> int:
         """Training image sides must be multiples of this: the VAE factor × the UNet's down-sampling."""

@@ -174,6 +174,7 @@ def test_flux_lora_run(flux_trained: Any) -> None:
     # one double block (8 attention + 4 MLP Linears) + the single block's to_q/k/v; CLIP: 2 layers x 4
     assert plan["modules"] == {"transformer": 15, "text_encoder": 8}
     assert plan["lora"]["target_modules"] == FLUX_TARGETS
+    assert plan["objective"] == {"kind": "flow_matching", "weighting_scheme": "none", "train_guidance": 1.0}
     assert report["hyperparameters"]["prediction_type_effective"] == "flow_matching"
     assert report["hyperparameters"]["train_guidance"] == 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -235,6 +235,9 @@ class Flux(FlowMatchFamily):
             hidden, {"pooled_projections": text["pooled_projections"]}, {"txt_ids": txt_ids}
         )
 
+    def embeds_guidance(self, pipe: Any) -> bool:
+        return self.distilled_guidance(pipe)
+
     def with_guidance(self, pipe: Any, inputs: DenoiserInputs, guidance: float) -> DenoiserInputs:
         """Flux-dev trains with its guidance embedding at ``guidance`` (the script's ``--guidance_scale``)."""
         if not self.distilled_guidance(pipe):
