@@ -307,3 +307,22 @@ def test_sd3_transformer_lora_trains_registers_and_serves(
     theirs = test_sd3.diffusers_reference(sd3.ref.path, [(result.adapter_path, 1.0)], **request)
     assert test_sd3.max_diff(ours, theirs) <= 1
     assert test_sd3.max_diff(ours, plain) > 2, "the trained adapter must change the image"
+
+
+def test_schnell_and_sd3_without_t5_train(loraswap_home: Path, flow_data: Path, tmp_path: Path) -> None:
+    """Flux-schnell (no guidance embedding: none is fed, none in the plan) and an SD3 folder saved
+    without T5 (its part is zeros, as the pipeline gives, with a CLIP LoRA training) both train."""
+    schnell = tmp_path / "schnell"
+    build_tiny_flux_pipeline(schnell=True).save_pretrained(schnell, safe_serialization=True)
+    no_t5 = tmp_path / "no-t5"
+    build_tiny_sd3_pipeline(sd35=False, t5=False).save_pretrained(no_t5, safe_serialization=True)
+    quick = FAST_FLOW | {"steps": 1, "eval_samples": 0, "sample_steps": 1, "export": False}
+    for folder, options in ((schnell, {}), (no_t5, {"train_text_encoder": True})):
+        config = make_config(
+            flow_data, tmp_path / f"run-{folder.name}", base_model=str(folder), **quick, **options
+        )
+        result = train(config, models_dir=loraswap_home / "models", echo=lambda *_: None)
+        assert result.loop is not None and result.loop.step == 1
+        evaluation = result.report["evaluation"] if result.report else {}
+        assert evaluation["initial_val_loss"] is not None and evaluation["final_val_loss"] is not None
+        assert "train_guidance" not in result.plan["objective"]
