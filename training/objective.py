@@ -46,26 +46,6 @@ def target_for(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: to
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def diffusion_loss(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    scheduler: Any,
-    snr_gamma: float | None,
-) -> torch.Tensor:
-    """Mean (optionally min-SNR weighted) MSE over the batch."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is None:
-        return per_sample.mean()
-    ratio = snr(scheduler, timesteps)
-    clipped = torch.minimum(ratio, torch.full_like(ratio, snr_gamma))
-    if scheduler.config.prediction_type == "v_prediction":
-        weights = clipped / (ratio + 1)
-    else:
-        weights = clipped / ratio.clamp(min=1e-8)
-    return (per_sample * weights).mean()
-
-
 def draw_noise(
     latents: torch.Tensor, generator: torch.Generator, noise_offset: float, num_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
