@@ -143,6 +143,20 @@ class TrainConfig(BaseModel):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="training target (default: the base scheduler's)"
     )
+    weighting_scheme: Literal["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"] | None = Field(
+        None,
+        description="flow-matching bases (SD3, Flux): timestep density / loss weighting "
+        "(default: SD3 logit_normal, Flux none, as diffusers' scripts)",
+    )
+    logit_mean: float = Field(0.0, description="mean of the logit_normal timestep density")
+    logit_std: float = Field(1.0, gt=0, description="std of the logit_normal timestep density")
+    mode_scale: float = Field(1.29, description="scale of the mode timestep density")
+    train_guidance: float = Field(
+        1.0,
+        ge=0,
+        description="the embedded guidance a guidance-distilled base (Flux-dev) trains at "
+        "(train_dreambooth_lora_flux.py's --guidance_scale, default 1 as there)",
+    )
     seed: int = Field(0, ge=0, description="seed of everything random (same seed, same weights)")
 
     # -- monitoring ------------------------------------------------------------------------------------
@@ -155,7 +169,12 @@ class TrainConfig(BaseModel):
         None, description="sample prompt templates ({trigger} allowed; default: validation captions)"
     )
     negative_prompt: str = Field("", description="negative prompt of samples and the exported metadata")
-    guidance_scale: float = Field(7.5, ge=0, description="CFG scale of samples and the exported metadata")
+    guidance_scale: float = Field(
+        7.5,
+        ge=0,
+        description="guidance scale of samples and the exported metadata (default: the family's, "
+        "7.5 on SD1.x/SD2.x/SDXL, 7.0 on SD3, Flux-dev's distilled 3.5)",
+    )
     sample_steps: int = Field(20, ge=1, le=200, description="inference steps of samples")
     sample_seeds: list[int] = Field(
         default_factory=lambda: [0, 1], description="seeds of every sample prompt"

@@ -2,7 +2,8 @@
 dataset-similarity measure and an optional CLIP score from a local model.
 
 * Validation loss is comparable across steps: every validation image is noised at the same
-  ``val_timesteps`` evenly spaced timesteps with noise drawn once from a generator seeded with
+  ``val_timesteps`` evenly spaced timesteps (schedule indices: fixed σ on flow-matching bases) with
+  noise drawn once from a generator seeded with
   ``seed + VAL_SEED_OFFSET``, the latent is the distribution mean, and the plain (unweighted) MSE is
   averaged. It depends only on the adapter weights.
 * Samples use fixed prompts and seeds; base images are generated once (the base never changes).
@@ -15,16 +16,17 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from basemodel.families import ModelFamily
 from training.conditioning import Conditioner, Tensors, stack
 from training.data.buckets import Size
 from training.data.cache import EncodedItem
 from training.errors import TrainConfigError
-from training.objective import target_for
+from training.objective import Noised
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,24 @@ class ValBatch:
     tokens: Tensors
     text: Tensors | None  # cached text conditioning (frozen text encoders)
     added: Tensors  # size conditioning (SDXL time ids)
+    frozen: Tensors | None = None  # cached never-trained text part (T5) while a CLIP LoRA trains
 
 
-def fixed_timesteps(num_train_timesteps: int, count: int) -> list[int]:
-    """``count`` timesteps evenly spread over the middle 90 % of the schedule."""
-    if count == 1:
-        return [num_train_timesteps // 2]
-    lo, hi = 0.05 * num_train_timesteps, 0.95 * (num_train_timesteps - 1)
-    return [round(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
+class FixedNoising(Protocol):
+    """What validation needs of the objective: fixed points of its schedule and noising at them."""
+
+    def validation_points(self, count: int) -> list[int]: ...
+
+    def at(self, latents: torch.Tensor, noise: torch.Tensor, points: list[int]) -> Noised: ...
 
 
-def build_validation(items: Sequence[EncodedItem], scheduler: Any, count: int, seed: int) -> list[ValBatch]:
-    """Noised validation latents, fixed once per run (chunks of equal size)."""
+def build_validation(
+    items: Sequence[EncodedItem], objective: FixedNoising, count: int, seed: int
+) -> list[ValBatch]:
+    """Noised validation latents, fixed once per run (chunks of equal size): the same timesteps
+    (DDPM) or σ (flow matching) and noise for every evaluation."""
     generator = torch.Generator().manual_seed(seed + VAL_SEED_OFFSET)
-    steps = fixed_timesteps(int(scheduler.config.num_train_timesteps), count)
+    steps = objective.validation_points(count)
     rows: dict[Size, list[tuple[torch.Tensor, int, torch.Tensor, EncodedItem]]] = {}
     for item in items:
         for step in steps:
@@ -66,16 +72,18 @@ def build_validation(items: Sequence[EncodedItem], scheduler: Any, count: int, s
             chunk = group[start : start + VAL_CHUNK]
             latents = torch.stack([r[0] for r in chunk])
             noise = torch.stack([r[2] for r in chunk])
-            t = torch.tensor([r[1] for r in chunk], dtype=torch.long)
+            noised = objective.at(latents, noise, [r[1] for r in chunk])
             texts = [r[3].text for r in chunk if r[3].text is not None]
+            frozen = [r[3].frozen for r in chunk if r[3].frozen is not None]
             batches.append(
                 ValBatch(
-                    noisy=scheduler.add_noise(latents, noise, t),
-                    timesteps=t,
-                    target=target_for(scheduler, latents, noise, t),
+                    noisy=noised.noisy,
+                    timesteps=noised.timesteps,
+                    target=noised.target,
                     tokens=stack([r[3].tokens for r in chunk]),
                     text=stack(texts) if len(texts) == len(chunk) else None,
                     added=stack([r[3].added for r in chunk]),
+                    frozen=stack(frozen) if len(frozen) == len(chunk) else None,
                 )
             )
     return batches
@@ -102,14 +110,14 @@ def validation_loss(
         for batch in batches:
             with autocast:
                 inputs = conditioner.unet_inputs(
-                    tokens=batch.tokens, text=batch.text, added=batch.added, device=device, dtype=dtype
+                    tokens=batch.tokens,
+                    text=batch.text,
+                    added=batch.added,
+                    device=device,
+                    dtype=dtype,
+                    frozen=batch.frozen,
                 )
-                pred = unet(
-                    batch.noisy.to(device, dtype),
-                    batch.timesteps.to(device),
-                    **inputs.unet_kwargs(),
-                    return_dict=False,
-                )[0]
+                pred = conditioner.predict(batch.noisy.to(device, dtype), batch.timesteps.to(device), inputs)
             err = (pred.float() - batch.target.to(device).float()).pow(2).mean(dim=(1, 2, 3))
             total += float(err.sum())
             count += err.numel()
@@ -122,6 +130,7 @@ def validation_loss(
 
 @torch.no_grad()
 def generate(
+    family: ModelFamily,
     pipe: Any,
     jobs: Sequence[tuple[str, int]],
     *,
@@ -131,8 +140,9 @@ def generate(
     negative_prompt: str,
     batch: int = 8,
 ) -> tuple[list[torch.Tensor], list[Image.Image]]:
-    """One image per (prompt, seed) job: (final latents, decoded images). Each image has its own CPU
-    generator, so batching and the device do not change what it looks like."""
+    """One image per (prompt, seed) job: (final latents in the VAE's layout, decoded images). Each image
+    has its own CPU generator, so batching and the device do not change what it looks like. The
+    family decodes (Flux unpacks; SD3/Flux shift the latents back)."""
     latents: list[torch.Tensor] = []
     images: list[Image.Image] = []
     vae = pipe.vae
@@ -148,10 +158,11 @@ def generate(
             generator=[torch.Generator().manual_seed(s) for _, s in chunk],
             output_type="latent",
         )
-        lat = out.images
-        decoded = vae.decode(lat.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        lat = out.images.to(vae.dtype)
+        decoded = family.decode(pipe, lat, height=size[1], width=size[0])
         images += pipe.image_processor.postprocess(decoded.float(), output_type="pil")
-        latents += [x.float().cpu() for x in lat]
+        unpacked = family.unpack(pipe, lat, height=size[1], width=size[0])
+        latents += [x.float().cpu() for x in unpacked]
     return latents, images
 
 

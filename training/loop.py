@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -32,9 +32,18 @@ from training.data.cache import EncodedItem
 from training.errors import CheckpointError, TrainingDiverged
 from training.evaluate import ValBatch, validation_loss
 from training.lora import Injection, load_trainable_state, trainable_state
-from training.objective import diffusion_loss, draw_noise, lr_lambda, target_for
+from training.objective import Noised, lr_lambda
 
 log = logging.getLogger(__name__)
+
+
+class Objective(Protocol):
+    """What the loop needs of a training objective (``NoiseObjective``, ``FlowObjective``)."""
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator) -> Noised: ...
+
+    def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor: ...
+
 
 METRICS = "metrics.jsonl"
 
@@ -105,7 +114,7 @@ class TrainerParts:
     train_items: list[EncodedItem]
     repeats: list[int]
     val_batches: list[ValBatch]
-    noise_scheduler: Any
+    objective: Objective
     device: torch.device
     dtype: torch.dtype
     amp_dtype: torch.dtype | None
@@ -229,24 +238,22 @@ class Trainer:
         latents = torch.stack(
             [it.sample_latent(self.generator, f) for it, f in zip(items, flips, strict=True)]
         )
-        noise, timesteps = draw_noise(
-            latents, self.generator, cfg.noise_offset, p.noise_scheduler.config.num_train_timesteps
-        )
-        noisy = p.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = target_for(p.noise_scheduler, latents, noise, timesteps).to(p.device)
+        noised = p.objective.draw(latents, self.generator)
         with self._autocast():
             texts = [it.text for it in items if it.text is not None]
+            frozen = [it.frozen for it in items if it.frozen is not None]
             inputs = p.conditioner.unet_inputs(
                 tokens=stack([it.tokens for it in items]),
                 text=stack(texts) if len(texts) == len(items) else None,
                 added=stack([it.added_for(f) for it, f in zip(items, flips, strict=True)]),
                 device=p.device,
                 dtype=p.dtype,
+                frozen=stack(frozen) if len(frozen) == len(items) else None,
             )
-            pred = self.unet(
-                noisy.to(p.device, p.dtype), timesteps.to(p.device), **inputs.unet_kwargs(), return_dict=False
-            )[0]
-        return diffusion_loss(pred, target, timesteps.to(p.device), p.noise_scheduler, cfg.snr_gamma)
+            pred = p.conditioner.predict(
+                noised.noisy.to(p.device, p.dtype), noised.timesteps.to(p.device), inputs
+            )
+        return p.objective.loss(pred, replace(noised, target=noised.target.to(p.device)))
 
     def _optimizer_step(self) -> None:
         cfg = self.p.config

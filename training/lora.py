@@ -43,28 +43,31 @@ def text_encoder_map(text_encoders: TextEncoders) -> dict[str, nn.Module]:
 
 @dataclass
 class Injection:
-    """What was adapted (component → module paths, ``unet`` first) and which parameters train."""
+    """What was adapted (component → module paths, the denoiser first: ``unet`` or ``transformer``)
+    and which parameters train."""
 
     module_paths: dict[str, list[str]]
     params: dict[str, list[nn.Parameter]] = field(repr=False)
     lora_config: dict[str, Any] = field(default_factory=dict)
+    denoiser: str = "unet"
 
     @property
     def unet_modules(self) -> list[str]:
-        return self.module_paths["unet"]
+        """Adapted module paths of the denoiser (the UNet, or SD3's/Flux's transformer)."""
+        return self.module_paths[self.denoiser]
 
     @property
     def text_encoder_modules(self) -> list[str]:
         """Adapted module paths of every text encoder."""
-        return [m for name, paths in self.module_paths.items() if name != "unet" for m in paths]
+        return [m for name, paths in self.module_paths.items() if name != self.denoiser for m in paths]
 
     @property
     def unet_params(self) -> list[nn.Parameter]:
-        return self.params["unet"]
+        return self.params[self.denoiser]
 
     @property
     def text_encoder_params(self) -> list[nn.Parameter]:
-        return [p for name, params in self.params.items() if name != "unet" for p in params]
+        return [p for name, params in self.params.items() if name != self.denoiser for p in params]
 
     @property
     def trainable(self) -> int:
@@ -131,13 +134,17 @@ def _label(component: str) -> str:
     return component.replace("_", "-")
 
 
-def inject(unet: nn.Module, text_encoders: TextEncoders, config: TrainConfig) -> Injection:
-    """Freeze the whole base, add the LoRA layers, return the (fp32) trainable parameters."""
+def inject(
+    unet: nn.Module, text_encoders: TextEncoders, config: TrainConfig, *, denoiser_name: str = "unet"
+) -> Injection:
+    """Freeze the whole base, add the LoRA layers, return the (fp32) trainable parameters.
+    ``unet``: the denoiser (``denoiser_name``: ``unet``, or ``transformer`` on SD3/Flux)."""
     encoders = text_encoder_map(text_encoders)
     unet.requires_grad_(False)
     for encoder in encoders.values():
         encoder.requires_grad_(False)
-    paths = {"unet": resolve_targets(unet, config.target_modules, "UNet")}
+    label = "UNet" if denoiser_name == "unet" else denoiser_name
+    paths = {denoiser_name: resolve_targets(unet, config.target_modules, label)}
     # peft directly (what diffusers' ``add_adapter`` does), for every model alike: transformers' own
     # PEFT integration demands a newer peft than diffusers does.
     inject_adapter_in_model(lora_config(config, config.target_modules), unet, ADAPTER_NAME)
@@ -147,7 +154,7 @@ def inject(unet: nn.Module, text_encoders: TextEncoders, config: TrainConfig) ->
             targets = config.text_encoder_target_modules
             paths[name] = resolve_targets(encoder, targets, _label(name))
             inject_adapter_in_model(lora_config(config, targets), encoder, ADAPTER_NAME)
-    params = {"unet": _lora_params(unet)} | {name: _lora_params(e) for name, e in encoders.items()}
+    params = {denoiser_name: _lora_params(unet)} | {name: _lora_params(e) for name, e in encoders.items()}
     for group in params.values():
         for param in group:
             param.data = param.data.float()  # LoRA weights train in fp32 even on a half-precision base
@@ -166,6 +173,7 @@ def inject(unet: nn.Module, text_encoders: TextEncoders, config: TrainConfig) ->
             if config.train_text_encoder
             else [],
         },
+        denoiser=denoiser_name,
     )
 
 
@@ -235,12 +243,13 @@ def _peft_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def adapter_tensors(
-    unet: nn.Module, text_encoders: TextEncoders, with_text_encoder: bool
+    unet: nn.Module, text_encoders: TextEncoders, with_text_encoder: bool, *, denoiser_name: str = "unet"
 ) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers/PEFT layout, unscaled: ``unet.<path>.lora_A.weight``,
-    ``text_encoder_2.<path>…`` … (alpha not folded; ``export`` folds the scale into ``lora_B`` for the
-    canonical file). DoRA runs also carry ``….lora_magnitude_vector`` entries, which the export refuses."""
-    out = _peft_state(unet, "unet")
+    """The adapter in diffusers/PEFT layout, unscaled: ``unet.<path>.lora_A.weight`` (``transformer.…``
+    on SD3/Flux), ``text_encoder_2.<path>…`` … (alpha not folded; ``export`` folds the scale into
+    ``lora_B`` for the canonical file). DoRA runs also carry ``….lora_magnitude_vector`` entries, which
+    the export refuses."""
+    out = _peft_state(unet, denoiser_name)
     if with_text_encoder:
         for name, encoder in text_encoder_map(text_encoders).items():
             out |= _peft_state(encoder, name)

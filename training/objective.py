@@ -1,8 +1,10 @@
-"""The diffusion training objective and the learning-rate schedule.
+"""The diffusion training objectives and the learning-rate schedule.
 
-Loss: MSE between the UNet output and the target (the noise for epsilon-prediction bases, the
-velocity for v-prediction ones), optionally min-SNR weighted (Hang et al. 2023, ``--snr-gamma``)
-and with offset noise (``--noise-offset``), exactly as the diffusers example script computes it.
+``NoiseObjective`` (SD1.x, SD2.x, SDXL): MSE between the UNet output and the target (the noise for
+epsilon-prediction bases, the velocity for v-prediction ones), optionally min-SNR weighted (Hang et al.
+2023, ``--snr-gamma``) and with offset noise (``--noise-offset``), as the diffusers example script
+computes it. ``FlowObjective`` (SD3, Flux, flow-matching families): the rectified-flow objective of
+diffusers' ``train_dreambooth_lora_sd3.py`` / ``train_dreambooth_lora_flux.py`` (``training.flow``).
 All randomness comes from one CPU ``torch.Generator`` so runs, and resumed runs, are reproducible.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,26 +46,6 @@ def target_for(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: to
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def diffusion_loss(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    scheduler: Any,
-    snr_gamma: float | None,
-) -> torch.Tensor:
-    """Mean (optionally min-SNR weighted) MSE over the batch."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is None:
-        return per_sample.mean()
-    ratio = snr(scheduler, timesteps)
-    clipped = torch.minimum(ratio, torch.full_like(ratio, snr_gamma))
-    if scheduler.config.prediction_type == "v_prediction":
-        weights = clipped / (ratio + 1)
-    else:
-        weights = clipped / ratio.clamp(min=1e-8)
-    return (per_sample * weights).mean()
-
-
 def draw_noise(
     latents: torch.Tensor, generator: torch.Generator, noise_offset: float, num_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +55,83 @@ def draw_noise(
         noise += noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
     timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator)
     return noise, timesteps
+
+
+@dataclass(frozen=True)
+class Noised:
+    """One batch made ready for the loss: the noisy latents, the target, the timesteps the denoiser is
+    called with and per-sample loss weights (None: the plain mean)."""
+
+    noisy: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
+def weighted_mse(prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+    """Mean over the batch of the per-sample MSE, times ``noised.weights`` when there are any."""
+    dims = tuple(range(1, prediction.dim()))
+    per_sample = F.mse_loss(prediction.float(), noised.target.float(), reduction="none").mean(dim=dims)
+    if noised.weights is None:
+        return per_sample.mean()
+    return (per_sample * noised.weights.to(per_sample.device)).mean()
+
+
+class NoiseObjective:
+    """Noise (or v) prediction on the base's DDPM schedule."""
+
+    def __init__(self, scheduler: Any, config: TrainConfig) -> None:
+        self.scheduler = scheduler
+        self.noise_offset = config.noise_offset
+        self.snr_gamma = config.snr_gamma
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
+        noise, timesteps = draw_noise(latents, generator, self.noise_offset, self.num_train_timesteps)
+        return self._noised(latents, noise, timesteps, weighted=True)
+
+    def at(self, latents: torch.Tensor, noise: torch.Tensor, points: list[int]) -> Noised:
+        """``latents`` noised with ``noise`` at the fixed timesteps ``points`` (validation)."""
+        return self._noised(latents, noise, torch.tensor(points, dtype=torch.long), weighted=False)
+
+    def validation_points(self, count: int) -> list[int]:
+        return fixed_timesteps(self.num_train_timesteps, count)
+
+    def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        return weighted_mse(prediction, noised)
+
+    def _noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, *, weighted: bool
+    ) -> Noised:
+        weights = None
+        if weighted and self.snr_gamma is not None:
+            ratio = snr(self.scheduler, timesteps)
+            clipped = torch.minimum(ratio, torch.full_like(ratio, self.snr_gamma))
+            if self.prediction_type == "v_prediction":
+                weights = clipped / (ratio + 1)
+            else:
+                weights = clipped / ratio.clamp(min=1e-8)
+        return Noised(
+            self.scheduler.add_noise(latents, noise, timesteps),
+            target_for(self.scheduler, latents, noise, timesteps),
+            timesteps,
+            weights,
+        )
+
+
+def fixed_timesteps(num_train_timesteps: int, count: int) -> list[int]:
+    """``count`` timesteps evenly spread over the middle 90 % of the schedule."""
+    if count == 1:
+        return [num_train_timesteps // 2]
+    lo, hi = 0.05 * num_train_timesteps, 0.95 * (num_train_timesteps - 1)
+    return [round(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
 
 
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:

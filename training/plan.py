@@ -73,7 +73,7 @@ def activation_bytes(
             placed = {key: value.to(device, dtype) for key, value in added.items()}
             inputs = conditioner.family.training_inputs(text, placed)
             t = torch.tensor([500], device=device)
-            out = unet(latent, t, **inputs.unet_kwargs(), return_dict=False)[0]
+            out = conditioner.predict(latent, t, inputs)
             del out
     finally:
         unet.train(was[0])
@@ -108,13 +108,13 @@ def memory_estimate(
 ) -> dict[str, Any]:
     pipe = conditioner.pipe
     largest = max(sizes, key=lambda s: s[0] * s[1])
-    weights = module_bytes(pipe.unet, pipe.vae, *conditioner.text_encoders.values())
+    weights = module_bytes(conditioner.denoiser, pipe.vae, *conditioner.all_encoders.values())
     lora = injection.trainable * 4
     optimizer = injection.trainable * 4 * 3  # gradients + two AdamW moments, fp32
     acts = activation_bytes(
         conditioner,
         largest,
-        latent_channels=int(pipe.unet.config.in_channels),
+        latent_channels=conditioner.family.latent_channels(pipe),
         vae_factor=int(pipe.vae_scale_factor),
         device=device,
         dtype=dtype,
@@ -133,6 +133,11 @@ def memory_estimate(
     }
 
 
+def _objective_line(objective: dict[str, Any]) -> str:
+    details = ", ".join(f"{key} {value}" for key, value in objective.items() if key != "kind")
+    return f"{objective.get('kind', '?').replace('_', ' ')} ({details})"
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """Human-readable plan for ``--dry-run``."""
     mem, lora, base, data, sched = (
@@ -143,6 +148,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         plan["schedule"],
     )
     batch, accum = plan["batch_size"], plan["grad_accum"]
+    denoiser_key = next(iter(plan["modules"]))
+    denoiser = "UNet" if denoiser_key == "unet" else denoiser_key
     sizes = ", ".join("x".join(map(str, s)) for s in plan["sizes"])
     lines = [
         f"base model      {base['name']} ({base['family']}, fingerprint {base['fingerprint'][:16]}...)",
@@ -156,13 +163,15 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"optimizer       AdamW lr {plan['lr']} ({plan['lr_scheduler']}, "
         f"warm-up {plan['lr_warmup_steps']} steps), "
         f"weight decay {plan['weight_decay']}",
+        f"objective       {_objective_line(plan.get('objective', {}))}",
         f"LoRA            rank {lora['r']}, alpha {lora['lora_alpha']} (scale {plan['lora_scale']:.4g}), "
         f"init {lora['init_lora_weights']}, rslora {lora['use_rslora']}, dora {lora['use_dora']}",
-        f"targets         UNet {', '.join(lora['target_modules'])} -> {plan['modules']['unet']} modules",
+        f"targets         {denoiser} {', '.join(lora['target_modules'])} -> {plan['modules'][denoiser_key]} "
+        "modules",
     ]
     if lora["text_encoder_target_modules"]:
         te_targets = ", ".join(lora["text_encoder_target_modules"])
-        counts = {name: n for name, n in plan["modules"].items() if name != "unet"}
+        counts = dict(list(plan["modules"].items())[1:])  # the denoiser comes first
         if len(counts) == 1:
             lines.append(f"                text encoder {te_targets} -> {sum(counts.values())} modules")
         else:
@@ -171,7 +180,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     acts = mem["activations_bytes_per_image"] / GIB
     lines += [
         f"trainable       {plan['trainable_params']:,} params "
-        f"({plan['trainable_percent']:.3f} % of UNet + text encoder)",
+        f"({plan['trainable_percent']:.3f} % of {denoiser} + text encoder)",
         f"memory (est.)   {mem['total_gib']} GiB = weights {mem['weights_bytes'] / GIB:.3f} "
         f"+ grads/AdamW {mem['gradients_and_optimizer_bytes'] / GIB:.3f} "
         f"+ activations {acts:.3f}/image x {batch}",

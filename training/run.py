@@ -30,9 +30,10 @@ from training.data.dataset import PreparedData
 from training.errors import CheckpointError, TrainConfigError
 from training.evaluate import build_validation
 from training.export import adapter_id_for, build_metadata, check_exportable, export_adapter, register_adapter
+from training.flow import FlowObjective
 from training.loop import METRICS, LoopResult, Trainer, TrainerParts
 from training.lora import adapter_tensors, base_weights_hash
-from training.objective import training_scheduler
+from training.objective import NoiseObjective, training_scheduler
 from training.plan import format_plan
 from training.plot import plot_loss_curve
 from training.samples import SampleBook
@@ -144,13 +145,31 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
 class Encoded:
     train: list[EncodedItem]
     val: list[EncodedItem]
-    noise_scheduler: Any
+    objective: NoiseObjective | FlowObjective
     store: EncodeCache
+
+    @property
+    def prediction_type(self) -> str:
+        return self.objective.prediction_type
+
+
+def objective_for(setup: RunSetup) -> NoiseObjective | FlowObjective:
+    """Flow matching on flow-matching families (SD3, Flux); noise/v prediction on the DDPM ones, where
+    ``--prediction-type`` may differ from the base's (samples then use the trained one)."""
+    config, pipe = setup.config, setup.pipe
+    if setup.base.family.flow_matching:
+        return FlowObjective(dict(pipe.scheduler.config), config)
+    scheduler: Any = training_scheduler(dict(pipe.scheduler.config), config.prediction_type)
+    trained, native = scheduler.config.prediction_type, pipe.scheduler.config.prediction_type
+    if trained != native:
+        log.warning("training %s on a %s base; samples use the trained prediction type", trained, native)
+        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=trained)
+    return NoiseObjective(scheduler, config)
 
 
 def encode(setup: RunSetup, output: Path) -> Encoded:
-    """Latents and embeddings of both splits; the training noise scheduler (prediction type)."""
-    config, pipe = setup.config, setup.pipe
+    """Latents and embeddings of both splits; the training objective."""
+    config = setup.config
     folder = (config.cache_dir or output / "cache") if config.cache == "disk" else None
     store = EncodeCache(folder, setup.base.fingerprint)
     common: dict[str, Any] = {"device": setup.base.device, "dtype": setup.vae_dtype, "store": store}
@@ -169,12 +188,7 @@ def encode(setup: RunSetup, output: Path) -> Encoded:
     val_items = encode_dataset(
         data.val, setup.val_sizes, conditioner, flip=False, cache_text=cache_text, **common
     )
-    noise_scheduler: Any = training_scheduler(dict(pipe.scheduler.config), config.prediction_type)
-    trained, native = noise_scheduler.config.prediction_type, pipe.scheduler.config.prediction_type
-    if trained != native:
-        log.warning("training %s on a %s base; samples use the trained prediction type", trained, native)
-        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=trained)
-    return Encoded(train_items, val_items, noise_scheduler, store)
+    return Encoded(train_items, val_items, objective_for(setup), store)
 
 
 def train(
@@ -191,6 +205,7 @@ def train(
     checkpoint = load_checkpoint(resolve_resume(config.resume, output)) if config.resume else None
     phases = Phases()
     setup = prepare_run(config, models_dir or load_settings().models_dir)
+    config = setup.config  # with the family's defaults
     phases.done("load and prepare")
     plan = build_plan(setup)
     phases.done("plan (memory probe)")
@@ -210,7 +225,6 @@ def train(
     pipe = setup.pipe
     prompts = default_prompts(config, setup.data)
     conditioner = setup.conditioner
-    text_encoders = conditioner.text_encoders
     book = SampleBook(
         conditioner,
         config,
@@ -220,11 +234,12 @@ def train(
         with_text_encoder=config.train_text_encoder,
         autocast=setup.autocast,
     )
-    base_hash = base_weights_hash(pipe.unet, pipe.vae, *text_encoders.values())
+    frozen = (conditioner.denoiser, pipe.vae, *conditioner.all_encoders.values())
+    base_hash = base_weights_hash(*frozen)
     trainer = _trainer(setup, encoded, output, identity, book if prompts else None, on_step, checkpoint, echo)
     result = trainer.run()
     phases.done("train")
-    if base_weights_hash(pipe.unet, pipe.vae, *text_encoders.values()) != base_hash:
+    if base_weights_hash(*frozen) != base_hash:
         raise AssertionError("base model weights changed during training (only LoRA parameters may train)")
     plot_loss_curve(trainer.metrics.rows, output / "loss_curve.png", title=f"{adapter_id_for(config)}: loss")
     run = RunResult(output, plan, loop=result)
@@ -264,10 +279,8 @@ def _trainer(
             injection=setup.injection,
             train_items=encoded.train,
             repeats=setup.repeats,
-            val_batches=build_validation(
-                encoded.val, encoded.noise_scheduler, config.val_timesteps, config.seed
-            ),
-            noise_scheduler=encoded.noise_scheduler,
+            val_batches=build_validation(encoded.val, encoded.objective, config.val_timesteps, config.seed),
+            objective=encoded.objective,
             device=setup.base.device,
             dtype=setup.weight_dtype,
             amp_dtype=setup.amp_dtype,
@@ -308,7 +321,7 @@ def _finish(
     hyper = config.hyperparameters() | {
         "resolution": setup.resolution,
         "mixed_precision_effective": setup.mixed_precision,
-        "prediction_type_effective": encoded.noise_scheduler.config.prediction_type,
+        "prediction_type_effective": encoded.prediction_type,
         "total_steps": result.total_steps,
     }
     report: dict[str, Any] = {
@@ -342,8 +355,13 @@ def _finish(
         steps=result.step,
         epochs=result.step / max(1, setup.schedule["steps_per_epoch"]),
     )
-    pipe = setup.pipe
-    tensors = adapter_tensors(pipe.unet, setup.conditioner.text_encoders, config.train_text_encoder)
+    conditioner = setup.conditioner
+    tensors = adapter_tensors(
+        conditioner.denoiser,
+        conditioner.text_encoders,
+        config.train_text_encoder,
+        denoiser_name=setup.base.family.denoiser,
+    )
     exported = export_adapter(tensors, config, setup.base, metadata, run.output)
     report["adapter"] = {"path": str(exported.path), "bytes": exported.size}
     run.adapter_path = exported.path

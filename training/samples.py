@@ -43,6 +43,8 @@ class SampleBook:
         autocast: Callable[[], AbstractContextManager[Any]],
     ) -> None:
         self.pipe = conditioner.pipe
+        self.family = conditioner.family
+        self.denoiser = conditioner.denoiser
         self.text_encoders = conditioner.text_encoders
         self.config = config
         self.prompts = prompts
@@ -56,7 +58,7 @@ class SampleBook:
     def _generate(
         self, jobs: list[tuple[str, int]], adapter: bool
     ) -> tuple[list[torch.Tensor], list[Image.Image]]:
-        unet, encoders = self.pipe.unet, self.text_encoders
+        unet, encoders = self.denoiser, self.text_encoders
         was = unet.training, {name: encoder.training for name, encoder in encoders.items()}
         unet.eval()
         for encoder in encoders.values():
@@ -65,6 +67,7 @@ class SampleBook:
         try:
             with self.autocast():
                 return generate(
+                    self.family,
                     self.pipe,
                     jobs,
                     size=self.size,
@@ -171,11 +174,11 @@ class SampleBook:
 
     @torch.no_grad()
     def _decode(self, latents: list[torch.Tensor]) -> list[Image.Image]:
-        vae = self.pipe.vae
+        vae, factor = self.pipe.vae, int(self.pipe.vae_scale_factor)
         images: list[Image.Image] = []
         for lat in latents:
-            decoded = vae.decode(
-                lat[None].to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False
-            )[0]
+            height, width = lat.shape[-2] * factor, lat.shape[-1] * factor
+            packed = self.family.pack(lat[None].to(vae.device, vae.dtype))
+            decoded = self.family.decode(self.pipe, packed, height=height, width=width)
             images += self.pipe.image_processor.postprocess(decoded.float(), output_type="pil")
         return images

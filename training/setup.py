@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from basemodel.errors import BaseModelError, NotSupported
+from basemodel.families import ModelFamily
 from basemodel.loader import BaseModel, load_base_model
 from training import TRAINER_NAME, TRAINER_VERSION
 from training.conditioning import Conditioner
@@ -55,7 +56,7 @@ class RunSetup:
 
     @property
     def conditioner(self) -> Conditioner:
-        return Conditioner(self.base.family, self.base.pipe)
+        return Conditioner(self.base.family, self.base.pipe, self.config.train_guidance)
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -67,7 +68,7 @@ class RunSetup:
 
     @property
     def sample_size(self) -> Size:
-        return square_size(self.resolution, size_multiple(self.pipe))
+        return square_size(self.resolution, size_multiple(self.base))
 
     def autocast(self) -> AbstractContextManager[Any]:
         return _autocast(self.base.device, self.amp_dtype)
@@ -90,20 +91,20 @@ def _autocast(device: torch.device, amp: torch.dtype | None) -> AbstractContextM
     return torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
 
 
-def size_multiple(pipe: Any) -> int:
-    """Pixel sides must be multiples of this (VAE factor x UNet down-sampling)."""
-    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+def size_multiple(base: BaseModel) -> int:
+    """Pixel sides must be multiples of this (VAE factor x the denoiser's down-sampling or patches)."""
+    return base.family.training_size_multiple(base.pipe)
 
 
 def target_sizes(
     config: TrainConfig, base: BaseModel, data: PreparedData
 ) -> tuple[int, list[Size], list[Size]]:
     resolution = config.resolution or base.native_size
-    multiple = size_multiple(base.pipe)
+    multiple = size_multiple(base)
     if resolution % multiple:
         raise TrainConfigError(
             f"resolution {resolution} is not a multiple of {multiple} "
-            f"(VAE factor x UNet down-sampling of {base.name})",
+            f"(VAE factor x {base.family.denoiser} down-sampling of {base.name})",
             hint=f"Use --resolution {resolution // multiple * multiple or multiple}.",
         )
     if config.buckets:
@@ -118,7 +119,7 @@ def target_sizes(
 
 def check_base(config: TrainConfig, base: BaseModel) -> None:
     """The base model must be the expected checkpoint (when pinned), of a trainable family, and its
-    UNet must cross-attend to what its text encoders give."""
+    denoiser must take what its text encoders give (the family's ``training_problems``)."""
     want = (config.base_model_sha256 or "").lower()
     if want and not base.fingerprint.startswith(want):
         raise BaseModelError(
@@ -130,17 +131,51 @@ def check_base(config: TrainConfig, base: BaseModel) -> None:
         raise NotSupported(
             f"training on {base.family.label} base models is not supported yet ({base.name} is one)",
             detail={"family": base.family.name},
-            hint="Train on an SD1.x, SD2.x or SDXL base model.",
+            hint="Train on an SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1 base model.",
         )
-    cross = int(base.pipe.unet.config.cross_attention_dim)
-    hidden = base.family.text_width(base.pipe)
-    if cross != hidden:
-        encoders = " + ".join(base.family.text_encoders)
+    problems = base.family.training_problems(base.pipe)
+    if problems:
         raise BaseModelError(
-            f"{base.name}: UNet cross-attention width {cross} does not match the text encoder(s) "
-            f"({encoders}: {hidden})",
-            hint="Use a pipeline whose UNet and text encoder(s) belong together.",
+            f"{base.name}: {'; '.join(problems)}",
+            hint=f"Use a pipeline whose {base.family.denoiser} and text encoder(s) belong together.",
         )
+
+
+def for_family(config: TrainConfig, family: ModelFamily) -> TrainConfig:
+    """``config`` with the family's defaults where no value was given (denoiser targets, the samples'
+    guidance scale, the flow-matching weighting scheme); options the family's objective has no use
+    for are refused."""
+    given = config.model_fields_set
+    update: dict[str, Any] = {}
+    if "target_modules" not in given:
+        update["target_modules"] = list(family.training_targets)
+    if "guidance_scale" not in given:
+        update["guidance_scale"] = family.default_guidance
+    if family.flow_matching:
+        unused = [
+            flag
+            for flag, value in (
+                ("--snr-gamma", config.snr_gamma),
+                ("--noise-offset", config.noise_offset or None),
+                ("--prediction-type", None if config.prediction_type == "auto" else config.prediction_type),
+            )
+            if value is not None
+        ]
+        if unused:
+            raise TrainConfigError(
+                f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to noise-prediction "
+                f"bases; {family.label} trains with flow matching",
+                hint="Drop it; --weighting-scheme, --logit-mean/--logit-std and --mode-scale shape "
+                "the flow-matching objective.",
+            )
+        if config.weighting_scheme is None:
+            update["weighting_scheme"] = family.training_weighting
+    elif config.weighting_scheme not in (None, "none"):
+        raise TrainConfigError(
+            f"--weighting-scheme applies to flow-matching bases (SD3, Flux); {family.label} is not one",
+            hint="Drop --weighting-scheme (min-SNR weighting is --snr-gamma).",
+        )
+    return config.model_copy(update=update) if update else config
 
 
 def caption_rules(config: TrainConfig) -> CaptionRules:
@@ -159,6 +194,7 @@ def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
     torch.manual_seed(config.seed)
     base = load_base_model(config.base_model, models_dir, device=config.device, dtype="fp32")
     check_base(config, base)
+    config = for_family(config, base.family)
     pipe = base.pipe
     weight_dtype, amp_dtype, mixed = precision(config, base.device)
     data = prepare_dataset(
@@ -170,20 +206,21 @@ def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
     )
     resolution, train_sizes, val_sizes = target_sizes(config, base, data)
     torch.manual_seed(config.seed)  # LoRA init draws from the global RNG: same seed, same start
-    text_encoders = Conditioner(base.family, pipe).text_encoders
-    injection = inject(pipe.unet, text_encoders, config)
+    conditioner = Conditioner(base.family, pipe)
+    denoiser, text_encoders = conditioner.denoiser, conditioner.text_encoders
+    injection = inject(denoiser, text_encoders, config, denoiser_name=base.family.denoiser)
     if weight_dtype != torch.float32:
         vae_dtype = base.family.training_vae_dtype(pipe, weight_dtype)
         for module, dtype in (
-            (pipe.unet, weight_dtype),
+            (denoiser, weight_dtype),
             (pipe.vae, vae_dtype),
-            *((encoder, weight_dtype) for encoder in text_encoders.values()),
+            *((encoder, weight_dtype) for encoder in conditioner.all_encoders.values()),
         ):
             for name, param in module.named_parameters():
                 if "lora_" not in name:
                     param.data = param.data.to(dtype)
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()  # type: ignore[operator]
         if config.train_text_encoder:
             for text_encoder in text_encoders.values():
                 encoder: Any = text_encoder
@@ -208,11 +245,30 @@ def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
     )
 
 
+def objective_summary(config: TrainConfig, base: BaseModel) -> dict[str, Any]:
+    """What the loss is: flow matching (SD3, Flux: weighting, embedded guidance) or noise/v prediction."""
+    family = base.family
+    if family.flow_matching:
+        summary: dict[str, Any] = {"kind": "flow_matching", "weighting_scheme": config.weighting_scheme}
+        if config.weighting_scheme == "logit_normal":
+            summary |= {"logit_mean": config.logit_mean, "logit_std": config.logit_std}
+        if config.weighting_scheme == "mode":
+            summary["mode_scale"] = config.mode_scale
+        embeds = family.embeds_guidance(base.pipe)
+        return summary | ({"train_guidance": config.train_guidance} if embeds else {})
+    return {
+        "kind": "noise_prediction",
+        "prediction_type": config.prediction_type,
+        "snr_gamma": config.snr_gamma,
+        "noise_offset": config.noise_offset,
+    }
+
+
 def build_plan(setup: RunSetup) -> dict[str, Any]:
     """The plan: identity of the base, data counts, schedule, LoRA layout, memory estimate."""
-    config, base, pipe, injection = setup.config, setup.base, setup.pipe, setup.injection
+    config, base, injection = setup.config, setup.base, setup.injection
     conditioner = setup.conditioner
-    models = [pipe.unet, *conditioner.text_encoders.values()]
+    models = [conditioner.denoiser, *conditioner.text_encoders.values()]
     base_params = sum(p.numel() for m in models for n, p in m.named_parameters() if "lora_" not in n)
     return {
         "trainer": f"{TRAINER_NAME} {TRAINER_VERSION}",
@@ -239,6 +295,7 @@ def build_plan(setup: RunSetup) -> dict[str, Any]:
         "lr_scheduler": config.lr_scheduler,
         "lr_warmup_steps": config.lr_warmup_steps,
         "weight_decay": config.weight_decay,
+        "objective": objective_summary(config, base),
         "lora": injection.lora_config,
         "lora_scale": config.lora_scale,
         "modules": injection.module_counts,

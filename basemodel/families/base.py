@@ -14,8 +14,11 @@ Flux.1) and owns everything that differs around it:
   samplers it takes (``flow_matching``);
 * the model call (``denoiser_call``: a callable ``(latents, t) → prediction`` with the family's
   keyword arguments, timestep scaling and positional ids bound once per batch);
-* how the trainer conditions it (``tokenize``, ``training_text``, ``size_conditioning``,
-  ``training_inputs``), and the names other tools use for it (kohya key prefixes, the SAI modelspec
+* how the trainer conditions and calls it (``tokenize``, ``training_text`` and ``frozen_text`` (T5's
+  states, cached even while a CLIP LoRA trains), ``size_conditioning``, ``training_inputs``,
+  ``training_prediction`` on VAE-layout latents (Flux packs inside), ``training_targets``,
+  ``training_size_multiple``, ``training_problems``; flow-matching families train with
+  ``training.flow``), and the names other tools use for it (kohya key prefixes, the SAI modelspec
   architecture, kohya's ``ss_base_model_version``, ``community_lora`` for other key layouts).
 
 The sampling loop (``service/engine/sampler.py``) asks the family for each of these and keeps no
@@ -151,6 +154,12 @@ class ModelFamily:
     trainable: ClassVar[bool] = False
     # the tensors ``training_text`` returns (what the trainer's embedding cache holds per caption)
     training_text_keys: ClassVar[tuple[str, ...]] = ("hidden",)
+    # the tensors ``frozen_text`` returns (cached even while a text-encoder LoRA trains)
+    frozen_text_keys: ClassVar[tuple[str, ...]] = ()
+    # the denoiser modules ``loraswap train`` adapts by default (peft ``target_modules`` suffixes)
+    training_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    # flow-matching families: the timestep density / loss weighting their diffusers script defaults to
+    training_weighting: ClassVar[str] = "none"
 
     def __repr__(self) -> str:
         return f"<ModelFamily {self.name}>"
@@ -383,6 +392,16 @@ class ModelFamily:
     def begin_denoising(self, scheduler: Any) -> None:
         """Prepare a fresh scheduler after ``set_timesteps``, as the family's pipeline does."""
 
+    def pack(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``[rows, channels, h, w]`` → the denoiser's layout (default: as they are)."""
+        return latents
+
+    def unpack(
+        self, pipe: Any, latents: torch.Tensor, *, height: int | None, width: int | None
+    ) -> torch.Tensor:
+        """Latents in the denoiser's layout → the VAE's ``[rows, channels, h, w]`` (default: as they are)."""
+        return latents
+
     def decode(
         self, pipe: Any, latents: torch.Tensor, *, height: int | None = None, width: int | None = None
     ) -> torch.Tensor:
@@ -413,10 +432,21 @@ class ModelFamily:
             ).input_ids
         return out
 
-    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """What the text encoders give the UNet in training, keyed by ``training_text_keys`` (gradients
-        flow when a text-encoder LoRA trains; the trainer caches the result while they are frozen)."""
+        flow when a text-encoder LoRA trains; the trainer caches the result while they are frozen).
+        ``frozen``: ``frozen_text`` of the same captions, cached, used instead of running those encoders."""
         raise NotImplementedError
+
+    def frozen_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of ``training_text`` that never trains (T5's states on SD3/Flux), keyed by
+        ``frozen_text_keys``: cached even while a text-encoder LoRA trains. Default: none."""
+        return {}
 
     def size_conditioning(
         self, original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
@@ -432,6 +462,46 @@ class ModelFamily:
         ``hidden`` is the cross-attention context, everything else goes to ``added_cond_kwargs``."""
         extra = {key: value for key, value in text.items() if key != "hidden"}
         return DenoiserInputs(text["hidden"], {**extra, **added})
+
+    def training_prediction(
+        self,
+        pipe: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        inputs: DenoiserInputs,
+        *,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:
+        """The denoiser's output for noisy VAE latents ``[rows, channels, h, w]`` at ``timesteps``
+        (the scheduler's: DDPM indices, or σ·1000 on flow-matching families), in the same layout.
+        ``guidance``: the value a guidance-distilled denoiser (Flux-dev) is trained at (unused here)."""
+        out: torch.Tensor = self.denoiser_module(pipe)(
+            noisy, timesteps, **inputs.unet_kwargs(), return_dict=False
+        )[0]
+        return out
+
+    def embeds_guidance(self, pipe: Any) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (guidance-distilled: Flux-dev)."""
+        return False
+
+    def training_size_multiple(self, pipe: Any) -> int:
+        """Training image sides must be multiples of this: the VAE factor × the UNet's down-sampling."""
+        config: Any = self.denoiser_module(pipe).config
+        blocks = len(config.block_out_channels)
+        return int(pipe.vae_scale_factor) * 2 ** (blocks - 1)
+
+    def training_problems(self, pipe: Any) -> list[str]:
+        """What makes a loaded pipeline untrainable (empty: fine): the UNet must cross-attend to the
+        width its text encoders give."""
+        config: Any = self.denoiser_module(pipe).config
+        cross = int(config.cross_attention_dim)
+        hidden = self.text_width(pipe)
+        if cross == hidden:
+            return []
+        encoders = " + ".join(self.text_encoders)
+        return [
+            f"UNet cross-attention width {cross} does not match the text encoder(s) ({encoders}: {hidden})"
+        ]
 
     def training_vae_dtype(self, pipe: Any, dtype: torch.dtype) -> torch.dtype:
         """The dtype the trainer keeps the (frozen) VAE in when the base trains in ``dtype``."""

@@ -10,13 +10,13 @@ length (``calculate_shift``'s ``mu``), as their pipelines compute it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from basemodel.errors import ValidationFailed
-from basemodel.families.base import ModelFamily
+from basemodel.families.base import DenoiserInputs, ModelFamily
 
 
 def calculate_shift(
@@ -132,8 +132,81 @@ class FlowMatchFamily(ModelFamily):
         decoded: torch.Tensor = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return decoded
 
-    def unpack(
-        self, pipe: Any, latents: torch.Tensor, *, height: int | None, width: int | None
+    # -- training (as diffusers' train_dreambooth_lora_sd3.py / _flux.py) ----------------------------
+    def training_prediction(
+        self,
+        pipe: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        inputs: DenoiserInputs,
+        *,
+        guidance: float = 1.0,
     ) -> torch.Tensor:
-        """Latents in the denoiser's layout → the VAE's ``[rows, channels, h, w]`` (default: as they are)."""
-        return latents
+        """``denoiser_call`` on the packed latents, unpacked again: the velocity ``ε − x₀`` the model
+        predicts, in the VAE's layout. ``timesteps`` are σ·1000 (the family's call scales them)."""
+        factor = int(pipe.vae_scale_factor)
+        height, width = noisy.shape[-2] * factor, noisy.shape[-1] * factor
+        call = self.denoiser_call(
+            pipe, self.with_guidance(pipe, inputs, guidance), height=height, width=width
+        )
+        out = call(self.pack(noisy), timesteps)
+        return self.unpack(pipe, out, height=height, width=width)
+
+    def with_guidance(self, pipe: Any, inputs: DenoiserInputs, guidance: float) -> DenoiserInputs:
+        """``inputs`` with the embedded guidance a distilled denoiser takes (default: none)."""
+        return inputs
+
+    def training_size_multiple(self, pipe: Any) -> int:
+        """Training sizes follow the sampling rule (``size_multiple``: the 2×2 patches / packing)."""
+        return self.size_multiple(pipe)
+
+    def training_problems(self, pipe: Any) -> list[str]:
+        """The transformer's ``joint_attention_dim`` must be the width of its text context."""
+        config: Any = self.denoiser_module(pipe).config
+        joint = int(config.joint_attention_dim)
+        width = self.context_width_of(pipe)
+        if width is None or width == joint:
+            return []
+        return [f"transformer joint_attention_dim {joint} does not match the text context width {width}"]
+
+    def context_width_of(self, pipe: Any) -> int | None:
+        """The width of the text context the encoders give (None: not known from the configs)."""
+        return None
+
+    def tokenize(self, pipe: Any, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids for the CLIPs (their max length) and for T5 (``max_sequence_length``), as the
+        pipeline's ``encode_prompt`` tokenizes; T5's under its component name when it is loaded."""
+        out = super().tokenize(pipe, captions)
+        for encoder in self.frozen_text_encoders:
+            if getattr(pipe, encoder, None) is None:
+                continue
+            tokenizer = getattr(pipe, self.t5_tokenizer)
+            out[encoder] = tokenizer(
+                list(captions),
+                padding="max_length",
+                max_length=self.sequence_length(pipe),
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).input_ids
+        return out
+
+    def sequence_length(self, pipe: Any) -> int:
+        """T5's ``max_sequence_length`` (the pipeline's default)."""
+        raise NotImplementedError
+
+    frozen_text_keys: ClassVar[tuple[str, ...]] = ("t5",)
+
+    def frozen_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """T5's last hidden states (zeros when the folder has none, as the pipelines give)."""
+        (name,) = self.frozen_text_encoders
+        t5 = getattr(pipe, name, None)
+        if t5 is not None:
+            return {"t5": t5(tokens[name], output_hidden_states=False)[0]}
+        rows = next(iter(tokens.values())).shape[0]
+        config: Any = self.denoiser_module(pipe).config
+        width = int(config.joint_attention_dim)
+        device = next(self.denoiser_module(pipe).parameters()).device
+        return {"t5": torch.zeros(rows, self.sequence_length(pipe), width, device=device)}
+
+    t5_tokenizer: ClassVar[str] = "tokenizer_2"

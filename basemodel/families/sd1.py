@@ -77,6 +77,11 @@ class SD1(ModelFamily):
         )
         return Conditioning(DenoiserInputs(cond), DenoiserInputs(uncond) if guidance else None)
 
-    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The text encoder's last hidden states (what ``StableDiffusionPipeline`` conditions on)."""
         return {"hidden": pipe.text_encoder(tokens["text_encoder"], return_dict=False)[0]}

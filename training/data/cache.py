@@ -4,7 +4,8 @@ The VAE never trains, so each image is encoded once per target size and flip; it
 distribution (mean and std, already multiplied by the VAE scaling factor) is kept and a fresh latent
 is sampled from it at every step, which is what encoding per step would give, without the VAE cost.
 Text embeddings (whatever the family's ``training_text`` gives: SDXL's both-encoder hidden states and
-pooled projection) are cached only while the text encoders are frozen. Each image's size conditioning
+pooled projection) are cached only while the text encoders are frozen; the part no LoRA ever trains
+(T5's states on SD3/Flux, ``frozen_text``) is cached in any case. Each image's size conditioning
 (SDXL time ids) is computed from where its crop lies, for the plain and the flipped sample.
 ``cache = "disk"`` also writes each entry as a safetensors file keyed by the base-model fingerprint,
 the image sha256 and the size, so another run (or a resumed one) on the same data skips encoding.
@@ -45,6 +46,7 @@ class EncodedItem:
     std_flip: torch.Tensor | None = None
     text: Tensors | None = None
     added: Tensors = field(default_factory=dict)
+    frozen: Tensors | None = None  # the never-trained text part (T5), cached while a CLIP LoRA trains
     added_flip: Tensors | None = None
 
     def added_for(self, flip: bool) -> Tensors:
@@ -164,13 +166,17 @@ def encode_text(
     *,
     device: torch.device,
     store: EncodeCache,
+    frozen_only: bool = False,
 ) -> dict[str, Tensors]:
-    """Caption → text conditioning of the (frozen) text encoders, each unique caption once."""
+    """Caption → text conditioning of the (frozen) text encoders, each unique caption once;
+    ``frozen_only``: only the never-trained part (T5), while a text-encoder LoRA trains."""
     out: dict[str, Tensors] = {}
     todo = []
-    keys = conditioner.text_keys
+    keys = conditioner.frozen_keys if frozen_only else conditioner.text_keys
+    kind = "frozen" if frozen_only else "text"
+    encode = conditioner.encode_frozen if frozen_only else conditioner.encode_text
     for caption in dict.fromkeys(captions):
-        cached = store.get("text", store.key("text", caption), required=keys)
+        cached = store.get(kind, store.key(kind, caption), required=keys)
         if cached is not None:
             out[caption] = {key: cached[key] for key in keys}
         else:
@@ -178,10 +184,10 @@ def encode_text(
     for start in range(0, len(todo), ENCODE_BATCH * 4):
         chunk = todo[start : start + ENCODE_BATCH * 4]
         tokens = {name: ids.to(device) for name, ids in conditioner.tokenize(chunk).items()}
-        encoded = {key: value.float().cpu() for key, value in conditioner.encode_text(tokens).items()}
+        encoded = {key: value.float().cpu() for key, value in encode(tokens).items()}
         for row, caption in enumerate(chunk):
             entry = {key: encoded[key][row] for key in keys}
-            store.put("text", store.key("text", caption), entry)
+            store.put(kind, store.key(kind, caption), entry)
             out[caption] = entry
     return out
 
@@ -215,6 +221,9 @@ def encode_dataset(
     captions = [e.caption for e in examples]
     tokens = conditioner.tokenize(captions)
     texts = encode_text(captions, conditioner, device=device, store=store) if cache_text else {}
+    frozen: dict[str, Tensors] = {}
+    if not cache_text and conditioner.frozen_keys:
+        frozen = encode_text(captions, conditioner, device=device, store=store, frozen_only=True)
     items = []
     for i, (example, size, entry) in enumerate(zip(examples, sizes, latents, strict=True)):
         crop = crop_geometry(example.width, example.height, size)
@@ -228,6 +237,7 @@ def encode_dataset(
                 mean_flip=entry.get("mean_flip"),
                 std_flip=entry.get("std_flip"),
                 text=texts.get(example.caption),
+                frozen=frozen.get(example.caption),
                 added=conditioner.size_conditioning(crop),
                 added_flip=conditioner.size_conditioning(crop, flipped=True) if flip else None,
             )

@@ -57,6 +57,23 @@ class Flux(FlowMatchFamily):
     checkpoint_description = "a Flux.1 checkpoint"
     modelspec = "flux-1-dev"
     kohya_version = "flux1"
+    trainable = True
+    training_text_keys = ("hidden", "pooled_projections")
+    # train_dreambooth_lora_flux.py's default ``lora_layers`` (the single blocks' attention matches too)
+    training_targets = (
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
 
     # -- detection -------------------------------------------------------------------------------------
     def modelspec_architecture(
@@ -211,6 +228,45 @@ class Flux(FlowMatchFamily):
             return out
 
         return call
+
+    # -- training ------------------------------------------------------------------------------------
+    def sequence_length(self, pipe: Any) -> int:
+        return self.max_sequence_length(pipe)
+
+    def context_width_of(self, pipe: Any) -> int | None:
+        return int(pipe.text_encoder_2.config.d_model)
+
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``FluxPipeline.encode_prompt``: CLIP-L's pooled output and T5's last hidden states."""
+        pooled = pipe.text_encoder(tokens["text_encoder"], output_hidden_states=False).pooler_output
+        hidden = (frozen or self.frozen_text(pipe, tokens))["t5"]
+        return {"hidden": hidden, "pooled_projections": pooled}
+
+    def training_inputs(
+        self, text: Mapping[str, torch.Tensor], added: Mapping[str, torch.Tensor]
+    ) -> DenoiserInputs:
+        """T5's states, CLIP's pooled projection and ``txt_ids`` (zeros, one row per text token)."""
+        hidden = text["hidden"]
+        txt_ids = torch.zeros(hidden.shape[1], 3, device=hidden.device, dtype=hidden.dtype)
+        return DenoiserInputs(
+            hidden, {"pooled_projections": text["pooled_projections"]}, {"txt_ids": txt_ids}
+        )
+
+    def embeds_guidance(self, pipe: Any) -> bool:
+        return self.distilled_guidance(pipe)
+
+    def with_guidance(self, pipe: Any, inputs: DenoiserInputs, guidance: float) -> DenoiserInputs:
+        """Flux-dev trains with its guidance embedding at ``guidance`` (the script's ``--guidance_scale``)."""
+        if not self.distilled_guidance(pipe):
+            return inputs
+        rows = inputs.hidden.shape[0]
+        value = torch.full([rows], guidance, device=inputs.hidden.device, dtype=torch.float32)
+        return DenoiserInputs(inputs.hidden, {**inputs.added, "guidance": value}, inputs.shared)
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack(latents)

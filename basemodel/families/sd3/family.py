@@ -55,6 +55,21 @@ class SD3(FlowMatchFamily):
     checkpoint_description = "an SD3 checkpoint"
     modelspec = "stable-diffusion-3"
     kohya_version = "sd3"
+    trainable = True
+    training_text_keys = ("hidden", "pooled_projections")
+    # train_dreambooth_lora_sd3.py's default targets (every joint-attention projection)
+    training_targets = (
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    )
+    t5_tokenizer = "tokenizer_3"
+    training_weighting = "logit_normal"  # train_dreambooth_lora_sd3.py's default
 
     def modelspec_architecture(
         self, prediction_type: str | None = None, config: Mapping[str, Any] | None = None
@@ -172,3 +187,32 @@ class SD3(FlowMatchFamily):
             return out
 
         return call
+
+    # -- training ------------------------------------------------------------------------------------
+    def sequence_length(self, pipe: Any) -> int:
+        return SEQUENCE
+
+    def context_width_of(self, pipe: Any) -> int | None:
+        t5 = getattr(pipe, "text_encoder_3", None)
+        return int(t5.config.d_model) if t5 is not None else None
+
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``StableDiffusion3Pipeline.encode_prompt``: both CLIPs' penultimate states side by side,
+        zero-padded to T5's width, then T5's states (zeros without T5); pooled: both CLIPs' projections."""
+        states, pooled = [], []
+        for name in self.text_encoders:
+            out = getattr(pipe, name)(tokens[name], output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(states, dim=-1)
+        t5_states = (frozen or self.frozen_text(pipe, tokens))["t5"].to(clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
+        return {
+            "hidden": torch.cat([clip, t5_states], dim=-2),
+            "pooled_projections": torch.cat(pooled, dim=-1),
+        }

@@ -106,7 +106,12 @@ class SDXL(ModelFamily):
         )
         return Conditioning(positive, negative)
 
-    def training_text(self, pipe: Any, tokens: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_text(
+        self,
+        pipe: Any,
+        tokens: Mapping[str, torch.Tensor],
+        frozen: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Both encoders' penultimate hidden states, concatenated, and ``text_encoder_2``'s projected
         pooled output (``text_embeds``): ``encode_prompt`` of the pipeline and of the training scripts."""
         hidden = []
