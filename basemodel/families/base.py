@@ -392,7 +392,7 @@ class ModelFamily:
     def begin_denoising(self, scheduler: Any) -> None:
         """Prepare a fresh scheduler after ``set_timesteps``, as the family's pipeline does."""
 
-    def pack(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents ``[rows, channels, h, w]`` → the denoiser's layout (default: as they are)."""
         return latents
 

@@ -105,10 +105,6 @@ class FlowMatchFamily(ModelFamily):
         noised: torch.Tensor = scheduler.scale_noise(latents, timestep, noise)
         return self.pack(noised)
 
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-layout latents → the denoiser's layout (default: the same)."""
-        return latents
-
     def inpainting(self, pipe: Any) -> bool:
         return False
 
