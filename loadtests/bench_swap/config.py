@@ -57,6 +57,9 @@ class Sizes:
     file_dtype: str = "fp16"
     warmup: int = 1
     request_path: str = "auto"  # the request phase's LoRA path policy: auto, fused or hooked
+    # the manager's fuse budget (LORASWAP_LORA_FUSE_BUDGET_MB; the server's default 256 MiB holds SD1.5's
+    # attention projections): the fused path needs every targeted weight's size in the run dtype
+    fuse_budget_mb: int = 256
 
 
 SIZES: dict[tuple[str, bool], Sizes] = {
@@ -271,6 +274,8 @@ _MMDIT = Sizes(
     mem_forward=False,
     mem_forward_px=64,
     request_path="fused",
+    # Flux-shaped: the 44 targeted Linears hold 868 M weights (3.3 GiB fp32); SD3.5 medium's 337: 1.6 B
+    fuse_budget_mb=16 * 1024,
 )
 _TINY_MMDIT = replace(SIZES[("tiny-sdxl", True)], no_hooks=False, mem_forward=False, request_path="fused")
 for _shape in ("flux", "sd3"):

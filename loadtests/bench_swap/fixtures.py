@@ -29,7 +29,7 @@ from service.lora.request import AppliedAdapter
 from service.lora.weights import DeviceAdapter
 from service.metrics import Metrics
 
-from .config import FLOW_SCHEDULER, GUIDANCE, LORA_TARGETS, MODEL_CACHE, PROMPT, SCHEDULER, Sizes
+from .config import FLOW_SCHEDULER, GUIDANCE, LORA_TARGETS, MIB, MODEL_CACHE, PROMPT, SCHEDULER, Sizes
 from .machine import loadavg, log, peak_rss_bytes, release_memory, rss_bytes
 from .mmdit import SHAPES as MMDIT_SHAPES
 from .mmdit import build_mmdit_pipeline
@@ -185,7 +185,7 @@ class Bench:
         return AppliedAdapter(self.versions[index], adapter, 1.0)
 
     def reinstall_hooks(self) -> None:
-        self.manager = LoRAModelManager(detect_pipeline(self.pipe).lora_components(self.pipe))
+        self.manager = new_manager(self.pipe, self.sizes)
 
 
 def build_bench(
@@ -216,7 +216,7 @@ def build_bench(
     files = write_adapter_files(layout, sizes.adapters, file_dtype, workdir / "files", family.denoiser)
     registry = Registry(LocalStore(workdir / "store"), identity, max_rank=max(64, sizes.rank))
     versions = [registry.register(path, f"bench-{i:02d}") for i, path in enumerate(files)]
-    manager = LoRAModelManager(family.lora_components(pipe))
+    manager = new_manager(pipe, sizes)
     flow = family.flow_matching
     bench = Bench(
         shape,
@@ -251,6 +251,12 @@ def build_bench(
         "hooked_modules": len(manager.targets),
     }
     return bench, described
+
+
+def new_manager(pipe: Any, sizes: Sizes) -> LoRAModelManager:
+    """Hooks on the pipeline's LoRA components, with the shape's fuse budget."""
+    components = detect_pipeline(pipe).lora_components(pipe)
+    return LoRAModelManager(components, fuse_budget_bytes=sizes.fuse_budget_mb * MIB)
 
 
 # -- what the phases share ---------------------------------------------------------------------------

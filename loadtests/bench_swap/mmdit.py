@@ -149,11 +149,12 @@ def sd3_shape() -> MMDiTShape:
 
 def _tiny(name: str, pipe: Any) -> MMDiTShape:
     """A tiny pipeline's shape: its components' configs and classes, its tokenizers."""
-    classes, configs = {}, {}
+    classes: dict[str, str] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for component, module in pipe.components.items():
         if isinstance(module, nn.Module):
             classes[component] = type(module).__name__
-            config = module.config
+            config: Any = module.config
             configs[component] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     configs["scheduler"] = dict(pipe.scheduler.config) | {"_class_name": type(pipe.scheduler).__name__}
     tokenizers = {k: v for k, v in pipe.components.items() if k.startswith("tokenizer")}
@@ -256,7 +257,8 @@ def skeleton(class_name: str, config: dict[str, Any]) -> nn.Module:
 
     with torch.device("meta"):
         if hasattr(diffusers, class_name) and not hasattr(transformers, class_name):
-            return getattr(diffusers, class_name).from_config(config)  # type: ignore[no-any-return]
-        cls = getattr(transformers, class_name)
+            model: nn.Module = getattr(diffusers, class_name).from_config(config)
+            return model
+        cls: Any = getattr(transformers, class_name)
         config_cls = cls.config_class
-        return cls(config_cls.from_dict(config))  # type: ignore[no-any-return]
+        return cls(config_cls.from_dict(config))
