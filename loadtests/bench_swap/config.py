@@ -274,7 +274,7 @@ _MMDIT = Sizes(
     mem_forward=False,
     mem_forward_px=64,
     request_path="fused",
-    # Flux-shaped: the 44 targeted Linears hold 868 M weights (3.3 GiB fp32); SD3.5 medium's 337: 1.6 B
+    # Flux-shaped: the 44 targeted Linears hold 906 M weights (3.4 GiB fp32); SD3.5 medium's 337: 1.46 B
     fuse_budget_mb=16 * 1024,
 )
 _TINY_MMDIT = replace(SIZES[("tiny-sdxl", True)], no_hooks=False, mem_forward=False, request_path="fused")
