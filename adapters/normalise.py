@@ -172,6 +172,11 @@ def normalise(
     check_dtypes(tensors)
     check_finite(tensors)
     _refuse_unsupported(tensors)
+    family = find_family(architecture.family)
+    community = family.community_lora(tensors, architecture) if family is not None else None
+    if community is not None:  # a layout only this family's tools write (ModelFamily.community_lora)
+        check_rank(community[1].ranks, max_rank)
+        return community
     from adapters import lycoris  # imports this module's helpers
 
     if lycoris.is_lycoris(tensors):

@@ -23,6 +23,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
     serve.add_argument("--attention", choices=["auto", "sdpa", "xformers"])
+    serve.add_argument(
+        "--text-encoder-device",
+        choices=["cuda", "cpu", "offload"],
+        help="where text encoders live: beside the denoiser (default), on the CPU, or on the GPU only "
+        "while encoding (docs/deploy.md, 'Text encoders and GPU memory')",
+    )
     serve.add_argument("--home", type=Path, help="state directory (default ./.loraswap)")
     serve.add_argument("--max-queue", type=int, help="waiting requests before 429")
     serve.add_argument("--request-timeout", type=float, dest="request_timeout_s", help="seconds before 504")
@@ -58,11 +64,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument(
+        "--guidance-scale", type=float, help="default: the model family's (7.5; SD3 7; Flux 3.5)"
+    )
+    gen.add_argument("--true-cfg-scale", type=float, help="Flux: real CFG with --negative-prompt when > 1")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--scheduler", default="ddim")
+    gen.add_argument("--scheduler", help="default: the model family's (ddim; euler on SD3 and Flux)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--token", help="bearer token (default: $LORASWAP_TOKEN)")
     gen.add_argument("--timeout", type=float, default=600.0)
@@ -97,6 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
             "device",
             "dtype",
             "attention",
+            "text_encoder_device",
             "home",
             "max_queue",
             "request_timeout_s",
@@ -172,12 +182,10 @@ def _generate(args: argparse.Namespace) -> int:
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
         "num_images": args.num_images,
-        "scheduler": args.scheduler,
         "adapters": [parse_adapter_ref(ref) for ref in args.adapter],
     }
-    for key in ("width", "height", "seed"):
+    for key in ("width", "height", "seed", "guidance_scale", "true_cfg_scale", "scheduler"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     bar = ProgressBar(sys.stderr) if args.progress else None

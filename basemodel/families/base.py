@@ -174,10 +174,10 @@ class ModelFamily:
     def after_load(self, pipe: Any) -> None:
         """Adjust a loaded pipeline once it is on its device and dtype (default: nothing)."""
 
-    def denoiser_module(self, pipe: Any) -> nn.Module:
-        """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``)."""
-        module: nn.Module = getattr(pipe, self.denoiser)
-        return module
+    def denoiser_module(self, pipe: Any) -> Any:
+        """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``; a diffusers model, typed
+        loosely as the pipeline is: it has ``device``, ``dtype`` and ``config``)."""
+        return getattr(pipe, self.denoiser)
 
     def lora_components(self, pipe: Any) -> dict[str, nn.Module]:
         """Component name → module, for every component whose modules LoRA may target; the denoiser
@@ -268,6 +268,11 @@ class ModelFamily:
         (Flux-dev); ``device``: where the text encoders run (default: the denoiser's device)."""
         raise NotImplementedError
 
+    def size_multiple(self, pipe: Any) -> int:
+        """Width and height must be multiples of this (beyond the API's 8): the VAE factor times the
+        transformer's patch size on SD3 and Flux (16 on the released models); 1: no further rule."""
+        return 1
+
     def latent_channels(self, pipe: Any) -> int:
         """Channels of the initial noise (the denoiser's input channels)."""
         return int(self.denoiser_module(pipe).config.in_channels)
@@ -335,6 +340,18 @@ class ModelFamily:
         vae = pipe.vae
         rows = [vae.encode(pixels[i : i + 1]).latent_dist.sample(g) for i, g in enumerate(generators)]
         return float(vae.config.scaling_factor) * torch.cat(rows)
+
+    def start_step(self, steps: int, strength: float) -> int:
+        """Image-to-image: the index of the first step run (``get_timesteps`` of the family's Img2Img
+        pipeline; SD1.x … SDXL: ``steps − min(int(steps × strength), steps)``)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def noise_image(
+        self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        """Image latents noised to ``timestep`` (``scheduler.add_noise``), in the denoiser's layout."""
+        noised: torch.Tensor = scheduler.add_noise(latents, noise, timestep)
+        return noised
 
     def begin_denoising(self, scheduler: Any) -> None:
         """Prepare a fresh scheduler after ``set_timesteps``, as the family's pipeline does."""

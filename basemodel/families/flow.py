@@ -10,6 +10,7 @@ length (``calculate_shift``'s ``mu``), as their pipelines compute it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -53,15 +54,54 @@ def set_flow_timesteps(scheduler: Any, steps: int, device: torch.device, **wante
 
 
 class FlowMatchFamily(ModelFamily):
-    """A transformer family trained with flow matching (SD3, Flux); text-to-image only for now."""
+    """A transformer family trained with flow matching (SD3, Flux): text-to-image and image-to-image
+    (their Img2Img pipelines); inpainting not yet."""
 
     denoiser: ClassVar[str] = "transformer"
     flow_matching: ClassVar[bool] = True
     default_scheduler: ClassVar[str] = "euler"
-    image_modes: ClassVar[frozenset[str]] = frozenset()
+    image_modes: ClassVar[frozenset[str]] = frozenset({"img2img"})
+
+    @staticmethod
+    def prediction_type(scheduler_config: Any) -> str:
+        """The velocity of the flow (ε − x₀), whatever the scheduler config says."""
+        return "flow_prediction"
+
+    def start_step(self, steps: int, strength: float) -> int:
+        """``get_timesteps`` of ``StableDiffusion3Img2ImgPipeline`` / ``FluxImg2ImgPipeline``: the
+        strength is not truncated first (``int(steps − steps × strength)``)."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
+    def encode_image(
+        self, pipe: Any, pixels: torch.Tensor, generators: Sequence[torch.Generator], *, normalise: bool
+    ) -> torch.Tensor:
+        """The image's latents ``(z − shift_factor) · scaling_factor``, sampled once with the first
+        generator and repeated per output image: what the Img2Img pipelines do with one image and a list
+        of generators (``_encode_vae_image`` / ``prepare_latents``)."""
+        vae = pipe.vae
+        sample = vae.encode(pixels[:1].to(vae.dtype)).latent_dist.sample(generators[0]).to(pixels.dtype)
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        latents = (sample - shift) * float(vae.config.scaling_factor)
+        return latents.repeat(len(generators), 1, 1, 1)
+
+    def noise_image(
+        self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        """``scheduler.scale_noise``: (1 − σ)·x + σ·noise at the first step's σ, then ``pack``ed."""
+        noised: torch.Tensor = scheduler.scale_noise(latents, timestep, noise)
+        return self.pack(noised)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-layout latents → the denoiser's layout (default: the same)."""
+        return latents
 
     def inpainting(self, pipe: Any) -> bool:
         return False
+
+    def size_multiple(self, pipe: Any) -> int:
+        """VAE factor × 2: SD3's 2×2 patches (its pipeline refuses other sizes) and Flux's 2×2 packing
+        (its pipeline rounds down silently; refusing says so instead)."""
+        return int(pipe.vae_scale_factor) * 2
 
     def begin_denoising(self, scheduler: Any) -> None:
         if hasattr(scheduler, "set_begin_index"):

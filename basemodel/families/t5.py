@@ -1,10 +1,11 @@
 """A T5 tokenizer built entirely offline (SD3's and Flux's ``tokenizer_2``/``tokenizer_3``).
 
-T5's tokenizer is a SentencePiece Unigram model; transformers' ``T5TokenizerFast`` builds one from a
-list of (piece, log-probability) pairs with the ``tokenizers`` library, so no ``spiece.model`` (and no
-sentencepiece) is needed. The vocabulary is T5's specials (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), the
-word-start marker ``▁``, every word of the CLIP tokenizer's list as one ``▁word`` piece, and every
-printable ASCII character with and without ``▁``, so any ASCII prompt tokenizes without ``<unk>``.
+T5's tokenizer is a SentencePiece Unigram model; transformers' ``T5Tokenizer`` (``T5TokenizerFast``:
+in transformers 5 both names are the ``tokenizers``-backed class) builds one from a list of (piece,
+log-probability) pairs, so no ``spiece.model`` (and no sentencepiece) is needed. The vocabulary is T5's
+specials (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), the word-start marker ``▁``, every word of the CLIP
+tokenizer's list as one ``▁word`` piece, and every printable ASCII character with and without ``▁``,
+so any ASCII prompt tokenizes without ``<unk>``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import string
 from functools import lru_cache
 
-from transformers import T5TokenizerFast
+from transformers import T5Tokenizer
 
 from basemodel.tokenizer import word_list
 
@@ -32,5 +33,5 @@ def _vocab() -> tuple[tuple[str, float], ...]:
     return tuple(seen.items())
 
 
-def build_t5_tokenizer() -> T5TokenizerFast:
-    return T5TokenizerFast(vocab=list(_vocab()), extra_ids=0, model_max_length=MAX_LENGTH)
+def build_t5_tokenizer() -> T5Tokenizer:
+    return T5Tokenizer(vocab=list(_vocab()), extra_ids=0, model_max_length=MAX_LENGTH)

@@ -6,7 +6,9 @@ differs per family — the noise's layout, the VAE encode and its latent normali
 
 - text-to-image: the family's noise (``prepare_latents``; Flux packs it) × ``init_noise_sigma``, every
   timestep.
-- image-to-image (``StableDiffusionImg2ImgPipeline``): ``VaeImageProcessor.preprocess`` of the init
+- image-to-image (``StableDiffusionImg2ImgPipeline``; SD3's and Flux's Img2Img pipelines through the
+  family's ``start_step``, ``encode_image`` and ``noise_image``: ``scale_noise``, Flux packs after it):
+  ``VaeImageProcessor.preprocess`` of the init
   image to (height, width); ``get_timesteps``: ``int(steps × strength)`` steps from index
   ``t_start = steps − that`` (``set_begin_index(t_start × order)``); the image repeated per output
   image and encoded by the VAE with generator *i* for copy *i*; noise drawn with the same generators;
@@ -49,6 +51,7 @@ class ImageInput:
     image: Image.Image
     mask: Image.Image | None
     strength: float
+    start: int | None = None  # the first step run (``ModelFamily.start_step``); None: SD's rule
 
     @property
     def mode(self) -> str:
@@ -155,10 +158,10 @@ def prepare_start(
     denoiser = family.denoiser_module(pipe)
     device, dtype = denoiser.device, denoiser.dtype
     if first.image is None:
-        rows = sum(p.num_images for p in batch)
+        count = sum(p.num_images for p in batch)
         flat = [g for gens in generators for g in gens]
-        noise = family.noise_latents(pipe, rows, first.height, first.width, flat, device, dtype)
-        return Start(noise * getattr(scheduler, "init_noise_sigma", 1.0))  # FlowMatch: pure noise, σ = 1
+        initial = family.noise_latents(pipe, count, first.height, first.width, flat, device, dtype)
+        return Start(initial * getattr(scheduler, "init_noise_sigma", 1.0))  # FlowMatch: pure noise, σ = 1
     if first.image.mask is None:
         rows = [
             _img2img(pipe, family, p, scheduler, timesteps, gens)
@@ -203,8 +206,7 @@ def _img2img(
     pixels = pixels.to(device=device, dtype=dtype)
     init = family.encode_image(pipe, torch.cat([pixels] * n), generators, normalise=True)
     noise = randn_tensor(init.shape, generator=list(generators), device=device, dtype=dtype)
-    noised: torch.Tensor = scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
-    return noised
+    return family.noise_image(scheduler, init, noise, timesteps[:1].repeat(n))
 
 
 def _inpaint(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from basemodel.errors import ImageInvalid, ImageTooLarge, MaskMismatch, Unsupported, ValidationFailed
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
-from service.engine.image_modes import ImageInput, denoising_steps
+from service.engine.image_modes import ImageInput
 from service.images import ProbedImage, load, probe
 from service.schemas import GenerateRequest
 
@@ -40,11 +40,12 @@ def check_mode(base: BaseModel, request: GenerateRequest) -> None:
     family = base.family
     mode = "txt2img" if request.init_image is None else "inpaint" if request.mask_image else "img2img"
     if mode != "txt2img" and mode not in family.image_modes:
+        field = "mask_image" if mode == "inpaint" else "init_image"
         raise Unsupported(
-            f"{mode} is not supported on {family.label} ({family.name}) base models yet; "
-            "they generate from text only",
-            detail={"field": "init_image", "mode": mode, "family": family.name},
-            hint="Send the request without init_image/mask_image, or serve an SD1.x, SD2.x or SDXL model.",
+            f"{mode} is not supported on {family.label} ({family.name}) base models yet; they do "
+            f"text-to-image and {', '.join(sorted(family.image_modes)) or 'nothing else'}",
+            detail={"field": field, "mode": mode, "family": family.name},
+            hint="Send the request without mask_image, or serve an SD1.x, SD2.x or SDXL model to inpaint.",
         )
     if base.family.inpainting(base.pipe) and request.mask_image is None:
         raise ValidationFailed(
@@ -52,13 +53,28 @@ def check_mode(base: BaseModel, request: GenerateRequest) -> None:
             detail={"field": "mask_image"},
             hint="Send init_image and mask_image, or serve a text-to-image checkpoint.",
         )
-    if request.init_image is not None and denoising_steps(request.steps, request.strength) < 1:
+    start = family.start_step(request.steps, request.strength)
+    if request.init_image is not None and request.steps - start < 1:
         raise ValidationFailed(
             f"strength {request.strength:g} with {request.steps} steps gives no denoising step "
             "(int(steps × strength) must be at least 1)",
             detail={"field": "strength"},
             hint="Raise strength or steps.",
         )
+
+
+def check_size(base: BaseModel, width: int, height: int) -> None:
+    """The size fits the family's latent grid (SD3/Flux: multiples of 16 on the released models)."""
+    multiple = base.family.size_multiple(base.pipe)
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            raise ValidationFailed(
+                f"{name} {value} is not a multiple of {multiple}, which {base.family.label} models need "
+                "(the VAE's factor times the transformer's 2×2 patches)",
+                detail={"field": name, "multiple": multiple},
+                hint=f"Use {lower} or {lower + multiple}.",
+            )
 
 
 def probe_inputs(request: GenerateRequest, settings: Settings) -> ProbedInputs:
@@ -110,9 +126,12 @@ def output_size(
     return width, height
 
 
-def load_inputs(probed: ProbedInputs, strength: float, settings: Settings) -> ImageInput:
-    """Decode both images (first frame, EXIF orientation, RGB / grey mask)."""
+def load_inputs(
+    probed: ProbedInputs, strength: float, settings: Settings, start: int | None = None
+) -> ImageInput:
+    """Decode both images (first frame, EXIF orientation, RGB / grey mask); ``start``: the first step
+    the family's Img2Img pipeline runs for this strength (``ModelFamily.start_step``)."""
     pixels = settings.max_image_pixels
     image = load(probed.init, max_pixels=pixels)
     mask = None if probed.mask is None else load(probed.mask, mask=True, max_pixels=pixels)
-    return ImageInput(image, mask, strength)
+    return ImageInput(image, mask, strength, start)

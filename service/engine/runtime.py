@@ -19,7 +19,14 @@ from basemodel.errors import NotReady, RequestTimeout, ValidationFailed
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from service.engine.image_modes import ImageInput
-from service.engine.inputs import ProbedInputs, check_mode, load_inputs, output_size, probe_inputs
+from service.engine.inputs import (
+    ProbedInputs,
+    check_mode,
+    check_size,
+    load_inputs,
+    output_size,
+    probe_inputs,
+)
 from service.engine.png import encode_png
 from service.engine.progress import JobProgress
 from service.engine.sampler import SampleParams, StageTimer, sample_batch
@@ -198,11 +205,13 @@ class Runtime:
             probed = await asyncio.to_thread(probe_inputs, request, self.settings)
         width, height = output_size(request, base.native_size, probed, self.settings)
         self._check_limits(width, height, request)
+        check_size(base, width, height)
         self.worker.admit()
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         image = None
         if probed is not None:
-            image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings)
+            start = family.start_step(request.steps, request.strength)
+            image = await asyncio.to_thread(load_inputs, probed, request.strength, self.settings, start)
         started = time.perf_counter()
         applied = await self.adapters.prepare(wanted) if (wanted and self.adapters) else ()
         params = SampleParams(

@@ -76,7 +76,10 @@ class SampleParams:
     @property
     def start(self) -> int | None:
         """The first denoising step (image modes: from strength); None for text-to-image."""
-        return None if self.image is None else start_index(self.steps, self.image.strength)
+        if self.image is None:
+            return None
+        image = self.image
+        return image.start if image.start is not None else start_index(self.steps, image.strength)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one denoising loop (whether guidance is on is part of it

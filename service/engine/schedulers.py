@@ -76,7 +76,7 @@ def check_scheduler(name: str, *, flow_matching: bool, family: str) -> None:
         return
     objective = "flow matching" if flow_matching else "noise prediction (DDPM schedules)"
     raise ValidationFailed(
-        f"sampler {name!r} does not support {objective}, which the base model ({family}) uses",
+        f"sampler {name!r} does not support {objective}, which the base model's family, {family}, uses",
         detail={"field": "scheduler", "scheduler": name, "available": list(available)},
         hint=f"Use one of: {', '.join(available)}.",
     )

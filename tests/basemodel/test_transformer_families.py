@@ -118,6 +118,7 @@ def test_cli_builds_the_transformer_models(
         assert main(["model", "info", "--base-model", str(output)]) == 0
         summary = json.loads(capsys.readouterr().out)
         assert (summary["family"], summary["pipeline"], summary["native_size"]) == (family, pipeline, 32)
+        assert summary["prediction_type"] == "flow_prediction"
 
 
 @pytest.mark.parametrize("mode", ["cuda", "cpu", "offload"])
@@ -136,3 +137,31 @@ def test_text_encoder_placement(mode: Any) -> None:
     assert encoded.cond.hidden.shape == (1, 512, 32)  # dev: max_sequence_length 512
     assert placement.moves == (2 if mode == "offload" else 0)
     assert all(p.device.type == "cpu" for m in placement.encoders for p in m.parameters())
+
+
+def test_community_lora_hook_runs_before_the_generic_readers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ModelFamily.community_lora`` (where the families' ``lora_keys.py`` plug in) converts a layout
+    the generic readers refuse; its result still goes through the rank limit; None falls through."""
+    from adapters.errors import AdapterInvalid
+    from adapters.normalise import NormaliseInfo, normalise
+
+    flux = get_family("flux")
+    architecture = flux.architecture(build_tiny_flux_pipeline())
+    module = next(m for m in architecture.modules if m.endswith("attn.to_q"))
+    out, width = architecture.modules[module]
+    canonical = {
+        f"{module}.lora_A.weight": torch.zeros(2, width),
+        f"{module}.lora_B.weight": torch.zeros(out, 2),
+    }
+    info = NormaliseInfo("kohya", {module: 2}, {module: 2.0}, "fp32")
+
+    def community(self: Any, tensors: Any, arch: Any) -> Any:
+        return (canonical, info) if "double_blocks.0.processor.qkv_lora1.down.weight" in tensors else None
+
+    monkeypatch.setattr(type(flux), "community_lora", community)
+    xlabs = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.zeros(2, width)}
+    assert normalise(xlabs, architecture)[0] is canonical
+    with pytest.raises(AdapterInvalid):
+        normalise(xlabs, architecture, max_rank=1)
+    with pytest.raises(AdapterInvalid, match="unknown key layout"):
+        normalise({"double_blocks.1.processor.qkv_lora1.down.weight": torch.zeros(2, width)}, architecture)

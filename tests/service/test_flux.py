@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -20,12 +21,15 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from adapters.sources import open_store
+from basemodel.errors import ValidationFailed
 from basemodel.loader import BaseModel, load_base_model
+from service.engine.inputs import check_size
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
 from tests.service.test_hotswap import pixels
+from tests.service.test_img2img import b64, picture
 from tests.service.test_lifecycle import metric_samples, value
 
 REQUEST = {"prompt": "a red circle", "steps": 2, "guidance_scale": 3.5, "seed": 5}
@@ -201,7 +205,7 @@ def test_flux_flow_samplers_match_diffusers(start_server: Any, flux: BaseModel) 
 def test_flux_refuses_what_it_cannot_do(
     start_server: Any, flux: BaseModel, base_model: Any, tmp_path: Path
 ) -> None:
-    """A sampler without flow matching (422 listing those with it), img2img (422 unsupported), a T5
+    """A sampler without flow matching (422 listing those with it), inpainting (422 unsupported), a T5
     LoRA (422 saying so, nothing stored), an SD1.x adapter (409 naming both families)."""
     store = open_store(str(tmp_path / "store"))
     sd1_file = save_bytes(diffusers_layout(make_case(base_model.pipe)))
@@ -214,12 +218,17 @@ def test_flux_refuses_what_it_cannot_do(
     assert "SD1.x (sd1)" in error["message"] and "Flux.1 (flux)" in error["message"], error
     response = generate(server, adapters=[{"id": "sd1-style", "denoiser_scale": 0.5, "unet_scale": 0.7}])
     assert response.status_code == 422 and "unet_scale is another name" in response.text, response.text
+    released = SimpleNamespace(family=flux.family, pipe=SimpleNamespace(vae_scale_factor=8))
+    with pytest.raises(ValidationFailed, match="multiple of 16") as info:  # a 1000-px request on Flux.1
+        check_size(cast(Any, released), 1000, 1024)
+    assert info.value.detail == {"field": "width", "multiple": 16} and "992 or 1008" in str(info.value.hint)
     response = generate(server, scheduler="ddim")
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert "flow matching" in error["message"] and "euler" in error["detail"]["available"]
-    response = generate(server, init_image="iVBORw0KGgo=")
+    response = generate(server, init_image="iVBORw0KGgo=", mask_image="iVBORw0KGgo=")
     assert response.status_code == 422 and response.json()["error"]["type"] == "unsupported", response.text
+    assert response.json()["error"]["detail"]["mode"] == "inpaint"
     t5 = {"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(4, 32)}
     t5 |= {"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.zeros(32, 4)}
     with server.client() as http:
@@ -230,3 +239,51 @@ def test_flux_refuses_what_it_cannot_do(
         assert response.json()["error"]["detail"]["reason"] == "unsupported_component"
         assert "T5" in response.json()["error"]["message"]
         assert http.get("/v1/adapters/t5").status_code == 404
+
+
+def test_flux_img2img_matches_flux_img2img_pipeline(start_server: Any, flux: BaseModel) -> None:
+    """Image-to-image as ``FluxImg2ImgPipeline``: the image encoded once with the first generator,
+    ``(z − shift) · scale``, ``scale_noise`` at the first remaining σ, packed; strength not truncated."""
+    from diffusers import FluxImg2ImgPipeline
+
+    image = picture()
+    server = start_server(loader=lambda _: flux)
+    for strength, count in ((0.6, 2), (0.3, 1)):  # 0.3 × 4 steps: SD's rule would run 1 step, Flux's 2
+        body = {**REQUEST, "steps": 4, "init_image": b64(image), "strength": strength, "num_images": count}
+        ours = images(server, **body)
+        pipe = FluxImg2ImgPipeline.from_pretrained(flux.ref.path)
+        pipe.set_progress_bar_config(disable=True)
+        result = pipe(
+            REQUEST["prompt"],
+            image=image,
+            strength=strength,
+            width=32,
+            height=32,
+            num_inference_steps=4,
+            guidance_scale=REQUEST["guidance_scale"],
+            num_images_per_prompt=count,
+            generator=generators_for(REQUEST["seed"], count),
+            output_type="pil",
+        )
+        assert max_diff(ours, [np.asarray(i, dtype=np.int16) for i in result.images]) <= 1, strength
+
+
+def test_flux_with_text_encoders_offloaded_serves_the_same_images(
+    start_server: Any, flux: BaseModel, flux_store: str, loraswap_home: Path
+) -> None:
+    """``LORASWAP_TEXT_ENCODER_DEVICE=offload`` (here between identical devices): the encoders move for
+    every batch and back, a CLIP LoRA still applies, and the images are those of the default placement."""
+    offloaded = load_base_model(
+        "tiny-flux-random",
+        loraswap_home / "models",
+        device="cpu",
+        dtype="fp32",
+        text_encoder_device="offload",
+    )
+    assert offloaded.encoders is not None and offloaded.encoders.mode == "offload"
+    request = {"adapters": [{"id": "full", "scale": 0.7}]}
+    reference = images(start_server(loader=lambda _: flux, store=flux_store), **request)
+    server = start_server(loader=lambda _: offloaded, store=flux_store)
+    moves = offloaded.encoders.moves
+    assert max_diff(images(server, **request), reference) == 0
+    assert offloaded.encoders.moves == moves + 2

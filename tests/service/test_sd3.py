@@ -1,7 +1,8 @@
 """SD3/SD3.5 through the real server (tiny-sd3-random, fp32, CPU): parity with plain diffusers'
 ``StableDiffusion3Pipeline`` (with ``load_lora_weights`` + ``set_adapters``) without and with PEFT
 adapters on the transformer and both CLIPs, through an A1111 prompt tag, a mixed batch against the same
-requests alone, the fused path against the hooked one; a model without T5; T5 LoRAs refused."""
+requests alone, the fused path against the hooked one; image-to-image as its Img2Img pipeline; a model
+without T5; T5 LoRAs refused."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
 from tests.service.test_hotswap import pixels
+from tests.service.test_img2img import b64, picture
 from tests.service.test_lifecycle import metric_samples, value
 
 REQUEST = {"prompt": "a red circle", "steps": 2, "guidance_scale": 5.0, "seed": 5}
@@ -224,3 +226,29 @@ def test_sd3_without_t5_and_t5_loras_refused(
     assert response.status_code == 422, response.text
     assert response.json()["error"]["detail"]["reason"] == "unsupported_component"
     assert "T5" in response.json()["error"]["message"]
+
+
+def test_sd3_img2img_matches_its_pipeline(start_server: Any, sd3: BaseModel) -> None:
+    """Image-to-image as ``StableDiffusion3Img2ImgPipeline`` (CFG, ``scale_noise``, strength not
+    truncated); inpainting is 422 ``unsupported``."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    image = picture()
+    server = start_server(loader=lambda _: sd3)
+    for strength in (0.6, 0.3):
+        ours = images(server, steps=4, init_image=b64(image), strength=strength, negative_prompt="blurry")
+        pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(sd3.ref.path)
+        pipe.set_progress_bar_config(disable=True)
+        result = pipe(
+            REQUEST["prompt"],
+            negative_prompt="blurry",
+            image=image,
+            strength=strength,
+            num_inference_steps=4,
+            guidance_scale=REQUEST["guidance_scale"],
+            generator=generators_for(REQUEST["seed"], 1),
+            output_type="pil",
+        )
+        assert max_diff(ours, [np.asarray(i, dtype=np.int16) for i in result.images]) <= 1, strength
+    response = generate(server, init_image=b64(image), mask_image=b64(image.convert("L")))
+    assert response.status_code == 422 and response.json()["error"]["type"] == "unsupported", response.text

@@ -47,7 +47,7 @@ class Flux(FlowMatchFamily):
     default_guidance = 3.5
     context_width = 4096  # T5-XXL
     # sd-scripts' key prefixes for Flux (community layouts: ``community_lora``)
-    kohya_prefixes: dict[str, str] = {}
+    kohya_prefixes = {}
     checkpoint_markers = ()
     checkpoint_description = "a Flux.1 checkpoint"
     modelspec = "flux-1-dev"
@@ -189,6 +189,9 @@ class Flux(FlowMatchFamily):
             return out
 
         return call
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack(latents)
 
     def unpack(
         self, pipe: Any, latents: torch.Tensor, *, height: int | None, width: int | None

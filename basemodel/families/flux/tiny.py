@@ -26,7 +26,7 @@ from basemodel.tiny import DEFAULT_SEED, RESOLUTION, clip_text_config
 from basemodel.tokenizer import build_tokenizer
 
 FLUX_RANDOM_NAME = "tiny-flux-random"
-FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+FLUX_VAE = (0.3611, 0.1159)  # Flux.1's VAE: scaling_factor, shift_factor
 LATENT_CHANNELS = 4  # Flux.1: 16
 CLIP_WIDTH = 32  # CLIP-L: 768 (its pooled output is Flux's pooled projection)
 T5_WIDTH = 32  # T5-XXL: 4096
@@ -60,8 +60,10 @@ def build_flux_transformer(seed: int, *, guidance: bool = True) -> FluxTransform
     )
 
 
-def build_flux_vae(seed: int, latent_channels: int = LATENT_CHANNELS, **factors: float) -> AutoencoderKL:
-    """A factor-2 VAE without quant convs (as Flux's and SD3.5's), ``factors``: scaling and shift."""
+def build_flux_vae(
+    seed: int, *, scaling_factor: float, shift_factor: float, latent_channels: int = LATENT_CHANNELS
+) -> AutoencoderKL:
+    """A factor-2 VAE without quant convs (as Flux's and SD3's), with the family's scaling and shift."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -75,7 +77,8 @@ def build_flux_vae(seed: int, latent_channels: int = LATENT_CHANNELS, **factors:
         sample_size=RESOLUTION,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        **factors,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
 
 
@@ -89,12 +92,9 @@ def build_t5(vocab_size: int, seed: int, width: int = T5_WIDTH) -> T5EncoderMode
         num_layers=1,
         num_heads=4,
         relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        dense_act_fn="gelu_new",
-        is_gated_act=True,
+        feed_forward_proj="gated-gelu",  # T5 v1.1 (T5-XXL): gated GELU
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
         dropout_rate=0.0,
     )
     return T5EncoderModel(config).eval()
@@ -114,7 +114,7 @@ def build_tiny_flux_pipeline(seed: int = DEFAULT_SEED, *, schnell: bool = False)
         scheduler=FlowMatchEulerDiscreteScheduler(
             **(FLUX_SCHNELL_SCHEDULER if schnell else FLUX_DEV_SCHEDULER)
         ),
-        vae=build_flux_vae(seed + 1, **FLUX_VAE),
+        vae=build_flux_vae(seed + 1, scaling_factor=FLUX_VAE[0], shift_factor=FLUX_VAE[1]),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=build_t5(len(tokenizer_2), seed + 3),

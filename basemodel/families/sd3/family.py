@@ -45,7 +45,7 @@ class SD3(FlowMatchFamily):
     default_guidance = 7.0
     context_width = 4096  # T5-XXL (the CLIPs' 2048 are padded to it)
     # sd-scripts' SD3 key prefixes come with ``community_lora``
-    kohya_prefixes: dict[str, str] = {}
+    kohya_prefixes = {}
     checkpoint_markers = ()
     checkpoint_description = "an SD3 checkpoint"
     modelspec = "stable-diffusion-3"

@@ -26,7 +26,7 @@ from basemodel.tiny import DEFAULT_SEED, LATENT_SIZE, clip_text_config
 from basemodel.tokenizer import build_tokenizer
 
 SD3_RANDOM_NAME = "tiny-sd3-random"
-SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+SD3_VAE = (1.5305, 0.0609)  # SD3's VAE: scaling_factor, shift_factor
 CLIP_WIDTHS = (32, 32)  # CLIP-L, CLIP-G (SD3: 768, 1280)
 PROJECTION = 32  # each CLIP's pooled projection (SD3: 768, 1280 → pooled_projection_dim 2048)
 T5_WIDTH = 64  # T5-XXL: 4096 (the joint attention width; the CLIPs' concatenation is padded to it)
@@ -79,7 +79,7 @@ def build_tiny_sd3_pipeline(seed: int = DEFAULT_SEED, *, sd35: bool = True, t5: 
     pipe: Any = StableDiffusion3Pipeline(
         transformer=build_sd3_transformer(seed, sd35=sd35),
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-        vae=build_flux_vae(seed + 1, **SD3_VAE),
+        vae=build_flux_vae(seed + 1, scaling_factor=SD3_VAE[0], shift_factor=SD3_VAE[1]),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
