@@ -69,6 +69,7 @@ PLAN = (
 DRY_PHASES = "cold,switch,request"
 DRY_SIZES = (
     "adapters=2",
+    "warmup=0",
     "resident=1,2",
     "cold_repeats=1",
     "set_adapters_calls=1",

@@ -82,7 +82,7 @@ def test_random_sd3_is_cached_and_read_back_with_its_position_table(tmp_path: Pa
     }
 
 
-@pytest.mark.slow  # four tiny shapes through cold, switch and request: about a minute on the shared 2 cores
+@pytest.mark.slow  # four tiny shapes through cold, switch and request: 50 s on the shared 2 cores (load 5)
 def test_bench_gpu_dry_runs_every_shape_and_writes_json_and_markdown(tmp_path: Path) -> None:
     assert bench_gpu.main(["--dry", "--output-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "bench_gpu.json").read_text())
