@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PACKAGES := basemodel service adapters training
 
-.PHONY: install serve test lint typecheck pytest clean bench demo faults fuzz load
+.PHONY: install serve test lint typecheck pytest clean bench bench-gpu demo faults fuzz load
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,11 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 SHAPE ?= tiny
-bench: $(STAMP)  # hot-swap benchmark: make bench [SHAPE=sd15]; training: $(PY) -m loadtests.bench_train
+bench: $(STAMP)  # hot-swap benchmark: make bench [SHAPE=sd15|sdxl|sd3|flux]; training: $(PY) -m loadtests.bench_train
 	$(PY) -m loadtests.bench_swap --shape $(SHAPE)
+
+bench-gpu: $(STAMP)  # every GPU row of every shape (sd15, sdxl, sd3, flux) in ≤9 min on one H100; DRY=1: CPU rehearsal
+	$(PY) -m loadtests.bench_gpu $(if $(DRY),--dry,)
 
 # The reliability suites (docs/reliability.md); results under $(RESULTS) (git-ignored).
 # Bounded variants: make faults FAULTS_ARGS=--quick, make load LOAD_ARGS=--quick, make fuzz FUZZ_ARGS='--cases 500'

@@ -3,8 +3,8 @@
 Not a test. It prints a table and writes everything it measured (raw samples included) to
 ``loadtests/results/bench_swap-<shape>-<device>[-quick].json``::
 
-    python -m loadtests.bench_swap --shape tiny|sd15|sdxl|tiny-sdxl [--device cpu|cuda] [--adapters N]
-        [--quick] [--only PHASES] [--model-cache DIR]
+    python -m loadtests.bench_swap --shape tiny|sd15|sdxl|sd3|flux|tiny-sdxl|tiny-sd3|tiny-flux
+        [--device cpu|cuda] [--adapters N] [--quick] [--only PHASES] [--set SIZE=VALUE] [--model-cache DIR]
 
 Shapes:
 
@@ -16,6 +16,11 @@ Shapes:
   2.6 B parameters, CLIP ViT-L + OpenCLIP ViT-bigG-shaped text encoders, the SDXL VAE), rank-16
   attention LoRAs (23 M parameters, 46 MB fp16 files); built in place and cached in fp16 (``sdxl.py``
   says how). ``tiny-sdxl``: the same code path on tiny-sdxl-random's shape.
+* ``flux``: a ``FluxPipeline`` whose transformer has FLUX.1-dev's widths with 2 double + 4 single blocks
+  (1.3 B parameters); ``sd3``: SD3.5 medium's transformer at full depth (2.2 B); rank-16 LoRAs on every
+  attention and MLP Linear (``config.LORA_TARGETS``); ``tiny-flux`` / ``tiny-sd3`` for the tests
+  (``mmdit.py`` says how they are built). Their default phases are cold, switch and request (on the
+  fused path); the other phases call ``pipe.unet``.
 
 Adapters: peft lays them out (``inject_adapter_in_model(LoraConfig(r, lora_alpha=r, target_modules=
 [to_q, to_k, to_v, to_out.0], init_lora_weights=False))`` on a meta-device copy of the UNet, then
@@ -54,7 +59,8 @@ On CPU the run uses one torch thread unless ``--threads`` says otherwise (see ``
 
 
 # Layout: ``cli`` (arguments, the run, the JSON), ``config`` (sizes per shape), ``fixtures`` (pipeline,
-# adapter files, the shared ``Bench`` state), ``sdxl`` (the SDXL-shaped random pipelines), one module
+# adapter files, the shared ``Bench`` state), ``sdxl`` (the SDXL-shaped random pipelines), ``mmdit`` (the
+# Flux- and SD3-shaped ones), one module
 # per phase (``cold``, ``switch``, ``unet_step``, ``request``, ``mixed``, ``memory``), ``timing`` (the
 # measuring helpers every phase uses), ``report`` (the table and its targets) and ``machine`` (load
 # average, RSS, logging).

@@ -19,7 +19,7 @@ import torch
 
 from . import SUMMARY
 from .cold import bench_cold
-from .config import CUDA_OVERRIDES, MIB, MODEL_CACHE, RESULTS_DIR, SHAPES, SIZES, Sizes
+from .config import CUDA_DTYPES, CUDA_OVERRIDES, MIB, MODEL_CACHE, RESULTS_DIR, SHAPES, SIZES, Sizes
 from .fixtures import Bench, build_bench
 from .machine import loadavg, log, peak_rss_bytes, quiet_libraries, rss_bytes
 from .memory import bench_memory
@@ -41,6 +41,11 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "paths": bench_paths,
     "preload": bench_preload,
 }
+
+# The MMDiT shapes' rows (issue 19): cold load, warm switch, request overhead on the fused path. The
+# other phases call ``pipe.unet`` directly (unet_step, memory, paths) and stay UNet-only for now.
+MMDIT_PHASES = ("cold", "switch", "request")
+DEFAULT_PHASES = {shape: MMDIT_PHASES for shape in ("flux", "sd3", "tiny-flux", "tiny-sd3")}
 
 PROMPT_PHASES = {"request", "mixed"}  # the phases that encode prompts (the others call the UNet directly)
 
@@ -69,8 +74,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run with tiny sizes")
     parser.add_argument(
         "--only",
-        default=",".join(PHASES),
-        help=f"comma-separated phases to run (default: all of {','.join(PHASES)})",
+        default=None,
+        help=f"comma-separated phases to run (default: all of {','.join(PHASES)}; the MMDiT shapes "
+        f"{','.join(DEFAULT_PHASES)}: {','.join(MMDIT_PHASES)})",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SIZE=VALUE",
+        help="override one of the shape's sizes (config.Sizes), e.g. --set request_steps=4 (repeatable)",
     )
     parser.add_argument(
         "--threads",
@@ -105,11 +118,39 @@ def configure(args: argparse.Namespace) -> Run | str:
         if args.adapters < 2:
             return "--adapters must be at least 2"
         sizes = replace(sizes, adapters=args.adapters)
-    phases = [p.strip() for p in args.only.split(",") if p.strip()]
+    sizes_or_error = override_sizes(sizes, args.set)
+    if isinstance(sizes_or_error, str):
+        return sizes_or_error
+    sizes = sizes_or_error
+    if device.type == "cuda":
+        dtype = CUDA_DTYPES.get(args.shape, dtype)
+    only = args.only or ",".join(DEFAULT_PHASES.get(args.shape, PHASES))
+    phases = [p.strip() for p in only.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         return f"unknown phase(s) {unknown}; choose from {list(PHASES)}"
     return Run(args.shape, args.quick, device, dtype, sizes, phases)
+
+
+def override_sizes(sizes: Sizes, settings: Sequence[str]) -> Sizes | str:
+    """``sizes`` with ``NAME=VALUE`` overrides, each value parsed as the field's current type."""
+    fields = asdict(sizes)
+    changes: dict[str, Any] = {}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        if name not in fields or not text:
+            return f"--set {setting!r}: expected NAME=VALUE with NAME one of {sorted(fields)}"
+        current = fields[name]
+        try:
+            if isinstance(current, bool):
+                changes[name] = text.lower() in ("1", "true", "yes")
+            elif isinstance(current, tuple):
+                changes[name] = tuple(int(v) for v in text.split(",") if v)
+            else:
+                changes[name] = type(current)(text)
+        except ValueError:
+            return f"--set {setting!r}: {text!r} is not a {type(current).__name__}"
+    return replace(sizes, **changes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,9 +260,9 @@ def print_summary(run: Run, meta: dict[str, Any], table: str) -> None:
         f"load average {meta['load_average_start']} → {meta['load_average_end']}; {meta['wall_s']} s"
     )
     print(
-        f"adapters: {sizes.adapters} × rank {sizes.rank} on {meta['lora_modules']} attention modules, "
+        f"adapters: {sizes.adapters} × rank {sizes.rank} on {meta['lora_modules']} modules, "
         f"{meta['adapter_file_bytes'] / MIB:.2f} MiB {sizes.file_dtype} each; "
-        f"UNet {meta['unet_params'] / 1e6:.0f}M params"
+        f"{meta['denoiser']} {meta['denoiser_params'] / 1e6:.0f}M params"
     )
     print(
         f"peak RSS {meta['peak_rss_bytes'] / MIB / 1024:.2f} GiB "

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"  # loadtests/results
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# The MMDiT transformers: every attention and MLP Linear of every block (the targets of diffusers'
+# train_dreambooth_lora_flux.py / _sd3.py with all layers; SD3.5's second attention ``attn2``; Flux's
+# single blocks: q, k, v, ``proj_mlp`` and ``proj_out``, their fused attention-out + MLP-out), as a
+# PEFT regex: never the embedders, the adaLN modulations or the final ``proj_out``.
+_ATTENTION = r"attn2?\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)"
+_MLP = r"ff(_context)?\.net\.(0\.proj|2)"
+_FLUX_SINGLE = r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
+LORA_TARGETS: dict[str, str | list[str]] = {
+    "UNet2DConditionModel": TARGET_MODULES,
+    "SD3Transformer2DModel": rf".*\.({_ATTENTION}|{_MLP})",
+    "FluxTransformer2DModel": rf".*\.({_ATTENTION}|{_MLP})|{_FLUX_SINGLE}",
+}
 PROMPT = "a red circle on a blue background"
-SCHEDULER = "ddim"
-GUIDANCE = 7.5
+SCHEDULER = "ddim"  # UNet families; flow-matching families run "euler" (FlowMatchEuler)
+FLOW_SCHEDULER = "euler"
+GUIDANCE = 7.5  # UNet families; the others their family's default_guidance
 MIB = 1 << 20
 
 
@@ -41,6 +56,10 @@ class Sizes:
     mem_forward_px: int
     file_dtype: str = "fp16"
     warmup: int = 1
+    request_path: str = "auto"  # the request phase's LoRA path policy: auto, fused or hooked
+    # the manager's fuse budget (LORASWAP_LORA_FUSE_BUDGET_MB; the server's default 256 MiB holds SD1.5's
+    # attention projections): the fused path needs every targeted weight's size in the run dtype
+    fuse_budget_mb: int = 256
 
 
 SIZES: dict[tuple[str, bool], Sizes] = {
@@ -225,10 +244,69 @@ SIZES: dict[tuple[str, bool], Sizes] = {
     ),
 }
 SIZES[("tiny-sdxl", False)] = SIZES[("tiny-sdxl", True)]
+
+# The MMDiT shapes (loadtests/bench_swap/mmdit.py) run cold, switch and request by default (cli
+# DEFAULT_PHASES). The Flux-shaped transformer (2 double + 4 single blocks, 1.3 B parameters) is 5 GiB
+# in fp32 and attends over 512 T5 tokens + the image's, so one step at 128 px takes about half a minute
+# on one thread of the shared 2-core machine: the CPU request rows run 128 px, 1 step, on the fused path.
+_MMDIT = Sizes(
+    rank=16,
+    adapters=64,
+    resident=(1, 4, 16, 64),
+    cold_repeats=3,
+    hotswap_repeats=2,
+    set_adapters_calls=3,
+    switch_loops=20000,
+    switch_samples=8,
+    acquire_loops=2000,
+    request_px=128,
+    request_steps=1,
+    request_repeats=2,
+    forward_repeats=1,
+    no_hooks=False,
+    mixed_requests=4,
+    mixed_px=128,
+    mixed_steps=1,
+    mixed_repeats=1,
+    mem_adapters=50,
+    mem_device_slots=8,
+    mem_swaps=500,
+    mem_forward=False,
+    mem_forward_px=64,
+    request_path="fused",
+    # Flux-shaped: the 44 targeted Linears hold 906 M weights (3.4 GiB fp32); SD3.5 medium's 337: 1.46 B
+    fuse_budget_mb=16 * 1024,
+)
+_TINY_MMDIT = replace(SIZES[("tiny-sdxl", True)], no_hooks=False, mem_forward=False, request_path="fused")
+for _shape in ("flux", "sd3"):
+    SIZES[(_shape, False)] = _MMDIT
+    SIZES[(_shape, True)] = replace(
+        _MMDIT,
+        adapters=4,
+        resident=(1, 4),
+        cold_repeats=2,
+        hotswap_repeats=1,
+        set_adapters_calls=2,
+        switch_loops=200,
+        switch_samples=2,
+        acquire_loops=20,
+        request_px=64,
+        request_repeats=1,
+    )
+for _shape in ("tiny-flux", "tiny-sd3"):
+    SIZES[(_shape, False)] = SIZES[(_shape, True)] = _TINY_MMDIT
 SHAPES = tuple(dict.fromkeys(shape for shape, _quick in SIZES))
 
 # Where the sdxl shapes keep their random weights (fp16, keyed by configs and seed; git-ignored).
 MODEL_CACHE = RESULTS_DIR / "models"
+
+# On CUDA the UNet shapes run fp16; the MMDiT shapes bf16, as diffusers runs Flux and SD3.5.
+CUDA_DTYPES = {
+    "flux": torch.bfloat16,
+    "sd3": torch.bfloat16,
+    "tiny-flux": torch.bfloat16,
+    "tiny-sd3": torch.bfloat16,
+}
 
 # On CUDA the whole sd15 run is cheap: use SD1.5's real 512 px and 20 steps for the request numbers.
 CUDA_OVERRIDES: dict[str, dict[str, Any]] = {

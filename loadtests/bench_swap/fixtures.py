@@ -29,8 +29,10 @@ from service.lora.request import AppliedAdapter
 from service.lora.weights import DeviceAdapter
 from service.metrics import Metrics
 
-from .config import GUIDANCE, MODEL_CACHE, PROMPT, SCHEDULER, TARGET_MODULES, Sizes
+from .config import FLOW_SCHEDULER, GUIDANCE, LORA_TARGETS, MIB, MODEL_CACHE, PROMPT, SCHEDULER, Sizes
 from .machine import loadavg, log, peak_rss_bytes, release_memory, rss_bytes
+from .mmdit import SHAPES as MMDIT_SHAPES
+from .mmdit import build_mmdit_pipeline
 from .sdxl import SHAPES as SDXL_SHAPES
 from .sdxl import build_sdxl_pipeline
 
@@ -53,6 +55,8 @@ def build_pipeline(
     no phase encodes a prompt (``prompts`` False), leave their text encoders without weights."""
     if shape in SDXL_SHAPES:
         return build_sdxl_pipeline(SDXL_SHAPES[shape](), device, dtype, model_cache, text_encoders=prompts)
+    if shape in MMDIT_SHAPES:
+        return build_mmdit_pipeline(MMDIT_SHAPES[shape](), device, dtype, model_cache, text_encoders=prompts)
     pipe = build_sd_pipeline(shape)
     pipe.to(device=device, dtype=dtype)
     return pipe, {}
@@ -83,21 +87,28 @@ def build_sd_pipeline(shape: str) -> Any:
     return assemble_pipeline(vae, text_encoder, build_clip_tokenizer(), unet, scheduler=scheduler)
 
 
-def peft_layout(unet: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
-    """PEFT's LoRA keys and shapes for ``unet`` (injected into a weightless meta-device copy)."""
+def lora_targets(denoiser: torch.nn.Module) -> str | list[str]:
+    """PEFT ``target_modules`` for the denoiser's class (``config.LORA_TARGETS``)."""
+    return LORA_TARGETS[type(denoiser).__name__]
+
+
+def peft_layout(denoiser: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """PEFT's LoRA keys and shapes for ``denoiser`` (injected into a weightless meta-device copy)."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     with torch.device("meta"):
-        skeleton = type(unet).from_config(unet.config)  # type: ignore[attr-defined]
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGET_MODULES, init_lora_weights=False)
+        skeleton = type(denoiser).from_config(denoiser.config)  # type: ignore[attr-defined]
+    targets = lora_targets(denoiser)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
     inject_adapter_in_model(config, skeleton)
     return {key: tuple(t.shape) for key, t in get_peft_model_state_dict(skeleton).items()}
 
 
 def write_adapter_files(
-    layout: dict[str, tuple[int, ...]], count: int, dtype: torch.dtype, folder: Path
+    layout: dict[str, tuple[int, ...]], count: int, dtype: torch.dtype, folder: Path, prefix: str = "unet"
 ) -> list[Path]:
-    """``count`` adapters with distinct seeded values; nn.Linear's default init as peft leaves it."""
+    """``count`` adapters with distinct seeded values; nn.Linear's default init as peft leaves it; keys
+    under ``prefix`` (the denoiser's component name)."""
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(1234)
     files = []
@@ -106,7 +117,7 @@ def write_adapter_files(
         for key, shape in layout.items():
             bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform(a=√5) of nn.Linear(in=shape[1])
             values = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-            tensors[f"unet.{key}"] = values.to(dtype).contiguous()
+            tensors[f"{prefix}.{key}"] = values.to(dtype).contiguous()
         path = folder / f"lora_{index:02d}.safetensors"
         safetensors.torch.save_file(tensors, str(path))
         files.append(path)
@@ -128,6 +139,9 @@ class Bench:
     versions: list[AdapterVersion]
     files: list[Path]
     workdir: Path
+    denoiser: str = "unet"  # the pipeline attribute holding the denoiser
+    scheduler: str = SCHEDULER
+    guidance: float = GUIDANCE
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,13 +179,13 @@ class Bench:
     def params(
         self, px: int, steps: int, seed: int = 0, adapters: tuple[AppliedAdapter, ...] = ()
     ) -> SampleParams:
-        return SampleParams(PROMPT, "", steps, GUIDANCE, px, px, seed, 1, SCHEDULER, adapters)
+        return SampleParams(PROMPT, "", steps, self.guidance, px, px, seed, 1, self.scheduler, adapters)
 
     def applied(self, index: int, adapter: DeviceAdapter) -> AppliedAdapter:
         return AppliedAdapter(self.versions[index], adapter, 1.0)
 
     def reinstall_hooks(self) -> None:
-        self.manager = LoRAModelManager(detect_pipeline(self.pipe).lora_components(self.pipe))
+        self.manager = new_manager(self.pipe, self.sizes)
 
 
 def build_bench(
@@ -196,27 +210,53 @@ def build_bench(
         architecture=family.architecture(pipe),
     )
     log(f"writing {sizes.adapters} rank-{sizes.rank} adapter files ({sizes.file_dtype})")
-    layout = peft_layout(pipe.unet, sizes.rank)
-    files = write_adapter_files(layout, sizes.adapters, FILE_DTYPES[sizes.file_dtype], workdir / "files")
+    denoiser = family.denoiser_module(pipe)
+    layout = peft_layout(denoiser, sizes.rank)
+    file_dtype = FILE_DTYPES[sizes.file_dtype]
+    files = write_adapter_files(layout, sizes.adapters, file_dtype, workdir / "files", family.denoiser)
     registry = Registry(LocalStore(workdir / "store"), identity, max_rank=max(64, sizes.rank))
     versions = [registry.register(path, f"bench-{i:02d}") for i, path in enumerate(files)]
-    manager = LoRAModelManager(family.lora_components(pipe))
-    bench = Bench(shape, sizes, device, dtype, pipe, manager, registry, versions, files, workdir)
+    manager = new_manager(pipe, sizes)
+    flow = family.flow_matching
+    bench = Bench(
+        shape,
+        sizes,
+        device,
+        dtype,
+        pipe,
+        manager,
+        registry,
+        versions,
+        files,
+        workdir,
+        denoiser=family.denoiser,
+        scheduler=FLOW_SCHEDULER if flow else SCHEDULER,
+        guidance=family.default_guidance if flow else GUIDANCE,
+    )
+    denoiser_params = sum(p.numel() for p in denoiser.parameters())
     described = {
         **made,
-        "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+        "denoiser": family.denoiser,
+        "denoiser_params": denoiser_params,
+        f"{family.denoiser}_params": denoiser_params,
         **{
             f"{name}_params": sum(p.numel() for p in getattr(pipe, name).parameters())
             for name in family.text_encoders
         },
         "lora_modules": len(layout) // 2,
         "lora_rank": sizes.rank,
-        "lora_targets": TARGET_MODULES,
+        "lora_targets": lora_targets(denoiser),
         "adapter_file_bytes": files[0].stat().st_size,
         "adapter_file_dtype": sizes.file_dtype,
         "hooked_modules": len(manager.targets),
     }
     return bench, described
+
+
+def new_manager(pipe: Any, sizes: Sizes) -> LoRAModelManager:
+    """Hooks on the pipeline's LoRA components, with the shape's fuse budget."""
+    components = detect_pipeline(pipe).lora_components(pipe)
+    return LoRAModelManager(components, fuse_budget_bytes=sizes.fuse_budget_mb * MIB)
 
 
 # -- what the phases share ---------------------------------------------------------------------------
@@ -245,12 +285,13 @@ def phase(bench: Bench, name: str) -> Iterator[dict[str, Any]]:
 
 
 def assert_no_peft_layers(bench: Bench) -> None:
-    """After diffusers' unload, the UNet holds its original modules (the ones our hooks sit on)."""
-    modules = dict(bench.pipe.unet.named_modules())
+    """After diffusers' unload, the denoiser holds its original modules (the ones our hooks sit on)."""
+    prefix = f"{bench.denoiser}."
+    modules = dict(getattr(bench.pipe, bench.denoiser).named_modules())
     for name, module in bench.manager.targets.items():
-        if name.startswith("unet."):
-            assert modules.get(name[len("unet.") :]) is module, f"{name} was replaced"
-    assert not any("lora_" in name for name in modules), "peft layers left in the UNet"
+        if name.startswith(prefix):
+            assert modules.get(name[len(prefix) :]) is module, f"{name} was replaced"
+    assert not any("lora_" in name for name in modules), f"peft layers left in the {bench.denoiser}"
 
 
 def random_unet_kwargs(

@@ -9,7 +9,6 @@ from typing import Any
 
 from service.engine.sampler import SampleParams, StageTimer, sample_batch
 
-from .config import GUIDANCE, SCHEDULER
 from .fixtures import Bench, images_diff, phase
 from .machine import log
 from .report import fmt_s
@@ -25,6 +24,7 @@ class Requests:
     stages: dict[str, list[dict[str, float]]] = field(
         default_factory=lambda: {"base": [], "adapter": [], "base_without_hooks": []}
     )
+    paths: dict[str, str] = field(default_factory=dict)  # the LoRA path each label's request took
 
     def run(self, params: SampleParams, label: str) -> float:
         bench, timer = self.bench, StageTimer()
@@ -32,6 +32,7 @@ class Requests:
         request = partial(sample_batch, bench.pipe, [params], timer, lora=bench.manager)
         images, seconds = timed_result(request, bench.device)
         self.images[label] = images[0]
+        self.paths[label] = timer.lora_path
         self.stages.setdefault(label, []).append(timer.seconds)
         return seconds
 
@@ -49,6 +50,7 @@ def bench_request(bench: Bench) -> None:
     with phase(bench, "request") as out:
         cache = bench.unbounded_cache()
         adapter = cache.load_blocking(bench.versions[0])
+        bench.manager.policy.mode = s.request_path  # type: ignore[assignment]
         base = bench.params(s.request_px, s.request_steps, seed=7)
         with_lora = replace(base, adapters=(bench.applied(0, adapter),))
         requests = Requests(bench)
@@ -66,6 +68,7 @@ def bench_request(bench: Bench) -> None:
         # two variants that is base, adapter every round); ratios are medians of per-round ratios
         samples = rounds(variants, s.request_repeats, order=rotated_mirrored, after_round=log_round)
         no_hooks = samples.pop("base_without_hooks", [])
+        bench.manager.policy.mode = "auto"
         cache.close()
         out.update(request_results(bench, requests, samples, no_hooks))
 
@@ -83,8 +86,10 @@ def request_results(
     return {
         "px": s.request_px,
         "steps": s.request_steps,
-        "guidance_scale": GUIDANCE,
-        "scheduler": SCHEDULER,
+        "guidance_scale": bench.guidance,
+        "scheduler": bench.scheduler,
+        "path_policy": s.request_path,
+        "paths_taken": {k: v for k, v in requests.paths.items() if k != "warm-up"},
         "median_s": med,
         "samples_s": samples | {"base_without_hooks": no_hooks},
         "stage_s": {k: v for k, v in requests.stages.items() if k != "warm-up"},

@@ -43,6 +43,8 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet")  # built in this 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 STORED = torch.float16  # on disk
 ST_DTYPE = "F16"
+# RMS norms (diffusers' in the MMDiT transformers, T5's): weight 1 (and bias 0, where there is one)
+RMS_NORMS = ("RMSNorm", "T5LayerNorm")
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,11 @@ def build_sdxl_pipeline(
             from diffusers.hooks import apply_layerwise_casting
 
             apply_layerwise_casting(
-                module, storage_dtype=STORED, compute_dtype=dtype, skip_modules_classes=(nn.Embedding,)
+                module,
+                storage_dtype=STORED,
+                compute_dtype=dtype,
+                skip_modules_pattern=skip_patterns(module),
+                skip_modules_classes=(nn.Embedding,),
             )
         modules[name] = module.to(device).eval()
     scheduler_config = shape.configs["scheduler"]
@@ -189,18 +195,28 @@ def skeleton(name: str, config: dict[str, Any]) -> nn.Module:
         return cls(CLIPTextConfig.from_dict(config))
 
 
+def skip_patterns(module: nn.Module) -> tuple[str, ...]:
+    """The module names ``apply_layerwise_casting`` leaves alone: its default patterns (``norm``, …) and
+    the layers transformers keeps in fp32 (``_keep_in_fp32_modules``: T5's ``wo``, whose input T5 casts to
+    the stored weight's dtype)."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    return (*DEFAULT_SKIP_MODULES_PATTERN, *(rf"(^|\.){name}$" for name in keep))
+
+
 def castable(module: nn.Module) -> Iterator[nn.Module]:
     """The layers ``apply_layerwise_casting`` will cast with ``skip_modules_classes=(nn.Embedding,)``
-    (Linear and Conv layers whose name does not match its default skip patterns, e.g. ``norm``)."""
+    and ``skip_patterns`` (Linear and Conv layers whose name matches no pattern, e.g. ``norm``)."""
     import re
 
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
+    patterns = skip_patterns(module)
     for name, layer in module.named_modules():
         if isinstance(layer, nn.Embedding) or not isinstance(layer, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
             continue
-        if not any(re.search(pattern, name) for pattern in DEFAULT_SKIP_MODULES_PATTERN):
+        if not any(re.search(pattern, name) for pattern in patterns):
             yield layer
 
 
@@ -213,10 +229,37 @@ def materialise(module: nn.Module, dtype: torch.dtype, storage: dict[int, torch.
             if param.is_floating_point() and param.dtype != want:
                 layer._parameters[name] = nn.Parameter(param.to(want), requires_grad=param.requires_grad)
     module.to_empty(device="cpu")
+    set_buffers(module)
+
+
+@torch.no_grad()
+def set_buffers(module: nn.Module) -> None:
+    """The values of the buffers the models hold: CLIP's position ids (an arange) and SD3's fixed 2-D
+    sin-cos position table (``PatchEmbed.pos_embed``, as its ``__init__`` computes it); the UNets, VAEs,
+    T5 and Flux's transformer hold none."""
+    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+    tables = {
+        f"{name}.pos_embed": layer
+        for name, layer in module.named_modules()
+        if isinstance(layer, PatchEmbed) and layer.pos_embed is not None
+    }
     for name, buffer in module.named_buffers():
-        if not name.endswith("embeddings.position_ids"):  # CLIP's arange; the UNet and VAE hold none
+        if name.endswith("embeddings.position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+        elif name in tables:
+            patch = tables[name]
+            grid = math.isqrt(buffer.shape[1])
+            table = get_2d_sincos_pos_embed(
+                buffer.shape[-1],
+                grid,
+                base_size=patch.base_size,
+                interpolation_scale=patch.interpolation_scale,
+                output_type="pt",
+            )
+            buffer.copy_(table.float().unsqueeze(0))
+        else:
             raise RuntimeError(f"unexpected buffer {name} in {type(module).__name__}: set it here")
-        buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
 
 
 @torch.no_grad()
@@ -239,6 +282,10 @@ def initialise(module: nn.Module, generator: torch.Generator) -> None:
                 bias.zero_()
         elif isinstance(layer, nn.Embedding):
             weight.normal_(0.0, 1.0, generator=generator)
+        elif type(layer).__name__ in RMS_NORMS:
+            weight.fill_(1.0)
+            if bias is not None:
+                bias.zero_()
         elif list(layer.parameters(recurse=False)):
             raise RuntimeError(f"{name}: no init for {type(layer).__name__}; add it here")
     for key, tensor in module.state_dict().items():
