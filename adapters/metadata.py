@@ -72,6 +72,8 @@ class BaseModelInfo(BaseModel):
     fingerprint: str | None = None
     architecture_id: str | None = None
     family: str | None = None
+    prediction_type: str | None = None
+    """``epsilon`` or ``v_prediction`` (SD2 768-v); unknown (older records) reads as the family's default."""
 
 
 class TrainingInfo(_Section):
@@ -242,14 +244,18 @@ def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
     return TrainingInfo(**fields) if fields else None
 
 
-def _modelspec_architecture(family: str | None) -> str:
+def _modelspec_architecture(family: str | None, prediction_type: str | None) -> str:
     known = find_family(family or "sd1")
-    return known.modelspec_architecture() if known is not None else f"{family}/lora"
+    return known.modelspec_architecture(prediction_type) if known is not None else f"{family}/lora"
 
 
-def _kohya_base_version(family: str | None) -> str:
+def _kohya_base_version(family: str | None, prediction_type: str | None) -> str:
     known = find_family(family or "sd1")
-    return known.kohya_base_version() if known is not None else f"loraswap_{family}"
+    return known.kohya_base_version(prediction_type) if known is not None else f"loraswap_{family}"
+
+
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+"""diffusers' ``prediction_type`` → modelspec's ``prediction_type`` value."""
 
 
 def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:
@@ -260,14 +266,17 @@ def interop_keys(metadata: AdapterMetadata) -> dict[str, str]:
     ``loraswap.alpha``). ``sshs_model_hash`` (sha256 of the bytes after the header, kohya's definition)
     depends on the serialised data, so ``adapters.format.serialise`` adds it.
     """
-    family = metadata.base_model.family if metadata.base_model else None
+    base = metadata.base_model
+    family, prediction = (base.family, base.prediction_type) if base else (None, None)
     keys: dict[str, str] = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _modelspec_architecture(family),
+        "modelspec.architecture": _modelspec_architecture(family, prediction),
         "modelspec.implementation": "diffusers",
         "modelspec.title": metadata.title or metadata.adapter_id or "lora",
-        "ss_base_model_version": _kohya_base_version(family),
+        "ss_base_model_version": _kohya_base_version(family, prediction),
     }
+    if prediction in MODELSPEC_PREDICTION:
+        keys["modelspec.prediction_type"] = MODELSPEC_PREDICTION[prediction]
     if metadata.rank is not None:
         keys["ss_network_dim"] = str(metadata.rank)
         keys["ss_network_alpha"] = str(metadata.rank)
