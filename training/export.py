@@ -65,6 +65,23 @@ def adapter_id_for(config: TrainConfig) -> str:
     return (name or "lora")[:64]
 
 
+def finish_line(config: TrainConfig, resumed_config: dict[str, Any] | None = None) -> str:
+    """What the run will write and register when it finishes, said on start. ``resumed_config`` is the
+    saved config of the run being resumed: a registration it asked for is not repeated unless this
+    invocation asks again, and the line says so."""
+    if not config.export:
+        return "on finish: no export (--no-export), nothing registered"
+    path = Path(config.output) / ADAPTER_FILE
+    if config.register_id:
+        store = load_settings(store=config.store).adapter_store_uri
+        return f"on finish: export {path}, register it as the next version of '{config.register_id}' in {store}"
+    line = f"on finish: export {path}; nothing registered (--register ID to register)"
+    earlier = (resumed_config or {}).get("register_id")
+    if earlier:
+        line += f"; the resumed run asked for --register {earlier}, which a resume does not repeat"
+    return line
+
+
 @dataclass
 class ExportResult:
     path: Path
