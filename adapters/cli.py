@@ -241,26 +241,32 @@ def _prepared_file(path: Path, settings: Settings) -> tuple[BaseIdentity, Prepar
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    """Run every registration check on a file (nothing is stored) and print its summary as JSON."""
+    """Run every registration check on a file (nothing is stored) and print its summary as JSON.
+
+    It describes the file as it is: ``source_format`` is the layout of its keys and ``tensors`` its
+    tensor count (a ``convert --to kohya`` output: ``kohya``, alphas included); what its ``loraswap``
+    metadata records as the adapter's origin is ``recorded_source_format`` (absent without metadata).
+    """
     settings = _settings(args)
     base, prepared = _prepared_file(args.file, settings)
     meta = prepared.metadata
-    _print_json(
-        {
-            "file": str(args.file),
-            "kind": meta.kind or "lora",
-            "source_format": meta.source_format,
-            "modules": len(meta.target_modules),
-            "components": sorted({m.split(".", 1)[0] for m in meta.target_modules}),
-            "rank": meta.rank,
-            "alpha": meta.alpha,
-            "rank_pattern": meta.rank_pattern,
-            "dtype": meta.dtype,
-            "base_model": base.name,
-            "base_model_match": meta.base_model_match,
-            "tensors": len(prepared.tensors),
-        }
-    )
+    summary: dict[str, Any] = {
+        "file": str(args.file),
+        "kind": meta.kind or "lora",
+        "source_format": prepared.layout,
+        "tensors": prepared.file_tensors,
+        "modules": len(meta.target_modules),
+        "components": sorted({m.split(".", 1)[0] for m in meta.target_modules}),
+        "rank": meta.rank,
+        "alpha": meta.alpha,
+        "rank_pattern": meta.rank_pattern,
+        "dtype": meta.dtype,
+        "base_model": base.name,
+        "base_model_match": meta.base_model_match,
+    }
+    if prepared.embedded is not None:
+        summary["recorded_source_format"] = prepared.embedded.source_format or "loraswap"
+    _print_json(summary)
     return 0
 
 
