@@ -1,4 +1,4 @@
-"""``loraswap adapters …``: register, list, show, delete, convert, inspect, merge and verify adapters.
+"""``loraswap adapters …``: register, list, show, delete, convert, inspect, merge, verify and gc.
 
 Every action takes ``--store`` / ``--s3-endpoint-url`` (default from settings: ``$LORASWAP_HOME/adapters``)
 and ``--base-model`` (default from settings, ``tiny-sd``). The base model's identity is computed only by
@@ -15,11 +15,12 @@ from typing import Any
 
 from adapters.errors import AdapterInvalid
 from adapters.format import Limits, load_source, write_adapter, write_kohya
-from adapters.fsck import verify_store
+from adapters.fsck import collect_garbage, verify_store
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata
 from adapters.prepare import Prepared, check_open_compatible, prepare
 from adapters.registry import Registry
+from adapters.tempfiles import STALE_AFTER_S
 from basemodel.errors import LoraswapError
 from basemodel.settings import Settings, load_settings
 
@@ -104,6 +105,23 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=_verify)
+
+    gc = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="list the store's orphan blobs (no version names them); --apply removes them",
+    )
+    gc.add_argument("--apply", action="store_true", help="remove them (default: a dry run that only lists)")
+    gc.add_argument(
+        "--min-age",
+        type=float,
+        default=STALE_AFTER_S,
+        metavar="SECONDS",
+        help="keep orphans younger than this: a registration in flight writes its blob just before its "
+        f"record [default: {STALE_AFTER_S:g}]",
+    )
+    gc.add_argument("--json", action="store_true", help="print the result as JSON")
+    gc.set_defaults(func=_gc)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -309,3 +327,28 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{problem.kind}: {problem.key}: {problem.message}")
     print("ok" if report.ok else f"{len(report.problems)} problems")
     return 0 if report.ok else 1
+
+
+def _gc(args: argparse.Namespace) -> int:
+    """List the orphan blobs; with ``--apply`` remove those old enough. Exit 0 (2: could not run)."""
+    registry = Registry.from_settings(_settings(args), sweep=False)
+    found = collect_garbage(registry.store, apply=args.apply, min_age_s=args.min_age, limits=registry.limits)
+    if args.json:
+        _print_json(found.to_dict())
+        return 0
+    for orphan in found.orphans:
+        if orphan.age_s is None:
+            age, state = "age unknown", "kept"
+        else:
+            age = f"{orphan.age_s:.0f} s old"
+            state = "kept (young)" if not orphan.removable else "removed" if args.apply else "removable"
+        print(f"orphan {orphan.key} ({age}): {state}")
+    removable = sum(o.removable for o in found.orphans)
+    if args.apply:
+        print(f"{found.store}: removed {len(found.removed)} of {len(found.orphans)} orphan blobs")
+    else:
+        print(
+            f"{found.store}: {len(found.orphans)} orphan blobs, {removable} older than {args.min_age:g} s "
+            "(dry run: --apply removes those)"
+        )
+    return 0
