@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import AdapterInvalid
-from adapters.format import Limits, load_source, write_adapter, write_kohya
+from adapters.format import Limits, load_source, write_kohya
 from adapters.fsck import collect_garbage, verify_store
 from adapters.identity import BaseIdentity
+from adapters.interop import write_diffusers
 from adapters.metadata import AdapterMetadata, coerce_metadata
 from adapters.prepare import Prepared, check_open_compatible, prepare
 from adapters.registry import Registry
@@ -239,7 +240,7 @@ def _convert(args: argparse.Namespace) -> int:
             hint="Use --to kohya (LyCORIS names, read by A1111 and ComfyUI), or 'loraswap adapters merge'.",
         )
     if args.to == "diffusers":
-        data = write_adapter(args.output, prepared.tensors, prepared.metadata)
+        data = write_diffusers(args.output, prepared.tensors, prepared.metadata)
     else:
         data = write_kohya(args.output, prepared.tensors, prepared.metadata, base.architecture)
     modules = len(prepared.metadata.target_modules)

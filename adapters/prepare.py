@@ -195,7 +195,7 @@ def tensor_summary(info: NormaliseInfo, embedded: AdapterMetadata | None) -> dic
         summary["source_format"] = info.source_format
         return summary
     summary["source_format"] = embedded.source_format or "loraswap"
-    if embedded.alpha is not None and info.source_format == "diffusers":
+    if embedded.alpha is not None and info.source_format in ("diffusers", "diffusers-legacy"):
         pattern = {k: v for k, v in embedded.alpha_pattern.items() if k in info.ranks}
         for module, rank in info.ranks.items():  # recorded only, but bounded like an alpha we fold
             check_alpha(module, pattern.get(module, embedded.alpha), rank)

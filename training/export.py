@@ -3,7 +3,8 @@
 The PEFT state dict (``unet.<module>.lora_A.weight`` …, unscaled) is normalised by
 ``adapters.normalise`` against the base architecture, which folds the LoRA scale (alpha/r, or
 alpha/sqrt(r) with rsLoRA) into ``lora_B`` so the file applies at weight 1.0, then written by
-``adapters.format.write_adapter`` with the full ``loraswap`` metadata record and the kohya/modelspec
+``adapters.interop.write_diffusers`` (keys diffusers' ``load_lora_weights`` reads for any text-encoder
+module set, MLP-only included) with the full ``loraswap`` metadata record and the kohya/modelspec
 header keys. DoRA magnitude vectors have no place in that format, so DoRA training refuses to
 export up front (see ``check_exportable``) instead of silently dropping them.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from adapters.format import write_adapter
+from adapters.interop import write_diffusers
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, DatasetInfo, EvaluationInfo, InferencePlan, TrainingInfo
 from adapters.normalise import normalise
@@ -190,7 +191,7 @@ def export_adapter(
     dtype = DTYPES[config.save_dtype]
     canonical = {k: v.to(dtype) for k, v in canonical.items()}
     path = Path(output) / ADAPTER_FILE
-    data = write_adapter(path, canonical, metadata)
+    data = write_diffusers(path, canonical, metadata)
     return ExportResult(path=path, size=len(data), adapter_id=metadata.adapter_id or adapter_id_for(config))
 
 
