@@ -20,7 +20,7 @@ from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from service.engine.image_modes import ImageInput
 from service.engine.inputs import ProbedInputs, check_mode, load_inputs, output_size, probe_inputs
-from service.engine.png import encode_png
+from service.engine.png import encode_png, lora_hashes
 from service.engine.progress import JobProgress
 from service.engine.sampler import SampleParams, StageTimer, sample, sample_batch
 from service.engine.schedulers import a1111_label
@@ -326,9 +326,7 @@ class Runtime:
             "model_hash": self.base.fingerprint,
             "version": package_version(),
             "adapters": [a.describe() for a in params.adapters],
-            "lora_hashes": ", ".join(
-                f"{a.version.adapter_id}: {a.version.sha256[:12]}" for a in params.adapters
-            ),
+            "lora_hashes": lora_hashes([a.describe() for a in params.adapters]),
         }
 
 
