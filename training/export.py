@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from adapters.interop import write_diffusers
 from adapters.identity import BaseIdentity
+from adapters.interop import write_diffusers
 from adapters.metadata import AdapterMetadata, DatasetInfo, EvaluationInfo, InferencePlan, TrainingInfo
 from adapters.normalise import normalise
 from adapters.refs import validate_id
@@ -75,7 +75,8 @@ def finish_line(config: TrainConfig, resumed_config: dict[str, Any] | None = Non
     path = Path(config.output) / ADAPTER_FILE
     if config.register_id:
         store = load_settings(store=config.store).adapter_store_uri
-        return f"on finish: export {path}, register it as the next version of '{config.register_id}' in {store}"
+        target = f"the next version of '{config.register_id}' in {store}"
+        return f"on finish: export {path}, register it as {target}"
     line = f"on finish: export {path}; nothing registered (--register ID to register)"
     earlier = (resumed_config or {}).get("register_id")
     if earlier:

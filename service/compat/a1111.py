@@ -316,9 +316,8 @@ def infotexts(result: GenerationResult) -> list[str]:
     """One A1111 infotext per image, the PNG's ``parameters`` chunk: the prompt carries a ``<lora:…>`` tag
     per applied adapter, pinned to its version, so pasting it into A1111 (or back here) asks for the same
     adapters (``service.engine.png.infotext_prompt``)."""
-    return [
-        a1111_parameters({**result.parameters, "seed": result.params.seed + i}) for i in range(len(result.pngs))
-    ]
+    first = result.params.seed
+    return [a1111_parameters({**result.parameters, "seed": first + i}) for i in range(len(result.pngs))]
 
 
 def to_response(req: Txt2ImgRequest, result: GenerationResult) -> A1111Response:
