@@ -8,7 +8,10 @@ from pathlib import Path
 
 from basemodel.errors import ConfigError
 from basemodel.settings import load_settings
-from basemodel.tiny import RANDOM_MODELS
+
+# ``basemodel.tiny.RANDOM_MODELS``' keys, spelled here: importing basemodel.tiny (diffusers) to build the
+# parser made every `loraswap` command, `--help` included, pay seconds of imports.
+RANDOM_FAMILIES = ("sd1", "sdxl")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +37,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--seed", type=int, default=0, help="with --random: weights seed (same bytes)")
     init.add_argument(
         "--family",
-        choices=sorted(RANDOM_MODELS),
+        choices=RANDOM_FAMILIES,
         default="sd1",
         help="with --random: the model family (sd1: tiny-sd-random, sdxl: tiny-sdxl-random)",
     )
@@ -55,8 +58,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
+    from basemodel.demo import install_demo
     from basemodel.pretrain.shipped import ensure_installed, install
-    from basemodel.tiny import TINY_NAME, save_random
+    from basemodel.tiny import RANDOM_MODELS, TINY_NAME, save_random
 
     if args.random:
         name = RANDOM_MODELS[args.family]
@@ -69,9 +73,12 @@ def _init_tiny(args: argparse.Namespace) -> int:
         return 0
     if args.family != "sd1":
         raise ConfigError(f"--family {args.family} needs --random: the shipped pretrained tiny-sd is SD1.x")
-    output = args.output or load_settings().models_dir / TINY_NAME
+    settings = load_settings()
+    output = args.output or settings.models_dir / TINY_NAME
     (ensure_installed if args.if_missing else install)(output)
     print(f"installed {TINY_NAME} (shipped pretrained weights, sha256-checked) at {output}")
+    demo = install_demo(settings.home / "demo")
+    print(f"demo files (the brown LoRA, an init image and a mask; see README) at {demo}")
     return 0
 
 
