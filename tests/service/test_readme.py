@@ -189,8 +189,7 @@ def test_the_cli_builds_its_parser_without_importing_diffusers() -> None:
 
     assert tuple(sorted(RANDOM_MODELS)) == RANDOM_FAMILIES
     probe = (
-        "import sys; from service.cli import build_parser; build_parser(); "
-        "print('diffusers' in sys.modules)"
+        "import sys; from service.cli import build_parser; build_parser(); print('diffusers' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
