@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,9 +169,13 @@ def test_the_readme_quick_start_runs_verbatim(start_server: Any, base_model: Any
     server = start_server(home=clone / ".loraswap")  # the same tiny-sd weights, already loaded
     port = int(server.url.rsplit(":", 1)[1])
     env["LORASWAP_SERVER"] = server.url
+    seconds: dict[int, float] = {}
     for block in example_blocks():
         if block.language in RUNNABLE and block.not_run is None:
+            started = time.perf_counter()
             run_block(block, port, clone, env)
+            seconds[block.line] = round(time.perf_counter() - started, 1)
+    print("README block (line) → seconds:", seconds)  # shown with -s: where the test's time goes
 
     # what the examples show is true: the demo LoRA draws brown where the base model does not
     assert shape_colour(clone / "brown.png") == "brown"
