@@ -77,7 +77,7 @@ def test_the_png_alone_reproduces_the_image_through_txt2img(
         first = http.post("/v1/generate", json=request)
         assert first.status_code == 200, first.text
         original = decode(first.json()["images"][0]["png_base64"])
-        text = original.text["parameters"]
+        text = original.info["parameters"]
         prompt_line = text.splitlines()[0]
         assert "<lora:style@1:0.7>" in prompt_line and "<lora:ink@1:0.5:0.25>" in prompt_line  # pinned
         assert 'Lora hashes: "' in text and "style@1: " in text and "ink@1: " in text
@@ -88,7 +88,7 @@ def test_the_png_alone_reproduces_the_image_through_txt2img(
         assert again.status_code == 200, again.text
     reproduced = decode(again.json()["images"][0])
     assert np.array_equal(pixels(reproduced), pixels(original))
-    assert reproduced.text["parameters"] == text  # the same infotext, so the same PNG
+    assert reproduced.info["parameters"] == text  # the same infotext, so the same PNG
     unpinned = {**body, "prompt": body["prompt"].replace("style@1", "style")}
     with server.client() as http:
         answer = http.post("/sdapi/v1/txt2img", json=unpinned).json()
