@@ -1,8 +1,9 @@
 """The demo files shipped beside tiny-sd (``basemodel/weights/demo``), installed by ``init-tiny``.
 
-* ``brown.safetensors`` — a LoRA you can see: a rank-2 adapter (a few KB) that teaches tiny-sd the colour
-  brown, which it never saw in pretraining. Trigger word ``sks``: "sks, a brown circle on a blue
-  background". Made with ``make demo``'s recipe (``recipe.json``: the exact command and its scores).
+* ``brown.safetensors`` — a LoRA you can see: a rank-2 adapter on the cross-attention keys and values
+  (15 KB) that teaches tiny-sd the colour brown, which it never saw in pretraining. Trigger word
+  ``sks``: "sks, a brown circle on a blue background". Made with ``make demo``'s recipe
+  (``recipe.json``: the exact command and its scores).
 * ``init.png`` / ``mask.png`` — the README's image-to-image input and inpainting mask (32×32; white =
   repaint).
 
