@@ -55,8 +55,9 @@ load: $(STAMP)  # locust over a Zipf mix of 50 adapters, ramp to saturation, 3-m
 	$(PY) -m loadtests.load $(LOAD_ARGS)
 
 DEMO_BASE ?= tiny-sd
+DEMO_ARGS ?=
 demo: $(STAMP)  # "A LoRA you can see" (docs/training.md): synth a brown concept, train, score base vs adapter
-	$(PY) -m loadtests.lora_demo --base-model $(DEMO_BASE)
+	$(PY) -m loadtests.lora_demo --base-model $(DEMO_BASE) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .loraswap .pytest_cache .mypy_cache .ruff_cache *.egg-info

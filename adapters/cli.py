@@ -1,4 +1,4 @@
-"""``loraswap adapters …``: register, list, show, delete, convert, inspect, merge and verify adapters.
+"""``loraswap adapters …``: register, list, show, delete, convert, inspect, merge, verify and gc.
 
 Every action takes ``--store`` / ``--s3-endpoint-url`` (default from settings: ``$LORASWAP_HOME/adapters``)
 and ``--base-model`` (default from settings, ``tiny-sd``). The base model's identity is computed only by
@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import AdapterInvalid
-from adapters.format import Limits, load_source, write_adapter, write_kohya
-from adapters.fsck import verify_store
+from adapters.format import Limits, load_source, write_kohya
+from adapters.fsck import collect_garbage, verify_store
 from adapters.identity import BaseIdentity
+from adapters.interop import write_diffusers
 from adapters.metadata import AdapterMetadata, coerce_metadata
 from adapters.pictures import PictureUpload
 from adapters.prepare import Prepared, check_open_compatible, prepare
 from adapters.registry import Registry
+from adapters.tempfiles import STALE_AFTER_S
 from basemodel.errors import LoraswapError
 from basemodel.settings import Settings, load_settings
 
@@ -113,6 +115,23 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=_verify)
+
+    gc = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="list the store's orphan blobs (no version names them); --apply removes them",
+    )
+    gc.add_argument("--apply", action="store_true", help="remove them (default: a dry run that only lists)")
+    gc.add_argument(
+        "--min-age",
+        type=float,
+        default=STALE_AFTER_S,
+        metavar="SECONDS",
+        help="keep orphans younger than this: a registration in flight writes its blob just before its "
+        f"record [default: {STALE_AFTER_S:g}]",
+    )
+    gc.add_argument("--json", action="store_true", help="print the result as JSON")
+    gc.set_defaults(func=_gc)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -241,7 +260,7 @@ def _convert(args: argparse.Namespace) -> int:
             hint="Use --to kohya (LyCORIS names, read by A1111 and ComfyUI), or 'loraswap adapters merge'.",
         )
     if args.to == "diffusers":
-        data = write_adapter(args.output, prepared.tensors, prepared.metadata, base.architecture)
+        data = write_diffusers(args.output, prepared.tensors, prepared.metadata, base.architecture)
     else:
         data = write_kohya(args.output, prepared.tensors, prepared.metadata, base.architecture)
     modules = len(prepared.metadata.target_modules)
@@ -260,26 +279,32 @@ def _prepared_file(path: Path, settings: Settings) -> tuple[BaseIdentity, Prepar
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    """Run every registration check on a file (nothing is stored) and print its summary as JSON."""
+    """Run every registration check on a file (nothing is stored) and print its summary as JSON.
+
+    It describes the file as it is: ``source_format`` is the layout of its keys and ``tensors`` its
+    tensor count (a ``convert --to kohya`` output: ``kohya``, alphas included); what its ``loraswap``
+    metadata records as the adapter's origin is ``recorded_source_format`` (absent without metadata).
+    """
     settings = _settings(args)
     base, prepared = _prepared_file(args.file, settings)
     meta = prepared.metadata
-    _print_json(
-        {
-            "file": str(args.file),
-            "kind": meta.kind or "lora",
-            "source_format": meta.source_format,
-            "modules": len(meta.target_modules),
-            "components": sorted({m.split(".", 1)[0] for m in meta.target_modules}),
-            "rank": meta.rank,
-            "alpha": meta.alpha,
-            "rank_pattern": meta.rank_pattern,
-            "dtype": meta.dtype,
-            "base_model": base.name,
-            "base_model_match": meta.base_model_match,
-            "tensors": len(prepared.tensors),
-        }
-    )
+    summary: dict[str, Any] = {
+        "file": str(args.file),
+        "kind": meta.kind or "lora",
+        "source_format": prepared.layout,
+        "tensors": prepared.file_tensors,
+        "modules": len(meta.target_modules),
+        "components": sorted({m.split(".", 1)[0] for m in meta.target_modules}),
+        "rank": meta.rank,
+        "alpha": meta.alpha,
+        "rank_pattern": meta.rank_pattern,
+        "dtype": meta.dtype,
+        "base_model": base.name,
+        "base_model_match": meta.base_model_match,
+    }
+    if prepared.embedded is not None:
+        summary["recorded_source_format"] = prepared.embedded.source_format or "loraswap"
+    _print_json(summary)
     return 0
 
 
@@ -322,3 +347,28 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{problem.kind}: {problem.key}: {problem.message}")
     print("ok" if report.ok else f"{len(report.problems)} problems")
     return 0 if report.ok else 1
+
+
+def _gc(args: argparse.Namespace) -> int:
+    """List the orphan blobs; with ``--apply`` remove those old enough. Exit 0 (2: could not run)."""
+    registry = Registry.from_settings(_settings(args), sweep=False)
+    found = collect_garbage(registry.store, apply=args.apply, min_age_s=args.min_age, limits=registry.limits)
+    if args.json:
+        _print_json(found.to_dict())
+        return 0
+    for orphan in found.orphans:
+        if orphan.age_s is None:
+            age, state = "age unknown", "kept"
+        else:
+            age = f"{orphan.age_s:.0f} s old"
+            state = "kept (young)" if not orphan.removable else "removed" if args.apply else "removable"
+        print(f"orphan {orphan.key} ({age}): {state}")
+    removable = sum(o.removable for o in found.orphans)
+    if args.apply:
+        print(f"{found.store}: removed {len(found.removed)} of {len(found.orphans)} orphan blobs")
+    else:
+        print(
+            f"{found.store}: {len(found.orphans)} orphan blobs, {removable} older than {args.min_age:g} s "
+            "(dry run: --apply removes those)"
+        )
+    return 0

@@ -24,12 +24,18 @@ Allowed, only counted: *orphan blobs* (no record names them: a crash between wri
 record), *in-flight* temporary files of live writers, and *purged* deleted versions whose blob was
 removed. A check beside live writers can miss what they add meanwhile; it never reports their work as
 a problem.
+
+``collect_garbage`` (``loraswap adapters gc``) lists the orphan blobs and, when asked, removes those
+older than ``min_age_s``: a registration writes its blob a moment before its record, so a young orphan
+may be one in flight and is always kept. A blob a record names (a deleted version's included, unless it
+was purged) is never an orphan.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +47,9 @@ from adapters.records import VERSION_FILE, AdapterVersion, content_key, parse_li
 from adapters.refs import ID_PATTERN
 from adapters.registry import Registry
 from adapters.sources import KeyMissing, LocalStore, Store
+from adapters.sources.base import Dated
+from adapters.sources.breaker import unwrap
+from adapters.tempfiles import STALE_AFTER_S
 from basemodel.errors import LoraswapError
 
 BLOB_KEY = re.compile(r"^blobs/sha256/(?P<sha>[0-9a-f]{64})\.safetensors$")
@@ -263,3 +272,62 @@ def _check_temps(report: Report, store: LocalStore) -> None:
 def _numbers(numbers: list[int], limit: int = 10) -> str:
     shown = ", ".join(str(n) for n in numbers[:limit])
     return shown + (f" … ({len(numbers)} in all)" if len(numbers) > limit else "")
+
+
+@dataclass(frozen=True)
+class Orphan:
+    key: str
+    age_s: float | None  # None: the store cannot tell (the blob is then never removed)
+    removable: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "age_s": self.age_s, "removable": self.removable}
+
+
+@dataclass
+class Collection:
+    """What ``collect_garbage`` found and, with ``apply``, removed."""
+
+    store: str
+    applied: bool
+    min_age_s: float
+    orphans: list[Orphan] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "applied": self.applied,
+            "min_age_s": self.min_age_s,
+            "orphans": [o.to_dict() for o in self.orphans],
+            "removed": self.removed,
+        }
+
+
+def collect_garbage(
+    store: Store,
+    *,
+    apply: bool = False,
+    min_age_s: float = STALE_AFTER_S,
+    limits: Limits = DEFAULT_LIMITS,
+    now: float | None = None,
+) -> Collection:
+    """The store's orphan blobs (``verify_store``'s), each with its age; with ``apply``, remove those at
+    least ``min_age_s`` old. Removing one changes nothing a reader can see: no record names it."""
+    report = verify_store(store, limits=limits)
+    dated = unwrap(store)
+    clock = time.time() if now is None else now
+    found = Collection(store.uri, apply, min_age_s)
+    for sha in report.orphan_blobs:
+        key = f"blobs/sha256/{sha}.safetensors"
+        try:
+            age = clock - dated.modified(key) if isinstance(dated, Dated) else None
+        except KeyMissing:
+            continue  # removed meanwhile
+        found.orphans.append(Orphan(key, age, age is not None and age >= min_age_s))
+    if apply:
+        for orphan in found.orphans:
+            if orphan.removable:
+                store.delete(orphan.key)
+                found.removed.append(orphan.key)
+    return found

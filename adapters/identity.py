@@ -24,6 +24,9 @@ class BaseIdentity:
     name: str
     fingerprint: str
     architecture: Architecture
+    prediction_type: str = "epsilon"
+    """What the UNet predicts (its scheduler config's ``prediction_type``; SD2 768-v: ``v_prediction``):
+    it names the export's modelspec architecture and kohya base version."""
 
     @property
     def architecture_id(self) -> str:
@@ -39,24 +42,37 @@ class BaseIdentity:
             fingerprint=self.fingerprint,
             architecture_id=self.architecture_id,
             family=self.family,
+            prediction_type=self.prediction_type,
         )
 
     @classmethod
     def from_base_model(cls, base: BaseModel) -> BaseIdentity:
-        return cls(name=base.name, fingerprint=base.fingerprint, architecture=base.architecture)
+        return cls(
+            name=base.name,
+            fingerprint=base.fingerprint,
+            architecture=base.architecture,
+            prediction_type=base.family.prediction_type(base.pipe.scheduler.config),
+        )
 
     @classmethod
     def from_spec(cls, spec: str, models_dir: Path) -> BaseIdentity:
         """Identity of ``--base-model`` ``spec`` without loading weights when the layout allows it:
         a diffusers folder's modules are built from its configs on PyTorch's ``meta`` device."""
-        from basemodel.families import detect_folder, read_index
+        from basemodel.families import detect_folder, read_index, read_json
         from basemodel.loader import resolve_base_model
 
         ref = resolve_base_model(spec, models_dir)
         if ref.kind in ("tiny", "diffusers"):
             family = detect_folder(ref.path)
             architecture = family.meta_architecture(ref.path, read_index(ref.path))
-            return cls(name=ref.name, fingerprint=fingerprint(ref.path), architecture=architecture)
+            scheduler = ref.path / "scheduler" / "scheduler_config.json"
+            prediction = family.prediction_type(read_json(scheduler) if scheduler.is_file() else {})
+            return cls(
+                name=ref.name,
+                fingerprint=fingerprint(ref.path),
+                architecture=architecture,
+                prediction_type=prediction,
+            )
         from basemodel.loader import load_base_model
 
         return cls.from_base_model(load_base_model(spec, models_dir, device="cpu", dtype="fp32"))

@@ -73,6 +73,8 @@ class BaseModelInfo(BaseModel):
     fingerprint: str | None = None
     architecture_id: str | None = None
     family: str | None = None
+    prediction_type: str | None = None
+    """``epsilon`` or ``v_prediction`` (SD2 768-v); unknown (older records) reads as the family's default."""
 
 
 class TrainingInfo(_Section):
@@ -243,14 +245,28 @@ def training_from_kohya(header: dict[str, str]) -> TrainingInfo | None:
     return TrainingInfo(**fields) if fields else None
 
 
-def _modelspec_architecture(family: str | None, config: Mapping[str, Any] | None) -> str:
+def _modelspec_architecture(
+    family: str | None, prediction_type: str | None, config: Mapping[str, Any] | None
+) -> str:
     known = find_family(family or "sd1")
-    return known.modelspec_architecture(config=config) if known is not None else f"{family}/lora"
+    if known is None:
+        return f"{family}/lora"
+    return known.modelspec_architecture(prediction_type, config=config)
 
 
-def _kohya_base_version(family: str | None, config: Mapping[str, Any] | None) -> str:
+def _kohya_base_version(
+    family: str | None, prediction_type: str | None, config: Mapping[str, Any] | None
+) -> str:
     known = find_family(family or "sd1")
-    return known.kohya_base_version(config=config) if known is not None else f"loraswap_{family}"
+    return (
+        known.kohya_base_version(prediction_type, config=config)
+        if known is not None
+        else f"loraswap_{family}"
+    )
+
+
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+"""diffusers' ``prediction_type`` → modelspec's ``prediction_type`` value."""
 
 
 def interop_keys(metadata: AdapterMetadata, config: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -263,8 +279,9 @@ def interop_keys(metadata: AdapterMetadata, config: Mapping[str, Any] | None = N
     denoiser config) names the variant where the family's names depend on it (Flux dev / schnell, SD3
     medium / 3.5 large …).
     """
-    family = metadata.base_model.family if metadata.base_model else None
-    architecture = _modelspec_architecture(family, config)
+    base = metadata.base_model
+    family, prediction = (base.family, base.prediction_type) if base else (None, None)
+    architecture = _modelspec_architecture(family, prediction, config)
     if metadata.kind == "embedding":  # SAI modelspec's name for textual inversion
         architecture = architecture.removesuffix("/lora") + "/textual-inversion"
     keys: dict[str, str] = {
@@ -272,8 +289,10 @@ def interop_keys(metadata: AdapterMetadata, config: Mapping[str, Any] | None = N
         "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": metadata.title or metadata.adapter_id or "lora",
-        "ss_base_model_version": _kohya_base_version(family, config),
+        "ss_base_model_version": _kohya_base_version(family, prediction, config),
     }
+    if prediction in MODELSPEC_PREDICTION:
+        keys["modelspec.prediction_type"] = MODELSPEC_PREDICTION[prediction]
     if metadata.rank is not None:
         keys["ss_network_dim"] = str(metadata.rank)
         keys["ss_network_alpha"] = str(metadata.rank)

@@ -22,6 +22,7 @@ from adapters.identity import BaseIdentity
 from adapters.metadata import (
     MAX_METADATA_BYTES,
     AdapterMetadata,
+    SourceFormat,
     check_scale,
     parse_header_metadata,
     training_from_kohya,
@@ -57,12 +58,16 @@ class Prepared:
     """A validated adapter ready to be written: canonical tensors, metadata and content digest.
 
     ``digest`` covers the tensors and the metadata except id, version and created_at: two
-    registrations with the same digest are the same content.
+    registrations with the same digest are the same content. ``layout`` and ``file_tensors`` describe
+    the file as it is (its key layout and tensor count), whatever its metadata records as its origin.
     """
 
     tensors: dict[str, torch.Tensor]
     metadata: AdapterMetadata
     digest: str
+    layout: SourceFormat
+    file_tensors: int
+    embedded: AdapterMetadata | None
 
 
 def prepare(
@@ -95,7 +100,7 @@ def prepare(
     check_metadata_size(meta)
     stable = meta.model_dump(mode="json", exclude=set(VOLATILE_FIELDS))
     digest = tensor_digest(canonical, json.dumps(stable, sort_keys=True).encode())
-    return Prepared(canonical, meta, digest)
+    return Prepared(canonical, meta, digest, info.source_format, len(tensors), embedded)
 
 
 def check_metadata_size(meta: AdapterMetadata) -> None:
@@ -190,7 +195,7 @@ def tensor_summary(info: NormaliseInfo, embedded: AdapterMetadata | None) -> dic
         summary["source_format"] = info.source_format
         return summary
     summary["source_format"] = embedded.source_format or "loraswap"
-    if embedded.alpha is not None and info.source_format == "diffusers":
+    if embedded.alpha is not None and info.source_format in ("diffusers", "diffusers-legacy"):
         pattern = {k: v for k, v in embedded.alpha_pattern.items() if k in info.ranks}
         for module, rank in info.ranks.items():  # recorded only, but bounded like an alpha we fold
             check_alpha(module, pattern.get(module, embedded.alpha), rank)

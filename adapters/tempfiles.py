@@ -37,6 +37,21 @@ def make_temp(folder: Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
     return fd, Path(name)
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so a name just created, renamed or linked in it survives a power loss (best effort:
+    a filesystem that cannot fsync folders is left as it is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def is_stale(path: Path, prefix: str, *, max_age_s: float = STALE_AFTER_S, now: float | None = None) -> bool:
     """Whether ``path`` (a temporary file named with ``prefix``) was left by a writer that is gone."""
     try:

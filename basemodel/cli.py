@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 from basemodel.errors import ConfigError
-from basemodel.random_models import RANDOM_MODELS
 from basemodel.settings import load_settings
+
+# ``basemodel.random_models.RANDOM_MODELS``' keys, spelled here: importing that module (diffusers) to
+# build the parser made every `loraswap` command, `--help` included, pay seconds of imports.
+RANDOM_FAMILIES = ("sd1", "sdxl", "sd3", "flux")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +37,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--seed", type=int, default=0, help="with --random: weights seed (same bytes)")
     init.add_argument(
         "--family",
-        choices=sorted(RANDOM_MODELS),
+        choices=RANDOM_FAMILIES,
         default="sd1",
         help="with --random: the model family (sd1: tiny-sd-random, sdxl: tiny-sdxl-random, "
         "sd3: tiny-sd3-random, flux: tiny-flux-random)",
@@ -56,8 +59,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
+    from basemodel.demo import install_demo
     from basemodel.pretrain.shipped import ensure_installed, install
-    from basemodel.random_models import save_random
+    from basemodel.random_models import RANDOM_MODELS, save_random
     from basemodel.tiny import TINY_NAME
 
     if args.random:
@@ -71,9 +75,12 @@ def _init_tiny(args: argparse.Namespace) -> int:
         return 0
     if args.family != "sd1":
         raise ConfigError(f"--family {args.family} needs --random: the shipped pretrained tiny-sd is SD1.x")
-    output = args.output or load_settings().models_dir / TINY_NAME
+    settings = load_settings()
+    output = args.output or settings.models_dir / TINY_NAME
     (ensure_installed if args.if_missing else install)(output)
     print(f"installed {TINY_NAME} (shipped pretrained weights, sha256-checked) at {output}")
+    demo = install_demo(settings.home / "demo")
+    print(f"demo files (the brown LoRA, an init image and a mask; see README) at {demo}")
     return 0
 
 

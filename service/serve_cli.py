@@ -6,6 +6,7 @@ import argparse
 import base64
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -55,7 +56,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     gen = subparsers.add_parser("generate", help="ask a running server for an image")
     gen.add_argument("prompt")
-    gen.add_argument("--server", default="http://127.0.0.1:8000", help="server URL")
+    gen.add_argument(
+        "--server",
+        default=os.environ.get("LORASWAP_SERVER", "http://127.0.0.1:8000"),
+        help="server URL [default: $LORASWAP_SERVER, else http://127.0.0.1:8000]",
+    )
     gen.add_argument(
         "--adapter",
         action="append",

@@ -3,7 +3,8 @@
 Every ``TrainConfig`` field is a flag (``--field-name``; booleans also get ``--no-field-name``), generated
 from the model so the command line and ``--config train.toml`` can never drift apart. Flags that are not
 given are absent (not defaults), so precedence is: defaults < checkpoint config (with ``--resume``) <
-config file < command line.
+config file < command line. The checkpoint's config gives hyperparameters only: actions (``--register``,
+``--store``, see ``training.config.ACTIONS``) are this invocation's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from training.config import CLI_ONLY, TrainConfig, build_config, load_config_file
+from training.config import ACTIONS, CLI_ONLY, TrainConfig, build_config, load_config_file
 
 # Extra spellings users of kohya sd-scripts / the diffusers example script type by habit.
 CLI_ALIASES: dict[str, list[str]] = {
@@ -156,14 +157,15 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _resume_layer(resume: str, output: Any) -> dict[str, Any]:
-    """The saved config of the checkpoint to resume (lowest layer, so a bare ``--resume`` works)."""
+    """The saved config of the checkpoint to resume (lowest layer, so a bare ``--resume`` works), less
+    its actions: resuming a run that registered does not register again unless asked."""
     from training.checkpoint import STATE, resolve_resume
 
     if resume == "latest" and output is None:
         return {}
     path = resolve_resume(resume, Path(output) if output is not None else Path("."))
     saved = json.loads((path / STATE).read_text(encoding="utf-8")).get("config", {})
-    layer = {k: v for k, v in saved.items() if k not in CLI_ONLY}
+    layer = {k: v for k, v in saved.items() if k not in CLI_ONLY | ACTIONS}
     layer["output"] = str(path.parent.parent)  # the run folder the checkpoint is in, wherever we are
     return layer
 

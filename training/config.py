@@ -55,6 +55,9 @@ ALIASES: dict[str, str] = {
 
 # Options that only make sense on the command line (or are resolved per invocation).
 CLI_ONLY = {"dry_run", "resume", "overwrite"}
+# What a run does beyond its output folder: never inherited from the run ``--resume`` continues (which
+# may inherit hyperparameters), so a resume registers only when this invocation says so.
+ACTIONS = {"register_id", "store"}
 
 
 class TrainConfig(BaseModel):

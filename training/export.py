@@ -3,7 +3,8 @@
 The PEFT state dict (``unet.<module>.lora_A.weight`` …, unscaled) is normalised by
 ``adapters.normalise`` against the base architecture, which folds the LoRA scale (alpha/r, or
 alpha/sqrt(r) with rsLoRA) into ``lora_B`` so the file applies at weight 1.0, then written by
-``adapters.format.write_adapter`` with the full ``loraswap`` metadata record and the kohya/modelspec
+``adapters.interop.write_diffusers`` (keys diffusers' ``load_lora_weights`` reads for any text-encoder
+module set, MLP-only included) with the full ``loraswap`` metadata record and the kohya/modelspec
 header keys. DoRA magnitude vectors have no place in that format, so DoRA training refuses to
 export up front (see ``check_exportable``) instead of silently dropping them.
 """
@@ -18,8 +19,8 @@ from typing import Any
 
 import torch
 
-from adapters.format import write_adapter
 from adapters.identity import BaseIdentity
+from adapters.interop import write_diffusers
 from adapters.metadata import AdapterMetadata, DatasetInfo, EvaluationInfo, InferencePlan, TrainingInfo
 from adapters.normalise import normalise
 from adapters.refs import validate_id
@@ -64,6 +65,24 @@ def adapter_id_for(config: TrainConfig) -> str:
         return config.adapter_id
     name = re.sub(r"[^a-z0-9._-]+", "-", config.output.resolve().name.lower()).strip("-._")
     return (name or "lora")[:64]
+
+
+def finish_line(config: TrainConfig, resumed_config: dict[str, Any] | None = None) -> str:
+    """What the run will write and register when it finishes, said on start. ``resumed_config`` is the
+    saved config of the run being resumed: a registration it asked for is not repeated unless this
+    invocation asks again, and the line says so."""
+    if not config.export:
+        return "on finish: no export (--no-export), nothing registered"
+    path = Path(config.output) / ADAPTER_FILE
+    if config.register_id:
+        store = load_settings(store=config.store).adapter_store_uri
+        target = f"the next version of '{config.register_id}' in {store}"
+        return f"on finish: export {path}, register it as {target}"
+    line = f"on finish: export {path}; nothing registered (--register ID to register)"
+    earlier = (resumed_config or {}).get("register_id")
+    if earlier:
+        line += f"; the resumed run asked for --register {earlier}, which a resume does not repeat"
+    return line
 
 
 @dataclass
@@ -174,7 +193,7 @@ def export_adapter(
     dtype = DTYPES[config.save_dtype]
     canonical = {k: v.to(dtype) for k, v in canonical.items()}
     path = Path(output) / ADAPTER_FILE
-    data = write_adapter(path, canonical, metadata, base.architecture)
+    data = write_diffusers(path, canonical, metadata, base.architecture)
     return ExportResult(path=path, size=len(data), adapter_id=metadata.adapter_id or adapter_id_for(config))
 
 

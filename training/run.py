@@ -29,7 +29,14 @@ from training.data.cache import EncodeCache, EncodedItem, encode_dataset
 from training.data.dataset import PreparedData
 from training.errors import CheckpointError, TrainConfigError
 from training.evaluate import build_validation
-from training.export import adapter_id_for, build_metadata, check_exportable, export_adapter, register_adapter
+from training.export import (
+    adapter_id_for,
+    build_metadata,
+    check_exportable,
+    export_adapter,
+    finish_line,
+    register_adapter,
+)
 from training.flow import FlowObjective
 from training.loop import METRICS, LoopResult, Trainer, TrainerParts
 from training.lora import adapter_tensors, base_weights_hash
@@ -209,6 +216,7 @@ def train(
     phases.done("load and prepare")
     plan = build_plan(setup)
     phases.done("plan (memory probe)")
+    echo(finish_line(config, checkpoint.state.get("config") if checkpoint is not None else None))
     if config.dry_run:
         echo(format_plan(plan))
         return RunResult(output, plan)

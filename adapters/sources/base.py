@@ -87,3 +87,12 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove a key; a missing key is not an error."""
         ...
+
+
+@runtime_checkable
+class Dated(Protocol):
+    """A store that can tell when a key was last written (``adapters gc`` spares young orphan blobs)."""
+
+    def modified(self, key: str) -> float:
+        """The key's last write as epoch seconds; raises ``KeyMissing`` when absent."""
+        ...

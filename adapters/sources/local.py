@@ -74,7 +74,7 @@ class LocalStore:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write {key}: {exc}", reason="io_error") from exc
-        _fsync_dir(path.parent)
+        tempfiles.fsync_dir(path.parent)
 
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
@@ -89,11 +89,19 @@ class LocalStore:
             return _create_exclusive(path, data)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        tempfiles.fsync_dir(path.parent)
         return True
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def modified(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyMissing(key) from None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {key}: {exc}", reason="io_error") from exc
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(check_prefix(prefix)[:-1]) if prefix else self.root
@@ -146,16 +154,3 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -164,6 +164,17 @@ class S3Store:
             raise _store_error("stat", key, exc) from exc
         return True
 
+    def modified(self, key: str) -> float:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _code(exc) in MISSING_CODES:
+                raise KeyMissing(key) from None
+            raise _store_error("stat", key, exc) from exc
+        except BotoCoreError as exc:
+            raise _store_error("stat", key, exc) from exc
+        return float(head["LastModified"].timestamp())
+
     def list(self, prefix: str = "") -> list[str]:
         check_prefix(prefix)
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix

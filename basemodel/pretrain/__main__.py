@@ -10,10 +10,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from basemodel.pretrain.train import Recipe, pretrain
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="target diffusers folder")
@@ -81,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # here, not at import: `loraswap --help` builds this parser
+
+    from basemodel.pretrain.train import Recipe, pretrain
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2

@@ -74,22 +74,26 @@ def slope_mib_per_min(
 def summarise(records: Sequence[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
     """One phase's figures. Throughput and latency are taken over the steady window, from ``warmup_s``
     after the first request started to the last response (responses finished earlier are left out);
-    the counts — requests, 429s, Retry-After, other errors, statuses — over every response."""
-    if not records:
-        return {"requests": 0, "successes": 0, "window_s": 0.0, "img_per_s": math.nan, **_latency([])}
-    window_start = min(r["t"] for r in records) + warmup_s
-    window_end = max(r["t"] + r["latency_s"] for r in records)
-    window = max(window_end - window_start, 1e-9)
+    the counts — requests, 429s, Retry-After, other errors, statuses — over every response.
+
+    A phase that recorded no response has every figure too: zero counts, NaN rates and latencies.
+    """
+    if records:
+        window_start = min(r["t"] for r in records) + warmup_s
+        window_end = max(r["t"] + r["latency_s"] for r in records)
+        window = max(window_end - window_start, 1e-9)
+    else:
+        window_start, window = 0.0, 0.0
     ok = [r for r in records if outcome(r) == "ok" and r["t"] + r["latency_s"] >= window_start]
     refused = [r for r in records if outcome(r) == "429"]
     return {
         "requests": len(records),
         "successes": len(ok),
         "window_s": window,
-        "img_per_s": len(ok) / window,
+        "img_per_s": len(ok) / window if window else math.nan,
         **_latency([r["latency_s"] for r in ok]),
         "status_429": len(refused),
-        "share_429": len(refused) / len(records),
+        "share_429": len(refused) / len(records) if records else math.nan,
         "status_429_with_retry_after": sum(valid_retry_after(r["retry_after"]) for r in refused),
         "retry_after_values": dict(Counter(str(r["retry_after"]) for r in refused)),
         "other_errors": sum(outcome(r) == "error" for r in records),

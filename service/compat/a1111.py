@@ -331,14 +331,12 @@ def parameters_echo(req: Txt2ImgRequest) -> dict[str, Any]:
     return echoed
 
 
-def infotexts(req: Txt2ImgRequest, result: GenerationResult) -> list[str]:
-    """One A1111 infotext per image. The prompt keeps its ``<lora:…>`` tags, as A1111's does, so that
-    pasting it into A1111 (or back here) asks for the same adapters."""
-    prompt = req.prompt or ""
-    return [
-        a1111_parameters({**result.parameters, "prompt": prompt, "seed": result.params.seed + i})
-        for i in range(len(result.pngs))
-    ]
+def infotexts(result: GenerationResult) -> list[str]:
+    """One A1111 infotext per image, the PNG's ``parameters`` chunk: the prompt carries a ``<lora:…>`` tag
+    per applied adapter, pinned to its version, so pasting it into A1111 (or back here) asks for the same
+    adapters (``service.engine.png.infotext_prompt``)."""
+    first = result.params.seed
+    return [a1111_parameters({**result.parameters, "seed": first + i}) for i in range(len(result.pngs))]
 
 
 def to_response(req: Txt2ImgRequest, result: GenerationResult) -> A1111Response:
@@ -375,7 +373,7 @@ def to_response(req: Txt2ImgRequest, result: GenerationResult) -> A1111Response:
         "denoising_strength": req.denoising_strength if isinstance(req, Img2ImgRequest) else None,
         "extra_generation_params": extra_generation_params(result.parameters),
         "index_of_first_image": 0,
-        "infotexts": infotexts(req, result),
+        "infotexts": infotexts(result),
         "styles": [],
         "job_timestamp": "",
         "clip_skip": 1,

@@ -28,7 +28,7 @@ from service.engine.inputs import (
     probe_inputs,
 )
 from service.engine.limits import Limits
-from service.engine.png import encode_png
+from service.engine.png import encode_png, lora_hashes
 from service.engine.progress import JobProgress
 from service.engine.recent import RecentRequests
 from service.engine.sampler import SampleParams, StageTimer, sample_batch
@@ -363,9 +363,7 @@ class Runtime:
             "model_hash": self.base.fingerprint,
             "version": package_version(),
             "adapters": [a.describe() for a in params.adapters],
-            "lora_hashes": ", ".join(
-                f"{a.version.adapter_id}: {a.version.sha256[:12]}" for a in params.adapters
-            ),
+            "lora_hashes": lora_hashes([a.describe() for a in params.adapters]),
             "embeddings": [e.describe() for e in params.embeddings],
             "ti_hashes": ", ".join(f"{e.name}: {e.version.sha256[:12]}" for e in params.embeddings),
         }

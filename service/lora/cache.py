@@ -85,7 +85,7 @@ class DiskTier:
     (``.tmp-<host>-<pid>-<random>``, ``adapters/tempfiles.py``) and renamed into place; opening the
     tier removes the temporary files of writers that are gone (a server killed mid-write), and of the
     older ``.<sha256>.<pid>.<thread>.tmp`` names once they are an hour old. A temporary file is never an
-    entry: entries are ``<sha256>.safetensors`` names only.
+    entry: entries are ``<sha256>.safetensors`` names only. Copies are fsynced (file, then folder).
     """
 
     def __init__(self, root: Path, budget: int) -> None:
@@ -114,17 +114,23 @@ class DiskTier:
         return [f for f in self.root.glob("*.safetensors") if _ENTRY.fullmatch(f.name)]
 
     def write(self, sha256: str, data: bytes) -> int:
-        """Store a verified blob; returns how many older copies were evicted to stay in budget."""
+        """Store a verified blob; returns how many older copies were evicted to stay in budget.
+
+        Durable like the local store's writes: the bytes are fsynced before the rename, and the folder
+        after it, so a power loss leaves the old state or the complete copy."""
         target = self.path(sha256)
         existed = target.exists()
         fd, tmp = tempfiles.make_temp(self.root, TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        tempfiles.fsync_dir(self.root)
         if not existed:
             self.entries += 1
             self.nbytes += len(data)

@@ -136,3 +136,25 @@ def test_register_with_pictures(
         capsys, "register", str(kohya_file), "--id", "pics", "--samples", str(tmp_path / "notes.png")
     )
     assert code == 2 and "error[image_invalid]" in err
+
+
+def test_inspect_reports_the_file_as_it_is(
+    cli_env: Path, kohya_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A converted file is inspected as what it now is: its own key layout and tensor count (a kohya export
+    once read ``"source_format": "loraswap"``, ``"tensors": 112`` for 168 tensors), the origin its metadata
+    records beside it, and the same output every time."""
+    diffusers, kohya = cli_env / "d.safetensors", cli_env / "k.safetensors"
+    assert run(capsys, "convert", str(kohya_file), "--to", "diffusers", "-o", str(diffusers))[0] == 0
+    assert run(capsys, "convert", str(diffusers), "--to", "kohya", "-o", str(kohya))[0] == 0
+    for path, layout in ((kohya_file, "kohya"), (diffusers, "diffusers"), (kohya, "kohya")):
+        code, out, _ = run(capsys, "inspect", str(path))
+        shown = json.loads(out)
+        assert code == 0 and shown["source_format"] == layout, path.name
+        assert shown["tensors"] == len(read_adapter(path)[0]), path.name
+        assert run(capsys, "inspect", str(path))[1] == out  # deterministic
+        if path == kohya_file:
+            assert "recorded_source_format" not in shown  # no loraswap metadata
+        else:
+            assert shown["recorded_source_format"] == "kohya"
+    assert json.loads(run(capsys, "inspect", str(kohya))[1])["tensors"] > len(read_adapter(diffusers)[0])

@@ -381,3 +381,22 @@ def test_interop_keys_name_the_family(family: str | None, modelspec: str, kohya:
     keys = interop_keys(AdapterMetadata(base_model=BaseModelInfo(name="b", family=family)))
     assert keys["modelspec.architecture"] == modelspec
     assert keys["ss_base_model_version"] == kohya
+
+
+@pytest.mark.parametrize(
+    ("family", "prediction", "modelspec", "kohya", "spec_prediction"),
+    [
+        ("sd2", "v_prediction", "stable-diffusion-v2-768-v/lora", "sd_v2_v", "v"),
+        ("sd2", "epsilon", "stable-diffusion-v2-512/lora", "sd_v2", "epsilon"),
+        ("sd1", "epsilon", "stable-diffusion-v1/lora", "sd_v1", "epsilon"),
+    ],
+)
+def test_interop_keys_follow_the_prediction_type(
+    family: str, prediction: str, modelspec: str, kohya: str, spec_prediction: str
+) -> None:
+    """An SD2 768-v base (v-prediction) is labelled as one, not as SD2 512 (epsilon)."""
+    info = BaseModelInfo(name="b", family=family, prediction_type=prediction)
+    keys = interop_keys(AdapterMetadata(base_model=info))
+    assert keys["modelspec.architecture"] == modelspec
+    assert keys["ss_base_model_version"] == kohya
+    assert keys["modelspec.prediction_type"] == spec_prediction

@@ -237,7 +237,9 @@ def test_sd2_folder_loads_as_sd2_and_samples_with_v_prediction(tmp_path: Path) -
     base = load_base_model(str(folder), tmp_path, device="cpu", dtype="fp32")
     assert (base.family.name, type(base.pipe).__name__) == ("sd2", "StableDiffusionPipeline")
     assert base.family.prediction_type(base.pipe.scheduler.config) == "v_prediction"
-    assert base.architecture.architecture_id == BaseIdentity.from_spec(str(folder), tmp_path).architecture_id
+    identity = BaseIdentity.from_spec(str(folder), tmp_path)
+    assert base.architecture.architecture_id == identity.architecture_id
+    assert identity.prediction_type == BaseIdentity.from_base_model(base).prediction_type == "v_prediction"
     params = SampleParams("a red circle", "", 3, 5.0, 32, 32, 4, 1, "euler")
     ours = np.asarray(sample(base.pipe, params, StageTimer())[0], dtype=np.int16)
 

@@ -245,6 +245,25 @@ def test_summarise_times_the_steady_window_and_counts_every_response() -> None:
     assert empty["requests"] == 0 and math.isnan(empty["img_per_s"])
 
 
+def test_a_phase_that_records_no_request_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase whose locust process recorded nothing (a dead server, a phase too short) gets every
+    figure — zero counts, NaN rates — and the run's table and verdicts still print (was KeyError
+    'status_429')."""
+    monkeypatch.setattr("loadtests.load.phases.run_locust", lambda *_args: [])
+    runner = Runner("http://127.0.0.1:9", Path("."), warmup_s=1.0)
+    phase = runner.run("ramp-1", 1, 1, Load(["a"], 1.1, 0.1, 4, 32))
+    f = phase.figures
+    assert f["requests"] == 0 and f["status_429"] == 0 and f["status_429_with_retry_after"] == 0
+    assert f["other_errors"] == 0 and f["statuses"] == {} and math.isnan(f["img_per_s"])
+    assert math.isnan(f["share_429"]) and math.isnan(f["p99_s"])
+    row = phase_row(phase)
+    assert row[2] == "0" and row[7] == "n/a" and row[8] == "–"
+    post = {"alive": True, "request_status": 200, "drained_s": 0.1, "errors_by_type": {}}
+    judged = verdicts([phase], post, rss_bound=1.0, cuda_bound=1.0)
+    assert judged["status_429"] == 0 and judged["other_errors"] == 0
+    assert "429s: 0, with Retry-After: 0" in verdict_lines(judged)
+
+
 def test_retry_after_and_saturation() -> None:
     assert valid_retry_after("3") and valid_retry_after(" 0 ")
     assert not valid_retry_after(None) and not valid_retry_after("") and not valid_retry_after("1.5")

@@ -16,7 +16,7 @@ import pytest
 
 from adapters import tempfiles
 from adapters.format import Limits
-from adapters.fsck import verify_store
+from adapters.fsck import collect_garbage, verify_store
 from adapters.identity import BaseIdentity
 from adapters.records import AdapterVersion, blob_key, tombstone_key, version_key
 from adapters.registry import Registry
@@ -146,6 +146,56 @@ def test_verify_command_exit_status_and_json(
     assert main(["adapters", "verify", "--store", str(store.root), "--json"]) == 1
     body = json.loads(capsys.readouterr().out)
     assert body["ok"] is False and body["problem_kinds"] == {"blob_missing": 1}
+
+
+def test_gc_lists_orphan_blobs_and_removes_them_only_with_apply(
+    store: Store, populated: dict[str, AdapterVersion]
+) -> None:
+    """``verify`` counted orphan blobs but nothing removed them: ``collect_garbage`` lists them (dry run by
+    default), removes the old ones when applied, keeps young ones (a registration in flight) and every
+    blob a record names."""
+    before = store.list()
+    (orphan,) = verify_store(store).orphan_blobs
+    key = blob_key(orphan)
+    dry = collect_garbage(store, now=time.time() + 7200)
+    assert [(o.key, o.removable) for o in dry.orphans] == [(key, True)]
+    assert dry.orphans[0].age_s is not None and dry.orphans[0].age_s >= 7200 - 60
+    assert dry.removed == [] and store.list() == before  # a dry run removes nothing
+    young = collect_garbage(store, apply=True)  # written a moment ago: maybe a registration in flight
+    assert young.removed == [] and store.exists(key)
+    done = collect_garbage(store, apply=True, min_age_s=0)
+    assert done.removed == [key] and not store.exists(key)
+    report = verify_store(store)
+    assert report.ok and report.orphan_blobs == [] and report.live == 3
+    assert set(store.list()) == set(before) - {key}
+    assert collect_garbage(store, apply=True, min_age_s=0).orphans == []
+
+
+def test_gc_command_is_a_dry_run_unless_applied(
+    tmp_path: Path,
+    base_identity: BaseIdentity,
+    adapter_file: Path,
+    loraswap_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("LORASWAP_HOME", str(loraswap_home))
+    store = LocalStore(tmp_path / "store")
+    Registry(store, base_identity).register(adapter_file, "style")
+    orphan = b"a blob whose record was never written"
+    key = blob_key(hashlib.sha256(orphan).hexdigest())
+    store.put(key, orphan)
+    root = str(store.root)
+    assert main(["adapters", "gc", "--store", root]) == 0
+    out = capsys.readouterr().out
+    assert f"orphan {key} (" in out and "kept (young)" in out and "dry run" in out and store.exists(key)
+    assert main(["adapters", "gc", "--store", root, "--min-age", "0"]) == 0
+    assert "removable" in capsys.readouterr().out and store.exists(key)
+    assert main(["adapters", "gc", "--store", root, "--min-age", "0", "--apply", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["applied"] is True and body["removed"] == [key] and not store.exists(key)
+    assert main(["adapters", "verify", "--store", root]) == 0
+    assert "(0 unreferenced)" in capsys.readouterr().out
 
 
 # -- stale temp files: the regression test of the stray .tmp-* files after kill -9 -----------------------

@@ -187,3 +187,28 @@ def test_stale_disk_tier_temp_files_are_swept_when_the_cache_opens(
     finally:
         live.kill()
         live.wait(60)
+
+
+def test_disk_tier_copies_are_fsynced_file_then_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy in the disk tier is durable: its bytes are fsynced before the rename, the folder after it
+    (it was renamed unsynced, so a power loss could leave an empty or partial entry under a sha256 name)."""
+    from service.lora.cache import DiskTier
+
+    tier = DiskTier(tmp_path / "disk", budget=1 << 20)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sha = "ab" * 32
+    tier.write(sha, b"x" * 100)
+    assert tier.path(sha).read_bytes() == b"x" * 100
+    root = str((tmp_path / "disk").resolve())
+    assert len(synced) == 2, synced
+    assert Path(synced[0]).parent == Path(root) and Path(synced[0]).name.startswith(".tmp-")
+    assert synced[1] == root

@@ -106,8 +106,10 @@ def test_lora_tag_in_the_prompt_applies_the_adapter(server: Any) -> None:
     assert np.array_equal(pixels(tagged.image), expected[0])
     assert not np.array_equal(pixels(tagged.image), pixels(plain.image))
     infotext = tagged.info["infotexts"][0]
-    assert infotext.startswith("a red fox <lora:style:0.7>\n")  # as A1111 writes it: pasting reproduces it
-    assert "Lora hashes: " in infotext
+    # as A1111 writes it, pinned to the version served: pasting it reproduces the image
+    assert infotext.startswith("a red fox <lora:style@1:0.7>\n")
+    assert 'Lora hashes: "style@1: ' in infotext
+    assert tagged.image.info["parameters"] == infotext  # the PNG's chunk says the same
     assert tagged.info["adapters"][0]["id"] == "style"
 
 

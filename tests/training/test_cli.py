@@ -74,6 +74,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     assert "12 steps = 3.0 epochs (4 steps/epoch)" in text
     assert "UNet to_q, to_v, ff.net.2 -> 35 modules" in text
     assert "trainable" in text and "memory (est.)" in text and "GiB" in text
+    assert f"on finish: export {out / 'adapter.safetensors'}; nothing registered" in text  # said on start
     assert not out.exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from service.cli import build_parser
 from training.cli import resolve_config
 from training.config import TrainConfig, build_config, load_config_file, to_toml
 from training.errors import TrainConfigError
+from training.export import finish_line
 
 
 def parse(*argv: str) -> TrainConfig:
@@ -124,3 +126,32 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     saved = tmp_path / "resolved.toml"
     saved.write_text(to_toml(config))
     assert build_config(load_config_file(saved)) == config
+
+
+def _saved_run(output: Path, config: dict[str, object]) -> None:
+    """A run folder whose latest checkpoint saved ``config`` (what ``Trainer`` writes in state.json)."""
+    checkpoint = output / "checkpoints" / "step-00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(json.dumps({"step": 4, "config": config}))
+    (output / "checkpoints" / "LATEST").write_text("step-00000004")
+
+
+def test_resume_inherits_hyperparameters_not_actions(tmp_path: Path) -> None:
+    """``--resume latest`` used to inherit ``--register`` from the saved config and register a new version
+    unasked: the resumed run's hyperparameters carry over, its actions (register, store) do not."""
+    out = tmp_path / "run"
+    saved = build_config(
+        {"data": "d", "output": str(out), "lr": 0.5, "rank": 4, "register_id": "ink", "store": "s3://b/p"}
+    )
+    _saved_run(out, saved.hyperparameters())
+    resumed = parse("--output", str(out), "--resume", "latest")
+    assert (resumed.lr, resumed.rank, str(resumed.data)) == (0.5, 4, "d")
+    assert resumed.register_id is None and resumed.store is None
+    line = finish_line(resumed, saved.hyperparameters())
+    assert "nothing registered" in line and "--register ink" in line and "does not repeat" in line
+    again = parse("--output", str(out), "--resume", "latest", "--register", "ink")
+    assert again.register_id == "ink" and again.lr == 0.5
+    assert "register it as the next version of 'ink'" in finish_line(again, saved.hyperparameters())
+    assert finish_line(build_config({"data": "d", "output": "o", "export": False})).startswith(
+        "on finish: no export"
+    )

@@ -251,6 +251,9 @@ def test_sd2_trains_with_v_prediction(loraswap_home: Path, mixed_data: Path, tmp
     evaluation = result.report["evaluation"]
     assert evaluation["initial_val_loss"] is not None and evaluation["final_val_loss"] is not None
     _, header = read_adapter(result.adapter_path)
-    assert header["ss_base_model_version"].startswith("sd_v2")
+    assert header["ss_base_model_version"] == "sd_v2_v"  # 768-v, not the 512 (epsilon) label
+    assert header["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert header["modelspec.prediction_type"] == "v"
     meta = parse_header_metadata(header)
     assert meta is not None and meta.base_model is not None and meta.base_model.family == "sd2"
+    assert meta.base_model.prediction_type == "v_prediction"

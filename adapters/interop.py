@@ -1,0 +1,89 @@
+"""The diffusers export: canonical tensors as a file every diffusers-format reader loads.
+
+The canonical layout (what the registry stores) names text-encoder modules as the loaded model does:
+PEFT ``lora_A``/``lora_B`` keys, and no ``text_model.`` level for a CLIPTextModel from transformers 5.
+The export differs in two ways, for the readers outside:
+
+* text-encoder keys get the conventional ``text_model.`` level (transformers 4's names, which older
+  diffusers, ComfyUI and kohya-style tools expect; diffusers 0.42 strips it for a flattened encoder);
+* diffusers' text-encoder loader infers the state dict's type from an attention key: PEFT keys pass only
+  when one of them is a CLIP attention projection (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``),
+  which it renames to its own ``lora_linear_layer`` naming first. A text-encoder LoRA without one (on the
+  MLP only, ``fc1``/``fc2``) failed with "Could not automatically infer state dict type". Such an
+  encoder's keys are written in that naming (``….lora_linear_layer.down.weight``/``up``), what diffusers'
+  ``save_lora_weights`` writes for CLIP attention, which the loader reads for any module.
+
+UNet keys, and text encoders with an attention projection, stay PEFT ``lora_A``/``lora_B`` (layout
+``diffusers``); a file with an MLP-only text-encoder LoRA reads back as ``diffusers-legacy``.
+
+The kohya export (``write_kohya``) is the other interchange layout: sd-scripts' names, alpha = rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from adapters.errors import AdapterInvalid
+from adapters.format import complete_metadata, serialise, write_bytes_atomic
+from adapters.metadata import METADATA_KEY, AdapterMetadata, interop_keys
+from basemodel.fingerprint import Architecture
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TEXT_MODEL = "text_model."
+ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
+LINEAR_LAYER = {
+    "lora_A.weight": "lora_linear_layer.down.weight",
+    "lora_B.weight": "lora_linear_layer.up.weight",
+}
+
+
+def _split(key: str) -> tuple[str, str, str]:
+    """(component, module path, role) of a canonical key, role ``lora_A.weight`` or ``lora_B.weight``."""
+    component, rest = key.split(".", 1)
+    module, role = rest.rsplit(".lora_", 1)
+    return component, module, "lora_" + role
+
+
+def to_diffusers(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical LoRA tensors → the diffusers export's keys (see the module docstring)."""
+    parts = {key: _split(key) for key in tensors}
+    with_attention = {c for c, module, _ in parts.values() if module.endswith(ATTENTION)}
+    out: dict[str, torch.Tensor] = {}
+    for key, (component, module, role) in sorted(parts.items()):
+        if component not in TEXT_ENCODERS:
+            out[key] = tensors[key]
+            continue
+        if not module.startswith((TEXT_MODEL, "text_projection")):
+            module = TEXT_MODEL + module
+        out[f"{component}.{module}.{role if component in with_attention else LINEAR_LAYER[role]}"] = tensors[
+            key
+        ]
+    return out
+
+
+def write_diffusers(
+    path: Path | None,
+    tensors: dict[str, torch.Tensor],
+    metadata: AdapterMetadata,
+    architecture: Architecture | None = None,
+) -> bytes:
+    """Export canonical LoRA tensors for diffusers' ``load_lora_weights`` (any text-encoder module set),
+    with the same ``loraswap`` metadata and interop header keys as ``write_adapter`` (``architecture``:
+    the base's, so they name the family's variant); the bytes, also written atomically to ``path`` when
+    given."""
+    metadata = complete_metadata(tensors, metadata)
+    if metadata.kind not in (None, "lora"):
+        raise AdapterInvalid(
+            f"a {metadata.kind} adapter has no diffusers (PEFT LoRA) layout", reason="unsupported_conversion"
+        )
+    header = {
+        METADATA_KEY: metadata.to_json(),
+        **interop_keys(metadata, architecture.unet_config if architecture else None),
+    }
+    data = serialise(to_diffusers(tensors), header)
+    if path is not None:
+        write_bytes_atomic(Path(path), data)
+    return data
