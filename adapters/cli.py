@@ -365,10 +365,13 @@ def _gc(args: argparse.Namespace) -> int:
         print(f"orphan {orphan.key} ({age}): {state}")
     removable = sum(o.removable for o in found.orphans)
     if args.apply:
-        print(f"{found.store}: removed {len(found.removed)} of {len(found.orphans)} orphan blobs")
+        print(
+            f"{found.store}: removed {len(found.removed)} of {len(found.orphans)} orphan blobs and pictures"
+        )
     else:
         print(
-            f"{found.store}: {len(found.orphans)} orphan blobs, {removable} older than {args.min_age:g} s "
+            f"{found.store}: {len(found.orphans)} orphan blobs and pictures, {removable} older than "
+            f"{args.min_age:g} s "
             "(dry run: --apply removes those)"
         )
     return 0

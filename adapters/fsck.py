@@ -15,24 +15,27 @@ Problems (``Report.ok`` is False):
 * ``gap`` — numbers below the highest without a record; ``orphan_tombstone`` — a tombstone without one;
 * ``latest`` — ``id`` does not resolve to the highest live version;
 * ``bad_index`` — a dedup index entry that does not parse or points at other content;
+* ``picture_missing`` / ``picture_mismatch`` — a picture a version's record lists is absent, or its
+  bytes fail the sha256 the record gives;
 * ``stray_temp`` — a temporary file whose writer is gone (local store); ``unexpected_key`` — a key
   outside the layout; ``unreadable`` — a key the store failed to read;
 * with ``known`` (ref → sha256 of versions seen before): ``lost_version`` (gone) and ``reused_number``
   (the number now names other content).
 
-Allowed, only counted: *orphan blobs* (no record names them: a crash between writing the blob and the
-record), *in-flight* temporary files of live writers, and *purged* deleted versions whose blob was
-removed. A check beside live writers can miss what they add meanwhile; it never reports their work as
-a problem.
+Allowed, only counted: *orphan blobs* and *orphan pictures* (no record names them: a crash between
+writing them and the record), *in-flight* temporary files of live writers, and *purged* deleted
+versions whose blob was removed. A check beside live writers can miss what they add meanwhile; it
+never reports their work as a problem.
 
-``collect_garbage`` (``loraswap adapters gc``) lists the orphan blobs and, when asked, removes those
-older than ``min_age_s``: a registration writes its blob a moment before its record, so a young orphan
-may be one in flight and is always kept. A blob a record names (a deleted version's included, unless it
-was purged) is never an orphan.
+``collect_garbage`` (``loraswap adapters gc``) lists the orphan blobs and pictures and, when asked,
+removes those older than ``min_age_s``: a registration writes them a moment before its record, so a
+young orphan may be one in flight and is always kept. A blob or picture a record names (a deleted
+version's included, unless it was purged) is never an orphan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -43,6 +46,7 @@ from typing import Any
 
 from adapters.errors import AdapterCorrupt, StoreError
 from adapters.format import DEFAULT_LIMITS, Limits
+from adapters.pictures import picture_key
 from adapters.records import VERSION_FILE, AdapterVersion, content_key, parse_listing
 from adapters.refs import ID_PATTERN
 from adapters.registry import Registry
@@ -54,6 +58,7 @@ from basemodel.errors import LoraswapError
 
 BLOB_KEY = re.compile(r"^blobs/sha256/(?P<sha>[0-9a-f]{64})\.safetensors$")
 CONTENT_KEY = re.compile(r"^adapters/(?P<id>[^/]+)/content/(?P<digest>[0-9a-f]{64})\.json$")
+PICTURE_KEY = re.compile(r"^pictures/sha256/[0-9a-f]{64}\.(?:png|jpg|webp)$")
 BLOB_PROBLEMS = {"blob_missing", "sha256_mismatch"}
 
 
@@ -78,6 +83,7 @@ class Report:
     blobs: int = 0
     versions: dict[str, str] = field(default_factory=dict)
     orphan_blobs: list[str] = field(default_factory=list)
+    orphan_pictures: list[str] = field(default_factory=list)  # their keys
     in_flight_temps: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
@@ -102,6 +108,7 @@ class Report:
             "deleted_versions": self.deleted,
             "blobs": self.blobs,
             "orphan_blobs": self.orphan_blobs,
+            "orphan_pictures": self.orphan_pictures,
             "in_flight_temps": self.in_flight_temps,
             "purged": self.purged,
             "problem_kinds": self.kinds(),
@@ -138,6 +145,9 @@ def verify_store(
         _check_index(report, store, match["id"], match["digest"], records, listed)
     referenced = {r.sha256 for r in records.values()}
     report.orphan_blobs = sorted(blobs - referenced)
+    pictures = {key for key in keys if PICTURE_KEY.match(key)}
+    named = _check_pictures(report, store, records.values(), pictures)
+    report.orphan_pictures = sorted(pictures - named)
     if known:
         _check_known(report, known)
     if isinstance(store, LocalStore):
@@ -145,8 +155,31 @@ def verify_store(
     return report
 
 
+def _check_pictures(report: Report, store: Store, records: Any, present: set[str]) -> set[str]:
+    """Every picture a record lists is there with the bytes its sha256 names; the keys named."""
+    named: set[str] = set()
+    for record in records:
+        for picture in record.pictures:
+            key = picture_key(picture)
+            named.add(key)
+            if key not in present:
+                report.add("picture_missing", key, f"{record.ref}: picture {picture.name!r} is missing")
+                continue
+            try:
+                data = store.get(key)
+            except KeyMissing:
+                report.add("picture_missing", key, f"{record.ref}: picture {picture.name!r} is missing")
+                continue
+            except StoreError as exc:
+                report.add("unreadable", key, exc.message)
+                continue
+            if hashlib.sha256(data).hexdigest() != picture.sha256:
+                report.add("picture_mismatch", key, f"{record.ref}: picture {picture.name!r} was modified")
+    return named
+
+
 def _in_layout(key: str) -> bool:
-    if BLOB_KEY.match(key) or CONTENT_KEY.match(key):
+    if BLOB_KEY.match(key) or CONTENT_KEY.match(key) or PICTURE_KEY.match(key):
         return True
     parts = key.split("/")
     return (
@@ -312,14 +345,15 @@ def collect_garbage(
     limits: Limits = DEFAULT_LIMITS,
     now: float | None = None,
 ) -> Collection:
-    """The store's orphan blobs (``verify_store``'s), each with its age; with ``apply``, remove those at
-    least ``min_age_s`` old. Removing one changes nothing a reader can see: no record names it."""
+    """The store's orphan blobs and pictures (``verify_store``'s), each with its age; with ``apply``,
+    remove those at least ``min_age_s`` old. Removing one changes nothing a reader can see: no record
+    names it."""
     report = verify_store(store, limits=limits)
     dated = unwrap(store)
     clock = time.time() if now is None else now
     found = Collection(store.uri, apply, min_age_s)
-    for sha in report.orphan_blobs:
-        key = f"blobs/sha256/{sha}.safetensors"
+    orphan_keys = [f"blobs/sha256/{sha}.safetensors" for sha in report.orphan_blobs]
+    for key in [*orphan_keys, *report.orphan_pictures]:
         try:
             age = clock - dated.modified(key) if isinstance(dated, Dated) else None
         except KeyMissing:

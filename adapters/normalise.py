@@ -204,11 +204,9 @@ def _community(
     """The base family's reading of a file in a layout only its tools write (None: not one of those)."""
     from adapters.community import read_community  # reads its tables with this module's helpers
 
-    found = read_community(tensors, architecture)
     family = find_family(architecture.family)
-    if found is None and family is not None:
-        found = family.community_lora(tensors, architecture)
-    return found
+    found = family.community_lora(tensors, architecture) if family is not None else None
+    return found if found is not None else read_community(tensors, architecture)
 
 
 def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from basemodel.families.lora_tables import CommunityLayout
@@ -330,6 +329,8 @@ class ModelFamily:
     ) -> torch.Tensor:
         """Initial noise in the denoiser's layout, row i from ``generators[i]`` (the pipelines'
         ``prepare_latents``), before ``init_noise_sigma``."""
+        from diffusers.utils.torch_utils import randn_tensor  # diffusers only when sampling
+
         shape = self.latent_shape(pipe, rows, height, width)
         return randn_tensor(shape, generator=list(generators), device=device, dtype=dtype)
 

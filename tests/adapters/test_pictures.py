@@ -92,3 +92,34 @@ def test_names_are_display_text_only() -> None:
     assert clean_name("a\u202eb\x00c\n.png", "x") == "abc.png"
     assert clean_name("C:\\evil\\", "fallback.png") == "fallback.png"
     assert len(clean_name("n" * 500, "x")) == 128
+
+
+def test_verify_checks_pictures_and_gc_collects_orphan_ones(
+    registry: Registry, store: Store, lora_bytes: bytes
+) -> None:
+    """``adapters verify`` knows the pictures' keys (they were reported as keys outside the layout),
+    checks each listed picture's bytes against its record, and ``adapters gc`` lists a picture no
+    record names (a registration that died between its pictures and its record) like an orphan blob."""
+    import time
+
+    from adapters.fsck import collect_garbage, verify_store
+
+    version = registry.register(lora_bytes, "pics-fsck", pictures=[PictureUpload(image_bytes(), "a.png")])
+    report = verify_store(store)
+    assert report.ok, report.problems
+    assert report.orphan_pictures == []
+    stray = image_bytes("PNG", color="yellow")
+    import hashlib
+
+    orphan = f"pictures/sha256/{hashlib.sha256(stray).hexdigest()}.png"
+    store.put(orphan, stray)
+    report = verify_store(store)
+    assert report.ok and report.orphan_pictures == [orphan]
+    done = collect_garbage(store, apply=True, now=time.time() + 7200)
+    assert orphan in done.removed and not store.exists(orphan)
+    assert store.exists(picture_key(version.pictures[0]))  # named by a record: kept
+    store.put(picture_key(version.pictures[0]), image_bytes("PNG", color="green"))
+    kinds = verify_store(store).kinds()
+    assert kinds == {"picture_mismatch": 1}
+    store.delete(picture_key(version.pictures[0]))
+    assert verify_store(store).kinds() == {"picture_missing": 1}

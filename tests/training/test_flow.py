@@ -297,7 +297,8 @@ def test_sd3_transformer_lora_trains_registers_and_serves(
     tensors, header = read_adapter(result.adapter_path)
     assert {k.split(".", 1)[0] for k in tensors} == {"transformer"}
     assert header["modelspec.architecture"].startswith("stable-diffusion-3")
-    assert header["ss_base_model_version"].startswith("sd3")
+    # sd-scripts' names for the variant (what readers recognise as SD3)
+    assert header["ss_base_model_version"] in get_family("sd3").interop_aliases("ss_base_model_version")
 
     sd3 = load_base_model(SD3, loraswap_home / "models", device="cpu", dtype="fp32")
     server = start_server(loader=lambda _: sd3, store=str(tmp_path / "store"))

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from basemodel.families.base import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals
 from basemodel.families.flow import FlowMatchFamily, dynamic_mu, set_flow_timesteps
@@ -186,6 +185,8 @@ class Flux(FlowMatchFamily):
         dtype: torch.dtype,
     ) -> torch.Tensor:
         """``FluxPipeline.prepare_latents``: noise on the unpacked shape, then ``_pack_latents``."""
+        from diffusers.utils.torch_utils import randn_tensor  # diffusers only when sampling
+
         h, w = self.latent_size(pipe, height, width)
         channels = self.latent_channels(pipe)
         noise = randn_tensor((rows, channels, h, w), generator=list(generators), device=device, dtype=dtype)
