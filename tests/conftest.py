@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,61 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # spin-wait for a core turn a 20 s test into minutes. Set before torch is imported anywhere.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# `make test` runs two workers (pytest -n 2 --dist loadfile --no-loadscope-reorder): each file goes whole to
+# one worker, in collection order. The files that take longest go first, so that neither worker is handed
+# a long file at the end while the other idles; the order is otherwise the usual one (a stable sort). Kept
+# by hand from the suite's --durations report (docs/benchmarks.md, "Test suite time"); a file missing from
+# the list only runs later, nothing breaks.
+LONGEST_FILES_FIRST = (
+    "tests/ray/test_fleet.py",
+    "tests/reliability/test_crash_consistency.py",
+    "tests/training/test_concept_demo.py",
+    "tests/loadtests/test_bench_sdxl.py",
+    "tests/service/test_hotswap.py",
+    "tests/basemodel/test_pretrain.py",
+    "tests/training/test_cli.py",
+    "tests/service/test_process.py",
+    "tests/training/test_checkpoint.py",
+    "tests/service/test_sdxl.py",
+    "tests/basemodel/test_tiny_and_identity.py",
+    "tests/service/test_img2img.py",
+    "tests/training/test_end_to_end.py",
+    "tests/training/test_options.py",
+    "tests/training/test_sdxl.py",
+    "tests/reliability/test_fuzz_api.py",
+    "tests/service/test_dora_serving.py",
+    "tests/loadtests/test_load_harness.py",
+    "tests/service/test_lifecycle.py",
+    "tests/service/test_lora_paths.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+# Files that share a costly session fixture go to the same worker, so that it is built once: file → the file
+# whose worker runs it too.
+SAME_WORKER_AS = {
+    "tests/training/test_serving.py": "tests/training/test_end_to_end.py",  # the `trained` run
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadfile, with the files of SAME_WORKER_AS in one work unit (None: xdist's own choice)."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER_AS.get(scope, scope)
+
+    return SharedFixtureFileScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,11 @@ from PIL import Image
 from tests.service.conftest import free_port, metric_value, wait_until
 
 
-@pytest.fixture
-def serve_process(loraswap_home: Path, tmp_path: Path) -> Any:
+@pytest.fixture(scope="module")
+def serve_process(loraswap_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One `loraswap serve` process for the module (a start is a Python-with-torch start and a model load):
+    the CLI round trip runs against it first, then the SIGTERM test, last in the file, stops it."""
+    tmp_path = tmp_path_factory.mktemp("serve-process")
     port = free_port()
     env = {**os.environ, "LORASWAP_HOME": str(loraswap_home), "LORASWAP_WARMUP": "false"}
     log = (tmp_path / "server.log").open("w")
@@ -89,7 +92,7 @@ def test_generate_cli_writes_png(serve_process: Any, tmp_path: Path) -> None:
     assert "httpx: HTTP Request: POST" in failed.stderr  # --verbose shows the libraries' logs
 
 
-def test_sigterm_finishes_in_flight_then_exits(serve_process: Any) -> None:
+def test_sigterm_finishes_in_flight_then_exits(serve_process: Any) -> None:  # stops the shared server: last
     proc, url = serve_process
     result: dict[str, Any] = {}
 
