@@ -23,6 +23,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 # by hand from the suite's --durations report (docs/benchmarks.md, "Test suite time"); a file missing from
 # the list only runs later, nothing breaks.
 LONGEST_FILES_FIRST = (
+    "tests/service/test_readme.py",
+    "tests/loadtests/test_bench_mmdit.py",
     "tests/ray/test_fleet.py",
     "tests/reliability/test_crash_consistency.py",
     "tests/training/test_concept_demo.py",
@@ -43,6 +45,11 @@ LONGEST_FILES_FIRST = (
     "tests/loadtests/test_load_harness.py",
     "tests/service/test_lifecycle.py",
     "tests/service/test_lora_paths.py",
+    "tests/training/test_flow.py",
+    "tests/ui/test_console.py",
+    "tests/service/test_embeddings.py",
+    "tests/service/test_flux.py",
+    "tests/service/test_sd3.py",
 )
 
 
