@@ -52,20 +52,25 @@ class DeviceAdapter:
         """Canonical tensors (``<module>.lora_A.weight`` / ``lora_B``, or a LyCORIS kind's roles) → layers."""
         modules: dict[str, Layer] = {}
         lycoris: dict[str, dict[str, torch.Tensor]] = {}
+        placed = torch.empty(0, device=device).device  # normalised: "cuda" → "cuda:0"
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            # tensors already in place (``materialise``'s output) skip ``.to``'s argument parsing
+            if tensor.dtype == dtype and tensor.device == placed:
+                return tensor
+            return tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
+
         for name, tensor in tensors.items():
             if name.endswith(SUFFIX_A):
                 module_name = name[: -len(SUFFIX_A)]
                 up = tensors[module_name + SUFFIX_B]
-                modules[module_name] = pair_for(
-                    targets[module_name],
-                    tensor.to(device=device, dtype=dtype, non_blocking=non_blocking),
-                    up.to(device=device, dtype=dtype, non_blocking=non_blocking),
-                )
+                modules[module_name] = pair_for(targets[module_name], move(tensor), move(up))
+                continue
+            if name.endswith(SUFFIX_B):  # built with its lora_A
                 continue
             parts = split_key(name)
             if parts is not None and ROLE_KIND[parts[1]] != "lora":
-                moved = tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
-                lycoris.setdefault(parts[0], {})[parts[1]] = moved
+                lycoris.setdefault(parts[0], {})[parts[1]] = move(tensor)
         for module_name, factors in lycoris.items():
             kind = ROLE_KIND[next(iter(factors))]
             if kind == "dora":
@@ -80,5 +85,4 @@ class DeviceAdapter:
         }
         nbytes = sum(layer.nbytes for layer in modules.values())
         nbytes += sum(t.numel() * t.element_size() for t in vectors.values())
-        placed = torch.empty(0, device=device).device  # normalised: "cuda" → "cuda:0"
         return cls(key, modules, nbytes, vectors, placed)

@@ -80,3 +80,21 @@ def test_a_non_finite_value_is_named() -> None:
         check_finite_region(files)
     assert err.value.reason == "non_finite" and err.value.detail["keys"] == ["b.lora_B.weight"]
     check_finite_region(file_views(as_buffer(safetensors.torch.save(TENSORS)), Limits())[0])
+
+
+def test_views_of_every_rank_are_contiguous_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Views are ``as_strided`` with row-major strides: 4-D conv factors, 1-D and empty tensors land on
+    their own bytes, in the file's buffer and in each converted run."""
+    odd = {
+        "c.lora_A.weight": torch.randn(4, 3, 3, 3).half(),
+        "c.lora_B.weight": torch.randn(6, 4, 1, 1).half(),
+        "d.alpha": torch.randn(1).half(),
+        "e.empty": torch.randn(0, 5).half(),
+        "f.lora_A.weight": torch.randn(2, 11).half(),
+    }
+    files, _ = file_views(as_buffer(safetensors.torch.save(odd)), Limits())
+    monkeypatch.setattr(views, "CHUNK_ELEMENTS", 7)
+    converted = files.materialise(torch.device("cpu"), torch.float32)
+    for name, tensor in odd.items():
+        for got, want in ((files.tensors[name], tensor), (converted[name], tensor.float())):
+            assert got.shape == want.shape and got.is_contiguous() and torch.equal(got, want)
