@@ -296,7 +296,7 @@ def sample_batch(
     shape = (latents.shape[0] * copies, first.height // factor, first.width // factor)
     with (
         _denoising(lora, batch, rows, shape, len(timesteps), timer),
-        interruptible(family.denoiser_module(pipe), should_stop),
+        interruptible(denoiser, should_stop),
     ):
         for index, t in enumerate(timesteps):
             if should_stop():
