@@ -24,10 +24,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from training.config import TrainConfig
-from training.objective import Noised, fixed_timesteps, weighted_mse
+from training.objective import Noised, Objective
 
 
-class FlowObjective:
+class FlowObjective(Objective):
     """Rectified flow on the base's FlowMatch schedule (velocity prediction)."""
 
     prediction_type = "flow_matching"
@@ -38,10 +38,6 @@ class FlowObjective:
         self.logit_mean = config.logit_mean
         self.logit_std = config.logit_std
         self.mode_scale = config.mode_scale
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
 
     def density(self, rows: int, generator: torch.Generator) -> torch.Tensor:
         """``compute_density_for_timestep_sampling``: ``u`` in [0, 1) per row."""
@@ -66,16 +62,6 @@ class FlowObjective:
         u = self.density(latents.shape[0], generator)
         indices = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
         return self._noised(latents, noise, indices, weighted=True)
-
-    def at(self, latents: torch.Tensor, noise: torch.Tensor, points: list[int]) -> Noised:
-        """``latents`` noised with ``noise`` at the fixed schedule indices ``points`` (validation)."""
-        return self._noised(latents, noise, torch.tensor(points, dtype=torch.long), weighted=False)
-
-    def validation_points(self, count: int) -> list[int]:
-        return fixed_timesteps(self.num_train_timesteps, count)
-
-    def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
-        return weighted_mse(prediction, noised)
 
     def _noised(
         self, latents: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor, *, weighted: bool

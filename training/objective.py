@@ -77,7 +77,33 @@ def weighted_mse(prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
     return (per_sample * noised.weights.to(per_sample.device)).mean()
 
 
-class NoiseObjective:
+class Objective:
+    """What every training objective shares: its schedule's length, validation at fixed schedule points
+    (``at``, ``validation_points``) and the (weighted) MSE; subclasses say how latents are noised."""
+
+    scheduler: Any
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def at(self, latents: torch.Tensor, noise: torch.Tensor, points: list[int]) -> Noised:
+        """``latents`` noised with ``noise`` at the fixed schedule points ``points`` (validation)."""
+        return self._noised(latents, noise, torch.tensor(points, dtype=torch.long), weighted=False)
+
+    def validation_points(self, count: int) -> list[int]:
+        return fixed_timesteps(self.num_train_timesteps, count)
+
+    def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        return weighted_mse(prediction, noised)
+
+    def _noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, points: torch.Tensor, *, weighted: bool
+    ) -> Noised:
+        raise NotImplementedError
+
+
+class NoiseObjective(Objective):
     """Noise (or v) prediction on the base's DDPM schedule."""
 
     def __init__(self, scheduler: Any, config: TrainConfig) -> None:
@@ -89,23 +115,9 @@ class NoiseObjective:
     def prediction_type(self) -> str:
         return str(self.scheduler.config.prediction_type)
 
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
-
     def draw(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
         noise, timesteps = draw_noise(latents, generator, self.noise_offset, self.num_train_timesteps)
         return self._noised(latents, noise, timesteps, weighted=True)
-
-    def at(self, latents: torch.Tensor, noise: torch.Tensor, points: list[int]) -> Noised:
-        """``latents`` noised with ``noise`` at the fixed timesteps ``points`` (validation)."""
-        return self._noised(latents, noise, torch.tensor(points, dtype=torch.long), weighted=False)
-
-    def validation_points(self, count: int) -> list[int]:
-        return fixed_timesteps(self.num_train_timesteps, count)
-
-    def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
-        return weighted_mse(prediction, noised)
 
     def _noised(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, *, weighted: bool

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 
 class LoRAPair(Protocol):
@@ -29,3 +30,15 @@ class LoRAPair(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+def conv_geometry(module: nn.Module) -> dict[str, Any] | None:
+    """A Conv2d's stride, padding, dilation and groups, as ``F.conv2d`` takes them; None for a Linear."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    return {
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+    }

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import bias_delta, module_delta
+from service.lora.layers.base import conv_geometry
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,7 @@ class DenseDelta:
         else:
             weight = module_delta(kind, kept, shape).to(dtype).contiguous()
         bias = bias_delta(kind, kept)
-        conv = None
-        if isinstance(module, nn.Conv2d):
-            conv = {
-                "stride": module.stride,
-                "padding": module.padding,
-                "dilation": module.dilation,
-                "groups": module.groups,
-            }
+        conv = conv_geometry(module)
         return cls(kind, kept, weight, bias.to(dtype) if bias is not None else None, conv)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

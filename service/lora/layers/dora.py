@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import dora_is_linear, dora_module_delta
+from service.lora.layers.base import conv_geometry
 
 CACHED_WEIGHTS = 4  # PEFT DoRA: deltas kept for this many distinct weights besides 1.0
 
@@ -51,14 +52,7 @@ class DoraDelta:
             raise TypeError(f"no DoRA layer for {type(module).__name__}")
         kept = {role: t.contiguous() for role, t in factors.items()}
         weight = dora_module_delta(kept, base).to(base.dtype).contiguous()
-        conv = None
-        if isinstance(module, nn.Conv2d):
-            conv = {
-                "stride": module.stride,
-                "padding": module.padding,
-                "dilation": module.dilation,
-                "groups": module.groups,
-            }
+        conv = conv_geometry(module)
         return cls(kept, base, weight, dora_is_linear(kept), conv)
 
     def _apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
