@@ -36,13 +36,7 @@ from torch import nn
 
 from .sdxl import (
     INIT_VERSION,
-    STORED,
-    castable,
-    initialise,
-    materialise,
-    read_weights,
-    round_to_stored,
-    skip_patterns,
+    build_component,
 )
 
 FLUX_BLOCKS = {"num_layers": 2, "num_single_layers": 4}  # Flux.1-dev: 19 double + 38 single
@@ -211,24 +205,8 @@ def build_mmdit_pipeline(
             modules[name] = module.eval()
             continue
         cast = cast_text_encoders and name in shape.text_encoders
-        materialise(module, dtype, {id(m): STORED for m in castable(module)} if cast else {})
-        if cached:
-            assert folder is not None
-            read_weights(module, folder / f"{name}.safetensors")
-        else:
-            initialise(module, generator)
-            round_to_stored(module, folder / f"{name}.safetensors" if folder is not None else None)
-        if cast:
-            from diffusers.hooks import apply_layerwise_casting
-
-            apply_layerwise_casting(
-                module,
-                storage_dtype=STORED,
-                compute_dtype=dtype,
-                skip_modules_pattern=skip_patterns(module),
-                skip_modules_classes=(nn.Embedding,),
-            )
-        modules[name] = module.to(device).eval()
+        path = folder / f"{name}.safetensors" if folder is not None else None
+        modules[name] = build_component(module, path, dtype, device, generator, cached=cached, cast=cast)
     scheduler_config = shape.configs["scheduler"]
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     pipe: Any = getattr(diffusers, shape.pipeline)(**modules, **shape.tokenizers(), scheduler=scheduler)

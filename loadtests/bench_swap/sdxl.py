@@ -104,6 +104,41 @@ SHAPES: dict[str, Callable[[], SDXLShape]] = {"sdxl": shipped_shape, "tiny-sdxl"
 # -- building ----------------------------------------------------------------------------------------
 
 
+def build_component(
+    module: nn.Module,
+    path: Path | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+    *,
+    cached: bool,
+    cast: bool,
+) -> nn.Module:
+    """One component's weights made in place on its meta skeleton: read from the fp16 cache file
+    ``path`` when ``cached``, else drawn from ``generator`` and rounded to what the cache stores (and
+    written there). ``cast``: kept in fp16 storage and computed in ``dtype`` (the text encoders of an
+    fp32 run on the CPU)."""
+    storage = {id(m): STORED for m in castable(module)} if cast else {}
+    materialise(module, dtype, storage)
+    if cached:
+        assert path is not None
+        read_weights(module, path)
+    else:
+        initialise(module, generator)
+        round_to_stored(module, path)
+    if storage:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(
+            module,
+            storage_dtype=STORED,
+            compute_dtype=dtype,
+            skip_modules_pattern=skip_patterns(module),
+            skip_modules_classes=(nn.Embedding,),
+        )
+    return module.to(device).eval()
+
+
 def build_sdxl_pipeline(
     shape: SDXLShape,
     device: torch.device,
@@ -134,27 +169,9 @@ def build_sdxl_pipeline(
         if name in TEXT_ENCODERS and not text_encoders:
             modules[name] = module.eval()
             continue
-        storage = (
-            {id(m): STORED for m in castable(module)} if cast_text_encoders and name in TEXT_ENCODERS else {}
-        )
-        materialise(module, dtype, storage)
-        if cached:
-            assert folder is not None
-            read_weights(module, folder / f"{name}.safetensors")
-        else:
-            initialise(module, generator)
-            round_to_stored(module, folder / f"{name}.safetensors" if folder is not None else None)
-        if storage:
-            from diffusers.hooks import apply_layerwise_casting
-
-            apply_layerwise_casting(
-                module,
-                storage_dtype=STORED,
-                compute_dtype=dtype,
-                skip_modules_pattern=skip_patterns(module),
-                skip_modules_classes=(nn.Embedding,),
-            )
-        modules[name] = module.to(device).eval()
+        path = folder / f"{name}.safetensors" if folder is not None else None
+        cast = cast_text_encoders and name in TEXT_ENCODERS
+        modules[name] = build_component(module, path, dtype, device, generator, cached=cached, cast=cast)
     scheduler_config = shape.configs["scheduler"]
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     tokenizer, tokenizer_2 = shape.tokenizers()
