@@ -15,7 +15,6 @@ metadata entry and the kohya/modelspec keys, atomically when given a path.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -181,30 +180,34 @@ def _parse_header(
     return header, metadata
 
 
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
 def _check_entries(entries: dict[str, Any], data_len: int) -> None:
+    """Every entry well formed, its byte span its shape's size, the spans tiling the data region.
+
+    One tight loop per entry (a cold load checks every header: SD1.5's 256 entries in ~0.1 ms)."""
     if len(entries) > MAX_TENSORS:
         raise AdapterInvalid(f"too many tensors ({len(entries)})", reason="malformed_header")
     spans: list[tuple[int, int]] = []
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
             raise AdapterInvalid(f"malformed header entry for tensor {name!r}", reason="malformed_header")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        width = SAFETENSORS_DTYPES.get(dtype) if type(dtype) is str else None
+        if width is None:
             raise AdapterInvalid(
                 f"unsupported tensor dtype {dtype} (in {name}); fp32, fp16 and bf16 are accepted",
                 reason="unsupported_dtype",
                 detail={"keys": [name], "dtypes": [str(dtype)]},
             )
-        if not (
-            isinstance(shape, list)
-            and all(type(d) is int and d >= 0 for d in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-        ):
+        count = _element_count(shape)
+        if count is None or type(offsets) is not list or len(offsets) != 2:
             raise AdapterInvalid(f"malformed shape/offsets for tensor {name!r}", reason="malformed_header")
         begin, end = offsets
-        if not 0 <= begin <= end <= data_len or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+        if type(begin) is not int or type(end) is not int:
+            raise AdapterInvalid(f"malformed shape/offsets for tensor {name!r}", reason="malformed_header")
+        if not 0 <= begin <= end <= data_len or end - begin != count * width:
             raise AdapterInvalid(
                 f"tensor {name!r} has offsets {offsets} inconsistent with its shape or the file size",
                 reason="truncated" if end > data_len else "malformed_header",
@@ -220,6 +223,18 @@ def _check_entries(entries: dict[str, Any], data_len: int) -> None:
             "tensor data does not cover the file exactly (truncated or trailing bytes)",
             reason="truncated" if position > data_len else "malformed_header",
         )
+
+
+def _element_count(shape: Any) -> int | None:
+    """The number of elements of a header's shape (a list of non-negative ints), else None."""
+    if type(shape) is not list:
+        return None
+    count = 1
+    for size in shape:
+        if type(size) is not int or size < 0:
+            return None
+        count *= size
+    return count
 
 
 def read_adapter(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from adapters.buffers import BufferPool
 from adapters.errors import AdapterCorrupt, AdapterInvalid, AdapterNotFound, StoreError
 from adapters.format import (
     DEFAULT_LIMITS,
@@ -128,11 +129,17 @@ class LoadedAdapter:
     files: FileTensors | None = None
 
     def materialise(
-        self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        non_blocking: bool = False,
+        pool: BufferPool | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region)."""
+        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region, or at once
+        into a buffer of ``pool``)."""
         if self.files is not None:
-            return self.files.materialise(device, dtype, non_blocking=non_blocking)
+            return self.files.materialise(device, dtype, non_blocking=non_blocking, pool=pool)
         return {
             k: t.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, t in self.tensors.items()
         }

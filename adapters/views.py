@@ -24,6 +24,7 @@ from pathlib import Path
 import blake3
 import torch
 
+from adapters.buffers import BufferPool
 from adapters.errors import AdapterInvalid
 from adapters.format import Limits, read_header
 from adapters.validate import check_finite
@@ -66,14 +67,19 @@ def _view(buffer: torch.Tensor) -> memoryview:
     return memoryview(buffer.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
 
 
-def read_file(path: Path, *, pin: bool = False) -> tuple[torch.Tensor, Stamp] | None:
-    """The whole file in one ``uint8`` tensor (page-locked if ``pin``) and the stamp of the file read
-    (fstat on the same handle); None when it does not exist. A file that shrinks while it is read gives
-    a buffer of the bytes read, which then fails its hash."""
+def read_file(
+    path: Path, *, pin: bool = False, pool: BufferPool | None = None
+) -> tuple[torch.Tensor, Stamp] | None:
+    """The whole file in one ``uint8`` tensor (page-locked if ``pin``, else from ``pool`` when given)
+    and the stamp of the file read (fstat on the same handle); None when it does not exist. A file that
+    shrinks while it is read gives a buffer of the bytes read, which then fails its hash."""
     try:
         with open(path, "rb", buffering=0) as fh:
             info = os.fstat(fh.fileno())
-            buffer = torch.empty(info.st_size, dtype=torch.uint8, pin_memory=pin)
+            if pool is not None and not pin:
+                buffer = pool.take(info.st_size)
+            else:
+                buffer = torch.empty(info.st_size, dtype=torch.uint8, pin_memory=pin)
             view = _view(buffer)
             done = 0
             while done < info.st_size:
@@ -107,15 +113,26 @@ class FileTensors:
     spans: dict[str, tuple[int, int, tuple[int, ...]]]
 
     def materialise(
-        self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        non_blocking: bool = False,
+        pool: BufferPool | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every tensor on ``device`` in ``dtype``: one conversion/copy per run of ``CHUNK_ELEMENTS`` of
         the region, then views of it (nothing is copied when the region already has that device and
-        dtype)."""
+        dtype). With a ``pool`` (CPU only), the whole region is converted in one copy into a buffer of
+        the pool: memory that recycled buffers have already faulted in."""
         if self.region is None:
             tensors = self.tensors.items()
             return {k: t.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, t in tensors}
         region, out = self.region, {}
+        if pool is not None and device.type == "cpu" and region.dtype != dtype:
+            size = torch.empty((), dtype=dtype).element_size()
+            converted = pool.take(region.numel() * size).view(dtype)
+            converted.copy_(region)
+            return _split(converted, self.spans)
         for start, count, group in _chunks(self.spans):
             piece = region[start : start + count].to(device=device, dtype=dtype, non_blocking=non_blocking)
             out.update(_split(piece, group, origin=start))

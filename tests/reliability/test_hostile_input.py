@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.errors import AdapterInvalid, AdapterTooLarge
 from adapters.format import DEFAULT_LIMITS, Limits, read_adapter
@@ -107,6 +109,43 @@ def test_depth_scan_ignores_brackets_in_strings_and_stops_recursion() -> None:
             loads(hostile)
     with pytest.raises(ValidationFailed, match="NaN"):
         loads(b'{"x": NaN}')
+
+
+def _depth_by_hand(text: bytes) -> tuple[int, bool]:
+    """Nesting as a JSON tokenizer reads it, char by char; stops (False) at a backslash outside a
+    string, where every parser stops."""
+    depth = best = 0
+    inside = escaped = False
+    for ch in text.decode("latin-1"):
+        if inside:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                inside = False
+        elif ch == "\\":
+            return best, False
+        elif ch == '"':
+            inside = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best, True
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(st.binary(max_size=40).map(lambda b: bytes(b'[]{}"\\a,:'[x % 9] for x in b)))
+def test_depth_scan_equals_a_tokenizer_on_quotes_and_escapes(text: bytes) -> None:
+    """The bytes-level scan (escapes dropped, then the text between quotes) is exact wherever a
+    parser reads on, and never below what a parser reads before it fails."""
+    from basemodel.jsonlimits import json_depth
+
+    want, clean = _depth_by_hand(text)
+    got = max(json_depth(text), 0)
+    assert got == want if clean else got >= want
 
 
 def test_deep_safetensors_header_is_refused_before_any_parser(adapter_bytes: bytes) -> None:

@@ -212,3 +212,50 @@ def test_disk_tier_copies_are_fsynced_file_then_folder(
     assert len(synced) == 2, synced
     assert Path(synced[0]).parent == Path(root) and Path(synced[0]).name.startswith(".tmp-")
     assert synced[1] == root
+
+
+def _storages(adapter: Any) -> set[int]:
+    """The addresses of the memory an adapter's layers read."""
+    layers = adapter.modules.values()
+    return {t.untyped_storage().data_ptr() for layer in layers for t in (layer.down, layer.up)}
+
+
+def test_cold_loads_recycle_memory_only_once_nothing_uses_it(
+    base_model: Any, manager: LoRAModelManager, lora_bytes: list[bytes], tmp_path: Path
+) -> None:
+    """A CPU cold load reuses the read buffer and converted tensors of an evicted adapter, never
+    those of one a request still holds, and loads the same values as without the pool."""
+    from safetensors.torch import load
+
+    from adapters.buffers import BufferPool
+    from service.lora.weights import DeviceAdapter
+
+    registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
+    half = [save_bytes({k: t.half() for k, t in load(data).items()}) for data in lora_bytes]  # converted
+    versions = [registry.register(data, f"a{i}") for i, data in enumerate(half)]
+    cache = make_cache(registry, manager, tmp_path, device_bytes=1 << 30)
+    assert cache.buffers is not None
+    cache.buffers = BufferPool(1 << 30, min_bytes=0)  # tiny-sd's files are under the default 1 MiB
+
+    def fresh(index: int) -> DeviceAdapter:
+        loaded = registry.open(versions[index])
+        tensors = loaded.materialise(torch.device("cpu"), torch.float32)
+        return DeviceAdapter.build("ref", tensors, manager.targets, torch.device("cpu"), torch.float32)
+
+    def same(adapter: DeviceAdapter, reference: DeviceAdapter) -> bool:
+        pairs = [(layer, reference.modules[name]) for name, layer in adapter.modules.items()]
+        return all(torch.equal(a.down, b.down) and torch.equal(a.up, b.up) for a, b in pairs)
+
+    first = cache.load_blocking(versions[0])  # a request still running with it keeps this reference
+    cache.drop(lambda _key: True)
+    second = cache.load_blocking(versions[1])
+    assert not _storages(first) & _storages(second)  # nothing of ``first`` was handed out again
+    assert same(first, fresh(0)) and same(second, fresh(1))
+    recycled = _storages(first)
+    del first  # the request is done: the memory is free
+    cache.drop(lambda _key: True)
+    third = cache.load_blocking(versions[2])
+    assert _storages(third) <= recycled | _storages(second) and _storages(third) & recycled
+    assert same(third, fresh(2))
+    assert cache.buffers.stats.taken == 6 and cache.buffers.stats.reused == 3  # 2nd, 3rd reads; 3rd copy
+    cache.close()
