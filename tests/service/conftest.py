@@ -7,12 +7,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
+from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from service.app import create_app
 
@@ -108,3 +110,15 @@ def start_server(loraswap_home: Any, base_model: Any) -> Iterator[Callable[..., 
 @pytest.fixture
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     return start_server()
+
+
+@pytest.fixture(scope="module")
+def flux(loraswap_home: Path) -> BaseModel:
+    """tiny-flux-random (Flux.1-dev-shaped, random weights), CPU fp32, once per test module."""
+    return load_base_model("tiny-flux-random", loraswap_home / "models", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def sd3(loraswap_home: Path) -> BaseModel:
+    """tiny-sd3-random (SD3.5-shaped, random weights), CPU fp32, once per test module."""
+    return load_base_model("tiny-sd3-random", loraswap_home / "models", device="cpu", dtype="fp32")

@@ -8,29 +8,17 @@ pixels. SD3's ``cfg_scale`` is its classifier-free guidance and ``distilled_cfg_
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import webuiapi
 
-from basemodel.loader import BaseModel, load_base_model
+from basemodel.loader import BaseModel
 from tests.service.test_compat_a1111 import client, native, pixels
 from tests.service.test_infotext import txt2img_from_infotext
 
 FAST = {"steps": 2, "width": 32, "height": 32, "sampler_name": "Euler", "seed": 5}
 PROMPT = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def flux(loraswap_home: Path) -> BaseModel:
-    return load_base_model("tiny-flux-random", loraswap_home / "models", device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def sd3(loraswap_home: Path) -> BaseModel:
-    return load_base_model("tiny-sd3-random", loraswap_home / "models", device="cpu", dtype="fp32")
 
 
 def forge_txt2img(api: webuiapi.WebUIApi, **body: Any) -> webuiapi.WebUIApiResult:
