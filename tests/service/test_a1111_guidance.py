@@ -8,12 +8,13 @@ pixels. SD3's ``cfg_scale`` is its classifier-free guidance and ``distilled_cfg_
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webuiapi
 
-from basemodel.loader import BaseModel
+from basemodel.loader import BaseModel, load_base_model
 from tests.service.test_compat_a1111 import client, native, pixels
 from tests.service.test_infotext import txt2img_from_infotext
 
@@ -94,3 +95,21 @@ def test_sd3_cfg_scale_is_classifier_free_guidance(start_server: Any, sd3: BaseM
     ignored = forge_txt2img(api, negative_prompt="blurry", cfg_scale=4.0, distilled_cfg_scale=9.0)
     assert ignored.parameters["distilled_cfg_scale"] == 9.0
     assert np.array_equal(pixels(ignored.image), pixels(result.image))
+
+
+def test_flux_schnell_has_no_distilled_guidance(start_server: Any, tmp_path: Path) -> None:
+    """schnell embeds no guidance: ``distilled_cfg_scale`` changes nothing and is not written, as Forge
+    leaves it out for schnell; ``cfg_scale`` without a negative prompt runs no CFG (``CFG scale: 1.0``)."""
+    from basemodel.families.flux.tiny import build_tiny_flux_pipeline
+
+    folder = tmp_path / "schnell"
+    build_tiny_flux_pipeline(schnell=True).save_pretrained(folder, safe_serialization=True)
+    schnell = load_base_model(str(folder), tmp_path / "models", device="cpu", dtype="fp32")
+    assert schnell.family.variant(schnell.pipe) == "schnell"
+    api = client(start_server(loader=lambda _: schnell))
+    default = api.txt2img(prompt=PROMPT, **FAST)
+    infotext = default.info["infotexts"][0]
+    assert "Sampler: Euler, CFG scale: 1.0, Seed: 5," in infotext and "Distilled" not in infotext
+    assert default.info["distilled_cfg_scale"] is None
+    other = forge_txt2img(api, distilled_cfg_scale=6.0)
+    assert np.array_equal(pixels(other.image), pixels(default.image))
