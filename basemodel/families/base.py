@@ -281,6 +281,12 @@ class ModelFamily:
         Default: ``guidance_scale`` (SD1.x … SDXL, SD3)."""
         return guidance_scale
 
+    def split_guidance(self, cfg_scale: float, distilled_scale: float) -> tuple[float, float]:
+        """``(guidance_scale, true_cfg_scale)`` for a classifier-free scale and a distilled-guidance value
+        given apart (Forge's ``cfg_scale`` and ``distilled_cfg_scale``). Default: CFG is
+        ``guidance_scale``; there is no distilled guidance to set."""
+        return cfg_scale, 1.0
+
     def encode(
         self,
         pipe: Any,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,30 +24,31 @@ from loadtests.faults.crash_kit import (
     Tally,
     Target,
 )
+from loadtests.loopback import port_from_log
 from service.uploads import SPOOL_PREFIX, spool_dir
 
 # -- the server scenario --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(target: Target, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``loraswap serve`` on a free loopback port, once ``/readyz`` answers 200."""
-    port = free_port()
+    """``loraswap serve`` on a loopback port it picks (``--port 0``, read from its log), once ``/readyz``
+    answers 200."""
+    offset = log.stat().st_size if log.exists() else 0  # the log is appended to across restarts
     with log.open("ab") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "serve", "--port", "0"],
             cwd=REPO,
             env=target.env(),
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        url = f"http://127.0.0.1:{port_from_log(log, proc, START_TIMEOUT_S, offset=offset)}"
+    except RuntimeError:
+        proc.kill()
+        proc.wait(30)
+        raise
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited ({proc.returncode}): {log.read_text()[-3000:]}")

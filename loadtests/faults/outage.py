@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from loadtests.faults.proxy import FaultProxy, Mode
+from loadtests.loopback import listening_socket, port_of, uvicorn_in_thread
 from loadtests.moto import moto_s3
 
 DEADLINE_SLACK_S = 3.0  # on top of the store deadline, for a loaded machine
@@ -117,17 +118,13 @@ class Server:
         self.thread.join(30)
 
 
-def start_server(settings: Any, loader: Callable[[Any], Any] | None) -> Server:
-    import uvicorn
-
+def start_server(settings: Any, loader: Callable[[Any], Any] | None, sock: socket.socket) -> Server:
+    """The app on ``sock`` (``listening_socket``, whose port ``settings.port`` names) once ready."""
     from service.app import create_app
 
     app = create_app(settings, loader=loader)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="outage-server", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
+    server, thread = uvicorn_in_thread(app, sock, name="outage-server")
+    url = f"http://127.0.0.1:{port_of(sock)}"
     deadline = time.monotonic() + 300
     with httpx.Client(base_url=url, timeout=10) as http:
         while time.monotonic() < deadline:
@@ -137,12 +134,6 @@ def start_server(settings: Any, loader: Callable[[Any], Any] | None) -> Server:
             time.sleep(0.1)
     server.should_exit = True
     raise RuntimeError("the server did not become ready within 300 s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the scenarios ----------------------------------------------------------------------------------------
@@ -300,9 +291,11 @@ def run(
         registry.register(files[1], "latest")
         host, port = endpoint.removeprefix("http://").split(":")
         proxy = stack.enter_context(FaultProxy((host, int(port))))
+        sock = listening_socket()
+        stack.callback(sock.close)  # uvicorn closes it first when it ran; a no-op then
         settings = Settings(
             home=home,
-            port=free_port(),
+            port=port_of(sock),
             warmup=False,
             device="cpu",
             store=uri,
@@ -310,7 +303,7 @@ def run(
             pinned_adapters=["pinned@1"],
             **{**plan.settings, **(settings_overrides or {})},
         )
-        server = start_server(settings, lambda _settings: model)
+        server = start_server(settings, lambda _settings: model, sock)
         stack.callback(server.stop)
         stack.callback(proxy.set_mode, "pass")  # runs first: nothing hangs the server's shutdown
         http = stack.enter_context(httpx.Client(base_url=server.url, timeout=120))

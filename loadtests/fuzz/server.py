@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,13 +21,13 @@ from typing import Any
 
 import httpx
 import torch
-import uvicorn
 
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
 from basemodel.loader import BaseModel
 from basemodel.settings import Settings
 from loadtests.fuzz.seeds import kohya_seed, serialise
+from loadtests.loopback import LOOPBACK, listening_socket, port_of, uvicorn_in_thread
 from service.app import create_app
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
@@ -62,12 +61,6 @@ class FuzzTarget:
         for adapter_id in FIXTURE_ADAPTERS:
             if self.registry.latest_version(adapter_id) is None:
                 self.registry.register(self.adapter_file, adapter_id, {"title": f"fuzz fixture {adapter_id}"})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -107,12 +100,11 @@ def moto_s3(adapter_file: bytes) -> Iterator[str]:
 
 
 @contextmanager
-def uvicorn_thread(app: Any, port: int, timeout_s: float = 120) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1:``port`` in a thread until the block ends; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="fuzz-uvicorn", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
+def uvicorn_thread(app: Any, sock: socket.socket, timeout_s: float = 120) -> Iterator[str]:
+    """Serve ``app`` on ``sock`` (``loadtests.loopback.listening_socket``) in a thread until the block
+    ends; yields the base URL."""
+    server, thread = uvicorn_in_thread(app, sock, name="fuzz-uvicorn", lifespan="auto")
+    url = f"http://{LOOPBACK}:{port_of(sock)}"
     try:
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=url, timeout=30) as http:
@@ -135,7 +127,8 @@ def fuzz_target(base: BaseModel, home: Path, **overrides: Any) -> Iterator[FuzzT
     seed = kohya_seed(identity, torch.float32)
     adapter_file = serialise(seed.tensors, seed.metadata)
     with aws_env(), moto_s3(adapter_file) as s3_url:
-        port = free_port()
+        sock = listening_socket()
+        port = port_of(sock)
         settings = Settings(
             **{
                 "home": home,
@@ -150,6 +143,6 @@ def fuzz_target(base: BaseModel, home: Path, **overrides: Any) -> Iterator[FuzzT
         )
         target = FuzzTarget("", settings, identity, Registry.from_settings(settings, identity), adapter_file)
         target.restore_fixtures()
-        with uvicorn_thread(create_app(settings, loader=lambda _: base), port) as url:
+        with uvicorn_thread(create_app(settings, loader=lambda _: base), sock) as url:
             target.url = url
             yield target

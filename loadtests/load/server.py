@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests.loopback import port_from_log
 
 LOOPBACK = "127.0.0.1"
 CUDA_ALLOCATED = "loraswap_cuda_memory_allocated_bytes"
@@ -41,12 +42,6 @@ class ServerOptions:
     request_timeout_s: float
     threads: int | None  # OMP_NUM_THREADS for the server (None: inherit)
     env: dict[str, str] = field(default_factory=dict)  # further LORASWAP_* settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def server_env(options: ServerOptions) -> dict[str, str]:
@@ -65,15 +60,19 @@ class ServerProcess:
     def __init__(self, options: ServerOptions, log_path: Path) -> None:
         self.options = options
         self.log_path = log_path
-        self.port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.port: int | None = None  # the server binds port 0; its port is read in wait_ready
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "the server's port is known once wait_ready returned"
+        return f"http://{LOOPBACK}:{self.port}"
 
     @property
     def command(self) -> list[str]:
         o = self.options
         return [
-            sys.executable, "-m", "service.cli", "serve", "--host", LOOPBACK, "--port", str(self.port),
+            sys.executable, "-m", "service.cli", "serve", "--host", LOOPBACK, "--port", "0",
             "--home", str(o.home), "--max-queue", str(o.max_queue),
             "--request-timeout", str(o.request_timeout_s),
         ]  # fmt: skip
@@ -104,6 +103,12 @@ class ServerProcess:
     def wait_ready(self, timeout_s: float = 180.0) -> float:
         """Seconds until ``/readyz`` answered 200; raises with the log's tail if it died or never did."""
         started = time.monotonic()
+        if self.port is None:
+            assert self.proc is not None, "the server is not running"
+            try:
+                self.port = port_from_log(self.log_path, self.proc, timeout_s)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
         while time.monotonic() - started < timeout_s:
             if not self.alive():
                 raise RuntimeError(f"the server exited during start-up:\n{self.log_tail()}")

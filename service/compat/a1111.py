@@ -4,7 +4,10 @@ Field names and defaults follow A1111's API models (``modules/api/models.py``, b
 ``StableDiffusionProcessing``): ``steps`` 50, ``cfg_scale`` 7.0, ``seed`` −1 (random), ``batch_size`` ×
 ``n_iter`` images with seeds ``seed + i`` (A1111's ``all_seeds``, diffusers' and loraswap's convention),
 sampler ``Euler`` when none is named. Unlike A1111's fixed 512, an absent ``width``/``height`` is the
-base model's native size (512 for SD1.5, 1024 for SDXL), as on ``/v1/generate``.
+base model's native size (512 for SD1.5, 1024 for SDXL), as on ``/v1/generate``. Flux follows Forge
+(the A1111 fork that serves it): ``distilled_cfg_scale`` (3.5) is the guidance Flux-dev embeds and
+``cfg_scale`` real classifier-free guidance — run, as diffusers' ``FluxPipeline`` runs it, only with a
+negative prompt, so a client's default ``cfg_scale`` 7 without one draws Flux's usual picture.
 
 Unknown fields are ignored, as A1111's pydantic models ignore them. Fields A1111 has and loraswap does
 not implement are ignored when they do not change the picture or only tune a sampler detail
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
 from basemodel.errors import ValidationFailed
+from basemodel.families.base import ModelFamily
 from service.compat.errors import Img2ImgUnavailable, ModelNotFound, SamplerNotFound, UnsupportedOption
 from service.engine.png import a1111_parameters
 from service.engine.progress import WorkerProgress
@@ -139,7 +143,18 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int | None = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: int | None = Field(1, ge=1, le=MAX_IMAGES, description="batch_size × n_iter ≤ 8 images.")
     steps: int | None = Field(50, ge=1, le=150)
-    cfg_scale: float | None = Field(7.0, ge=0.0, le=30.0)
+    cfg_scale: float | None = Field(
+        7.0,
+        ge=0.0,
+        le=30.0,
+        description="Classifier-free guidance (≤ 1: off). Flux: real CFG, run only with a negative prompt.",
+    )
+    distilled_cfg_scale: float | None = Field(
+        3.5,
+        ge=0.0,
+        le=30.0,
+        description="Forge's: the guidance Flux-dev embeds (its usual 3.5); ignored by the other families.",
+    )
     width: int | None = Field(None, ge=8, multiple_of=8, description="Default: the model's native size.")
     height: int | None = Field(None, ge=8, multiple_of=8, description="Default: the model's native size.")
     restore_faces: bool | None = Field(None, description="Refused when true.")
@@ -199,6 +214,7 @@ REFUSED_WHEN_SET: tuple[tuple[str, str], ...] = (
 # GenerateRequest field → the A1111 field a client would recognise in an error
 A1111_FIELD = {
     "guidance_scale": "cfg_scale",
+    "true_cfg_scale": "cfg_scale",
     "num_images": "batch_size",
     "init_image": "init_images",
     "mask_image": "mask",
@@ -260,9 +276,13 @@ def refuse_unsupported(req: Txt2ImgRequest) -> None:
             )
 
 
-def to_generate_request(req: Txt2ImgRequest, *, checkpoint_titles: set[str]) -> GenerateRequest:
+def to_generate_request(
+    req: Txt2ImgRequest, *, checkpoint_titles: set[str], family: ModelFamily
+) -> GenerateRequest:
     """The ``GenerateRequest`` this A1111 request means; refusals and validation errors name A1111's
-    fields."""
+    fields. ``cfg_scale`` and Forge's ``distilled_cfg_scale`` go where ``family`` takes them
+    (``split_guidance``): ``guidance_scale`` on SD1/SD2/SDXL/SD3; ``true_cfg_scale`` and the embedded
+    ``guidance_scale`` on Flux."""
     refuse_unsupported(req)
     check_checkpoint(
         (req.override_settings or {}).get("sd_model_checkpoint"),
@@ -279,7 +299,7 @@ def to_generate_request(req: Txt2ImgRequest, *, checkpoint_titles: set[str]) -> 
         "prompt": req.prompt or "",
         "negative_prompt": req.negative_prompt or "",
         "steps": 50 if req.steps is None else req.steps,
-        "guidance_scale": 7.0 if req.cfg_scale is None else req.cfg_scale,
+        **guidance_fields(req, family),
         "width": req.width,
         "height": req.height,
         "seed": None if req.seed in (None, -1) else req.seed,
@@ -294,6 +314,15 @@ def to_generate_request(req: Txt2ImgRequest, *, checkpoint_titles: set[str]) -> 
         problems = [{"field": a1111_field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
         message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
         raise ValidationFailed(message, detail={"errors": problems}) from None
+
+
+def guidance_fields(req: Txt2ImgRequest, family: ModelFamily) -> dict[str, float]:
+    """``guidance_scale`` and ``true_cfg_scale`` from A1111/Forge's ``cfg_scale`` (classifier-free) and
+    ``distilled_cfg_scale`` (Flux-dev's guidance embedding), both with Forge's defaults (7.0, 3.5)."""
+    cfg = 7.0 if req.cfg_scale is None else req.cfg_scale
+    distilled = 3.5 if req.distilled_cfg_scale is None else req.distilled_cfg_scale
+    guidance_scale, true_cfg_scale = family.split_guidance(cfg, distilled)
+    return {"guidance_scale": guidance_scale, "true_cfg_scale": true_cfg_scale}
 
 
 def img2img_fields(req: Img2ImgRequest) -> dict[str, Any]:
@@ -359,7 +388,8 @@ def to_response(req: Txt2ImgRequest, result: GenerationResult) -> A1111Response:
         "height": params.height,
         "sampler_name": sampler.removesuffix(" Karras"),
         "scheduler": "Karras" if sampler.endswith(" Karras") else "Automatic",
-        "cfg_scale": params.guidance_scale,
+        "cfg_scale": result.parameters["cfg_scale"],
+        "distilled_cfg_scale": result.parameters.get("distilled_cfg_scale"),
         "steps": params.steps,
         "batch_size": req.batch_size or 1,
         "restore_faces": False,

@@ -40,7 +40,8 @@ class SdapiController(Controller):
         self, data: Txt2ImgRequest, request: Request[Any, Any, Any], runtime: Runtime
     ) -> Response[Any]:
         names = a1111.checkpoint_names(checkpoint(runtime))
-        wanted = a1111.to_generate_request(data, checkpoint_titles=names)
+        family = runtime.check_ready().family
+        wanted = a1111.to_generate_request(data, checkpoint_titles=names, family=family)
         work, result = await run_generation(wanted, request, runtime)
         if result is None:
             return Response(b"", status_code=CLIENT_CLOSED)

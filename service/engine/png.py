@@ -45,14 +45,18 @@ def infotext_prompt(params: Mapping[str, Any]) -> str:
 
 def a1111_parameters(params: dict[str, Any]) -> str:
     """Render parameters in A1111's 'infotext' layout so its PNG-info tab and civitai read them, and so
-    sending it back through ``/sdapi/v1/txt2img`` draws the same image (adapters pinned to versions)."""
+    sending it back through ``/sdapi/v1/txt2img`` draws the same image (adapters pinned to versions).
+    ``CFG scale`` is the classifier-free scale that ran (1.0 on Flux without true CFG); a
+    guidance-distilled model (Flux-dev) adds Forge's ``Distilled CFG Scale`` right after it."""
     lines = [infotext_prompt(params)]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
+    distilled = params.get("distilled_cfg_scale")
     fields = [
         ("Steps", params["steps"]),
         ("Sampler", params["sampler"]),
-        ("CFG scale", params["guidance_scale"]),
+        ("CFG scale", params["cfg_scale"]),
+        *([("Distilled CFG Scale", distilled)] if distilled is not None else []),
         ("Seed", params["seed"]),
         ("Size", f"{params['width']}x{params['height']}"),
         ("Model hash", params["model_hash"][:10]),

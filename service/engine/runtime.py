@@ -343,8 +343,14 @@ class Runtime:
     def describe(self, params: SampleParams) -> dict[str, Any]:
         assert self.base is not None
         image_mode = {} if params.image is None else {"strength": params.image.strength}
-        flow = self.base.family.flow_matching
+        family = self.base.family
+        flow = family.flow_matching
         true_cfg = {"true_cfg_scale": params.true_cfg_scale} if params.true_cfg_scale != 1.0 else {}
+        # what ran, in A1111/Forge's terms: the classifier-free scale (≤ 1: none) and, on a
+        # guidance-distilled model (Flux-dev), the embedded guidance
+        distilled = (
+            {"distilled_cfg_scale": params.guidance_scale} if family.embeds_guidance(self.base.pipe) else {}
+        )
         return {
             "mode": params.mode,
             **image_mode,
@@ -355,6 +361,8 @@ class Runtime:
             "scheduler": params.scheduler,
             "guidance_scale": params.guidance_scale,
             **true_cfg,
+            "cfg_scale": params.cfg_scale(family),
+            **distilled,
             "seed": params.seed,
             "width": params.width,
             "height": params.height,

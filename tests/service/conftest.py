@@ -7,13 +7,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
+from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
+from loadtests.loopback import listening_socket, port_of, uvicorn_in_thread
 from service.app import create_app
 
 
@@ -47,6 +50,8 @@ def metric_value(url: str, name: str, **labels: str) -> float:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago — racy (another process may take it before it is bound again):
+    only for what needs a number up front (Ray Serve). Servers here take ``listening_socket``s."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -78,19 +83,18 @@ class RunningServer:
 
 @pytest.fixture
 def start_server(loraswap_home: Any, base_model: Any) -> Iterator[Callable[..., RunningServer]]:
-    """``start_server(loader=None, wait=True, **settings)`` → a running server on a free port."""
+    """``start_server(loader=None, wait=True, **settings)`` → a running server on a port the kernel picked
+    (the bound socket goes to uvicorn: no other pytest-xdist worker can be handed the same port)."""
     running: list[RunningServer] = []
 
     def start(
         loader: Callable[[Settings], Any] | None = None, wait: bool = True, **overrides: Any
     ) -> RunningServer:
-        port = free_port()
+        sock = listening_socket()
+        port = port_of(sock)
         settings = Settings(port=port, **{"home": loraswap_home, "warmup": False, **overrides})
         app = create_app(settings, loader=loader or (lambda _: base_model))
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
+        server, thread = uvicorn_in_thread(app, sock, name=f"server-{port}")
         handle = RunningServer(f"http://127.0.0.1:{port}", settings, server, thread)
         running.append(handle)
         deadline = time.monotonic() + 30
@@ -108,3 +112,15 @@ def start_server(loraswap_home: Any, base_model: Any) -> Iterator[Callable[..., 
 @pytest.fixture
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     return start_server()
+
+
+@pytest.fixture(scope="module")
+def flux(loraswap_home: Path) -> BaseModel:
+    """tiny-flux-random (Flux.1-dev-shaped, random weights), CPU fp32, once per test module."""
+    return load_base_model("tiny-flux-random", loraswap_home / "models", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def sd3(loraswap_home: Path) -> BaseModel:
+    """tiny-sd3-random (SD3.5-shaped, random weights), CPU fp32, once per test module."""
+    return load_base_model("tiny-sd3-random", loraswap_home / "models", device="cpu", dtype="fp32")

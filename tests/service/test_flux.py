@@ -5,7 +5,6 @@ one; distilled guidance vs true CFG; flow-matching samplers; T5 LoRAs and other 
 
 from __future__ import annotations
 
-import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from adapters.identity import BaseIdentity
 from adapters.registry import Registry
@@ -28,6 +26,8 @@ from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
+from tests.service import mmdit
+from tests.service.mmdit import max_diff
 from tests.service.test_hotswap import pixels
 from tests.service.test_img2img import b64, picture
 from tests.service.test_lifecycle import metric_samples, value
@@ -40,52 +40,24 @@ TARGETS = {
 
 
 @pytest.fixture(scope="module")
-def flux(loraswap_home: Path) -> BaseModel:
-    return load_base_model("tiny-flux-random", loraswap_home / "models", device="cpu", dtype="fp32")
-
-
-def peft_lora(base: BaseModel, targets: dict[str, list[str]], seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for component, names in targets.items():
-        model = copy.deepcopy(base.lora_components[component])
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=names, init_lora_weights=False)
-        inject_adapter_in_model(config, model)
-        state = get_peft_model_state_dict(model).items()
-        tensors |= {f"{component}.{k}": v.detach() * (4.0 if ".lora_B." in k else 1.0) for k, v in state}
-    return tensors
-
-
-@pytest.fixture(scope="module")
 def flux_files(flux: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """PEFT-layout Flux LoRAs: transformer + CLIP (``full``), and a second one with other weights."""
-    folder = tmp_path_factory.mktemp("flux-loras")
-    full = peft_lora(flux, TARGETS, 11)
+    full = mmdit.peft_lora(flux, TARGETS, 11)
     files = {"full": full, "other": {k: (-0.8 * v if ".lora_B." in k else v) for k, v in full.items()}}
-    for name, content in files.items():
-        (folder / f"{name}.safetensors").write_bytes(save_bytes(content))
-    return {name: folder / f"{name}.safetensors" for name in files}
+    return mmdit.save_loras(tmp_path_factory.mktemp("flux-loras"), files)
 
 
 @pytest.fixture(scope="module")
 def flux_store(flux: BaseModel, flux_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
-    registry = Registry(
-        open_store(str(tmp_path_factory.mktemp("flux-store"))), BaseIdentity.from_base_model(flux)
-    )
-    for name, path in flux_files.items():
-        registry.register(path, name)
-    return registry.store.uri
+    return mmdit.store_with(flux, flux_files, tmp_path_factory.mktemp("flux-store"))
 
 
 def generate(server: Any, **overrides: Any) -> httpx.Response:
-    with server.client() as http:
-        return http.post("/v1/generate", json={**REQUEST, **overrides})
+    return mmdit.generate(server, REQUEST, **overrides)
 
 
 def images(server: Any, **overrides: Any) -> list[np.ndarray]:
-    response = generate(server, **overrides)
-    assert response.status_code == 200, response.text
-    return [pixels(image) for image in response.json()["images"]]
+    return mmdit.images(server, REQUEST, **overrides)
 
 
 def diffusers_reference(
@@ -116,11 +88,6 @@ def diffusers_reference(
         output_type="pil",
     )
     return [np.asarray(image, dtype=np.int16) for image in result.images]
-
-
-def max_diff(ours: list[np.ndarray], theirs: list[np.ndarray]) -> int:
-    assert len(ours) == len(theirs)
-    return max(int(np.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_flux_is_detected_and_serves_like_flux_pipeline(start_server: Any, flux: BaseModel) -> None:

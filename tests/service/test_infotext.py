@@ -43,7 +43,7 @@ def txt2img_from_infotext(image: Image.Image) -> dict[str, Any]:
     assert info is not None, "sd-parsers found no generation parameters"
     (sampler,) = info.samplers
     width, height = (int(v) for v in info.metadata["Size"].split("x"))
-    return {
+    body: dict[str, Any] = {
         "prompt": info.full_prompt,
         "negative_prompt": info.full_negative_prompt,
         "sampler_name": sampler.name,
@@ -53,6 +53,9 @@ def txt2img_from_infotext(image: Image.Image) -> dict[str, Any]:
         "width": width,
         "height": height,
     }
+    if "Distilled CFG Scale" in info.metadata:  # Forge's field (Flux-dev), as Forge reads it back
+        body["distilled_cfg_scale"] = float(info.metadata["Distilled CFG Scale"])
+    return body
 
 
 def test_the_png_alone_reproduces_the_image_through_txt2img(

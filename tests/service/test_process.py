@@ -15,7 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service.conftest import free_port, metric_value, wait_until
+from loadtests.loopback import port_from_log
+from tests.service.conftest import metric_value, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +24,22 @@ def serve_process(loraswap_home: Path, tmp_path_factory: pytest.TempPathFactory)
     """One `loraswap serve` process for the module (a start is a Python-with-torch start and a model load):
     the CLI round trip runs against it first, then the SIGTERM test, last in the file, stops it."""
     tmp_path = tmp_path_factory.mktemp("serve-process")
-    port = free_port()
     env = {**os.environ, "LORASWAP_HOME": str(loraswap_home), "LORASWAP_WARMUP": "false"}
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "service.cli", "serve", "--port", "0"],  # its port is in its log
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
     proc.log_path = tmp_path / "server.log"  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
+    try:
+        url = f"http://127.0.0.1:{port_from_log(proc.log_path, proc, 90)}"
+    except RuntimeError:
+        proc.kill()
+        raise
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:

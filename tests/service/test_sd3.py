@@ -6,7 +6,6 @@ without T5; T5 LoRAs refused."""
 
 from __future__ import annotations
 
-import copy
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,15 +15,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-from adapters.identity import BaseIdentity
-from adapters.registry import Registry
-from adapters.sources import open_store
 from basemodel.loader import BaseModel, load_base_model
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
+from tests.service import mmdit
+from tests.service.mmdit import max_diff
 from tests.service.test_hotswap import pixels
 from tests.service.test_img2img import b64, picture
 from tests.service.test_lifecycle import metric_samples, value
@@ -38,57 +35,29 @@ TARGETS = {  # diffusers' train_dreambooth_lora_sd3.py targets, plus the MLP
 
 
 @pytest.fixture(scope="module")
-def sd3(loraswap_home: Path) -> BaseModel:
-    return load_base_model("tiny-sd3-random", loraswap_home / "models", device="cpu", dtype="fp32")
-
-
-def peft_lora(base: BaseModel, targets: dict[str, list[str]], seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for component, names in targets.items():
-        model = copy.deepcopy(base.lora_components[component])
-        config = LoraConfig(r=4, lora_alpha=4, target_modules=names, init_lora_weights=False)
-        inject_adapter_in_model(config, model)
-        state = get_peft_model_state_dict(model).items()
-        tensors |= {f"{component}.{k}": v.detach() * (4.0 if ".lora_B." in k else 1.0) for k, v in state}
-    return tensors
-
-
-@pytest.fixture(scope="module")
 def sd3_files(sd3: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """PEFT-layout SD3 LoRAs: transformer + both CLIPs (``full``), one on CLIP-G alone, and a second
     full one with other weights."""
-    folder = tmp_path_factory.mktemp("sd3-loras")
-    full = peft_lora(sd3, TARGETS, 11)
+    full = mmdit.peft_lora(sd3, TARGETS, 11)
     files = {
         "full": full,
         "te2": {k: v for k, v in full.items() if k.startswith("text_encoder_2.")},
         "other": {k: (-0.8 * v if ".lora_B." in k else v) for k, v in full.items()},
     }
-    for name, content in files.items():
-        (folder / f"{name}.safetensors").write_bytes(save_bytes(content))
-    return {name: folder / f"{name}.safetensors" for name in files}
+    return mmdit.save_loras(tmp_path_factory.mktemp("sd3-loras"), files)
 
 
 @pytest.fixture(scope="module")
 def sd3_store(sd3: BaseModel, sd3_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
-    registry = Registry(
-        open_store(str(tmp_path_factory.mktemp("sd3-store"))), BaseIdentity.from_base_model(sd3)
-    )
-    for name, path in sd3_files.items():
-        registry.register(path, name)
-    return registry.store.uri
+    return mmdit.store_with(sd3, sd3_files, tmp_path_factory.mktemp("sd3-store"))
 
 
 def generate(server: Any, **overrides: Any) -> httpx.Response:
-    with server.client() as http:
-        return http.post("/v1/generate", json={**REQUEST, **overrides})
+    return mmdit.generate(server, REQUEST, **overrides)
 
 
 def images(server: Any, **overrides: Any) -> list[np.ndarray]:
-    response = generate(server, **overrides)
-    assert response.status_code == 200, response.text
-    return [pixels(image) for image in response.json()["images"]]
+    return mmdit.images(server, REQUEST, **overrides)
 
 
 def diffusers_reference(
@@ -119,11 +88,6 @@ def diffusers_reference(
         output_type="pil",
     )
     return [np.asarray(image, dtype=np.int16) for image in result.images]
-
-
-def max_diff(ours: list[np.ndarray], theirs: list[np.ndarray]) -> int:
-    assert len(ours) == len(theirs)
-    return max(int(np.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_sd3_is_detected_and_serves_like_its_pipeline(start_server: Any, sd3: BaseModel) -> None:

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from basemodel.settings import Settings
+from loadtests.loopback import listening_socket, port_of, uvicorn_in_thread
 from service.app import create_app
-from tests.service.conftest import RunningServer, free_port
+from tests.service.conftest import RunningServer
 
 ADMIN = "admin-token-" + "a" * 12
 GEN = "generate-token-" + "g" * 9
@@ -42,9 +41,10 @@ def chromium_paths() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def console_server(base_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A server with both token scopes, its own store, on a free loopback port."""
+    """A server with both token scopes, its own store, on a loopback port the kernel picked."""
     home = tmp_path_factory.mktemp("console-home")
-    port = free_port()
+    sock = listening_socket()
+    port = port_of(sock)
     settings = Settings(
         port=port,
         home=home,
@@ -54,9 +54,7 @@ def console_server(base_model: Any, tmp_path_factory: pytest.TempPathFactory) ->
         generate_tokens=[GEN],
     )
     app = create_app(settings, loader=lambda _: base_model)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server, thread = uvicorn_in_thread(app, sock, name="console-server")
     handle = RunningServer(f"http://127.0.0.1:{port}", settings, server, thread)
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:

@@ -126,6 +126,11 @@ class Flux(FlowMatchFamily):
         ``guidance_scale`` is the distilled guidance, never CFG."""
         return true_cfg_scale if negative_prompt else 1.0
 
+    def split_guidance(self, cfg_scale: float, distilled_scale: float) -> tuple[float, float]:
+        """Forge's split: the distilled value is the embedded ``guidance_scale`` (schnell ignores it), the
+        CFG scale is ``true_cfg_scale`` (real CFG, run only with a negative prompt, as above)."""
+        return distilled_scale, cfg_scale
+
     def encode(
         self,
         pipe: Any,
