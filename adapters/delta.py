@@ -19,7 +19,11 @@ tensors have it folded in already, so they pass 1.0):
   ``dora_module_delta`` turns it into a dense delta against the base weight ``W`` at weight ``s``:
   kohya/LyCORIS files (``dora_scale``) follow ComfyUI, ``W + s·(W' − W)`` — linear in ``s``; PEFT
   files (``dora_magnitude``) follow PEFT's ``use_dora`` forward, the weight inside the norm:
-  ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ − W`` — one delta per distinct ``s``.
+  ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ − W`` — one delta per distinct ``s``. The parts of a fused weight
+  (``dora_group``: Flux's and SD3's qkv, Flux's ``linear1``, split by ``adapters.community``) are computed
+  as that fused weight, as ComfyUI and LyCORIS compute it on the original model: ``dora_fused_delta``
+  stacks their ``W`` and ``ΔW`` row-wise (a per-input-column norm spans every fused row), decomposes the
+  stack and splits ``D``'s rows back; ``dora_deltas`` does every DoRA module of an adapter.
 
 Every result is reshaped to the base weight's shape (a linear LoRA stored 4-D, LoHa's flattened conv
 factors). Nothing here knows about files, names or validation (``adapters.kinds`` checks shapes first).
@@ -27,15 +31,17 @@ factors). Nothing here knows about files, names or validation (``adapters.kinds`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from adapters.errors import AdapterIncompatible
-from adapters.kinds import dora_axis
+from adapters.kinds import dora_axis, dora_groups
 
 __all__ = [
     "bias_delta",
+    "dora_deltas",
+    "dora_fused_delta",
     "dora_is_linear",
     "dora_module_delta",
     "dora_weight",
@@ -194,6 +200,40 @@ def dora_module_delta(
         return _scaled(_decompose(merged.add_(base), magnitude, axis).sub_(base), scale)
     merged = merged.mul_(scale) if scale != 1.0 else merged
     return _decompose(merged.add_(base), factors["dora_magnitude"], "out").sub_(base)
+
+
+def dora_fused_delta(
+    parts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[torch.Tensor], scale: float = 1.0
+) -> list[torch.Tensor]:
+    """The dense fp32 deltas of the parts of one fused weight under one kohya/LyCORIS DoRA (``dora_scale``
+    ``[1, in]``, the same in every part): ``D`` of the fused weight ``cat(W_i)`` with ``ΔW = cat(ΔW_i)``,
+    split back at the parts' rows, at ``scale`` (ComfyUI's rule, linear)."""
+    merged = torch.cat(
+        [
+            lora_delta(part["dora_down"], part["dora_up"], tuple(weight.shape)).add_(_f32(weight))
+            for part, weight in zip(parts, weights, strict=True)
+        ]
+    )
+    base = torch.cat([_f32(weight) for weight in weights])
+    delta = _scaled(_decompose(merged, parts[0]["dora_scale"], "in").sub_(base), scale)
+    return list(torch.split(delta, [int(weight.shape[0]) for weight in weights]))
+
+
+def dora_deltas(
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    weight_of: Callable[[str], torch.Tensor],
+    scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """module → the dense fp32 delta of each of an adapter's DoRA modules at ``scale`` against the base
+    weight ``weight_of(module)``: the parts of a fused weight (``adapters.kinds.dora_groups``) together
+    (``dora_fused_delta``), every other module by itself (``dora_module_delta``)."""
+    groups = dora_groups(modules)
+    grouped = {module for members in groups.values() for module in members}
+    out = {m: dora_module_delta(f, weight_of(m), scale) for m, f in modules.items() if m not in grouped}
+    for members in groups.values():
+        deltas = dora_fused_delta([modules[m] for m in members], [weight_of(m) for m in members], scale)
+        out.update(zip(members, deltas, strict=True))
+    return out
 
 
 def bias_delta(kind: str, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
