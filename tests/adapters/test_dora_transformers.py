@@ -189,7 +189,8 @@ def _broken(name: str) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
 
 
 CASES = [
-    "fused scale of neither axis", "fused per-row scale of the parts' rows", "fused per-row scale one row short",
+    "fused scale of neither axis", "fused per-row scale of the parts' rows",
+    "fused per-row scale one row short",
     "peft magnitude of the wrong length", "inf in a fused scale", "fused dora beside a plain lora",
     "group parts that disagree on the magnitude", "group number that is no integer",
     "group beside a per-row magnitude",
