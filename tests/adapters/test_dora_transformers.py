@@ -20,6 +20,7 @@ from adapters.delta import dora_deltas
 from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.identity import BaseIdentity
 from adapters.kinds import group
+from adapters.kohya_export import to_kohya
 from adapters.normalise import normalise
 from adapters.registry import Registry
 from adapters.sources import open_store
@@ -231,3 +232,45 @@ def test_a_fused_weight_without_direction_is_refused_at_load() -> None:
     with pytest.raises(AdapterIncompatible) as caught:
         served(canonical, weights, 1.0)
     assert caught.value.reason == "dora_zero_norm"
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("file", ["kohya-in", "kohya-out", "peft"])
+def test_export_to_kohya_writes_fused_dora_exactly(name: str, file: str) -> None:
+    """``adapters convert --to kohya``: the parts of a fused module go back under its original name as one
+    DoRA (``lora_down``/``lora_up``/``dora_scale``, alpha = rank) that reads back to the same weights — a
+    PEFT file's per-row magnitudes too (at weight 1, as on SD1: kohya readers apply their own rule)."""
+    transformer, arch, sources = family(name)
+    weights = base_weights(transformer, [m for parts in sources.values() for m in parts])
+    fused = df.fused_weights(weights, sources)
+    raw = {
+        "kohya-in": lambda: df.kohya_dora(fused, lambda source: source, axis="in", seed=7),
+        "kohya-out": lambda: df.kohya_dora(fused, lambda source: source, axis="out", seed=8),
+        "peft": lambda: df.peft_dora(weights, seed=9),
+    }[file]()
+    canonical, _ = normalise(raw, arch)
+    exported = to_kohya(canonical, arch)
+    assert {k.rsplit(".", 1)[0].removesuffix(".lora_down").removesuffix(".lora_up") for k in exported} == set(
+        sources
+    )
+    assert all(f"{source}.dora_scale" in exported and f"{source}.alpha" in exported for source in sources)
+    again, info = normalise(exported, arch)
+    assert info.kind == "dora" and info.source_format == "kohya"
+    want, got = served(canonical, weights, 1.0), served(again, weights, 1.0)
+    for module in weights:
+        assert torch.allclose(got[module], want[module], rtol=1e-5, atol=1e-6), module
+
+
+def test_export_refuses_a_fused_dora_it_cannot_write_exactly() -> None:
+    """A per-column DoRA trained on diffusers' to_q / to_k / to_v separately (each normalised alone), or a
+    DoRA on part of a fused module: no one DoRA on the fused module equals it."""
+    transformer, arch, sources = family("flux")
+    qkv = sources["lora_unet_double_blocks_1_img_attn_qkv"]
+    weights = base_weights(transformer, qkv)
+    apart = df.kohya_dora(weights, lambda m: "lora_unet_" + m.removeprefix("transformer.").replace(".", "_"))
+    part = df.peft_dora({qkv[0]: weights[qkv[0]]})
+    for tensors, why in ((apart, "normalised separately"), (part, "leaves out")):
+        canonical, _ = normalise(tensors, arch)
+        with pytest.raises(AdapterInvalid) as caught:
+            to_kohya(canonical, arch)
+        assert caught.value.reason == "unsupported_conversion" and why in caught.value.message
