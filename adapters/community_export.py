@@ -98,13 +98,17 @@ def _dora_to_kohya(
             sources.setdefault(owners[path][0], {})[path] = factors
             continue
         name = text_name(module) if not module.startswith(prefix) else _plain_name(layout, owners, path)
-        out |= lycoris_to_kohya({f"{module}.{role}": t for role, t in factors.items()}, lambda _: name)
+        out |= lycoris_to_kohya({f"{module}.{role}": t for role, t in factors.items()}, _named(name))
     for source, parts in sorted(sources.items()):
         name = layout.kohya_prefix + source.replace(".", "_")
         out |= lycoris_to_kohya(
-            _fused_dora(layout.kohya[source], parts, source, layout.component), lambda _: name
+            _fused_dora(layout.kohya[source], parts, source, layout.component), _named(name)
         )
     return out
+
+
+def _named(name: str) -> Callable[[str], str]:
+    return lambda _module: name
 
 
 def _fused_dora(
