@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusion3Pipeline
 
 from adapters.identity import BaseIdentity
+from adapters.merge import MergeItem, merge_adapters
 from adapters.registry import Registry
 from adapters.sources import open_store
 from basemodel.loader import BaseModel, load_base_model
@@ -185,3 +186,17 @@ def test_mixed_batch_of_transformer_dora_and_lora_rows_equals_each_alone(
     assert float(sizes[0].split()[-1]) < float(count[0].split()[-1]), "the requests were not batched"
     for one, many in zip(alone, batched, strict=True):
         assert np.abs(pixels(one["images"][0]) - pixels(many["images"][0])).max() <= 2
+
+
+def test_merge_bakes_a_fused_dora_in(loraswap_home: Path, tmp_path: Path) -> None:
+    """``adapters merge`` of a kohya DoRA on Flux's fused modules: the merged folder's transformer holds
+    ``W'`` of the fused weights, split (merging mutates its base: a fresh one)."""
+    family = _family("flux", loraswap_home / "models")
+    registry = family.registry(tmp_path)
+    base = load_base_model(MODELS["flux"], loraswap_home / "models", device="cpu", dtype="fp32")
+    output = tmp_path / "merged"
+    merge_adapters(registry, base, [MergeItem("kohya-in", 0.6)], output, dtype="fp32", progress=False)
+    merged = dict(FluxTransformer2DModel.from_pretrained(output / "transformer").named_modules())
+    for module, want in family.reference_weights("kohya-in", 0.6).items():
+        got = merged[module.removeprefix("transformer.")].weight.detach().double()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), module
