@@ -126,12 +126,21 @@ def normalise_community(
         group.keys[role] = key
     _refuse_unknown(unknown, absent, architecture)
     layouts = {g.source.layout for g in groups.values()}
-    if layouts <= {"diffusers"}:
+    if layouts <= {"diffusers"} and not any(_unprefixed_dora(g) for g in groups.values()):
         return None
     rewritten = _rewrite(groups)
     canonical, info = normalise(rewritten, architecture, community=False)
-    source_format: SourceFormat = next(f for f in ("xlabs", "kohya", "ai-toolkit") if f in layouts)
+    formats: tuple[SourceFormat, ...] = ("xlabs", "kohya", "ai-toolkit")
+    source_format: SourceFormat = next((f for f in formats if f in layouts), "diffusers")
     return canonical, NormaliseInfo(source_format, info.ranks, info.alphas, info.dtype, info.kind)
+
+
+def _unprefixed_dora(group: _Group) -> bool:
+    """A DoRA module under a diffusers path without its component (PEFT's own state dict:
+    ``transformer_blocks.0.attn.to_q.lora_magnitude_vector``, optionally ``base_model.model.``-prefixed),
+    which ``adapters.lycoris`` does not resolve: rewritten here under ``<component>.``."""
+    dora = PEFT_MAGNITUDE in group.tensors or "dora_scale" in group.tensors
+    return dora and not group.source.name.startswith(f"{group.source.component}.")
 
 
 def _refuse(tensors: Mapping[str, torch.Tensor], layout: CommunityLayout) -> None:
@@ -181,6 +190,7 @@ class _Resolver:
         self.text = _kohya_table(architecture)
 
     def resolve(self, stem: str) -> _Source | None:
+        stem = stem.removeprefix("base_model.model.")  # a PeftModel's own state dict
         for prefix in (self.layout.kohya_prefix, f"lora_{self.component}_"):  # sd-scripts; "mixture" files
             if stem.startswith(prefix):
                 targets = self.kohya.get(stem.removeprefix(prefix))

@@ -110,6 +110,13 @@ def test_peft_dora_with_diffusers_names_follows_peft(name: str) -> None:
         got = served(canonical, weights, s)
         for module, want in reference.items():
             assert torch.allclose(got[module], want, rtol=1e-5, atol=1e-6), (module, s)
+    # PEFT's own state dict (no component; a PeftModel's with ``base_model.model.``): the same adapter
+    for prefix in ("", "base_model.model."):
+        renamed = {prefix + k.removeprefix("transformer."): v for k, v in raw.items()}
+        again, info = normalise(renamed, arch)
+        assert info.kind == "dora" and info.source_format == "diffusers"
+        assert again.keys() == canonical.keys()
+        assert all(torch.equal(again[k], canonical[k]) for k in canonical)
 
 
 def test_peft_dora_on_fused_original_names_splits_by_rows() -> None:
