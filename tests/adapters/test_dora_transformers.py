@@ -281,3 +281,23 @@ def test_export_refuses_a_fused_dora_it_cannot_write_exactly() -> None:
         with pytest.raises(AdapterInvalid) as caught:
             to_kohya(canonical, arch)
         assert caught.value.reason == "unsupported_conversion" and why in caught.value.message
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_kohya_dora_on_the_final_adaln_follows_its_swapped_halves(name: str, axis: str) -> None:
+    """``final_layer.adaLN_modulation.1`` is ``shift, scale`` in the original model and ``scale, shift`` in
+    diffusers' ``norm_out.linear``: the DoRA of the original weight, its halves swapped back."""
+    transformer, arch, _ = family(name)
+    module = "transformer.norm_out.linear"
+    weight = base_weights(transformer, [module])[module]
+    half = weight.shape[0] // 2
+    original = torch.cat([weight[half:], weight[:half]])  # shift, scale
+    source = "lora_unet_final_layer_adaLN_modulation_1"
+    raw = df.kohya_dora({source: original}, lambda s: s, axis=axis, seed=10)
+    canonical, _ = normalise(raw, arch)
+    for s in (1.0, 0.5):
+        dora = df.reference_weights(raw, {source: original}, s, lambda s: s)[source]
+        want = torch.cat([dora[half:], dora[:half]])
+        got = served(canonical, {module: weight}, s)[module]
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), s
