@@ -38,13 +38,13 @@ from tests.adapters.conftest import save_bytes
 
 
 @cache
-def flux() -> tuple[nn.Module, Architecture]:
+def flux() -> tuple[Any, Architecture]:
     transformer = flux_transformer(TINY_FLUX)
     return transformer, architecture("flux", transformer, {"text_encoder": clip()})
 
 
 @cache
-def sd3() -> tuple[nn.Module, Architecture]:
+def sd3() -> tuple[Any, Architecture]:
     transformer = sd3_transformer(TINY_SD35)
     encoders = {"text_encoder": clip(), "text_encoder_2": clip(projection=True, seed=1)}
     return transformer, architecture("sd3", transformer, encoders)
