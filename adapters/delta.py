@@ -31,7 +31,7 @@ factors). Nothing here knows about files, names or validation (``adapters.kinds`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -223,17 +223,20 @@ def dora_deltas(
     modules: Mapping[str, Mapping[str, torch.Tensor]],
     weight_of: Callable[[str], torch.Tensor],
     scale: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """module → the dense fp32 delta of each of an adapter's DoRA modules at ``scale`` against the base
-    weight ``weight_of(module)``: the parts of a fused weight (``adapters.kinds.dora_groups``) together
-    (``dora_fused_delta``), every other module by itself (``dora_module_delta``)."""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module, its dense fp32 delta at ``scale`` against the base weight ``weight_of(module)``) for each
+    of an adapter's DoRA modules, one module (or one fused weight) at a time so that a caller keeping
+    them in another dtype never holds them all in fp32: the parts of a fused weight
+    (``adapters.kinds.dora_groups``) together (``dora_fused_delta``), every other module by itself
+    (``dora_module_delta``)."""
     groups = dora_groups(modules)
     grouped = {module for members in groups.values() for module in members}
-    out = {m: dora_module_delta(f, weight_of(m), scale) for m, f in modules.items() if m not in grouped}
+    for module, factors in modules.items():
+        if module not in grouped:
+            yield module, dora_module_delta(factors, weight_of(module), scale)
     for members in groups.values():
         deltas = dora_fused_delta([modules[m] for m in members], [weight_of(m) for m in members], scale)
-        out.update(zip(members, deltas, strict=True))
-    return out
+        yield from zip(members, deltas, strict=True)
 
 
 def bias_delta(kind: str, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:

@@ -121,10 +121,12 @@ def merge_adapters(
                     f"{version.ref} adapts {module}, which the base model lacks", reason="modules_absent"
                 )
         # against the base weights as loaded: no adapter has been added yet (fused parts together)
-        dora = dora_deltas(
-            {m: f for m, f in modules.items() if ROLE_KIND[next(iter(f))] == "dora"},
-            lambda m: targets[m].weight.detach(),
-            scale,
+        dora = dict(
+            dora_deltas(
+                {m: f for m, f in modules.items() if ROLE_KIND[next(iter(f))] == "dora"},
+                lambda m: targets[m].weight.detach(),
+                scale,
+            )
         )
         for module, factors in modules.items():
             target = targets[module]

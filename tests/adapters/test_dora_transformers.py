@@ -65,7 +65,7 @@ def served(canonical: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
     modules, stray = group(canonical)
     assert not stray
     deltas = dora_deltas(modules, lambda m: weights[m], s)
-    return {m: weights[m].double() + d.double() for m, d in deltas.items()}
+    return {m: weights[m].double() + d.double() for m, d in deltas}
 
 
 @pytest.mark.parametrize("name", ["flux", "sd3"])

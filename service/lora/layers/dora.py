@@ -132,5 +132,6 @@ def dora_layers(
         assert isinstance(base, torch.Tensor)
         return base.detach()
 
-    deltas = dora_deltas(modules, base_of)
-    return {m: DoraDelta.build(targets[m], f, base_of(m), deltas[m]) for m, f in modules.items()}
+    return {
+        m: DoraDelta.build(targets[m], modules[m], base_of(m), d) for m, d in dora_deltas(modules, base_of)
+    }
