@@ -167,8 +167,17 @@ def dora_weight(
 
 def _decompose(merged: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torch.Tensor:
     """``dora_weight`` on ``merged = W + ΔW`` (fp32, a tensor of the caller's that is scaled in place)."""
+    return merged.mul_(_direction_scale(_axis_norm(merged, axis), magnitude))
+
+
+def _axis_norm(merged: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖merged‖ per output row (``out``) or per input column (``in``, over the rows and the kernel)."""
     dims = tuple(range(1, merged.dim())) if axis == "out" else (0, *range(2, merged.dim()))
-    norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
+    return torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
+
+
+def _direction_scale(norm: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """``m / (‖W + ΔW‖ + eps)`` (``norm`` is consumed); a zero or non-finite norm is refused."""
     if not bool(torch.isfinite(norm).all()) or bool((norm == 0).any()):
         raise AdapterIncompatible(
             "a DoRA module's W + ΔW has a zero or non-finite norm along its magnitude's axis, so its "
@@ -176,7 +185,7 @@ def _decompose(merged: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torc
             reason="dora_zero_norm",
             hint="The file does not fit this base model's weights; check it was trained on this base.",
         )
-    return merged.mul_(_f32(magnitude).reshape(norm.shape) / norm.add_(DORA_EPS))
+    return _f32(magnitude).reshape(norm.shape) / norm.add_(DORA_EPS)
 
 
 def dora_is_linear(factors: Mapping[str, torch.Tensor]) -> bool:
@@ -207,16 +216,16 @@ def dora_fused_delta(
 ) -> list[torch.Tensor]:
     """The dense fp32 deltas of the parts of one fused weight under one kohya/LyCORIS DoRA (``dora_scale``
     ``[1, in]``, the same in every part): ``D`` of the fused weight ``cat(W_i)`` with ``ΔW = cat(ΔW_i)``,
-    split back at the parts' rows, at ``scale`` (ComfyUI's rule, linear)."""
-    merged = torch.cat(
-        [
-            lora_delta(part["dora_down"], part["dora_up"], tuple(weight.shape)).add_(_f32(weight))
-            for part, weight in zip(parts, weights, strict=True)
-        ]
-    )
-    base = torch.cat([_f32(weight) for weight in weights])
-    delta = _scaled(_decompose(merged, parts[0]["dora_scale"], "in").sub_(base), scale)
-    return list(torch.split(delta, [int(weight.shape[0]) for weight in weights]))
+    split back at the parts' rows, at ``scale`` (ComfyUI's rule, linear). The fused column norm is
+    ``sqrt(Σ ‖W_i + ΔW_i‖²)`` over the parts, so nothing of the fused size is copied."""
+    bases = [_f32(weight) for weight in weights]
+    merged = [
+        lora_delta(part["dora_down"], part["dora_up"], tuple(weight.shape)).add_(base)
+        for part, weight, base in zip(parts, weights, bases, strict=True)
+    ]
+    norm = torch.stack([_axis_norm(v, "in") for v in merged]).square_().sum(0).sqrt_()
+    factor = _direction_scale(norm, parts[0]["dora_scale"])
+    return [_scaled(v.mul_(factor).sub_(base), scale) for v, base in zip(merged, bases, strict=True)]
 
 
 def dora_deltas(
