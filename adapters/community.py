@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.errors import AdapterIncompatible, AdapterInvalid
-from adapters.kinds import LYCORIS_ROLES, ROLE_KIND
+from adapters.kinds import LYCORIS_ROLES, MAX_DORA_GROUPS, ROLE_KIND, dora_axis
 from adapters.metadata import SourceFormat
 from adapters.normalise import (
     NormaliseInfo,
@@ -49,7 +49,12 @@ from basemodel.families import ModelFamily, find_family, label_of
 from basemodel.families.lora_tables import CommunityLayout, Rows, Target
 from basemodel.fingerprint import Architecture
 
+PEFT_MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA magnitude: one per output row
 ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    *(
+        (f".{PEFT_MAGNITUDE}{tail}", PEFT_MAGNITUDE)
+        for tail in (".default.weight", ".default", ".weight", "")
+    ),
     (".lora_down.weight", "lora_A.weight"),
     (".lora_up.weight", "lora_B.weight"),
     (".lora_A.default.weight", "lora_A.weight"),
@@ -65,7 +70,12 @@ ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
 )
 DIFFUSION_MODEL = ("model.diffusion_model.", "diffusion_model.")
 GENERIC_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
-ROW_FACTORS = {"lora": ("lora_B.weight",), "loha": ("hada_w1_a", "hada_w2_a"), "full": ("diff", "diff_b")}
+ROW_FACTORS = {
+    "lora": ("lora_B.weight",),
+    "loha": ("hada_w1_a", "hada_w2_a"),
+    "full": ("diff", "diff_b"),
+    "dora": ("lora_B.weight", PEFT_MAGNITUDE),  # and a per-row dora_scale (``_row_roles``)
+}
 
 
 @dataclass(frozen=True)
@@ -116,12 +126,21 @@ def normalise_community(
         group.keys[role] = key
     _refuse_unknown(unknown, absent, architecture)
     layouts = {g.source.layout for g in groups.values()}
-    if layouts <= {"diffusers"}:
+    if layouts <= {"diffusers"} and not any(_unprefixed_dora(g) for g in groups.values()):
         return None
     rewritten = _rewrite(groups)
     canonical, info = normalise(rewritten, architecture, community=False)
-    source_format: SourceFormat = next(f for f in ("xlabs", "kohya", "ai-toolkit") if f in layouts)
+    formats: tuple[SourceFormat, ...] = ("xlabs", "kohya", "ai-toolkit")
+    source_format: SourceFormat = next((f for f in formats if f in layouts), "diffusers")
     return canonical, NormaliseInfo(source_format, info.ranks, info.alphas, info.dtype, info.kind)
+
+
+def _unprefixed_dora(group: _Group) -> bool:
+    """A DoRA module under a diffusers path without its component (PEFT's own state dict:
+    ``transformer_blocks.0.attn.to_q.lora_magnitude_vector``, optionally ``base_model.model.``-prefixed),
+    which ``adapters.lycoris`` does not resolve: rewritten here under ``<component>.``."""
+    dora = PEFT_MAGNITUDE in group.tensors or "dora_scale" in group.tensors
+    return dora and not group.source.name.startswith(f"{group.source.component}.")
 
 
 def _refuse(tensors: Mapping[str, torch.Tensor], layout: CommunityLayout) -> None:
@@ -171,6 +190,7 @@ class _Resolver:
         self.text = _kohya_table(architecture)
 
     def resolve(self, stem: str) -> _Source | None:
+        stem = stem.removeprefix("base_model.model.")  # a PeftModel's own state dict
         for prefix in (self.layout.kohya_prefix, f"lora_{self.component}_"):  # sd-scripts; "mixture" files
             if stem.startswith(prefix):
                 targets = self.kohya.get(stem.removeprefix(prefix))
@@ -242,11 +262,15 @@ def _rewrite(groups: Mapping[str, _Group]) -> dict[str, torch.Tensor]:
     """Every source module's tensors → ``<component>.<target>.<role>`` (+ ``.alpha``) per target."""
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}
+    fused = 0  # the next dora_group number
     for group in groups.values():
         kind = _kind_of(group)
         alpha = group.tensors.get("alpha")
-        factors = {r: t for r, t in group.tensors.items() if r != "alpha"}
+        factors = {r: t for r, t in group.tensors.items() if r not in ("alpha", "dora_group")}
         _check_rows(group, kind, factors)
+        if len(group.source.targets) > 1 and _dora_axis(kind, factors) == "in":
+            factors["dora_group"] = _dora_group(fused, factors["lora_A.weight"], group.source.name)
+            fused += 1
         for target in group.source.targets:
             module = f"{group.source.component}.{target.module}"
             if module in owner:
@@ -263,8 +287,22 @@ def _rewrite(groups: Mapping[str, _Group]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _dora_group(number: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """The ``dora_group`` of the parts of a fused module whose DoRA norm is per input column: its column
+    norm spans every part's rows, so the parts are decomposed together at load (``adapters.delta``)."""
+    if number >= MAX_DORA_GROUPS:
+        raise AdapterInvalid(
+            f"module {name} is the {number + 1}th fused module with a per-column DoRA magnitude; at most "
+            f"{MAX_DORA_GROUPS} are supported",
+            reason="bad_dora_group",
+        )
+    return torch.tensor(float(number), dtype=like.dtype)
+
+
 def _kind_of(group: _Group) -> str:
-    kinds = {("lora" if r.startswith("lora_") else ROLE_KIND[r]) for r in group.tensors if r != "alpha"}
+    kinds = {_role_kind(r) for r in group.tensors if r != "alpha"}
+    if kinds == {"lora", "dora"}:  # a LoRA's halves beside a DoRA magnitude
+        kinds = {"dora"}
     if "lora" in kinds and "diff_b" in group.tensors:
         raise AdapterInvalid(
             f"module {group.source.name} has a bias diff (diff_b) beside its LoRA weights: a bias change is "
@@ -282,6 +320,26 @@ def _kind_of(group: _Group) -> str:
     return kinds.pop()
 
 
+def _role_kind(role: str) -> str:
+    if role == PEFT_MAGNITUDE:
+        return "dora"
+    return "lora" if role.startswith("lora_") else ROLE_KIND[role]
+
+
+def _row_roles(kind: str, factors: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The factors whose rows are ΔW's rows: a DoRA's per-row ``dora_scale`` ``[out, 1]`` too (a
+    per-column ``[1, in]`` one belongs to every row)."""
+    return (*ROW_FACTORS[kind], "dora_scale") if _dora_axis(kind, factors) == "out" else ROW_FACTORS[kind]
+
+
+def _dora_axis(kind: str, factors: Mapping[str, torch.Tensor]) -> str | None:
+    """The axis of a kohya/LyCORIS DoRA's ``dora_scale`` on its (fused) source weight (None: none)."""
+    scale, down, up = (factors.get(r) for r in ("dora_scale", "lora_A.weight", "lora_B.weight"))
+    if kind != "dora" or scale is None or down is None or up is None or down.dim() < 2 or up.dim() < 1:
+        return None
+    return dora_axis(tuple(scale.shape), (int(up.shape[0]), *(int(d) for d in down.shape[1:])))
+
+
 def _source_rows(kind: str, factors: Mapping[str, torch.Tensor]) -> int | None:
     """The number of rows of the source's ΔW as every factor that gets sliced says it (None: they
     disagree, or one is a scalar)."""
@@ -291,7 +349,8 @@ def _source_rows(kind: str, factors: Mapping[str, torch.Tensor]) -> int | None:
         if w1 is None or w1.dim() == 0 or not block:
             return None
         return int(w1.shape[0]) * block
-    counts = {int(t.shape[0]) if t.dim() else -1 for r, t in factors.items() if r in ROW_FACTORS[kind]}
+    rows = _row_roles(kind, factors)
+    counts = {int(t.shape[0]) if t.dim() else -1 for r, t in factors.items() if r in rows}
     return counts.pop() if len(counts) == 1 and -1 not in counts else None
 
 
@@ -300,6 +359,14 @@ def _check_rows(group: _Group, kind: str, factors: Mapping[str, torch.Tensor]) -
     if all(t.rows is None for t in targets):
         return
     want = max(end for t in targets for _, end in (t.rows or ()))
+    scale = factors.get("dora_scale")
+    if scale is not None and _dora_axis(kind, factors) is None:
+        raise AdapterIncompatible(
+            f"module {group.source.name} has a dora_scale {list(scale.shape)}, which fits neither [1, in] "
+            f"(per input column) nor [{want}, 1] (per output row) of the fused weight its LoRA halves give",
+            reason="shape_mismatch",
+            detail={"modules": {group.source.name: f"dora_scale {list(scale.shape)}"}},
+        )
     have = _source_rows(kind, factors)
     if have != want:
         parts = ", ".join(f"{t.module} {t.out_rows()}" for t in targets)
@@ -338,7 +405,7 @@ def _rows(
             reason="unsplittable_adapter",
         )
     out = dict(factors)
-    for role in ROW_FACTORS[kind]:
+    for role in _row_roles(kind, factors):
         if role in factors:
             out[role] = torch.cat([factors[role][start:end] for start, end in rows]).contiguous()
     return out

@@ -19,7 +19,11 @@ tensors have it folded in already, so they pass 1.0):
   ``dora_module_delta`` turns it into a dense delta against the base weight ``W`` at weight ``s``:
   kohya/LyCORIS files (``dora_scale``) follow ComfyUI, ``W + s·(W' − W)`` — linear in ``s``; PEFT
   files (``dora_magnitude``) follow PEFT's ``use_dora`` forward, the weight inside the norm:
-  ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ − W`` — one delta per distinct ``s``.
+  ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖ − W`` — one delta per distinct ``s``. The parts of a fused weight
+  (``dora_group``: Flux's and SD3's qkv, Flux's ``linear1``, split by ``adapters.community``) are computed
+  as that fused weight, as ComfyUI and LyCORIS compute it on the original model: ``dora_fused_delta``
+  stacks their ``W`` and ``ΔW`` row-wise (a per-input-column norm spans every fused row), decomposes the
+  stack and splits ``D``'s rows back; ``dora_deltas`` does every DoRA module of an adapter.
 
 Every result is reshaped to the base weight's shape (a linear LoRA stored 4-D, LoHa's flattened conv
 factors). Nothing here knows about files, names or validation (``adapters.kinds`` checks shapes first).
@@ -27,15 +31,17 @@ factors). Nothing here knows about files, names or validation (``adapters.kinds`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from adapters.errors import AdapterIncompatible
-from adapters.kinds import dora_axis
+from adapters.kinds import dora_axis, dora_groups
 
 __all__ = [
     "bias_delta",
+    "dora_deltas",
+    "dora_fused_delta",
     "dora_is_linear",
     "dora_module_delta",
     "dora_weight",
@@ -161,8 +167,17 @@ def dora_weight(
 
 def _decompose(merged: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torch.Tensor:
     """``dora_weight`` on ``merged = W + ΔW`` (fp32, a tensor of the caller's that is scaled in place)."""
+    return merged.mul_(_direction_scale(_axis_norm(merged, axis), magnitude))
+
+
+def _axis_norm(merged: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖merged‖ per output row (``out``) or per input column (``in``, over the rows and the kernel)."""
     dims = tuple(range(1, merged.dim())) if axis == "out" else (0, *range(2, merged.dim()))
-    norm = torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
+    return torch.linalg.vector_norm(merged, dim=dims, keepdim=True)
+
+
+def _direction_scale(norm: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """``m / (‖W + ΔW‖ + eps)`` (``norm`` is consumed); a zero or non-finite norm is refused."""
     if not bool(torch.isfinite(norm).all()) or bool((norm == 0).any()):
         raise AdapterIncompatible(
             "a DoRA module's W + ΔW has a zero or non-finite norm along its magnitude's axis, so its "
@@ -170,7 +185,7 @@ def _decompose(merged: torch.Tensor, magnitude: torch.Tensor, axis: str) -> torc
             reason="dora_zero_norm",
             hint="The file does not fit this base model's weights; check it was trained on this base.",
         )
-    return merged.mul_(_f32(magnitude).reshape(norm.shape) / norm.add_(DORA_EPS))
+    return _f32(magnitude).reshape(norm.shape) / norm.add_(DORA_EPS)
 
 
 def dora_is_linear(factors: Mapping[str, torch.Tensor]) -> bool:
@@ -194,6 +209,43 @@ def dora_module_delta(
         return _scaled(_decompose(merged.add_(base), magnitude, axis).sub_(base), scale)
     merged = merged.mul_(scale) if scale != 1.0 else merged
     return _decompose(merged.add_(base), factors["dora_magnitude"], "out").sub_(base)
+
+
+def dora_fused_delta(
+    parts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[torch.Tensor], scale: float = 1.0
+) -> list[torch.Tensor]:
+    """The dense fp32 deltas of the parts of one fused weight under one kohya/LyCORIS DoRA (``dora_scale``
+    ``[1, in]``, the same in every part): ``D`` of the fused weight ``cat(W_i)`` with ``ΔW = cat(ΔW_i)``,
+    split back at the parts' rows, at ``scale`` (ComfyUI's rule, linear). The fused column norm is
+    ``sqrt(Σ ‖W_i + ΔW_i‖²)`` over the parts, so nothing of the fused size is copied."""
+    bases = [_f32(weight) for weight in weights]
+    merged = [
+        lora_delta(part["dora_down"], part["dora_up"], tuple(weight.shape)).add_(base)
+        for part, weight, base in zip(parts, weights, bases, strict=True)
+    ]
+    norm = torch.stack([_axis_norm(v, "in") for v in merged]).square_().sum(0).sqrt_()
+    factor = _direction_scale(norm, parts[0]["dora_scale"])
+    return [_scaled(v.mul_(factor).sub_(base), scale) for v, base in zip(merged, bases, strict=True)]
+
+
+def dora_deltas(
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    weight_of: Callable[[str], torch.Tensor],
+    scale: float = 1.0,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module, its dense fp32 delta at ``scale`` against the base weight ``weight_of(module)``) for each
+    of an adapter's DoRA modules, one module (or one fused weight) at a time so that a caller keeping
+    them in another dtype never holds them all in fp32: the parts of a fused weight
+    (``adapters.kinds.dora_groups``) together (``dora_fused_delta``), every other module by itself
+    (``dora_module_delta``)."""
+    groups = dora_groups(modules)
+    grouped = {module for members in groups.values() for module in members}
+    for module, factors in modules.items():
+        if module not in grouped:
+            yield module, dora_module_delta(factors, weight_of(module), scale)
+    for members in groups.values():
+        deltas = dora_fused_delta([modules[m] for m in members], [weight_of(m) for m in members], scale)
+        yield from zip(members, deltas, strict=True)
 
 
 def bias_delta(kind: str, factors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:

@@ -23,7 +23,12 @@ in·kh·kw`` (``in`` for a Linear):
   one magnitude: ``dora_scale`` (kohya/LyCORIS files: ``[1, in(, 1, 1)]`` — one norm per input column,
   LyCORIS' default — or ``[out, 1(, 1, 1)]`` with ``wd_on_out``; the shape names the axis) or
   ``dora_magnitude`` ``[out]`` (PEFT's ``lora_magnitude_vector``: one norm per output row). Which of the
-  two a module holds also names its weight rule (``adapters.delta.dora_module_delta``).
+  two a module holds also names its weight rule (``adapters.delta.dora_module_delta``). A module that is
+  part of a fused original (Flux's and SD3's qkv, Flux's ``linear1``; ``adapters.community`` splits
+  them) with a per-input-column ``dora_scale`` also holds ``dora_group``, a scalar: the modules with the
+  same value are the parts of one fused weight, whose column norm spans all of their rows
+  (``adapters.delta.dora_deltas``; per-row magnitudes split exactly and need none). Group numbers are
+  small integers (``0 ≤ n < MAX_DORA_GROUPS``: exact in fp16 and bf16).
 
 A module with no rank (full diffs, LoKr of full factors) reports the rank of its ΔW's shape
 (``min(out, flat)``) in the metadata; ``max_rank`` bounds only real low ranks (the file size limit
@@ -53,7 +58,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "full": ("diff", "diff_b"),
-    "dora": ("dora_down", "dora_up", "dora_scale", "dora_magnitude"),
+    "dora": ("dora_down", "dora_up", "dora_scale", "dora_magnitude", "dora_group"),
 }
 LYCORIS_KINDS = ("loha", "lokr", "full", "dora")
 ROLE_KIND: dict[str, str] = {role: kind for kind, roles in ROLES.items() for role in roles}
@@ -73,6 +78,7 @@ CANONICAL_KEY = re.compile(
 )
 
 Shape = tuple[int, ...]
+MAX_DORA_GROUPS = 256  # integers below this are exact in bf16, the narrowest dtype a file is stored in
 
 
 class ShapeProblem(ValueError):
@@ -281,7 +287,43 @@ def _dora(factors: Mapping[str, torch.Tensor], base: Shape | None) -> tuple[int,
         )
     if magnitude is not None and magnitude != (weight[0],):
         raise ShapeProblem(f"dora_magnitude {list(magnitude)}, expected [{weight[0]}] (one per output row)")
+    group = _shape(factors, "dora_group")
+    if group is not None and (group not in ((), (1,)) or scale is None or dora_axis(scale, weight) != "in"):
+        raise ShapeProblem(
+            f"dora_group {list(group)}: a scalar, only beside a per-input-column dora_scale [1, {weight[1]}]"
+        )
     return rank, weight
+
+
+def dora_groups(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[int, list[str]]:
+    """DoRA modules that are parts of one fused weight (``dora_group``): group number → its modules, in
+    name order. ``StructureProblem`` for a number that is not a small integer, parts whose weights
+    cannot be stacked (another input width or kernel) or that disagree on the fused weight's magnitude."""
+    groups: dict[int, list[str]] = {}
+    for module in sorted(modules):
+        tensor = modules[module].get("dora_group")
+        if tensor is None:
+            continue
+        value = float(tensor.detach().reshape(()).float())
+        if not (value.is_integer() and 0 <= value < MAX_DORA_GROUPS):
+            raise StructureProblem(
+                f"dora_group of {module} is {value}; group numbers are integers in [0, {MAX_DORA_GROUPS})"
+            )
+        groups.setdefault(int(value), []).append(module)
+    for members in groups.values():
+        columns = {tuple(modules[m]["dora_down"].shape[1:]) for m in members}
+        if len(columns) != 1:
+            raise StructureProblem(
+                f"DoRA modules {', '.join(members)} share a dora_group but not an input width "
+                f"({sorted(list(c) for c in columns)}), so they are no parts of one fused weight"
+            )
+        first = modules[members[0]]["dora_scale"]
+        if not all(torch.equal(modules[m]["dora_scale"], first) for m in members[1:]):
+            raise StructureProblem(
+                f"DoRA modules {', '.join(members)} share a dora_group but not their dora_scale (the fused "
+                "weight's one magnitude)"
+            )
+    return groups
 
 
 def reported_rank(rank: int | None, shape: Shape) -> int:

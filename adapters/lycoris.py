@@ -173,7 +173,14 @@ def _as_dora(parts: _Module) -> None:
     """A module with a DoRA magnitude: its LoRA halves become ``dora_down`` / ``dora_up``."""
     if not any(role in parts.tensors for role in DORA_MAGNITUDES):
         return
-    other = sorted(set(parts.tensors) - {*DORA_MAGNITUDES, *DORA_HALVES, "alpha"})
+    known = {
+        *DORA_MAGNITUDES,
+        *DORA_HALVES,
+        *DORA_HALVES.values(),
+        "dora_group",
+        "alpha",
+    }  # file or canonical
+    other = sorted(set(parts.tensors) - known)
     if other:
         raise AdapterInvalid(
             f"DoRA on a LoHa/LoKr/full module is not supported (keys {parts.keys[other[0]]} beside a "

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from adapters.delta import bias_delta, dora_module_delta, module_delta
+from adapters.delta import bias_delta, dora_deltas, module_delta
 from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.kinds import ROLE_KIND, group
 from adapters.metadata import check_scale
@@ -114,15 +114,25 @@ def merge_adapters(
             )
         scale = item.scale if item.scale is not None else (version.scale_default or 1.0)
         modules, _ = group(loaded.tensors)
-        for module, factors in modules.items():
+        for module in modules:
             target = targets.get(module)
             if target is None or not isinstance(getattr(target, "weight", None), torch.Tensor):
                 raise AdapterIncompatible(
                     f"{version.ref} adapts {module}, which the base model lacks", reason="modules_absent"
                 )
+        # against the base weights as loaded: no adapter has been added yet (fused parts together)
+        dora = dict(
+            dora_deltas(
+                {m: f for m, f in modules.items() if ROLE_KIND[next(iter(f))] == "dora"},
+                lambda m: targets[m].weight.detach(),
+                scale,
+            )
+        )
+        for module, factors in modules.items():
+            target = targets[module]
             kind = ROLE_KIND[next(iter(factors))]
-            if kind == "dora":  # against the base weight as loaded: no adapter has been added yet
-                delta = dora_module_delta(factors, target.weight.detach(), scale)
+            if kind == "dora":
+                delta = dora[module]
             else:
                 delta = module_delta(kind, factors, tuple(target.weight.shape)) * scale
             weights[module] = weights[module] + delta if module in weights else delta

@@ -276,8 +276,19 @@ def check_kind_modules(
             reason="shape_mismatch",
             detail={"modules": {m: problems[m] for m in shown}, "count": len(problems)},
         )
+    if kind == "dora":
+        _check_dora_groups(modules)
     check_rank(low, max_rank)
     return ranks, low
+
+
+def _check_dora_groups(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    try:
+        kinds.dora_groups(modules)
+    except kinds.StructureProblem as exc:
+        raise AdapterInvalid(
+            f"DoRA parts of a fused module do not fit together: {exc}", reason="bad_dora_group"
+        ) from None
 
 
 def _lycoris_canonical(

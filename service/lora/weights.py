@@ -3,7 +3,8 @@
 LoRA modules become ``LinearLoRA`` / ``ConvLoRA`` pairs; LoHa, LoKr and full-diff modules (their own
 canonical kinds, ``adapters.kinds``) become ``DenseDelta`` layers holding ΔW computed once here, and DoRA
 modules ``DoraDelta`` layers holding their delta against the loaded base weight (``base_weight``: module
-name → the weight as loaded, never a fused one; default: the module's current weight).
+name → the weight as loaded, never a fused one; default: the module's current weight), the parts of a
+fused original weight computed together (``service.lora.layers.dora.dora_layers``).
 A textual-inversion embedding has no modules: its vectors (per text encoder) are moved as they are.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from adapters.embedding import vectors_of
 from adapters.kinds import ROLE_KIND, split_key
-from service.lora.layers import DenseDelta, DoraDelta, LoRAPair, dense_for, pair_for
+from service.lora.layers import DenseDelta, DoraDelta, LoRAPair, dense_for, dora_layers, pair_for
 
 SUFFIX_A = ".lora_A.weight"
 SUFFIX_B = ".lora_B.weight"
@@ -71,14 +72,15 @@ class DeviceAdapter:
             parts = split_key(name)
             if parts is not None and ROLE_KIND[parts[1]] != "lora":
                 lycoris.setdefault(parts[0], {})[parts[1]] = move(tensor)
+        dora: dict[str, dict[str, torch.Tensor]] = {}
         for module_name, factors in lycoris.items():
             kind = ROLE_KIND[next(iter(factors))]
             if kind == "dora":
-                base = base_weight(module_name) if base_weight is not None else targets[module_name].weight
-                assert isinstance(base, torch.Tensor)
-                modules[module_name] = DoraDelta.build(targets[module_name], factors, base.detach())
+                dora[module_name] = factors
             else:
                 modules[module_name] = dense_for(targets[module_name], kind, factors)
+        if dora:
+            modules |= dora_layers(dora, targets, base_weight)
         vectors = {
             component: tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
             for component, tensor in vectors_of(tensors).items()

@@ -138,3 +138,76 @@ def base_weights(components: Mapping[str, torch.nn.Module], targets: list[str]) 
 
 def flat(shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:])
+
+
+# Fused modules of the transformer families (kohya/ComfyUI names of the original model → the base's own
+# modules, whose weights are the fused weight's rows in this order), written out here rather than read
+# from the families' tables.
+def flux_sources(double: int = 0, single: int = 0) -> dict[str, list[str]]:
+    d, s = f"transformer.transformer_blocks.{double}", f"transformer.single_transformer_blocks.{single}"
+    return {
+        f"lora_unet_double_blocks_{double}_img_attn_qkv": [
+            f"{d}.attn.to_q",
+            f"{d}.attn.to_k",
+            f"{d}.attn.to_v",
+        ],
+        f"lora_unet_double_blocks_{double}_txt_attn_qkv": [
+            f"{d}.attn.add_q_proj",
+            f"{d}.attn.add_k_proj",
+            f"{d}.attn.add_v_proj",
+        ],
+        f"lora_unet_single_blocks_{single}_linear1": [
+            f"{s}.attn.to_q",
+            f"{s}.attn.to_k",
+            f"{s}.attn.to_v",
+            f"{s}.proj_mlp",
+        ],
+        f"lora_unet_double_blocks_{double}_img_attn_proj": [f"{d}.attn.to_out.0"],
+        f"lora_unet_single_blocks_{single}_linear2": [f"{s}.proj_out"],
+    }
+
+
+def sd3_sources(block: int = 0, dual: bool = True) -> dict[str, list[str]]:
+    j, t = f"lora_unet_joint_blocks_{block}", f"transformer.transformer_blocks.{block}"
+    sources = {
+        f"{j}_x_block_attn_qkv": [f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v"],
+        f"{j}_context_block_attn_qkv": [
+            f"{t}.attn.add_q_proj",
+            f"{t}.attn.add_k_proj",
+            f"{t}.attn.add_v_proj",
+        ],
+        f"{j}_x_block_mlp_fc1": [f"{t}.ff.net.0.proj"],
+    }
+    if dual:
+        sources[f"{j}_x_block_attn2_qkv"] = [f"{t}.attn2.to_q", f"{t}.attn2.to_k", f"{t}.attn2.to_v"]
+    return sources
+
+
+def fused_weights(
+    weights: Mapping[str, torch.Tensor], sources: Mapping[str, list[str]]
+) -> dict[str, torch.Tensor]:
+    """source name → its fused weight: the parts' base weights stacked row-wise."""
+    return {name: torch.cat([weights[m] for m in parts]) for name, parts in sources.items()}
+
+
+def split_back(
+    fused: Mapping[str, torch.Tensor], sources: Mapping[str, list[str]], weights: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """source name → fused weight (e.g. the DoRA weight) → module → its rows."""
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in sources.items():
+        chunks = torch.split(fused[name], [weights[m].shape[0] for m in parts])
+        out |= dict(zip(parts, chunks, strict=True))
+    return out
+
+
+def fused_reference(
+    tensors: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    sources: Mapping[str, list[str]],
+    s: float,
+) -> dict[str, torch.Tensor]:
+    """module → the DoRA weight at ``s`` (fp64) of a ``kohya_dora`` file on the fused ``sources``: the
+    DoRA of each fused weight (ComfyUI's rule), its rows split back."""
+    fused = fused_weights(weights, sources)
+    return split_back(reference_weights(tensors, fused, s, lambda name: name), sources, weights)

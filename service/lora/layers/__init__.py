@@ -8,7 +8,7 @@ from torch import nn
 from service.lora.layers.base import LoRAPair
 from service.lora.layers.conv import ConvLoRA
 from service.lora.layers.dense import DenseDelta
-from service.lora.layers.dora import DoraDelta
+from service.lora.layers.dora import DoraDelta, dora_layers
 from service.lora.layers.linear import LinearLoRA
 
 
@@ -47,6 +47,7 @@ __all__ = [
     "LinearLoRA",
     "LoRAPair",
     "dense_for",
+    "dora_layers",
     "pair_for",
     "scaled_delta",
     "scaled_dense",

@@ -11,6 +11,10 @@ the file (``adapters.delta.dora_module_delta``):
   ``delta_at(x, s)`` / ``dense_delta_at(s)``, which compute ``D(s)`` once per distinct ``s`` (an LRU of
   ``CACHED_WEIGHTS`` entries; ``D(1)`` is the one built at load).
 
+The parts of a fused original weight (``dora_group``: Flux's and SD3's qkv, Flux's ``linear1``) are built
+together by ``dora_layers`` (``adapters.delta.dora_deltas``: ``D`` of the stacked weight, its rows split
+back); they are kohya/LyCORIS files, so linear in ``s``, and never recomputed per weight.
+
 The fused path fuses these same deltas (``dense_delta`` / ``dense_delta_at``), so a fuse costs no second
 DoRA computation and draws what the hooked path draws.
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.delta import dora_is_linear, dora_module_delta
+from adapters.delta import dora_deltas, dora_is_linear, dora_module_delta
 from service.lora.layers.base import conv_geometry
 
 CACHED_WEIGHTS = 4  # PEFT DoRA: deltas kept for this many distinct weights besides 1.0
@@ -47,11 +51,21 @@ class DoraDelta:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, module: nn.Module, factors: Mapping[str, torch.Tensor], base: torch.Tensor) -> DoraDelta:
+    def build(
+        cls,
+        module: nn.Module,
+        factors: Mapping[str, torch.Tensor],
+        base: torch.Tensor,
+        delta: torch.Tensor | None = None,
+    ) -> DoraDelta:
+        """The layer of one module; ``delta``: its fp32 ``D`` at weight 1.0 when computed already (the
+        part of a fused weight), else computed here from ``factors`` and ``base``."""
         if not isinstance(module, nn.Conv2d | nn.Linear):
             raise TypeError(f"no DoRA layer for {type(module).__name__}")
         kept = {role: t.contiguous() for role, t in factors.items()}
-        weight = dora_module_delta(kept, base).to(base.dtype).contiguous()
+        if delta is None:
+            delta = dora_module_delta(kept, base)
+        weight = delta.to(base.dtype).contiguous()
         conv = conv_geometry(module)
         return cls(kept, base, weight, dora_is_linear(kept), conv)
 
@@ -103,3 +117,21 @@ class DoraDelta:
     def nbytes(self) -> int:
         tensors = (*self.factors.values(), self.weight, *self._at.values())
         return sum(t.nbytes for t in tensors)
+
+
+def dora_layers(
+    modules: Mapping[str, dict[str, torch.Tensor]],
+    targets: Mapping[str, nn.Module],
+    base_weight: Callable[[str], torch.Tensor] | None = None,
+) -> dict[str, DoraDelta]:
+    """The layers of an adapter's DoRA modules (module → factors), their deltas against ``base_weight``
+    (module → the weight as loaded; default: the module's current weight), fused parts together."""
+
+    def base_of(module: str) -> torch.Tensor:
+        base = base_weight(module) if base_weight is not None else targets[module].weight
+        assert isinstance(base, torch.Tensor)
+        return base.detach()
+
+    return {
+        m: DoraDelta.build(targets[m], modules[m], base_of(m), d) for m, d in dora_deltas(modules, base_of)
+    }
