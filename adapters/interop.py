@@ -30,10 +30,9 @@ The kohya export (``write_kohya``) is the other interchange layout: sd-scripts' 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
-
-import json
 
 import torch
 
@@ -120,8 +119,8 @@ def peft_dora(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     kohya = sorted(m for m, factors in modules.items() if "dora_scale" in factors)
     if stray or kohya:
         raise AdapterInvalid(
-            f"module {(kohya or stray)[0]} is not a PEFT DoRA module: only DoRA magnitudes per output row with "
-            "PEFT's weight rule (lora_magnitude_vector) have a PEFT layout",
+            f"module {(kohya or stray)[0]} is not a PEFT DoRA module: only DoRA magnitudes per output row "
+            "with PEFT's weight rule (lora_magnitude_vector) have a PEFT layout",
             reason="unsupported_conversion",
             hint="Use --to kohya for kohya/LyCORIS DoRA files (dora_scale).",
         )

@@ -1,7 +1,8 @@
 """``loraswap train --dora``: a PEFT ``use_dora`` run, cut by a checkpoint and resumed without ``--dora``
 on the command line, exports a ``dora`` adapter (PEFT layout, magnitudes included) that ``--register``
 stores and the server serves — equal within 1/255 to the trained PEFT model itself, its DoRA layers
-merged by PEFT (``merge()``, what ``merge_and_unload`` does) into a plain diffusers pipeline."""
+merged by PEFT (``merge()``, what ``merge_and_unload`` does) into a plain diffusers pipeline. On SD3 and
+Flux the transformer's DoRA serves as diffusers' own ``load_lora_weights`` (PEFT's DoRA layers) draws it."""
 
 from __future__ import annotations
 
@@ -24,17 +25,21 @@ from adapters.interop import write_diffusers
 from adapters.kinds import group
 from adapters.metadata import AdapterMetadata, parse_header_metadata
 from adapters.normalise import normalise
+from basemodel.loader import load_base_model
 from service.cli import build_parser, main
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters import dora_factory as df
 from tests.adapters.lycoris_factory import kohya_name
+from tests.service import test_flux, test_sd3
 from tests.service.conftest import start_server  # noqa: F401  (fixture)
 from tests.service.test_hotswap import REQUEST, generate, pixels
 from tests.training.conftest import make_config
+from tests.training.test_flow import FLUX_TARGETS
 from training.cli import resolve_config
-from training.lora import text_encoder_map
+from training.data.synth import synth_dataset
 from training.loop import Trainer
+from training.lora import text_encoder_map
 from training.run import RunResult, train
 
 OPTIONS: dict[str, Any] = {
@@ -222,3 +227,49 @@ def test_write_diffusers_round_trips_peft_dora_and_refuses_kohya_dora(base_model
     with pytest.raises(AdapterInvalid, match="not a PEFT DoRA module") as refused:
         write_diffusers(None, kohya, AdapterMetadata(), architecture)
     assert refused.value.reason == "unsupported_conversion"
+
+
+FLOW_FAMILIES = {
+    "tiny-sd3-random": (test_sd3, {}),
+    "tiny-flux-random": (test_flux, {"target_modules": FLUX_TARGETS}),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOW_FAMILIES))
+def test_transformer_dora_trains_registers_and_serves(
+    name: str, loraswap_home: Path, tmp_path: Path, start_server: Any
+) -> None:
+    """A DoRA on the SD3 / Flux transformer: exported, registered as kind dora, served as diffusers'
+    ``load_lora_weights`` (which turns on PEFT's ``use_dora`` for the magnitudes) draws the file."""
+    module, options = FLOW_FAMILIES[name]
+    synth_dataset(tmp_path / "data", n=4, val=2, style="neon", size=32, seed=3)
+    quick = {"batch_size": 2, "sample_steps": 1, "eval_samples": 0, "val_timesteps": 2}
+    config = make_config(
+        tmp_path / "data",
+        tmp_path / "run",
+        **quick,
+        **options,
+        base_model=name,
+        steps=3,
+        lr=3e-2,
+        dora=True,
+        register_id="flow-dora",
+        store=str(tmp_path / "store"),
+    )
+    result = train(config, models_dir=loraswap_home / "models", echo=lambda *_: None)
+    assert result.adapter_path is not None and result.ref == "flow-dora@1"
+    tensors, header = read_adapter(result.adapter_path)
+    metadata = parse_header_metadata(header)
+    assert metadata is not None and metadata.kind == "dora"
+    assert any(k.startswith("transformer.") and k.endswith(".lora_magnitude_vector") for k in tensors)
+    base = load_base_model(name, loraswap_home / "models", device="cpu", dtype="fp32")
+    server = start_server(loader=lambda _: base, store=str(tmp_path / "store"))
+    request = {"prompt": "a neon circle"}
+    ours = module.images(server, **request, adapters=[{"id": "flow-dora"}])
+    assert (
+        module.max_diff(
+            ours, module.diffusers_reference(base.ref.path, [(result.adapter_path, 1.0)], **request)
+        )
+        <= 1
+    )
+    assert module.max_diff(ours, module.images(server, **request)) > 2, "the trained DoRA changes the image"
