@@ -190,6 +190,14 @@ def test_dora_export_converts_to_kohya_with_per_row_dora_scale(
     assert "dora" in capsys.readouterr().out
     kohya, _ = read_adapter(out)
     assert all(v.shape[1:] in ((1,), (1, 1, 1)) for k, v in kohya.items() if k.endswith(".dora_scale"))
+    # back --to diffusers: the PEFT export converts (the same bytes' tensors); the kohya file, whose
+    # dora_scale names kohya's weight rule, has no PEFT layout and is refused, nothing written
+    again = tmp_path / "again.safetensors"
+    assert main(["adapters", "convert", str(path), "--to", "diffusers", "-o", str(again)]) == 0
+    assert read_adapter(again)[0].keys() == read_adapter(path)[0].keys()
+    refused = tmp_path / "refused.safetensors"
+    assert main(["adapters", "convert", str(out), "--to", "diffusers", "-o", str(refused)]) != 0
+    assert "not a PEFT DoRA module" in capsys.readouterr().err and not refused.exists()
     architecture = base_model.architecture
     peft_modules, _ = group(normalise(read_adapter(path)[0], architecture)[0])
     kohya_modules, _ = group(normalise(kohya, architecture)[0])
