@@ -22,7 +22,11 @@ train --dora`` trains) is written in PEFT's own DoRA layout: ``….lora_A.weight
 conv), every module in PEFT naming (diffusers' ``lora_linear_layer`` naming has no magnitude), and the
 header's ``ss_network_args`` says DoRA as LyCORIS' kohya network arguments do (``dora_wd``, and
 ``wd_on_output``: the per-row axis). diffusers' ``load_lora_weights`` turns on PEFT's ``use_dora`` for
-such keys. A kohya/LyCORIS DoRA (``dora_scale``: its own axis and ComfyUI's weight rule) has no PEFT
+such keys. A text encoder's magnitude is written ``….lora_magnitude_vector.weight`` (the name of PEFT's
+parameter less the adapter name): diffusers 0.42 hands text-encoder LoRAs to transformers 5, whose loader
+maps that name onto the layer but not PEFT's saved ``….lora_magnitude_vector`` (it would keep the
+magnitude PEFT initialises from the base weight); PEFT's own loader, used for the UNet/transformer,
+accepts both. A kohya/LyCORIS DoRA (``dora_scale``: its own axis and ComfyUI's weight rule) has no PEFT
 layout and is refused (``unsupported_conversion``).
 
 The kohya export (``write_kohya``) is the other interchange layout: sd-scripts' names, alpha = rank.
@@ -126,8 +130,12 @@ def peft_dora(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         )
     out: dict[str, torch.Tensor] = {}
     for module, factors in modules.items():
+        text_encoder = module.split(".", 1)[0] in TEXT_ENCODERS
         for role, tensor in factors.items():
+            name = PEFT_DORA[role]
             if role == "dora_magnitude" and factors["dora_down"].dim() == 4:
                 tensor = tensor.reshape(1, -1, 1, 1)
-            out[f"{module}.{PEFT_DORA[role]}"] = tensor
+            if role == "dora_magnitude" and text_encoder:  # the name transformers' loader maps (docstring)
+                name += ".weight"
+            out[f"{module}.{name}"] = tensor
     return out

@@ -97,11 +97,15 @@ def peft_merged_pipeline(trainer: Trainer, model_dir: Path) -> StableDiffusionPi
                 module.merge(safe_merge=True)
                 merged += 1
     assert merged > 0
+    return sd_pipeline(model_dir, unet=unet, text_encoder=encoder)
+
+
+def sd_pipeline(model_dir: Path, **components: Any) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, unet=unet, text_encoder=encoder, safety_checker=None, requires_safety_checker=False
+        model_dir, **components, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)  # as the server runs the request
     return pipe
 
 
@@ -124,7 +128,7 @@ def test_dora_export_is_served_as_peft_trained_it(
     result = dora_run.result
     assert result.adapter_path is not None and result.ref == "dora-style@1"
     tensors, header = read_adapter(result.adapter_path)
-    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
+    magnitudes = [k for k in tensors if ".lora_magnitude_vector" in k]
     assert any(k.startswith("unet.") for k in magnitudes) and any(
         k.startswith("text_encoder.") for k in magnitudes
     )
@@ -160,16 +164,21 @@ def test_dora_export_inspects_as_dora_and_loads_in_diffusers(
     assert shown["kind"] == "dora" and shown["source_format"] == "diffusers"
     assert shown["components"] == ["text_encoder", "unet"] and shown["rank"] == 4
 
-    # diffusers turns on PEFT's use_dora for the UNet and takes the file's magnitudes
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_model_dir, safety_checker=None, requires_safety_checker=False
-    )
+    # diffusers turns on PEFT's use_dora and takes the file's magnitudes, the text encoder's included,
+    # so it draws what was trained too
+    pipe = sd_pipeline(tiny_model_dir)
     pipe.load_lora_weights(str(path), adapter_name="dora")
     tensors, _ = read_adapter(path)
-    to_q = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
-    loaded = to_q.lora_magnitude_vector["dora"].weight
-    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"
-    torch.testing.assert_close(loaded, tensors[key].to(loaded.dtype), rtol=0, atol=0)
+    for component, module, key in (
+        ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "{}.lora_magnitude_vector"),
+        ("text_encoder", "encoder.layers.0.self_attn.q_proj", "{}.lora_magnitude_vector.weight"),
+    ):
+        layer = getattr(pipe, component).get_submodule(module)
+        loaded = layer.lora_magnitude_vector["dora"].weight
+        name = f"{component}.{'text_model.' if component == 'text_encoder' else ''}{module}"
+        torch.testing.assert_close(loaded, tensors[key.format(name)].to(loaded.dtype), rtol=0, atol=0)
+    trained = render(peft_merged_pipeline(dora_run.trainer, tiny_model_dir))
+    assert np.abs(render(pipe) - trained).max() <= 1
 
 
 def test_dora_export_converts_to_kohya_with_per_row_dora_scale(
