@@ -252,7 +252,8 @@ def _convert(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".safetensors":
         raise AdapterInvalid("the output file must end in .safetensors", reason="bad_output")
     base, prepared = _prepared_file(args.file, settings)
-    if args.to == "diffusers" and prepared.metadata.kind not in (None, "lora"):
+    # a PEFT DoRA has PEFT's own DoRA layout (write_diffusers refuses a kohya/LyCORIS one, typed)
+    if args.to == "diffusers" and prepared.metadata.kind not in (None, "lora", "dora"):
         raise AdapterInvalid(
             f"a {prepared.metadata.kind} adapter has no diffusers (PEFT LoRA) layout: diffusers' "
             "load_lora_weights reads LoRA only, and converting would approximate it",

@@ -12,7 +12,9 @@ built from the transformer config); this module applies it. Accepted, per key:
 * ai-toolkit / ComfyUI / SimpleTuner: ``diffusion_model.`` + BFL or diffusers paths with ``lora_A`` /
   ``lora_B`` (or ``lora_down`` / ``lora_up``) and ``.alpha``;
 * XLabs: ``[diffusion_model.]double_blocks.N.processor.qkv_lora1.down.weight`` … (no alpha, scale 1.0);
-* LyCORIS (LoHa, LoKr, full ``diff``/``diff_b``) under any of those names.
+* LyCORIS (LoHa, LoKr, full ``diff``/``diff_b``) under any of those names;
+* PEFT DoRA magnitudes (``….lora_magnitude_vector``) beside PEFT halves: in the generic layout
+  (``transformer.<diffusers path>…``) the file is ``adapters.lycoris``'s, a ``dora`` adapter.
 
 Fused projections are split exactly: the targets of a LoRA share its down matrix (and alpha) and take
 their rows of the up matrix; LoHa and full diffs split their row factors; a LoKr splits only where the
@@ -67,6 +69,12 @@ ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".up.weight", "lora_B.weight"),
     (".alpha", "alpha"),
     *((f".{role}", role) for role in LYCORIS_ROLES),
+    # PEFT DoRA (``loraswap train --dora`` on SD3/Flux): a LoRA's halves plus a magnitude; a file in the
+    # generic layout is left to ``adapters.lycoris``, which reads it as a ``dora`` adapter
+    *(
+        (f".lora_magnitude_vector{end}", "lora_magnitude_vector")
+        for end in (".default.weight", ".weight", "")
+    ),
 )
 DIFFUSION_MODEL = ("model.diffusion_model.", "diffusion_model.")
 GENERIC_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")

@@ -133,7 +133,7 @@ class TrainConfig(BaseModel):
         "gaussian", description="init of lora_A (lora_B starts at 0)"
     )
     rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
-    dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    dora: bool = Field(False, description="weight-decomposed LoRA (DoRA, PEFT use_dora): a dora adapter")
 
     # -- precision, device, diffusion ------------------------------------------------------------------
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast dtype of the base")

@@ -5,8 +5,10 @@ The PEFT state dict (``unet.<module>.lora_A.weight`` …, unscaled) is normalise
 alpha/sqrt(r) with rsLoRA) into ``lora_B`` so the file applies at weight 1.0, then written by
 ``adapters.interop.write_diffusers`` (keys diffusers' ``load_lora_weights`` reads for any text-encoder
 module set, MLP-only included) with the full ``loraswap`` metadata record and the kohya/modelspec
-header keys. DoRA magnitude vectors have no place in that format, so DoRA training refuses to
-export up front (see ``check_exportable``) instead of silently dropping them.
+header keys. A DoRA run (``--dora``: PEFT ``use_dora``) also carries ``….lora_magnitude_vector``
+entries: ``adapters.lycoris`` reads the state as a ``dora`` adapter (magnitudes per output row, PEFT's
+weight rule) and ``write_diffusers`` writes it in PEFT's DoRA layout, so the registry stores it as kind
+``dora`` and the server applies ``m ⊙ (W + ΔW) / ‖W + ΔW‖`` — the weight PEFT trained.
 """
 
 from __future__ import annotations
@@ -34,18 +36,11 @@ from training.errors import TrainConfigError
 from training.pictures import run_pictures
 
 ADAPTER_FILE = "adapter.safetensors"
-SUPPORTS_DORA = False
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def check_exportable(config: TrainConfig) -> None:
     """Refuse, before any training, what export or registration would refuse after it."""
-    if config.dora and config.export and not SUPPORTS_DORA:
-        raise TrainConfigError(
-            "DoRA adapters cannot be exported: the loraswap adapter format (diffusers/kohya LoRA) has no "
-            "magnitude vectors, and dropping them would silently change the adapter",
-            hint="Drop --dora, or add --no-export to train DoRA and keep only the checkpoints.",
-        )
     if config.export:
         validate_id(adapter_id_for(config))
     if config.register_id:
@@ -141,7 +136,7 @@ def build_metadata(
     return AdapterMetadata(
         adapter_id=adapter_id,
         title=adapter_id,
-        description=f"LoRA trained by {TRAINER_NAME} {TRAINER_VERSION} "
+        description=f"{'DoRA' if config.dora else 'LoRA'} trained by {TRAINER_NAME} {TRAINER_VERSION} "
         f"on {dataset.get('train_count')} images",
         base_model=identity.info(),
         source_format="loraswap",
@@ -188,7 +183,7 @@ def export_adapter(
     output: Path,
 ) -> ExportResult:
     """Normalise and write ``OUTPUT/adapter.safetensors``; returns its path and size."""
-    effective_alpha = config.lora_scale * config.rank  # normalise folds alpha/rank into lora_B
+    effective_alpha = config.lora_scale * config.rank  # normalise folds alpha/rank into lora_B / dora_up
     canonical, _ = normalise(tensors, base.architecture, alpha=effective_alpha)
     dtype = DTYPES[config.save_dtype]
     canonical = {k: v.to(dtype) for k, v in canonical.items()}

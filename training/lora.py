@@ -247,8 +247,8 @@ def adapter_tensors(
 ) -> dict[str, torch.Tensor]:
     """The adapter in diffusers/PEFT layout, unscaled: ``unet.<path>.lora_A.weight`` (``transformer.…``
     on SD3/Flux), ``text_encoder_2.<path>…`` … (alpha not folded; ``export`` folds the scale into
-    ``lora_B`` for the canonical file). DoRA runs also carry ``….lora_magnitude_vector`` entries, which
-    the export refuses."""
+    ``lora_B`` for the canonical file). DoRA runs also carry ``….lora_magnitude_vector.weight`` entries
+    (PEFT's per-output-row magnitudes), which the export keeps: the adapter is then a ``dora`` one."""
     out = _peft_state(unet, denoiser_name)
     if with_text_encoder:
         for name, encoder in text_encoder_map(text_encoders).items():

@@ -1,4 +1,4 @@
-"""LoRA injection: insertion points, options, only adapter parameters train, DoRA export refusal."""
+"""LoRA injection: insertion points, options, only adapter parameters train, DoRA magnitudes exported."""
 
 from __future__ import annotations
 
@@ -79,11 +79,10 @@ def test_only_adapter_parameters_change(pipe: Any) -> None:
     assert not torch.allclose(on, off)
 
 
-def test_dora_needs_no_export(pipe: Any) -> None:
-    with pytest.raises(TrainConfigError, match="DoRA adapters cannot be exported") as info:
-        check_exportable(config(dora=True))
-    assert "--no-export" in info.value.hint
-    cfg = config(dora=True, export=False)
-    check_exportable(cfg)
+def test_dora_is_exportable_with_its_magnitudes(pipe: Any) -> None:
+    cfg = config(dora=True)
+    check_exportable(cfg)  # DoRA used to be refused here: the export now keeps the magnitudes
     inject(pipe.unet, pipe.text_encoder, cfg)
-    assert any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())
+    tensors = adapter_tensors(pipe.unet, pipe.text_encoder, False)
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector.weight")]
+    assert magnitudes and len(magnitudes) == sum(k.endswith(".lora_A.weight") for k in tensors)
