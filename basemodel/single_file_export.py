@@ -205,6 +205,19 @@ def open_clip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {SDXL_OPENCLIP_PREFIX + key: tensor for key, tensor in out.items()}
 
 
+def text_encoder_to_file(model: torch.nn.Module, prefix: str, *, clip: bool) -> dict[str, torch.Tensor]:
+    """A transformers text encoder in its own names under ``prefix`` (ComfyUI's and SAI's
+    ``text_encoders.<name>.transformer.`` layout; CLIP's under ``text_model.``). CLIP's position ids and
+    T5's second reference to its tied token embedding are left out (loaders restore both)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith("position_ids") or key == "encoder.embed_tokens.weight":
+            continue
+        nested = clip and not key.startswith(("text_model.", "text_projection."))
+        out[prefix + ("text_model." if nested else "") + key] = tensor
+    return out
+
+
 def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
     """An SD1.x ``StableDiffusionPipeline`` → one A1111-layout state dict, or an SDXL
     ``StableDiffusionXLPipeline`` (two text encoders, the second with a projection) → the SGM layout;

@@ -36,7 +36,10 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 COMPONENT_PREFIXES = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", CLIP_PREFIX: "CLIP text encoder"}
-HINT = "Pass an SD1.x (SD1.4/1.5) or SDXL text-to-image checkpoint in .safetensors, or a diffusers folder."
+HINT = (
+    "Pass an SD1.x (SD1.4/1.5), SDXL, SD3/SD3.5 or Flux.1 text-to-image checkpoint in .safetensors, or a "
+    "diffusers folder."
+)
 
 
 def clip_text_encoder(
@@ -128,7 +131,12 @@ def _convert_clip(state: dict[str, torch.Tensor], prefix: str, nested: bool) -> 
 
 
 def assign_weights(
-    model: torch.nn.Module, state: dict[str, Any], component: str, path: Path, dtype: torch.dtype
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    component: str,
+    path: Path,
+    dtype: torch.dtype,
+    hint: str = HINT,
 ) -> None:
     """Load ``state`` into a meta-initialised model strictly, with a readable error on any mismatch."""
     expected = model.state_dict()
@@ -149,7 +157,7 @@ def assign_weights(
         raise BaseModelError(
             f"{path.name}: the {component} weights do not match the model config: {'; '.join(problems)}",
             detail={"path": str(path), "component": component},
-            hint=HINT,
+            hint=hint,
         )
     model.load_state_dict({k: v.to(dtype) for k, v in given.items()}, strict=True, assign=True)
     model.eval()  # these models hold no float buffers, so the assigned tensors set the dtype
