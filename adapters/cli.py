@@ -144,7 +144,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _base(settings: Settings) -> BaseIdentity:
-    return BaseIdentity.from_spec(settings.base_model, settings.models_dir)
+    return BaseIdentity.from_spec(settings.base_model, settings.models_dir, settings.base_components)
 
 
 def _print_json(value: Any) -> None:
@@ -314,7 +314,13 @@ def _merge(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     items = [parse_item(text) for text in args.refs]
-    base = load_base_model(settings.base_model, settings.models_dir, device="cpu", dtype="fp32")
+    base = load_base_model(
+        settings.base_model,
+        settings.models_dir,
+        device="cpu",
+        dtype="fp32",
+        components=settings.base_components,
+    )
     registry = Registry.from_settings(settings, base=BaseIdentity.from_base_model(base), sweep=False)
     record = merge_adapters(
         registry,

@@ -185,7 +185,11 @@ def _transformer(
 ) -> Any:
     shipped = read_json(CONFIGS_DIR / layout.transformer_config / "config.json")
     weights = converted(
-        "transformer", path, layout.convert, {k.removeprefix(prefix): v for k, v in state.items()}, shipped
+        f"{layout.label} transformer",
+        path,
+        layout.convert,
+        {k.removeprefix(prefix): v for k, v in state.items()},
+        shipped,
     )
     state.clear()  # the converted tensors are what is kept
     candidates = [layout.adjust(shipped)]
@@ -312,8 +316,7 @@ def missing_components(
         else ""
     )
     return MissingComponents(
-        f"{path.name} is a {layout.label} checkpoint with {', '.join(found)} but without "
-        f"{', '.join(missing)}",
+        f"{path.name} ({layout.label}) holds {', '.join(found)} but not {', '.join(missing)}",
         detail={"path": str(path), "family": layout.family, "found": found, "missing": missing},
         hint=f"Name a local diffusers {layout.label} folder with {COMPONENTS_FLAG} <folder> (or "
         f"{COMPONENTS_ENV}=<folder>); it supplies {', '.join(missing)} and the checkpoint the rest, as "
