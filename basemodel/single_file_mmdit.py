@@ -32,7 +32,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from basemodel.errors import BaseModelError, MissingComponents
-from basemodel.families import detect_folder, read_json
+from basemodel.families import FAMILIES, read_index, read_json
 from basemodel.single_file_parts import CONFIGS_DIR, assign_weights, converted, load_scheduler, load_tokenizer
 
 COMPONENTS_FLAG = "--base-components"
@@ -165,11 +165,14 @@ def _components_folder(components: Path | None, layout: TransformerLayout) -> Pa
             hint=f"{COMPONENTS_FLAG} names a local diffusers folder of the same family "
             f"({layout.label}'s), e.g. one saved with save_pretrained or downloaded from the Hub.",
         )
-    family = detect_folder(folder)
-    if family.name != layout.family:
+    # by model_index.json's pipeline class alone: the folder may lack the transformer (the file has it)
+    pipeline = str(read_index(folder).get("_class_name"))
+    family = next((f for f in FAMILIES if pipeline in f.pipeline_classes), None)
+    if family is None or family.name != layout.family:
+        found = f"a {family.label} model" if family is not None else f"a {pipeline}"
         raise BaseModelError(
-            f"the components folder {folder} holds a {family.label} model; the checkpoint is {layout.label}",
-            detail={"components": str(folder), "components_family": family.name, "family": layout.family},
+            f"the components folder {folder} holds {found}; the checkpoint is {layout.label}",
+            detail={"components": str(folder), "pipeline_class": pipeline, "family": layout.family},
             hint=f"Pass a diffusers folder of the checkpoint's family to {COMPONENTS_FLAG}.",
         )
     return folder

@@ -138,7 +138,8 @@ def assign_weights(
     dtype: torch.dtype,
     hint: str = HINT,
 ) -> None:
-    """Load ``state`` into a meta-initialised model strictly, with a readable error on any mismatch."""
+    """Load ``state`` into a meta-initialised model strictly, with a readable error on any mismatch.
+    ``state``'s tensors are replaced by their ``dtype`` casts."""
     expected = model.state_dict()
     given = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(expected) - set(given))
@@ -159,5 +160,8 @@ def assign_weights(
             detail={"path": str(path), "component": component},
             hint=hint,
         )
-    model.load_state_dict({k: v.to(dtype) for k, v in given.items()}, strict=True, assign=True)
+    for key in given:  # cast one tensor at a time, dropping the original from ``state`` as it goes, so a
+        # bf16 file loaded as fp16 never holds two copies of the whole model in host memory
+        state[key] = given[key] = given[key].to(dtype)
+    model.load_state_dict(given, strict=True, assign=True)
     model.eval()  # these models hold no float buffers, so the assigned tensors set the dtype

@@ -89,9 +89,12 @@ def flux(tmp_path_factory: pytest.TempPathFactory) -> Model:
 
 @pytest.fixture(scope="module")
 def flux_other_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another Flux folder (other weights): components from it must not replace the file's."""
+    """Another Flux folder (other weights) without the transformer's weights: components from it must
+    not replace the file's, and it needs no transformer."""
     folder = tmp_path_factory.mktemp("flux-seed1") / "diffusers"
     build_tiny_flux_pipeline(seed=1).save_pretrained(folder, safe_serialization=True)
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.unlink()
     return folder
 
 
