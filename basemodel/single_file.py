@@ -35,6 +35,7 @@ from basemodel.families.flux import single_file as flux_single_file
 from basemodel.families.sd1 import SD1
 from basemodel.families.sd3 import single_file as sd3_single_file
 from basemodel.families.sdxl.single_file import SDXL_COMPONENTS, assemble_sdxl
+from basemodel.single_file_mmdit import read_header
 from basemodel.single_file_parts import (
     CLIP_PREFIX,
     COMPONENT_PREFIXES,
@@ -51,13 +52,12 @@ from basemodel.single_file_parts import (
     load_tokenizer,
     subset,
 )
-from basemodel.single_file_mmdit import read_header
 
 __all__ = [
     "LAYOUTS",
-    "TRANSFORMER_LOADERS",
     "SD15_CONFIG_DIR",
     "SDXL_CONFIG_DIR",
+    "TRANSFORMER_LOADERS",
     "build_clip_tokenizer",
     "load_single_file",
     "load_tokenizer",

@@ -48,7 +48,10 @@ class Encoder:
     name: str
     words: str
     prefix: str
-    kind: str  # "clip", "clip_projection" or "t5"
+    # "clip" (CLIPTextModel), "clip_projection" (CLIPTextModelWithProjection, the file's projection),
+    # "clip_identity" (the same with the identity projection: SD3's CLIP-L, as diffusers' converter
+    # builds it — SD3 uses its pooled output unprojected) or "t5"
+    kind: str
     config: str  # shipped config folder, relative to basemodel/configs
     tokenizer: str  # its tokenizer's pipeline name
     # the shipped tokenizer settings (CLIP's vocabulary is vendored); None: only a folder has it (T5)
@@ -82,7 +85,7 @@ class TransformerLayout:
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor name → shape, without reading the tensors."""
     with safe_open(str(path), framework="pt") as handle:
-        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (a handle, not a dict)
 
 
 def read_tensors(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -250,8 +253,8 @@ def _text_encoder(
     folder: Path | None,
     torch_dtype: torch.dtype,
 ) -> torch.nn.Module:
-    """CLIP (transformers' names under the prefix; SD3's CLIP-L without a projection gets the identity,
-    as diffusers gives it) or T5 (``shared`` is also the encoder's token embedding)."""
+    """CLIP (transformers' names under the prefix; ``clip_identity``: the identity projection, whatever
+    the file holds) or T5 (``shared`` is also the encoder's token embedding)."""
     config = read_json(_config_folder(folder, encoder.name, encoder.config) / "config.json")
     state = {
         key.removeprefix(encoder.prefix): tensor
@@ -264,16 +267,16 @@ def _text_encoder(
         if "shared.weight" in state:  # ComfyUI stores the tied embedding once
             state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
     else:
-        cls = CLIPTextModelWithProjection if encoder.kind == "clip_projection" else CLIPTextModel
+        cls = CLIPTextModel if encoder.kind == "clip" else CLIPTextModelWithProjection
         with init_empty_weights():
             model = cls(CLIPTextConfig.from_dict(config))
-        state = _clip_names(state, model, encoder.kind == "clip_projection")
+        state = _clip_names(state, model, identity=encoder.kind == "clip_identity")
     assign_weights(model, state, encoder.words, path, torch_dtype)
     return model
 
 
 def _clip_names(
-    state: dict[str, torch.Tensor], model: torch.nn.Module, projection: bool
+    state: dict[str, torch.Tensor], model: torch.nn.Module, *, identity: bool
 ) -> dict[str, torch.Tensor]:
     nested = hasattr(model, "text_model")
     names: dict[str, torch.Tensor] = {}
@@ -283,9 +286,9 @@ def _clip_names(
         bare = key.removeprefix("text_model.")
         top = bare.startswith("text_projection.")
         names[f"text_model.{bare}" if nested and not top else bare] = tensor
-    if projection and "text_projection.weight" not in names:
-        width = int(model.config.hidden_size)  # type: ignore[union-attr]
-        names["text_projection.weight"] = torch.eye(width, int(model.config.projection_dim))  # type: ignore[union-attr]
+    if identity:
+        config: Any = model.config
+        names["text_projection.weight"] = torch.eye(int(config.projection_dim), int(config.hidden_size))
     return names
 
 
@@ -310,7 +313,9 @@ def _from_folder(
 def missing_components(
     path: Path, layout: TransformerLayout, have: set[str], missing: list[str]
 ) -> MissingComponents:
-    found = [name for name in layout.components() if name in have and "token" not in name and name != "scheduler"]
+    found = [
+        name for name in layout.components() if name in have and "token" not in name and name != "scheduler"
+    ]
     tokenizers_only = all("token" in name for name in missing)
     why = (
         " Tokenizers are never stored in checkpoints and T5's SentencePiece vocabulary is not shipped with "

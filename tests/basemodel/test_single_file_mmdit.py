@@ -1,5 +1,6 @@
-"""Single-file SD3/SD3.5 and Flux.1 checkpoints: SAI's, BFL's and ComfyUI's layouts in, an offline pipeline
-out, completed from a diffusers folder (``--base-components``) like ``from_pretrained(folder, transformer=…)``.
+"""Single-file SD3/SD3.5 and Flux.1 checkpoints: SAI's, BFL's and ComfyUI's layouts in, an offline
+pipeline out, completed from a diffusers folder (``--base-components``) like
+``from_pretrained(folder, transformer=…)``.
 
 The released models cannot be downloaded here, so the tiny random models are written in those layouts
 (``to_single_file``: the inverse of diffusers' converters) and loaded back; the shipped configs and the
@@ -41,7 +42,9 @@ PROMPT = "a red circle"
 def _generate(pipe: Any) -> Any:
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np").images
+    return pipe(
+        PROMPT, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np"
+    ).images
 
 
 def _assert_same_weights(loaded: torch.nn.Module, original: torch.nn.Module) -> None:
@@ -61,11 +64,21 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+def _tiny_sd3(**kwargs: Any) -> Any:
+    """tiny-sd3-random with SD3's identity CLIP-L projection (SD3 pools CLIP-L unprojected; SAI's files
+    carry no CLIP-L projection and diffusers' converter sets the identity)."""
+    pipe = build_tiny_sd3_pipeline(**kwargs)
+    weight = pipe.text_encoder.text_projection.weight
+    weight.data = torch.eye(*weight.shape)
+    return pipe
+
+
 class Model:
     """A tiny pipeline, its diffusers folder, and files in the single-file layouts."""
 
     def __init__(self, pipe: Any, folder: Path) -> None:
-        self.pipe, self.folder, self.files = pipe, folder, {}
+        self.pipe, self.folder = pipe, folder
+        self.files: dict[str, Path] = {}
 
     def write(self, name: str, state: dict[str, torch.Tensor]) -> Path:
         path = self.folder.parent / f"{name}.safetensors"
@@ -100,7 +113,7 @@ def flux_other_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    return _model(tmp_path_factory.mktemp("sd3-file"), build_tiny_sd3_pipeline(), sd3_file.to_single_file)
+    return _model(tmp_path_factory.mktemp("sd3-file"), _tiny_sd3(), sd3_file.to_single_file)
 
 
 # --- layouts and detection --------------------------------------------------------------------------------
@@ -141,6 +154,7 @@ def test_files_have_the_released_key_names_and_are_detected_from_keys(flux: Mode
         "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
     ):
         assert key in sai, key
+    assert "text_encoders.clip_l.transformer.text_projection.weight" not in sai  # SD3: CLIP-L unprojected
     names = {n: detect_checkpoint(read_header(p)).name for n, p in flux.files.items()}  # type: ignore[union-attr]
     assert names == {"transformer-only": "flux", "all-in-one": "flux"}
     assert detect_checkpoint(sai).name == "sd3"  # type: ignore[union-attr]
@@ -167,7 +181,9 @@ def test_shipped_flux_configs_convert_at_full_width(name: str) -> None:
     """The released widths go through diffusers' converter unchanged (3072: its own split of linear1)."""
     config = json.loads((CONFIGS_DIR / name / "transformer" / "config.json").read_text())
     state = _meta_flux(config)
-    assert sum(t.numel() for t in state.values()) == (11_901_408_320 if name == "flux1-dev" else 11_891_178_560)
+    assert sum(t.numel() for t in state.values()) == (
+        11_901_408_320 if name == "flux1-dev" else 11_891_178_560
+    )
     bfl = transformer_to_bfl(state)
     assert bfl["single_blocks.37.linear1.weight"].shape == (21504, 3072)
     assert flux_file.variant(_shapes(bfl)) == name.removeprefix("flux1-")
@@ -211,11 +227,11 @@ def test_flux_file_with_components_draws_what_the_folder_draws(
 
 @pytest.mark.parametrize("sd35", [True, False], ids=["sd3.5", "sd3"])
 def test_sd3_files_draw_what_the_folder_draws(sd3: Model, sd35: bool, tmp_path: Path, offline: None) -> None:
-    if sd35:
-        model = sd3
-    else:  # SD3 medium's transformer: no dual attention, no QK norm
-        model = _model(tmp_path, build_tiny_sd3_pipeline(sd35=False), sd3_file.to_single_file)
-    assert sd3_file.variant(read_header(model.files["all-in-one"])) == ("sd3.5-medium" if sd35 else "sd3-medium")
+    # sd3: SD3 medium's transformer (no dual attention, no QK norm)
+    model = sd3 if sd35 else _model(tmp_path, _tiny_sd3(sd35=False), sd3_file.to_single_file)
+    assert sd3_file.variant(read_header(model.files["all-in-one"])) == (
+        "sd3.5-medium" if sd35 else "sd3-medium"
+    )
     for layout in ("transformer-only", "all-in-one"):
         pipe = load_single_file(model.files[layout], torch.float32, components=model.folder)
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -245,7 +261,11 @@ def test_the_same_weights_as_a_file_and_as_a_folder_have_one_architecture_id(
     for model in (flux, sd3):
         folder = load_base_model(str(model.folder), tmp_path, device="cpu", dtype="fp32")
         single = load_base_model(
-            str(model.files["transformer-only"]), tmp_path, device="cpu", dtype="fp32", components=model.folder
+            str(model.files["transformer-only"]),
+            tmp_path,
+            device="cpu",
+            dtype="fp32",
+            components=model.folder,
         )
         assert single.ref.kind == "single_file"
         assert single.family is folder.family
@@ -261,7 +281,7 @@ def test_sd3_with_clips_but_no_t5_loads_without_a_folder(
     model's so that the tiny weights fit them."""
     from basemodel import single_file_mmdit
 
-    pipe = build_tiny_sd3_pipeline(t5=False)
+    pipe = _tiny_sd3(t5=False)
     configs = tmp_path / "configs"
     pipe.save_pretrained(configs / "sd35-medium", safe_serialization=True)
     for weights in (configs / "sd35-medium").rglob("*.safetensors"):
@@ -305,11 +325,13 @@ def _without(source: Path, target: Path, drop: str) -> Path:
 def test_broken_and_foreign_files_are_typed_errors(flux: Model, sd3: Model, tmp_path: Path) -> None:
     bfl = flux.files["transformer-only"]
     broken = _without(bfl, tmp_path / "broken.safetensors", "final_layer.linear.weight")
-    with pytest.raises(BaseModelError, match=r"Flux.1-dev transformer weights cannot be converted: .*final_layer"):
+    with pytest.raises(
+        BaseModelError, match=r"Flux.1-dev transformer weights cannot be converted: .*final_layer"
+    ):
         load_single_file(broken, torch.float32, components=flux.folder)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(bfl.read_bytes()[: bfl.stat().st_size // 2])
-    with pytest.raises(BaseModelError, match="not a readable .safetensors"):
+    with pytest.raises(BaseModelError, match=r"not a readable \.safetensors"):
         load_single_file(cut, torch.float32, components=flux.folder)
     marker = {"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(8)}
     for extra, found in (
@@ -326,7 +348,7 @@ def test_broken_and_foreign_files_are_typed_errors(flux: Model, sd3: Model, tmp_
     with pytest.raises(BaseModelError, match="not a diffusers folder"):
         load_single_file(bfl, torch.float32, components=tmp_path)
     half = _without(sd3.files["transformer-only"], tmp_path / "half.safetensors", "context_embedder.weight")
-    with pytest.raises(BaseModelError, match="SD3.5 medium transformer weights cannot be converted"):
+    with pytest.raises(BaseModelError, match=r"SD3\.5 medium transformer weights cannot be converted"):
         load_single_file(half, torch.float32, components=sd3.folder)
 
 
@@ -358,7 +380,11 @@ def test_the_flag_and_the_setting(
     info = ["model", "info", "--base-model", str(flux.files["transformer-only"])]
     assert main([*info, "--base-components", str(flux.folder)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["family"], summary["kind"], summary["pipeline"]) == ("flux", "single_file", "FluxPipeline")
+    assert (summary["family"], summary["kind"], summary["pipeline"]) == (
+        "flux",
+        "single_file",
+        "FluxPipeline",
+    )
     assert main(info) == 2
     error = capsys.readouterr().err
     assert "error[base_model_components_missing]" in error and "--base-components" in error

@@ -62,7 +62,12 @@ DOUBLE_FUSED = {
     "attn.add_k_proj": ("txt_attn.qkv", 1),
     "attn.add_v_proj": ("txt_attn.qkv", 2),
 }
-SINGLE_FUSED = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3)}
+SINGLE_FUSED = {
+    "attn.to_q": ("linear1", 0),
+    "attn.to_k": ("linear1", 1),
+    "attn.to_v": ("linear1", 2),
+    "proj_mlp": ("linear1", 3),
+}
 BLOCKS = {
     "transformer_blocks": ("double_blocks", DOUBLE, DOUBLE_FUSED),
     "single_transformer_blocks": ("single_blocks", SINGLE, SINGLE_FUSED),

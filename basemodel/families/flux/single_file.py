@@ -48,7 +48,9 @@ ENCODERS = (
         "tokenizer",
         "flux1-dev/tokenizer",
     ),
-    Encoder("text_encoder_2", "T5-XXL text encoder", T5_PREFIX, "t5", "flux1-dev/text_encoder_2", "tokenizer_2"),
+    Encoder(
+        "text_encoder_2", "T5-XXL text encoder", T5_PREFIX, "t5", "flux1-dev/text_encoder_2", "tokenizer_2"
+    ),
 )
 # other models with Flux.1's block names (key suffix → what it is); diffusers tells them apart the same way
 OTHER_MODELS = {
@@ -89,7 +91,9 @@ def load(
 
 
 def refuse_other_models(path: Path, header: Mapping[str, tuple[int, ...]]) -> None:
-    found = next((words for suffix, words in OTHER_MODELS.items() if any(k.endswith(suffix) for k in header)), None)
+    found = next(
+        (words for suffix, words in OTHER_MODELS.items() if any(k.endswith(suffix) for k in header)), None
+    )
     img_in = next((shape for key, shape in header.items() if key.endswith("img_in.weight")), None)
     if found is None and img_in is not None and len(img_in) == 2:
         found = CONTROL_CHANNELS.get(img_in[1])
@@ -107,14 +111,16 @@ def convert(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[s
     width 3072, so those tensors are split here at the checkpoint's own width (``img_in``'s outputs) and
     handed to it as empty (meta) placeholders of the shape it expects."""
     width = int(state["img_in.weight"].shape[0])
-    fused = {key: state.pop(key) for key in list(state) if key.startswith("single_blocks.") and ".linear1." in key}
+    fused = {
+        key: state.pop(key) for key in list(state) if key.startswith("single_blocks.") and ".linear1." in key
+    }
     rows = DIFFUSERS_WIDTH * (3 + MLP_RATIO)
     for key, tensor in fused.items():
         state[key] = torch.empty((rows, *tensor.shape[1:]), device="meta")
     out: dict[str, torch.Tensor] = convert_flux_transformer_checkpoint_to_diffusers(state)
     for key, tensor in fused.items():
         index, kind = key.split(".")[1], key.rsplit(".", 1)[1]
-        q, k, v, mlp = torch.split(tensor, (width, width, width, tensor.shape[0] - 3 * width))
+        q, k, v, mlp = torch.split(tensor, [width, width, width, tensor.shape[0] - 3 * width])
         prefix = f"single_transformer_blocks.{index}."
         for name, part in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
             out[f"{prefix}{name}.{kind}"] = part

@@ -9,7 +9,8 @@ through ``basemodel.families.sd3.single_file`` to the same weights (tested)::
         add_q/k/v_proj → context_block.attn.qkv, attn2.to_q/k/v → x_block.attn2.qkv (SD3.5's dual
         attention), norm_q/k → ln_q/ln_k, to_out.0 / to_add_out → x_block / context_block .attn.proj,
         norm1 / norm1_context .linear → x_block / context_block .adaLN_modulation.1 (the last block's
-        context modulation swapped), ff / ff_context .net.0.proj / net.2 → x_block / context_block .mlp.fc1/fc2
+        context modulation swapped),
+        ff / ff_context .net.0.proj / net.2 → x_block / context_block .mlp.fc1/fc2
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ FUSED = {
 }
 
 
-def transformer_to_sai(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def transformer_to_sai(
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """A diffusers SD3 transformer state dict → SAI's names (no ``model.diffusion_model.`` prefix)."""
     last = int(config["num_layers"]) - 1
     out: dict[str, torch.Tensor] = {}

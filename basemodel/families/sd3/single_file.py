@@ -9,7 +9,8 @@ Detection reads keys, never the file name: diffusers' marker
 ``joint_blocks.0.context_block.adaLN_modulation.1.bias`` (``SD3.claims_checkpoint``); SD3.5 medium has
 dual-attention blocks (``x_block.attn2``), SD3.5 large QK norm (``ln_q``) without them, SD3 medium
 neither: each has its shipped transformer config (``configs/sd35-medium``, ``sd35-large``,
-``sd3-medium``). The VAE, scheduler and text encoders are the same in all three. A file without T5
+``sd3-medium``). The VAE, scheduler and text encoders are the same in all three; CLIP-L's pooled output
+is used unprojected (the identity projection, as diffusers' converter sets it). A file without T5
 loads without it (``text_encoder_3=None``, as SAI's ``sd3_medium_incl_clips`` is meant to run and as
 diffusers allows) unless ``--base-components`` supplies one. The transformer is converted with
 diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``; the rest is
@@ -38,7 +39,7 @@ ENCODERS = (
         "text_encoder",
         "CLIP-L text encoder",
         CLIP_L_PREFIX,
-        "clip_projection",
+        "clip_identity",
         "sd35-medium/text_encoder",
         "tokenizer",
         "sd35-medium/tokenizer",
@@ -52,7 +53,9 @@ ENCODERS = (
         "tokenizer_2",
         "sd35-medium/tokenizer_2",
     ),
-    Encoder("text_encoder_3", "T5-XXL text encoder", T5_PREFIX, "t5", "flux1-dev/text_encoder_2", "tokenizer_3"),
+    Encoder(
+        "text_encoder_3", "T5-XXL text encoder", T5_PREFIX, "t5", "flux1-dev/text_encoder_2", "tokenizer_3"
+    ),
 )
 VARIANTS = {  # name → (label, shipped transformer config)
     "sd3.5-medium": ("SD3.5 medium", "sd35-medium/transformer"),
@@ -111,8 +114,12 @@ def to_single_file(pipe: Any, *, all_in_one: bool = True) -> dict[str, torch.Ten
     if all_in_one:
         for encoder in ENCODERS:
             model = getattr(pipe, encoder.name, None)
-            if model is not None:
-                state |= text_encoder_to_file(model, encoder.prefix, clip=encoder.kind != "t5")
+            if model is None:
+                continue
+            weights = text_encoder_to_file(model, encoder.prefix, clip=encoder.kind != "t5")
+            if encoder.kind == "clip_identity":  # SAI's files carry no CLIP-L projection
+                weights.pop(f"{encoder.prefix}text_projection.weight", None)
+            state |= weights
     return {key: tensor.detach().contiguous() for key, tensor in state.items()}
 
 
