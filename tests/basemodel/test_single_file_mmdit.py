@@ -422,3 +422,19 @@ def test_merge_writes_flux_single_files_that_load_back(flux: Model, tmp_path: Pa
     assert not torch.equal(
         loaded.transformer.state_dict()[changed], flux.pipe.transformer.state_dict()[changed]
     )
+
+
+def test_an_fp8_flux_file_loads_at_the_requested_dtype(flux: Model, tmp_path: Path) -> None:
+    """ComfyUI's (unscaled) fp8 checkpoints: every weight float8_e4m3fn, loaded as bf16 to the same
+    values as the fp8 weights cast by hand."""
+    fp8 = {
+        k: v.to(torch.float8_e4m3fn) for k, v in flux_file.to_single_file(flux.pipe, all_in_one=False).items()
+    }
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    save_file(fp8, str(path))
+    pipe = load_single_file(path, torch.bfloat16, components=flux.folder)
+    got, want = pipe.transformer.state_dict(), flux.pipe.transformer.state_dict()
+    assert set(got) == set(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == torch.bfloat16
+        assert torch.equal(got[key], tensor.to(torch.float8_e4m3fn).to(torch.bfloat16)), key
