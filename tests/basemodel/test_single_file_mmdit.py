@@ -390,22 +390,27 @@ def test_the_flag_and_the_setting(
     assert "error[base_model_components_missing]" in error and "--base-components" in error
 
 
-def test_merge_writes_flux_single_files_that_load_back(flux: Model, tmp_path: Path) -> None:
-    """``adapters merge --format single-file`` on Flux: ComfyUI's all-in-one layout, which loads back
-    (with the folder for T5's tokenizer) to exactly what the diffusers-folder merge holds."""
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_merge_writes_single_files_that_load_back(
+    family: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``adapters merge --format single-file`` on Flux (ComfyUI's all-in-one layout) and SD3 (SAI's): the
+    file loads back (with the folder for T5's tokenizer) to exactly what the diffusers-folder merge holds."""
     from adapters.identity import BaseIdentity
     from adapters.merge import MergeItem, merge_adapters
     from adapters.registry import Registry
     from adapters.sources import open_store
     from tests.adapters.conftest import save_bytes
 
+    model: Model = request.getfixturevalue(family)
+
     def base() -> Any:  # merging changes the model it is given
-        return load_base_model(str(flux.folder), tmp_path, device="cpu", dtype="fp32")
+        return load_base_model(str(model.folder), tmp_path, device="cpu", dtype="fp32")
 
     first = base()
     registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(first))
     torch.manual_seed(3)
-    module = "transformer.single_transformer_blocks.0.attn.to_q"
+    module = "transformer.transformer_blocks.0.attn.to_q"
     lora = {f"{module}.lora_A.weight": torch.randn(2, 16), f"{module}.lora_B.weight": torch.randn(16, 2)}
     registry.register(save_bytes(lora), "style")
     merge_adapters(registry, first, [MergeItem("style")], tmp_path / "m", dtype="fp32", progress=False)
@@ -413,14 +418,17 @@ def test_merge_writes_flux_single_files_that_load_back(flux: Model, tmp_path: Pa
     merge_adapters(
         registry, base(), [MergeItem("style")], single, fmt="single-file", dtype="fp32", progress=False
     )
-    assert detect_checkpoint(read_header(single)).name == "flux"  # type: ignore[union-attr]
+    assert detect_checkpoint(read_header(single)).name == family  # type: ignore[union-attr]
     folder = load_base_model(str(tmp_path / "m"), tmp_path, device="cpu", dtype="fp32")
-    loaded = load_single_file(single, torch.float32, components=flux.folder)
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+    loaded = load_single_file(single, torch.float32, components=model.folder)
+    encoders = [
+        name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(loaded, name)
+    ]
+    for name in ("transformer", "vae", *encoders):
         _assert_same_weights(getattr(loaded, name), getattr(folder.pipe, name))
-    changed = "single_transformer_blocks.0.attn.to_q.weight"
+    changed = "transformer_blocks.0.attn.to_q.weight"
     assert not torch.equal(
-        loaded.transformer.state_dict()[changed], flux.pipe.transformer.state_dict()[changed]
+        loaded.transformer.state_dict()[changed], model.pipe.transformer.state_dict()[changed]
     )
 
 
