@@ -98,9 +98,10 @@ def load_single_file(
 ) -> Any:
     """Load a ``.safetensors`` checkpoint as its family's pipeline, offline.
 
-    SD1.x/SDXL: ``config_dir`` (else ``components``) is a diffusers-format folder whose component configs
-    (``unet``, ``vae``, the text encoder(s), ``scheduler``, the tokenizer(s)) describe the checkpoint; it
-    defaults to the shipped configs of the checkpoint's family. Only its configs and tokenizers are read.
+    SD1.x/SDXL: ``config_dir`` is a diffusers-format folder whose component configs (``unet``, ``vae``, the
+    text encoder(s), ``scheduler``, the tokenizer(s)) describe the checkpoint; it defaults to the shipped
+    configs of the checkpoint's family. Only its configs and tokenizers are read. Their files hold every
+    component, so ``components`` is not used for them.
     SD3/Flux: ``components`` (else ``config_dir``) is a diffusers folder of the family that supplies what
     the file lacks, as ``FluxPipeline.from_pretrained(folder, transformer=...)`` does.
     """
@@ -120,8 +121,7 @@ def load_single_file(
         folder = components if components is not None else config_dir
         return TRANSFORMER_LOADERS[family](path, header, torch_dtype, folder)
     layout = LAYOUTS[family]
-    folder = config_dir if config_dir is not None else components
-    config_dir = Path(folder) if folder is not None else layout.config_dir
+    config_dir = Path(config_dir) if config_dir is not None else layout.config_dir
     unet_config = read_json(config_dir / "unet" / "config.json")
     state = _read_checkpoint(path, layout, unet_config)
 
