@@ -278,13 +278,17 @@ def _text_encoder(
 def _clip_names(
     state: dict[str, torch.Tensor], model: torch.nn.Module, *, identity: bool
 ) -> dict[str, torch.Tensor]:
+    """transformers' names for this model: ``text_model.`` added or removed as the model nests, position
+    ids (a buffer) left out, and a projection the model does not have (ComfyUI writes one for every CLIP,
+    Flux's CLIP-L has none) or must not use (``identity``: SD3's CLIP-L gets the identity) dropped."""
     nested = hasattr(model, "text_model")
+    keep_projection = hasattr(model, "text_projection") and not identity
     names: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if key.endswith("position_ids") or key == "logit_scale":
-            continue
         bare = key.removeprefix("text_model.")
         top = bare.startswith("text_projection.")
+        if key.endswith("position_ids") or key == "logit_scale" or (top and not keep_projection):
+            continue
         names[f"text_model.{bare}" if nested and not top else bare] = tensor
     if identity:
         config: Any = model.config
