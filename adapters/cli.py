@@ -37,6 +37,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     common.add_argument("--s3-endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     common.add_argument("--base-model", help="'tiny-sd', a diffusers folder or a .safetensors file")
+    common.add_argument(
+        "--base-components",
+        type=Path,
+        help="diffusers folder that supplies what a single-file SD3/Flux base lacks (docs/models.md)",
+    )
 
     register = sub.add_parser(
         "register", parents=[common], help="validate, normalise and store a new version"
@@ -137,6 +142,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(
         base_model=args.base_model,
+        base_components=args.base_components,
         store=args.store,
         s3_endpoint_url=args.s3_endpoint_url,
         strict_base=getattr(args, "strict_base", None),
@@ -144,7 +150,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _base(settings: Settings) -> BaseIdentity:
-    return BaseIdentity.from_spec(settings.base_model, settings.models_dir)
+    return BaseIdentity.from_spec(settings.base_model, settings.models_dir, settings.base_components)
 
 
 def _print_json(value: Any) -> None:
@@ -315,7 +321,13 @@ def _merge(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     items = [parse_item(text) for text in args.refs]
-    base = load_base_model(settings.base_model, settings.models_dir, device="cpu", dtype="fp32")
+    base = load_base_model(
+        settings.base_model,
+        settings.models_dir,
+        device="cpu",
+        dtype="fp32",
+        components=settings.base_components,
+    )
     registry = Registry.from_settings(settings, base=BaseIdentity.from_base_model(base), sweep=False)
     record = merge_adapters(
         registry,

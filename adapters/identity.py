@@ -55,9 +55,10 @@ class BaseIdentity:
         )
 
     @classmethod
-    def from_spec(cls, spec: str, models_dir: Path) -> BaseIdentity:
+    def from_spec(cls, spec: str, models_dir: Path, components: Path | None = None) -> BaseIdentity:
         """Identity of ``--base-model`` ``spec`` without loading weights when the layout allows it:
-        a diffusers folder's modules are built from its configs on PyTorch's ``meta`` device."""
+        a diffusers folder's modules are built from its configs on PyTorch's ``meta`` device.
+        ``components``: what completes a single-file SD3/Flux checkpoint (``--base-components``)."""
         from basemodel.families import detect_folder, read_index, read_json
         from basemodel.loader import resolve_base_model
 
@@ -75,4 +76,5 @@ class BaseIdentity:
             )
         from basemodel.loader import load_base_model
 
-        return cls.from_base_model(load_base_model(spec, models_dir, device="cpu", dtype="fp32"))
+        base = load_base_model(spec, models_dir, device="cpu", dtype="fp32", components=components)
+        return cls.from_base_model(base)

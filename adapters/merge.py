@@ -8,7 +8,8 @@ to the output dtype and writes it atomically:
 * ``diffusers``: a folder as ``save_pretrained`` writes it (loads with ``--base-model PATH`` and
   ``DiffusionPipeline.from_pretrained``), plus ``loraswap_merge.json``;
 * ``single-file``: one A1111/CivitAI/ComfyUI-layout ``.safetensors`` (SD1.x's LDM layout, SDXL's SGM
-  layout; ``basemodel.single_file_export``; other families are refused before any work) whose
+  layout, SD3's SAI layout, Flux's ComfyUI all-in-one layout; ``basemodel.single_file_export``; other
+  families are refused before any work) whose
   ``__metadata__`` carries the same record under ``loraswap_merge`` and the modelspec keys.
 
 The record names the base (name, fingerprint, architecture id, family), every adapter (``id@version``,
@@ -178,15 +179,16 @@ def merge_adapters(
     if fmt == "diffusers":
         _write_folder(base.pipe, output, record, progress)
     else:
-        from basemodel.single_file_export import pipeline_to_ldm
+        from basemodel.single_file_export import pipeline_to_single_file
 
-        _write_single_file(pipeline_to_ldm(base.pipe), output, record, base, progress)
+        _write_single_file(pipeline_to_single_file(base.pipe), output, record, base, progress)
     return record
 
 
 def check_single_file_family(family: Any) -> None:
-    """Single files are written in the layouts loraswap's single-file loader reads back (SD1.x, SDXL)."""
-    from basemodel.single_file import LAYOUTS
+    """Single files are written in the layouts loraswap's single-file loader reads back (SD1.x, SDXL,
+    SD3/SD3.5, Flux.1)."""
+    from basemodel.single_file_export import WRITABLE_FAMILIES as LAYOUTS
 
     if family.name not in LAYOUTS:
         raise NotSupported(

@@ -54,6 +54,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     info = model_sub.add_parser("info", help="print a base model's fingerprint and architecture summary")
     info.add_argument("--base-model", help="'tiny-sd', a diffusers folder or a .safetensors file")
+    info.add_argument(
+        "--base-components",
+        type=Path,
+        help="diffusers folder that supplies what a single-file SD3/Flux checkpoint lacks",
+    )
     info.add_argument("--modules", action="store_true", help="also list every LoRA-targetable module")
     info.set_defaults(func=_info)
 
@@ -93,8 +98,14 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from basemodel.loader import load_base_model
 
-    settings = load_settings(base_model=args.base_model)
-    base = load_base_model(settings.base_model, settings.models_dir, device="cpu", dtype="fp32")
+    settings = load_settings(base_model=args.base_model, base_components=args.base_components)
+    base = load_base_model(
+        settings.base_model,
+        settings.models_dir,
+        device="cpu",
+        dtype="fp32",
+        components=settings.base_components,
+    )
     summary = {
         "name": base.name,
         "kind": base.ref.kind,

@@ -153,3 +153,10 @@ class BaseModelError(LoraswapError):
     """The base model cannot be found, built or loaded."""
 
     type = "base_model_error"
+
+
+class MissingComponents(BaseModelError):
+    """A single-file checkpoint lacks pipeline components (text encoders, VAE, tokenizers) and no
+    diffusers folder was named to supply them (``--base-components``)."""
+
+    type = "base_model_components_missing"

@@ -4,7 +4,9 @@ Specs: ``tiny-sd`` (the embedded pretrained model, installed from the package on
 ``$LORASWAP_HOME/models``), ``tiny-sd-random`` (the same architecture with random weights),
 ``tiny-sdxl-random`` (an SDXL-shaped random model), ``tiny-sd-inpaint-random`` (a 9-channel inpainting
 UNet), a local diffusers folder (has ``model_index.json``;
-SD1.x, SD2.x or SDXL, see ``basemodel.families``), or a single-file SD1.x ``.safetensors`` checkpoint.
+SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux.1, see ``basemodel.families``), or a single-file ``.safetensors``
+checkpoint (SD1.x/SDXL LDM layout, SAI's SD3 layout, BFL's or ComfyUI's Flux layout; what an SD3/Flux
+file lacks comes from a ``components`` diffusers folder, ``--base-components``).
 Nothing is ever downloaded, and pickle checkpoints (``.ckpt``/``.pt``/``.bin``/``.pth``) are refused
 unopened.
 """
@@ -121,12 +123,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_pipeline(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> Pipeline:
-    """Load a pipeline from local files only; never touches the network."""
+def load_pipeline(
+    ref: BaseModelRef, dtype: torch.dtype = torch.float32, components: Path | None = None
+) -> Pipeline:
+    """Load a pipeline from local files only; never touches the network. ``components``: the diffusers
+    folder that completes a single-file SD3/Flux checkpoint (ignored for a diffusers folder)."""
     if ref.kind == "single_file":
         from basemodel.single_file import load_single_file
 
-        pipe: Pipeline = load_single_file(ref.path, torch_dtype=dtype)
+        pipe: Pipeline = load_single_file(ref.path, torch_dtype=dtype, components=components)
     else:
         family = detect_folder(ref.path)
         extra = family.load_kwargs(read_index(ref.path))
@@ -192,12 +197,15 @@ def load_base_model(
     dtype: str = "auto",
     attention: str = "auto",
     text_encoder_device: TextEncoderDevice = "cuda",
+    components: Path | None = None,
 ) -> BaseModel:
+    """Load ``spec`` (``resolve_base_model``) on ``device``; ``components`` completes a single-file SD3 or
+    Flux checkpoint that lacks text encoders, tokenizers or the VAE (``--base-components``)."""
     ref = resolve_base_model(spec, models_dir)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     log.info("loading base model %s (%s) on %s/%s", ref.name, ref.kind, torch_device, torch_dtype)
-    pipe = load_pipeline(ref, torch_dtype)
+    pipe = load_pipeline(ref, torch_dtype, components)
     pipe.to(torch_device)
     family = detect_pipeline(pipe)
     family.after_load(pipe)

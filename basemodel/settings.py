@@ -26,6 +26,12 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".loraswap"), description="State directory: models, adapters, caches.")
     base_model: str = Field("tiny-sd", description="'tiny-sd', a diffusers folder or a .safetensors file.")
+    base_components: Path | None = Field(
+        None,
+        description="A diffusers folder of the base model's family that supplies what a single-file SD3 "
+        "or Flux checkpoint lacks (text encoders, tokenizers, VAE), as diffusers' from_pretrained(folder, "
+        "transformer=...) does. See docs/models.md.",
+    )
     device: Device = "auto"
     dtype: DType = "auto"
     attention: Attention = "auto"
@@ -86,7 +92,7 @@ class Settings(BaseSettings):
     )
     strict_base: bool = Field(False, description="Refuse adapters not recorded against this exact base.")
 
-    @field_validator("store", "s3_endpoint_url", mode="before")
+    @field_validator("store", "s3_endpoint_url", "base_components", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -1,7 +1,12 @@
-"""Load a single-file SD1.x or SDXL checkpoint (A1111/CivitAI style, LDM/SGM key layout) fully offline.
+"""Load a single-file checkpoint fully offline: SD1.x or SDXL (A1111/CivitAI style, LDM/SGM key layout),
+SD3/SD3.5 (SAI's layout) or Flux.1 (BFL's and ComfyUI's layouts).
 
 The file must be ``.safetensors``: nothing is ever unpickled. Its family is detected from its keys
-(``basemodel.families.detect_checkpoint``). Component configs come from a local diffusers-format
+(``basemodel.families.detect_checkpoint``). The transformer families' files are loaded by their family
+modules (``TRANSFORMER_LOADERS``: ``basemodel.families.sd3.single_file``,
+``basemodel.families.flux.single_file``, on ``basemodel.single_file_mmdit``), completed from a diffusers
+folder (``components``: ``--base-components``) when the file lacks text encoders or the VAE; the rest of
+this docstring is about the UNet families. Component configs come from a local diffusers-format
 folder (by default the shipped ``configs/sd15`` or ``configs/sdxl``: the released models' own configs,
 no weights) and the CLIP tokenizers (ViT-L/14 and OpenCLIP ViT-bigG share the BPE) are rebuilt from
 the vendored OpenAI BPE merges, so the Hub is never contacted. Weights are converted with diffusers'
@@ -12,7 +17,7 @@ LDM→diffusers helpers and loaded strictly: a missing, unexpected or misshapen 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +31,11 @@ from safetensors import safe_open
 
 from basemodel.errors import BaseModelError, UnsafeFormat
 from basemodel.families import FAMILIES, detect_checkpoint, read_json
+from basemodel.families.flux import single_file as flux_single_file
 from basemodel.families.sd1 import SD1
+from basemodel.families.sd3 import single_file as sd3_single_file
 from basemodel.families.sdxl.single_file import SDXL_COMPONENTS, assemble_sdxl
+from basemodel.single_file_mmdit import read_header
 from basemodel.single_file_parts import (
     CLIP_PREFIX,
     COMPONENT_PREFIXES,
@@ -49,6 +57,7 @@ __all__ = [
     "LAYOUTS",
     "SD15_CONFIG_DIR",
     "SDXL_CONFIG_DIR",
+    "TRANSFORMER_LOADERS",
     "build_clip_tokenizer",
     "load_single_file",
     "load_tokenizer",
@@ -73,22 +82,28 @@ OTHER_LAYOUTS: tuple[tuple[str, str], ...] = (
         "conditioner.embedders.",
         "an SDXL-style checkpoint without both text encoders (conditioner.embedders.*)",
     ),
-    ("model.diffusion_model.joint_blocks.", "an SD3 checkpoint (joint_blocks keys)"),
-    ("model.diffusion_model.double_blocks.", "a Flux checkpoint (double_blocks keys)"),
-    ("double_blocks.", "a Flux checkpoint (double_blocks keys)"),
+    ("model.diffusion_model.joint_blocks.", "an SD3-like checkpoint without SD3's first joint block"),
+    ("model.diffusion_model.double_blocks.", "a Flux-like checkpoint without Flux.1's first double block"),
+    ("double_blocks.", "a Flux-like checkpoint without Flux.1's first double block"),
     ("lora_unet_", "a LoRA adapter (lora_unet_* keys), not a base model"),
     ("lora_te", "a LoRA adapter (lora_te* keys), not a base model"),
 )
 
 
 def load_single_file(
-    path: Path, torch_dtype: torch.dtype = torch.float32, config_dir: Path | None = None
+    path: Path,
+    torch_dtype: torch.dtype = torch.float32,
+    config_dir: Path | None = None,
+    components: Path | None = None,
 ) -> Any:
-    """Load an SD1.x or SDXL LDM/SGM-layout ``.safetensors`` checkpoint as its family's pipeline, offline.
+    """Load a ``.safetensors`` checkpoint as its family's pipeline, offline.
 
-    ``config_dir`` is a diffusers-format folder whose component configs (``unet``, ``vae``, the text
-    encoder(s), ``scheduler``, the tokenizer(s)) describe the checkpoint; it defaults to the shipped
-    configs of the checkpoint's family. Only its configs and tokenizers are read, never weights.
+    SD1.x/SDXL: ``config_dir`` is a diffusers-format folder whose component configs (``unet``, ``vae``, the
+    text encoder(s), ``scheduler``, the tokenizer(s)) describe the checkpoint; it defaults to the shipped
+    configs of the checkpoint's family. Only its configs and tokenizers are read. Their files hold every
+    component, so ``components`` is not used for them.
+    SD3/Flux: ``components`` (else ``config_dir``) is a diffusers folder of the family that supplies what
+    the file lacks, as ``FluxPipeline.from_pretrained(folder, transformer=...)`` does.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -99,7 +114,13 @@ def load_single_file(
     if not path.is_file():
         raise BaseModelError(f"checkpoint {path} not found", detail={"path": str(path)})
     keys = _read_keys(path)
-    layout = _layout_of(path, keys)
+    family = _family_of(path, keys)
+    if family in TRANSFORMER_LOADERS:
+        with _readable(path):
+            header = read_header(path)
+        folder = components if components is not None else config_dir
+        return TRANSFORMER_LOADERS[family](path, header, torch_dtype, folder)
+    layout = LAYOUTS[family]
     config_dir = Path(config_dir) if config_dir is not None else layout.config_dir
     unet_config = read_json(config_dir / "unet" / "config.json")
     state = _read_checkpoint(path, layout, unet_config)
@@ -142,6 +163,12 @@ LAYOUTS = {
     "sd1": Layout(SD15_CONFIG_DIR, COMPONENT_PREFIXES, _assemble_sd1),
     "sdxl": Layout(SDXL_CONFIG_DIR, SDXL_COMPONENTS, assemble_sdxl),
 }
+# The transformer families: (path, {key: shape}, dtype, components folder or None) → pipeline
+TransformerLoader = Callable[[Path, Mapping[str, tuple[int, ...]], torch.dtype, Path | None], Any]
+TRANSFORMER_LOADERS: dict[str, TransformerLoader] = {
+    "sd3": sd3_single_file.load,
+    "flux": flux_single_file.load,
+}
 
 
 def _read_keys(path: Path) -> list[str]:
@@ -165,26 +192,26 @@ def _readable(path: Path) -> Iterator[None]:
 
 def _refusal(path: Path, found: str) -> BaseModelError:
     return BaseModelError(
-        f"{path.name} is not an SD1.x or SDXL checkpoint: detected {found}",
+        f"{path.name} is not an SD1.x, SDXL, SD3/SD3.5 or Flux.1 checkpoint: detected {found}",
         detail={"path": str(path), "detected": found},
         hint=HINT,
     )
 
 
-def _layout_of(path: Path, keys: list[str]) -> Layout:
-    """The layout of the checkpoint's family; other families and layouts are refused by name. A file
+def _family_of(path: Path, keys: list[str]) -> str:
+    """The name of the checkpoint's family; other families and layouts are refused by name. A file
     no family claims is checked as SD1.x's, whose messages then say which component is missing."""
     if not keys:
         raise _refusal(path, "an empty file (no tensors)")
     family = detect_checkpoint(keys)
     if family is not None:
-        if family.name not in LAYOUTS:
+        if family.name not in LAYOUTS and family.name not in TRANSFORMER_LOADERS:
             raise _refusal(path, family.checkpoint_description)
-        return LAYOUTS[family.name]
+        return family.name
     for prefix, layout in OTHER_LAYOUTS:
         if any(key.startswith(prefix) for key in keys):
             raise _refusal(path, layout)
-    return LAYOUTS[LOADS.name]
+    return LOADS.name
 
 
 def _read_checkpoint(path: Path, layout: Layout, unet_config: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,10 @@ the other way, from the UNet's and VAE's configs, so that a checkpoint written h
           ``attn.in_proj_*``, layer_norm1/2 → ln_1/2, mlp.fc1/fc2 → mlp.c_fc/c_proj, the projection
           transposed as ``text_projection``).
 
-SD2.x's OpenCLIP-H encoder is not written (SD2 merges are written as diffusers folders).
+SD2.x's OpenCLIP-H encoder is not written (SD2 merges are written as diffusers folders). SD3/SD3.5 and
+Flux.1 pipelines are written by their families (``basemodel.families.sd3.single_file.to_single_file``:
+SAI's layout; ``basemodel.families.flux.single_file.to_single_file``: ComfyUI's all-in-one layout);
+``pipeline_to_single_file`` picks the writer by the pipeline's family.
 """
 
 from __future__ import annotations
@@ -203,6 +206,39 @@ def open_clip_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     for key, parts in fused.items():
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return {SDXL_OPENCLIP_PREFIX + key: tensor for key, tensor in out.items()}
+
+
+def text_encoder_to_file(model: torch.nn.Module, prefix: str, *, clip: bool) -> dict[str, torch.Tensor]:
+    """A transformers text encoder in its own names under ``prefix`` (ComfyUI's and SAI's
+    ``text_encoders.<name>.transformer.`` layout; CLIP's under ``text_model.``). CLIP's position ids and
+    T5's second reference to its tied token embedding are left out (loaders restore both)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith("position_ids") or key == "encoder.embed_tokens.weight":
+            continue
+        nested = clip and not key.startswith(("text_model.", "text_projection."))
+        out[prefix + ("text_model." if nested else "") + key] = tensor
+    return out
+
+
+# the families whose single files are written here and load back through ``basemodel.single_file``
+WRITABLE_FAMILIES = ("sd1", "sdxl", "sd3", "flux")
+
+
+def pipeline_to_single_file(pipe: Any) -> dict[str, torch.Tensor]:
+    """The pipeline in its family's single-file layout: SD1.x's LDM, SDXL's SGM, SD3's SAI layout or
+    Flux's ComfyUI all-in-one layout (a family outside ``WRITABLE_FAMILIES`` is ``NotSupported``)."""
+    from basemodel.families import detect_pipeline
+    from basemodel.families.flux import single_file as flux_file
+    from basemodel.families.sd3 import single_file as sd3_file
+
+    writers = {"sd3": sd3_file.to_single_file, "flux": flux_file.to_single_file}
+    family = detect_pipeline(pipe).name
+    if family not in WRITABLE_FAMILIES:
+        raise NotSupported(
+            f"single-file output is not written for {family} models", hint="Use --format diffusers."
+        )
+    return writers[family](pipe) if family in writers else pipeline_to_ldm(pipe)
 
 
 def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:

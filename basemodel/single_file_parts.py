@@ -36,7 +36,10 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 COMPONENT_PREFIXES = {UNET_PREFIX: "UNet", VAE_PREFIX: "VAE", CLIP_PREFIX: "CLIP text encoder"}
-HINT = "Pass an SD1.x (SD1.4/1.5) or SDXL text-to-image checkpoint in .safetensors, or a diffusers folder."
+HINT = (
+    "Pass an SD1.x (SD1.4/1.5), SDXL, SD3/SD3.5 or Flux.1 text-to-image checkpoint in .safetensors, or a "
+    "diffusers folder."
+)
 
 
 def clip_text_encoder(
@@ -128,9 +131,15 @@ def _convert_clip(state: dict[str, torch.Tensor], prefix: str, nested: bool) -> 
 
 
 def assign_weights(
-    model: torch.nn.Module, state: dict[str, Any], component: str, path: Path, dtype: torch.dtype
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    component: str,
+    path: Path,
+    dtype: torch.dtype,
+    hint: str = HINT,
 ) -> None:
-    """Load ``state`` into a meta-initialised model strictly, with a readable error on any mismatch."""
+    """Load ``state`` into a meta-initialised model strictly, with a readable error on any mismatch.
+    ``state``'s tensors are replaced by their ``dtype`` casts."""
     expected = model.state_dict()
     given = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(expected) - set(given))
@@ -149,7 +158,10 @@ def assign_weights(
         raise BaseModelError(
             f"{path.name}: the {component} weights do not match the model config: {'; '.join(problems)}",
             detail={"path": str(path), "component": component},
-            hint=HINT,
+            hint=hint,
         )
-    model.load_state_dict({k: v.to(dtype) for k, v in given.items()}, strict=True, assign=True)
+    for key in given:  # cast one tensor at a time, dropping the original from ``state`` as it goes, so a
+        # bf16 file loaded as fp16 never holds two copies of the whole model in host memory
+        state[key] = given[key] = given[key].to(dtype)
+    model.load_state_dict(given, strict=True, assign=True)
     model.eval()  # these models hold no float buffers, so the assigned tensors set the dtype

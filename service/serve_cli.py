@@ -22,6 +22,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--base-model", help="'tiny-sd', a diffusers folder or a .safetensors checkpoint")
+    serve.add_argument(
+        "--base-components",
+        type=Path,
+        help="diffusers folder that supplies what a single-file SD3/Flux checkpoint lacks (text encoders, "
+        "tokenizers, VAE); see docs/models.md",
+    )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
     serve.add_argument("--attention", choices=["auto", "sdpa", "xformers"])
@@ -127,6 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
             "host",
             "port",
             "base_model",
+            "base_components",
             "device",
             "dtype",
             "attention",

@@ -6,7 +6,9 @@ A family is detected from the model, never from its file name: for a diffusers f
 "text_time"`` for SDXL, ``cross_attention_dim`` 1024 for SD2.x, ``joint_attention_dim`` for SD3,
 ``guidance_embeds`` telling Flux-dev from schnell) and for a single-file checkpoint from its keys
 (``conditioner.embedders.1.`` → SDXL, OpenCLIP ``cond_stage_model.model.`` → SD2.x,
-``cond_stage_model.transformer.`` → SD1.x, each beside ``model.diffusion_model.``).
+``cond_stage_model.transformer.`` → SD1.x, each beside ``model.diffusion_model.``; SAI's
+``joint_blocks.0.context_block.…`` → SD3, BFL's ``double_blocks.0.img_attn.norm.key_norm.scale`` → Flux,
+bare or under ``model.diffusion_model.``).
 
 Adding a family (Flux.2, Qwen-Image …) means adding a module with a ``ModelFamily`` subclass and
 listing it in ``FAMILIES``; detection asks the families in that order and the first that claims a
@@ -149,13 +151,10 @@ def detect_pipeline(pipe: Any) -> ModelFamily:
 
 
 def detect_checkpoint(keys: Iterable[str]) -> ModelFamily | None:
-    """The family of a single-file (LDM/SGM-layout) checkpoint from its keys; None when none matches."""
-    keys = list(keys)
-    for family in FAMILIES:
-        markers = family.checkpoint_markers
-        if markers and all(any(key.startswith(marker) for key in keys) for marker in markers):
-            return family
-    return None
+    """The family of a single-file checkpoint (LDM/SGM, SAI or BFL layout) from its keys; None when
+    none matches."""
+    names = set(keys)
+    return next((family for family in FAMILIES if family.claims_checkpoint(names)), None)
 
 
 def kohya_components() -> dict[str, str]:

@@ -28,7 +28,7 @@ family branch. Code outside ``basemodel/families/`` asks the family object inste
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -145,6 +145,8 @@ class ModelFamily:
     # key prefixes that together identify this family's single-file (LDM/SGM) checkpoints, and in words
     checkpoint_markers: ClassVar[tuple[str, ...]]
     checkpoint_description: ClassVar[str]
+    # or: exact keys any one of which identifies them (diffusers' ``CHECKPOINT_KEY_NAMES`` for SD3, Flux)
+    checkpoint_keys: ClassVar[tuple[str, ...]] = ()
     modelspec: ClassVar[str]
     kohya_version: ClassVar[str]
     # whether textual-inversion embeddings (``basemodel.textual_inversion``) can be used in its prompts
@@ -172,6 +174,14 @@ class ModelFamily:
         """What in a model claimed by its pipeline class contradicts this family (empty: consistent)."""
         missing = [name for name in (self.denoiser, *self.text_encoders) if name not in signals.components]
         return [f"it has no {' or '.join(missing)}"] if signals.components and missing else []
+
+    def claims_checkpoint(self, keys: Collection[str]) -> bool:
+        """Whether a single-file checkpoint with these tensor names is this family's: one of
+        ``checkpoint_keys``, or every ``checkpoint_markers`` prefix."""
+        if any(key in keys for key in self.checkpoint_keys):
+            return True
+        markers = self.checkpoint_markers
+        return bool(markers) and all(any(key.startswith(marker) for key in keys) for marker in markers)
 
     # -- loading -----------------------------------------------------------------------------------
     def pipeline_class(self) -> type[Any]:

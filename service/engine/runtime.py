@@ -401,4 +401,5 @@ def _default_loader(settings: Settings) -> BaseModel:
         dtype=settings.dtype,
         attention=settings.attention,
         text_encoder_device=settings.text_encoder_device,
+        components=settings.base_components,
     )

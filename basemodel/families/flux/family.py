@@ -53,7 +53,12 @@ class Flux(FlowMatchFamily):
     # sd-scripts' key prefixes for Flux (community layouts: ``community_lora``)
     kohya_prefixes = {}
     checkpoint_markers = ()
-    checkpoint_description = "a Flux.1 checkpoint"
+    # diffusers' ``CHECKPOINT_KEY_NAMES`` marker, bare (BFL/SAI) or under ComfyUI's prefix
+    checkpoint_keys = (
+        "double_blocks.0.img_attn.norm.key_norm.scale",
+        "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale",
+    )
+    checkpoint_description = "a Flux.1 checkpoint (double_blocks keys)"
     modelspec = "flux-1-dev"
     kohya_version = "flux1"
     trainable = True

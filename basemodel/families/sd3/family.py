@@ -52,7 +52,12 @@ class SD3(FlowMatchFamily):
     # sd-scripts' SD3 key prefixes come with ``community_lora``
     kohya_prefixes = {}
     checkpoint_markers = ()
-    checkpoint_description = "an SD3 checkpoint"
+    # diffusers' ``CHECKPOINT_KEY_NAMES`` marker, bare (BFL/SAI) or under ComfyUI's prefix
+    checkpoint_keys = (
+        "joint_blocks.0.context_block.adaLN_modulation.1.bias",
+        "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+    )
+    checkpoint_description = "an SD3 checkpoint (joint_blocks keys)"
     modelspec = "stable-diffusion-3"
     kohya_version = "sd3"
     trainable = True
