@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     adapter_cache_device_mb: int = Field(1024, ge=1, description="Device tier (ready-to-run adapters).")
     adapter_cache_host_mb: int = Field(4096, ge=1, description="Host RAM tier (pinned on CUDA).")
     adapter_cache_disk_mb: int = Field(20480, ge=1, description="Local disk copies of remote blobs.")
+    adapter_load_pool_mb: int = Field(
+        256,
+        ge=0,
+        description="Free CPU memory kept for cold loads on a CPU model: the read buffers and fp32 copies "
+        "of evicted adapters are reused, so a cold load writes into memory already faulted in (0: off).",
+    )
     adapter_cache_dir: Path | None = Field(
         None, description="Disk tier folder (default <home>/cache/adapters; one per Ray Serve replica)."
     )

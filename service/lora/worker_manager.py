@@ -76,6 +76,7 @@ class AdapterManager:
                 device_bytes=settings.adapter_cache_device_mb * MIB,
                 host_bytes=settings.adapter_cache_host_mb * MIB,
                 disk_bytes=settings.adapter_cache_disk_mb * MIB,
+                pool_bytes=settings.adapter_load_pool_mb * MIB,
             ),
             settings.adapter_cache_dir or settings.home / "cache" / "adapters",
             metrics,
