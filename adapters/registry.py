@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapters.buffers import BufferPool
 from adapters.errors import AdapterCorrupt, AdapterInvalid, AdapterNotFound, StoreError
 from adapters.format import (
     DEFAULT_LIMITS,
@@ -129,17 +128,11 @@ class LoadedAdapter:
     files: FileTensors | None = None
 
     def materialise(
-        self,
-        device: torch.device,
-        dtype: torch.dtype,
-        *,
-        non_blocking: bool = False,
-        pool: BufferPool | None = None,
+        self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
     ) -> dict[str, torch.Tensor]:
-        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region, or at once
-        into a buffer of ``pool``)."""
+        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region)."""
         if self.files is not None:
-            return self.files.materialise(device, dtype, non_blocking=non_blocking, pool=pool)
+            return self.files.materialise(device, dtype, non_blocking=non_blocking)
         return {
             k: t.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, t in self.tensors.items()
         }

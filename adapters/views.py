@@ -113,26 +113,15 @@ class FileTensors:
     spans: dict[str, tuple[int, int, tuple[int, ...]]]
 
     def materialise(
-        self,
-        device: torch.device,
-        dtype: torch.dtype,
-        *,
-        non_blocking: bool = False,
-        pool: BufferPool | None = None,
+        self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
     ) -> dict[str, torch.Tensor]:
         """Every tensor on ``device`` in ``dtype``: one conversion/copy per run of ``CHUNK_ELEMENTS`` of
         the region, then views of it (nothing is copied when the region already has that device and
-        dtype). With a ``pool`` (CPU only), the whole region is converted in one copy into a buffer of
-        the pool: memory that recycled buffers have already faulted in."""
+        dtype)."""
         if self.region is None:
             tensors = self.tensors.items()
             return {k: t.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, t in tensors}
         region, out = self.region, {}
-        if pool is not None and device.type == "cpu" and region.dtype != dtype:
-            size = torch.empty((), dtype=dtype).element_size()
-            converted = pool.take(region.numel() * size).view(dtype)
-            converted.copy_(region)
-            return _split(converted, self.spans)
         for start, count, group in _chunks(self.spans):
             piece = region[start : start + count].to(device=device, dtype=dtype, non_blocking=non_blocking)
             out.update(_split(piece, group, origin=start))

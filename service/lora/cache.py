@@ -337,14 +337,21 @@ class AdapterCache:
             self._hit("host")
             source = "host"
         non_blocking = self.device.type == "cuda"
+        # on a CPU model LoRA pairs stay views of the file read, in its dtype (``DeviceAdapter.build``)
+        compact = self.device.type == "cpu"
+        if compact:
+            tensors = host.loaded.tensors
+        else:
+            tensors = host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking)
         adapter = DeviceAdapter.build(
             f"{version.adapter_id}@{version.version}",
-            host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking, pool=self.buffers),
+            tensors,
             self.targets,
             self.device,
             self.dtype,
             non_blocking=non_blocking,
             base_weight=self.base_weight,
+            compact=compact,
         )
         self.metrics.adapter_load.labels(source=source).observe(time.perf_counter() - started)
         with self._lock:

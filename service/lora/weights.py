@@ -49,8 +49,13 @@ class DeviceAdapter:
         *,
         non_blocking: bool = False,
         base_weight: Callable[[str], torch.Tensor] | None = None,
+        compact: bool = False,
     ) -> DeviceAdapter:
-        """Canonical tensors (``<module>.lora_A.weight`` / ``lora_B``, or a LyCORIS kind's roles) → layers."""
+        """Canonical tensors (``<module>.lora_A.weight`` / ``lora_B``, or a LyCORIS kind's roles) → layers.
+
+        ``compact`` (a CPU model): LoRA pairs already on ``device`` in a dtype no wider than ``dtype``
+        stay as they are (a 16-bit file's views on an fp32 model: no conversion at load, half the
+        memory); their layers cast them per call, exactly. Other kinds are built in ``dtype``."""
         modules: dict[str, Layer] = {}
         lycoris: dict[str, dict[str, torch.Tensor]] = {}
         placed = torch.empty(0, device=device).device  # normalised: "cuda" → "cuda:0"
@@ -61,11 +66,15 @@ class DeviceAdapter:
                 return tensor
             return tensor.to(device=device, dtype=dtype, non_blocking=non_blocking)
 
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            narrow = tensor.device == placed and tensor.dtype.itemsize <= dtype.itemsize
+            return tensor if compact and narrow and tensor.is_floating_point() else move(tensor)
+
         for name, tensor in tensors.items():
             if name.endswith(SUFFIX_A):
                 module_name = name[: -len(SUFFIX_A)]
                 up = tensors[module_name + SUFFIX_B]
-                modules[module_name] = pair_for(targets[module_name], move(tensor), move(up))
+                modules[module_name] = pair_for(targets[module_name], keep(tensor), keep(up))
                 continue
             if name.endswith(SUFFIX_B):  # built with its lora_A
                 continue

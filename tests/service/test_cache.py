@@ -223,8 +223,8 @@ def _storages(adapter: Any) -> set[int]:
 def test_cold_loads_recycle_memory_only_once_nothing_uses_it(
     base_model: Any, manager: LoRAModelManager, lora_bytes: list[bytes], tmp_path: Path
 ) -> None:
-    """A CPU cold load reuses the read buffer and converted tensors of an evicted adapter, never
-    those of one a request still holds, and loads the same values as without the pool."""
+    """A CPU cold load reads into the buffer of an evicted adapter, never into one a request still
+    holds (its LoRA pairs are views of it), and serves the same values as a plain load."""
     from safetensors.torch import load
 
     from adapters.buffers import BufferPool
@@ -243,8 +243,15 @@ def test_cold_loads_recycle_memory_only_once_nothing_uses_it(
         return DeviceAdapter.build("ref", tensors, manager.targets, torch.device("cpu"), torch.float32)
 
     def same(adapter: DeviceAdapter, reference: DeviceAdapter) -> bool:
+        """Compact (fp16 views) and the plain fp32 build compute the same update."""
         pairs = [(layer, reference.modules[name]) for name, layer in adapter.modules.items()]
-        return all(torch.equal(a.down, b.down) and torch.equal(a.up, b.up) for a, b in pairs)
+        linear = [(a, b, torch.randn(3, a.down.shape[1])) for a, b in pairs if a.down.dim() == 2]
+        return (
+            bool(linear)
+            and all(a.down.dtype == torch.float16 and b.down.dtype == torch.float32 for a, b in pairs)
+            and all(torch.equal(a.dense_delta(), b.dense_delta()) for a, b in pairs)
+            and all(torch.equal(a.delta(x), b.delta(x)) for a, b, x in linear)
+        )
 
     first = cache.load_blocking(versions[0])  # a request still running with it keeps this reference
     cache.drop(lambda _key: True)
@@ -257,5 +264,5 @@ def test_cold_loads_recycle_memory_only_once_nothing_uses_it(
     third = cache.load_blocking(versions[2])
     assert _storages(third) <= recycled | _storages(second) and _storages(third) & recycled
     assert same(third, fresh(2))
-    assert cache.buffers.stats.taken == 6 and cache.buffers.stats.reused == 3  # 2nd, 3rd reads; 3rd copy
+    assert cache.buffers.stats.taken == 3 and cache.buffers.stats.reused == 1  # the third read
     cache.close()

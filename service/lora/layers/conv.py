@@ -25,8 +25,11 @@ class ConvLoRA:
         return cls(down.contiguous(), up.contiguous(), module.stride, module.padding, module.dilation)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.conv2d(x, self.down, None, self.stride, self.padding, self.dilation)
-        return F.conv2d(hidden, self.up)
+        down, up = self.down, self.up
+        if down.dtype != x.dtype:  # a compact pair (16-bit file, fp32 CPU model): the cast is exact
+            down, up = down.to(x.dtype), up.to(x.dtype)
+        hidden = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(hidden, up)
 
     def dense_delta(self) -> torch.Tensor:
         """The kernel of ``conv(conv(x, A), B)`` with B 1×1, in fp32, shaped like the base conv's weight:

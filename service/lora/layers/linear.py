@@ -21,7 +21,10 @@ class LinearLoRA:
         return cls(down.contiguous(), up.contiguous())
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.down), self.up)
+        down, up = self.down, self.up
+        if down.dtype != x.dtype:  # a compact pair (16-bit file, fp32 CPU model): the cast is exact
+            down, up = down.to(x.dtype), up.to(x.dtype)
+        return F.linear(F.linear(x, down), up)
 
     def dense_delta(self) -> torch.Tensor:
         """``B @ A`` in fp32: [out, in]."""
