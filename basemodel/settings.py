@@ -169,8 +169,8 @@ class Settings(BaseSettings):
     adapter_load_pool_mb: int = Field(
         256,
         ge=0,
-        description="Free CPU memory kept for cold loads on a CPU model: the read buffers and fp32 copies "
-        "of evicted adapters are reused, so a cold load writes into memory already faulted in (0: off).",
+        description="Free CPU memory kept for cold loads on a CPU model: the read buffers of evicted "
+        "adapters are reused, so a cold load reads into memory already faulted in (0: off).",
     )
     adapter_cache_dir: Path | None = Field(
         None, description="Disk tier folder (default <home>/cache/adapters; one per Ray Serve replica)."
