@@ -141,10 +141,14 @@ def cold_breakdown(bench: Bench, version: AdapterVersion) -> dict[str, float]:
     non_blocking = bench.device.type == "cuda"
 
     def build() -> DeviceAdapter:
-        tensors = files.materialise(bench.device, bench.dtype, non_blocking=non_blocking)
+        """As the cache builds: on a CPU the LoRA pairs stay views of the buffer (``compact``), on CUDA
+        the region is converted and uploaded."""
+        compact = bench.device.type == "cpu"
+        device, dtype = bench.device, bench.dtype
+        tensors = files.tensors if compact else files.materialise(device, dtype, non_blocking=True)
         targets = bench.manager.targets
         return DeviceAdapter.build(
-            "x", tensors, targets, bench.device, bench.dtype, non_blocking=non_blocking
+            "x", tensors, targets, bench.device, bench.dtype, non_blocking=non_blocking, compact=compact
         )
 
     step["device_build"] = timed(build, bench.device)
