@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from adapters.records import AdapterVersion
-from service.lora.cache import AdapterCache
+from service.lora.cache import AdapterCache, key_of
 from service.lora.model_manager import ActiveLoRA, LoRAModelManager
 from service.lora.weights import DeviceAdapter
 
 from .fixtures import Bench, assert_no_peft_layers, phase
-from .machine import log
+from .machine import log, peak_rss_bytes, release_memory
 from .report import fmt_s
 from .timing import Variant, fixed, flatness, median, rounds, time_repeats, timed
 
@@ -26,8 +26,10 @@ Samples = dict[int, list[float]]  # per resident count
 
 NOTE = (
     "ours_activate = entering + leaving manager.activate([ActiveLoRA(adapter, 1.0)]) for the "
-    "next resident adapter (the per-request cost in the worker); the acquire path adds "
-    "AdapterCache.acquire (device hit) + release, run in an asyncio loop"
+    "next resident adapter (the per-request cost in the worker; with 1 resident the same adapter "
+    "again, which costs what a switch between adapters on the same modules does); the acquire path "
+    "adds AdapterCache.acquire (device hit) + release, run in an asyncio loop. One cache, grown "
+    "to each resident count (1 → max) and dropped back (max → 1), half the samples each way"
 )
 
 
@@ -37,6 +39,8 @@ def bench_switch(bench: Bench) -> None:
         theirs, load_times = diffusers_switches(bench, counts)
         unload_all = timed(bench.pipe.unload_lora_weights, bench.device)
         assert_no_peft_layers(bench)
+        release_memory()  # diffusers' adapters go before ours are built: the peak holds one engine's
+        out["peak_rss_diffusers_bytes"] = peak_rss_bytes()
         activate, acquire = our_switches(bench, counts)
         for count in counts:
             log(
@@ -87,30 +91,54 @@ def set_adapter(pipe: Any, names: Sequence[str], call: int) -> None:
 
 
 def our_switches(bench: Bench, counts: Sequence[int]) -> tuple[Samples, Samples]:
-    """One cache per resident count, holding exactly ``count`` device-resident adapters; the counts are
-    sampled round-robin so load swings on a shared machine hit every count alike.
+    """One cache, grown to each resident count in turn and dropped back: at every count it holds exactly
+    that many device-resident adapters, and no more than the largest count's are ever in memory (one
+    cache per count held 1 + 4 + 16 + 64: 85 adapters, 7.8 GiB on SD3.5 medium in fp32). Half of a
+    count's samples are taken on the way up (1 → 64) and the rest on the way down (64 → 1), so a load
+    drift on a shared machine reaches every count alike.
 
     Returns seconds per switch: ``activate`` alone, and acquire + activate + release."""
     s = bench.sizes
-    caches = []
-    variants: list[Variant[tuple[str, int]]] = []
-    for count in counts:
-        cache = bench.device_only_cache()
-        caches.append(cache)
-        versions = bench.versions[:count]
-        pool = [cache.load_blocking(v) for v in versions]
-        switch = partial(activate_loop, bench.manager, pool, s.switch_loops)
-        path = partial(acquire_loop, cache, bench.manager, versions, s.acquire_loops)
-        switch()  # warm-up
-        asyncio.run(path())
-        variants.append((("activate", count), partial(per_loop, switch, bench.device, s.switch_loops)))
-        variants.append((("acquire", count), partial(run_acquire_path, path)))
-    samples = rounds(variants, s.switch_samples, order=fixed)
-    for cache in caches:
+    cache = bench.device_only_cache()
+    pool: list[DeviceAdapter] = []
+    activate: Samples = {count: [] for count in counts}
+    acquire: Samples = {count: [] for count in counts}
+    up = (s.switch_samples + 1) // 2
+    try:
+        for count, samples in [(c, up) for c in counts] + [(c, s.switch_samples - up) for c in counts[::-1]]:
+            pool += [cache.load_blocking(v) for v in bench.versions[len(pool) : count]]
+            del pool[count:]
+            surplus = set(cache.resident()) - {key_of(v) for v in bench.versions[:count]}
+            cache.drop(surplus.__contains__)
+            assert len(cache.resident()) == count
+            sample_count(bench, cache, pool, samples, activate[count], acquire[count])
+    finally:
         cache.close()
-    activate = {count: samples["activate", count] for count in counts}
-    acquire = {count: samples["acquire", count] for count in counts}
     return activate, acquire
+
+
+def sample_count(
+    bench: Bench,
+    cache: AdapterCache,
+    pool: Sequence[DeviceAdapter],
+    samples: int,
+    activate: list[float],
+    acquire: list[float],
+) -> None:
+    """``samples`` rounds of both measures with ``pool`` (the cache's resident adapters), after a warm-up."""
+    s = bench.sizes
+    versions = bench.versions[: len(pool)]
+    switch = partial(activate_loop, bench.manager, pool, s.switch_loops)
+    path = partial(acquire_loop, cache, bench.manager, versions, s.acquire_loops)
+    switch()  # warm-up
+    asyncio.run(path())
+    variants: list[Variant[str]] = [
+        ("activate", partial(per_loop, switch, bench.device, s.switch_loops)),
+        ("acquire", partial(run_acquire_path, path)),
+    ]
+    measured = rounds(variants, samples, order=fixed)
+    activate += measured["activate"]
+    acquire += measured["acquire"]
 
 
 def activate_loop(manager: LoRAModelManager, pool: Sequence[DeviceAdapter], loops: int) -> None:
