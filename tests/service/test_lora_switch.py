@@ -18,23 +18,23 @@ from service.lora.weights import DeviceAdapter
 MODULES = 12
 
 
-def adapter(model: nn.Sequential, key: str, seed: int) -> DeviceAdapter:
-    """A rank-2 LoRA on every Linear of ``model`` (component ``net``)."""
+def adapter(layers: list[nn.Linear], key: str, seed: int) -> DeviceAdapter:
+    """A rank-2 LoRA on every Linear (component ``net``)."""
     gen = torch.Generator().manual_seed(seed)
     modules = {
         f"net.{i}": LinearLoRA.build(
             layer, torch.randn(2, 4, generator=gen), torch.randn(4, 2, generator=gen)
         )
-        for i, layer in enumerate(model)
-        if isinstance(layer, nn.Linear)
+        for i, layer in enumerate(layers)
     }
     return DeviceAdapter(key, dict(modules))
 
 
 def test_switching_between_adapters_on_the_same_modules_keeps_one_hooked_set() -> None:
-    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(MODULES)])
+    layers = [nn.Linear(4, 4) for _ in range(MODULES)]
+    model = nn.Sequential(*layers)
     manager = LoRAModelManager({"net": model})
-    a, b = adapter(model, "a", 1), adapter(model, "b", 2)
+    a, b = adapter(layers, "a", 1), adapter(layers, "b", 2)
     x = torch.randn(3, 4)
 
     def run(active: DeviceAdapter) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_switching_between_adapters_on_the_same_modules_keeps_one_hooked_set() -
 
     def expected(active: DeviceAdapter | None) -> torch.Tensor:
         h = x
-        for i, layer in enumerate(model):
+        for i, layer in enumerate(layers):
             delta = 0.5 * active.modules[f"net.{i}"].delta(h) if active is not None else 0
             h = nn.functional.linear(h, layer.weight, layer.bias) + delta
         return h
