@@ -207,6 +207,18 @@ def switch_rows(sw: Results) -> list[Row]:
                 verdict(growth <= TARGETS["switch_flat"]),
             ]
         )
+        paired_growth = sw.get(f"{key}_flatness_paired")
+        if paired_growth is not None:  # older JSON files have no paired reference
+            rows.append(
+                [
+                    "  same, paired: per-round ratio to one adapter re-entered beside it",
+                    f"{paired_growth:.2f}×",
+                    "",
+                    "",
+                    "flat (≤1.5×)",
+                    verdict(paired_growth <= TARGETS["switch_flat"]),
+                ]
+            )
     rows.append(
         [
             f"switch cost {span} resident, diffusers set_adapters: last/first",
