@@ -18,7 +18,10 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TypeAlias, TypeVar
 
 import torch
@@ -48,6 +51,42 @@ def timed_result(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
     result = fn()
     sync(device)
     return result, time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Clocks:
+    """Where the seconds of one call went: ``wall``; ``cpu``, the process's CPU time (user + system, every
+    thread: ``time.process_time``); ``queued``, the time its threads were runnable but waited for a
+    core (Linux ``/proc/self/task/*/schedstat``; NaN elsewhere). On a shared machine the wall time
+    counts the time other processes held the cores; the CPU time does not (it still counts page faults
+    and waits on shared memory bandwidth), and ``queued`` says how much of the difference that was."""
+
+    wall: float
+    cpu: float
+    queued: float
+
+
+def queued_s() -> float:
+    """Seconds this process's live threads have waited on a run queue so far (NaN off Linux)."""
+    total = 0
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            with suppress(FileNotFoundError):  # a thread that ended meanwhile
+                total += int((task / "schedstat").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return total / 1e9
+
+
+def clocked_result(fn: Callable[[], T], device: torch.device) -> tuple[T, Clocks]:
+    """``timed_result`` with the CPU and run-queue seconds of the call (``Clocks``)."""
+    gc.collect()
+    sync(device)
+    queued, cpu, started = queued_s(), time.process_time(), time.perf_counter()
+    result = fn()
+    sync(device)
+    wall = time.perf_counter() - started
+    return result, Clocks(wall, time.process_time() - cpu, queued_s() - queued)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
