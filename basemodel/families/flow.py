@@ -65,6 +65,7 @@ class FlowMatchFamily(ModelFamily):
     flow_matching: ClassVar[bool] = True
     default_scheduler: ClassVar[str] = "euler"
     image_modes: ClassVar[frozenset[str]] = frozenset({"img2img"})
+
     # T5 takes no textual inversion: a prompt's embedding names reach it as plain words, as in diffusers
     def embedded_text(
         self, pipe: Any, text: str, embeddings: Mapping[str, Embedding] | None, rows: int

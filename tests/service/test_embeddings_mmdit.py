@@ -16,9 +16,6 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from adapters.identity import BaseIdentity
-from adapters.registry import Registry
-from adapters.sources import open_store
 from basemodel.loader import BaseModel
 from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
@@ -70,11 +67,23 @@ def test_flux_clip_l_takes_sd1_style_and_sdxl_clip_l_embeddings_as_load_textual_
     before = shared_state(pipe, ("text_encoder",), ("tokenizer",))
     server = start_server(loader=lambda _: flux, store=mmdit.store_with(flux, {}, tmp_path / "store"))
     created = register(server, {name: path.read_bytes() for name, path in files.items()})
-    refused = register(server, {"only-t5": save_bytes({"t5xxl": vectors(1, t5, 6)})})["only-t5"]
+    refused = register(
+        server,
+        {
+            "only-t5": save_bytes({"t5xxl": vectors(1, t5, 6)}),
+            "wide": save_bytes({"emb_params": vectors(1, width + 8, 7)}),
+            "for-sdxl": save_bytes({"text_encoder_2.embedding": vectors(1, width, 8)}),  # canonical
+        },
+    )
     assert all(r.status_code == 201 and r.json()["kind"] == "embedding" for r in created.values())
     assert created["tixl"].json()["rank"] == 2
-    assert refused.status_code == 422 and refused.json()["error"]["detail"]["reason"] == "t5_only"
-    assert "T5" in refused.json()["error"]["message"]
+    reasons = {name: (r.status_code, r.json()["error"]["detail"]["reason"]) for name, r in refused.items()}
+    assert reasons == {
+        "only-t5": (422, "t5_only"),
+        "wide": (409, "shape_mismatch"),
+        "for-sdxl": (409, "family_mismatch"),
+    }
+    assert "T5" in refused["only-t5"].json()["error"]["message"]
     with server.client() as http:
         listed = http.get("/sdapi/v1/embeddings").json()
     assert set(listed["loaded"]) == set(files) and listed["loaded"]["tixl"]["shape"] == width
@@ -89,7 +98,9 @@ def test_flux_clip_l_takes_sd1_style_and_sdxl_clip_l_embeddings_as_load_textual_
     for name in ("tione", "timulti"):
         theirs.load_textual_inversion(str(files[name]), token=name)
     clip_l = load_file(files["tixl"])["clip_l"]
-    theirs.load_textual_inversion(clip_l, token="tixl", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(
+        clip_l, token="tixl", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer
+    )
     for prompt, negative, cfg in cases:
         body = mmdit.generate(
             server, BASE, prompt=prompt, negative_prompt=negative, guidance_scale=3.5, true_cfg_scale=cfg
@@ -132,9 +143,20 @@ def test_sd3_clips_take_sdxl_embeddings_as_a_hand_built_reference(
     before = shared_state(pipe, encoders, tokenizers)
     server = start_server(loader=lambda _: sd3, store=mmdit.store_with(sd3, {}, tmp_path / "store"))
     created = register(server, {name: save_bytes(tensors) for name, tensors in files.items()})
-    one_encoder = register(server, {"sd1": save_bytes({"emb_params": vectors(1, wide["clip_l"], 7)})})["sd1"]
+    t5 = {"t5xxl": vectors(3, pipe.text_encoder_3.config.d_model, 9)}  # ComfyUI's: dropped
+    more = register(
+        server,
+        {
+            "sd1": save_bytes({"emb_params": vectors(1, wide["clip_l"], 7)}),
+            "with-t5": save_bytes({**files["timulti"], **t5}),
+        },
+    )
     assert all(r.status_code == 201 for r in created.values()), created
-    assert one_encoder.status_code == 409 and one_encoder.json()["error"]["detail"]["reason"] == "family_mismatch"
+    assert (
+        more["sd1"].status_code == 409
+        and more["sd1"].json()["error"]["detail"]["reason"] == "family_mismatch"
+    )
+    assert more["with-t5"].status_code == 201 and more["with-t5"].json()["rank"] == 3
     with server.client() as http:
         listed = http.get("/sdapi/v1/embeddings").json()
     assert listed["loaded"]["timulti"]["shape"] == sum(wide.values())
