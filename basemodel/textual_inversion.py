@@ -7,13 +7,16 @@ its vectors. diffusers' ``load_textual_inversion`` gets there by adding tokens t
 the prompt is tokenized the way the tokenizer splits around added tokens (the text between names
 tokenized on its own, one position per vector where a name stood, then truncated and padded as the
 pipeline does), and while the text encoders run, a forward hook on each encoder's token embedding
-writes the vectors at those positions. The tokenizer, the embedding table and every other request are
-untouched, and the result equals diffusers' with the same file and token.
+writes the vectors at those positions (on the encoders the family's ``embedding_parts`` feed: the
+CLIPs; T5 on SD3 and Flux reads the names as plain words, as in diffusers). The tokenizer, the
+embedding table and every other request are untouched, and the result equals diffusers' with the same
+file and token.
 
 The placeholder id at those positions is the tokenizer's start token: never the end token (CLIP pools
 its output at the first end token) and below it (checkpoints whose config still has the pre-2023
-``eos_token_id`` 2 pool at the highest id). So the pooled output (SDXL's ``text_embeds``) is read at the
-end token, as in A1111 and ComfyUI; diffusers on such a legacy config reads it at its added token's id
+``eos_token_id`` 2 pool at the highest id). So the pooled output (SDXL's and SD3's ``text_embeds``,
+Flux's ``pooled_projections``) is read at the end token, as in A1111 and ComfyUI; diffusers on such a
+legacy config reads it at its added token's id
 instead (the tiny test models and current configs are not affected).
 """
 
