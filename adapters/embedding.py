@@ -217,7 +217,7 @@ def check_against(vectors: Mapping[str, torch.Tensor], architecture: Architectur
         owners = " or ".join(label_of(f.name) for f in owners_of(extra[0])) or "another model family"
         raise AdapterIncompatible(
             f"the embedding is for {owners} base models: it has vectors for {extra[0]}, which the base "
-            f"model ({base}) lacks",
+            f"model ({base}) lacks or takes no embeddings on",
             reason="family_mismatch",
             detail={"components": extra, "base_family": architecture.family},
             hint="Use an embedding made for this base model's family.",
@@ -229,7 +229,7 @@ def check_against(vectors: Mapping[str, torch.Tensor], architecture: Architectur
             f"encodes prompts with {', '.join(missing)}",
             reason="family_mismatch",
             detail={"components": missing, "base_family": architecture.family},
-            hint=f"{base} takes embeddings with {' and '.join(sorted(_wanted(architecture)))} vectors "
+            hint=f"{base} takes embeddings with {' and '.join(_wanted(architecture))} vectors "
             "(A1111's SDXL layout); a one-encoder (SD1.x/SD2.x) embedding does not fit it.",
         )
     for encoder, tensor in vectors.items():
@@ -246,10 +246,10 @@ def check_against(vectors: Mapping[str, torch.Tensor], architecture: Architectur
             )
 
 
-def _wanted(architecture: Architecture) -> set[str]:
+def _wanted(architecture: Architecture) -> list[str]:
     """The file parts the base family takes (``clip_l``, ``clip_g`` …), for messages."""
     parts, _ = parts_of(architecture)
-    return {part for part, encoder in parts.items() if part != encoder and part != "single"}
+    return [part for part, encoder in parts.items() if part != encoder and part != "single"]
 
 
 def summary(canonical: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], str]:
