@@ -5,14 +5,20 @@ pickle, by ``adapters.format``):
 
 * A1111 SD1.x / SD2.x: one key ``emb_params`` ``[n, width]``;
 * A1111 SDXL: ``clip_l`` ``[n, 768]`` (``text_encoder``, CLIP ViT-L) and ``clip_g`` ``[n, 1280]``
-  (``text_encoder_2``, OpenCLIP ViT-bigG), the same ``n``;
+  (``text_encoder_2``, OpenCLIP ViT-bigG), the same ``n``; ComfyUI's ``t5xxl`` (or ``t5``) beside them
+  is dropped (no T5 takes embeddings here) and a file with T5 vectors only is refused (``t5_only``);
 * diffusers' ``learned_embeds.safetensors``: one key, the placeholder token (``"<cat-toy>"``, or a word
   without dots), holding
   ``[n, width]`` or a single vector ``[width]`` (older ``textual_inversion.py`` runs);
 * the canonical form below (what the registry stores and ``adapters convert --to diffusers`` writes).
 
-Canonical form: ``<component>.embedding`` ``[n, width]`` per text encoder (``text_encoder``, and
-``text_encoder_2`` on SDXL). The metadata's ``rank`` is ``n`` (the number of vectors), its
+Which text encoder takes which part is the base family's ``embedding_parts``: SD1.x/SD2.x
+``text_encoder`` takes a one-encoder file (or ``clip_l``); SDXL and SD3/SD3.5 take ``clip_l`` on
+``text_encoder`` and ``clip_g`` on ``text_encoder_2``; Flux.1's CLIP-L (``text_encoder``) takes a
+one-encoder file or ``clip_l`` and drops ``clip_g`` (``embedding_dropped``).
+
+Canonical form: ``<component>.embedding`` ``[n, width]`` per text encoder that takes it (``text_encoder``,
+and ``text_encoder_2`` on SDXL and SD3). The metadata's ``rank`` is ``n`` (the number of vectors), its
 ``target_modules`` are those keys. ``adapters convert --to kohya`` writes A1111's layout back.
 
 Checks against the base model (typed 4xx, nothing stored): every text encoder the base has must get
@@ -40,6 +46,11 @@ SUFFIX = ".embedding"
 CANONICAL = tuple(f"{encoder}{SUFFIX}" for encoder in ENCODERS)
 A1111_SINGLE = "emb_params"
 A1111_SDXL = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+# ComfyUI's key for T5-XXL vectors (SD3, Flux), and the bare name: no family's T5 takes embeddings
+T5_KEYS = ("t5xxl", "t5")
+NAMED = {*A1111_SDXL, *T5_KEYS}  # the keys of A1111/ComfyUI's per-encoder layout
+# without a base model: the parts SD1.x/SD2.x/SDXL take (``ModelFamily.embedding_parts``)
+DEFAULT_PARTS = {"single": "text_encoder", **A1111_SDXL}
 MAX_VECTORS = 75
 """A CLIP prompt holds 75 tokens between its start and end tokens: a longer embedding cannot fit."""
 # a diffusers placeholder token: "<cat-toy>", or a word without dots (a dotted key is a module's tensor)
@@ -50,7 +61,7 @@ WIDTH_FAMILIES = {768: "SD1.x (CLIP ViT-L)", 1024: "SD2.x (OpenCLIP ViT-H)", 128
 def is_embedding(tensors: Mapping[str, object]) -> bool:
     """Whether the file's keys are a textual-inversion embedding's (any accepted layout)."""
     keys = set(tensors)
-    if keys == {A1111_SINGLE} or (keys and keys <= set(A1111_SDXL)) or (keys and keys <= set(CANONICAL)):
+    if keys == {A1111_SINGLE} or (keys and keys <= NAMED) or (keys and keys <= set(CANONICAL)):
         return True
     if len(keys) != 1:
         return False
@@ -64,25 +75,68 @@ def is_canonical(tensors: Mapping[str, object]) -> bool:
 
 
 def source_of(tensors: Mapping[str, object]) -> tuple[SourceFormat, dict[str, str]]:
-    """The file's layout and which key holds each text encoder's vectors."""
+    """The file's layout and which key holds each part: ``single`` (a one-encoder file), ``clip_l``,
+    ``clip_g``, ``t5``, or a text encoder component (the canonical form)."""
     keys = set(tensors)
     if keys == {A1111_SINGLE}:
-        return "a1111", {"text_encoder": A1111_SINGLE}
-    if keys <= set(A1111_SDXL):
-        return "a1111", {A1111_SDXL[key]: key for key in sorted(keys)}
+        return "a1111", {"single": A1111_SINGLE}
+    if keys <= NAMED:
+        return "a1111", {("t5" if key in T5_KEYS else key): key for key in sorted(keys)}
     if keys <= set(CANONICAL):
         return "loraswap", {key.removesuffix(SUFFIX): key for key in sorted(keys)}
-    return "diffusers", {"text_encoder": next(iter(keys))}
+    return "diffusers", {"single": next(iter(keys))}
+
+
+def parts_of(architecture: Architecture | None) -> tuple[dict[str, str], frozenset[str]]:
+    """The base family's ``embedding_parts`` (part → text encoder; a canonical file's components map to
+    themselves) and the parts it drops; SD1.x/SD2.x/SDXL's without a base."""
+    family = find_family(architecture.family) if architecture is not None else None
+    parts = dict(family.embedding_parts) if family is not None else dict(DEFAULT_PARTS)
+    dropped = family.embedding_dropped if family is not None else frozenset()
+    return parts | {encoder: encoder for encoder in set(parts.values())}, dropped | {"t5"}
 
 
 def text_widths(architecture: Architecture) -> dict[str, int]:
-    """Each text encoder of the base → its width (the token embedding's, = a q_proj's input width)."""
+    """Each text encoder of the base that takes embeddings → its width (the token embedding's, = a
+    q_proj's input width)."""
+    taking = set(parts_of(architecture)[0].values())
     widths: dict[str, int] = {}
     for module, shape in sorted(architecture.modules.items()):
         component = module.split(".", 1)[0]
-        if component in ENCODERS and module.endswith("q_proj") and component not in widths:
+        if component in taking and module.endswith("q_proj") and component not in widths:
             widths[component] = int(shape[1])
     return widths
+
+
+def encoders_of(
+    keys: Mapping[str, str], architecture: Architecture | None, found: list[str]
+) -> dict[str, str]:
+    """Text encoder → the file key holding its vectors: each part the base family takes, without the
+    parts it drops (T5 always); a part for an encoder it lacks stays under its default encoder, for
+    ``check_against`` to name. A file with T5 vectors only is refused."""
+    parts, dropped = parts_of(architecture)
+    if set(keys) <= {"t5"}:
+        raise AdapterInvalid(
+            f"the embedding has T5 vectors only ({', '.join(found)}); textual inversion applies to the "
+            "CLIP text encoders (CLIP-L, CLIP-G): no base model's T5 takes embeddings here",
+            reason="t5_only",
+            detail={"keys": found},
+            hint="Use an embedding with CLIP vectors (emb_params, or clip_l / clip_g).",
+        )
+    encoders: dict[str, str] = {}
+    for part, key in keys.items():
+        if part in dropped:
+            continue
+        encoders[parts.get(part) or DEFAULT_PARTS.get(part) or part] = key
+    if not encoders:
+        raise AdapterIncompatible(
+            f"the embedding has {', '.join(found)} vectors only, none of which this base model's text "
+            "encoders take",
+            reason="family_mismatch",
+            detail={"keys": found, "base_family": architecture.family if architecture else None},
+            hint="Use an embedding made for this base model's family.",
+        )
+    return encoders
 
 
 def normalise_embedding(
@@ -92,13 +146,14 @@ def normalise_embedding(
     (None: the tensors' own consistency only)."""
     check_dtypes(tensors)
     check_finite(tensors)
-    layout, keys = source_of(tensors)
-    if layout == "a1111" and set(keys) == {"text_encoder_2"}:
+    layout, parts = source_of(tensors)
+    if layout == "a1111" and "clip_g" in parts and "clip_l" not in parts:
         raise AdapterInvalid(
             "the SDXL embedding has clip_g but no clip_l vectors; A1111 SDXL embeddings carry both",
             reason="incomplete_pair",
             detail={"keys": sorted(tensors)},
         )
+    keys = encoders_of(parts, architecture, sorted(tensors))
     vectors = {encoder: _matrix(tensors[key], key) for encoder, key in keys.items()}
     counts = {encoder: int(v.shape[0]) for encoder, v in vectors.items()}
     if len(set(counts.values())) != 1:
@@ -155,14 +210,14 @@ def check_against(vectors: Mapping[str, torch.Tensor], architecture: Architectur
             f"textual-inversion embeddings are not supported on {base} base models yet",
             reason="family_mismatch",
             detail={"base_family": architecture.family},
-            hint="Embeddings serve on SD1.x, SD2.x and SDXL bases; use a LoRA on this family.",
+            hint="Use a LoRA on this family.",
         )
     extra = sorted(set(vectors) - set(widths))
     if extra:
         owners = " or ".join(label_of(f.name) for f in owners_of(extra[0])) or "another model family"
         raise AdapterIncompatible(
             f"the embedding is for {owners} base models: it has vectors for {extra[0]}, which the base "
-            f"model ({base}) lacks",
+            f"model ({base}) lacks or takes no embeddings on",
             reason="family_mismatch",
             detail={"components": extra, "base_family": architecture.family},
             hint="Use an embedding made for this base model's family.",
@@ -174,8 +229,8 @@ def check_against(vectors: Mapping[str, torch.Tensor], architecture: Architectur
             f"encodes prompts with {', '.join(missing)}",
             reason="family_mismatch",
             detail={"components": missing, "base_family": architecture.family},
-            hint="SDXL embeddings carry clip_l and clip_g vectors; a one-encoder (SD1.x/SD2.x) embedding "
-            "does not fit an SDXL base.",
+            hint=f"{base} takes embeddings with {' and '.join(_wanted(architecture))} vectors "
+            "(A1111's SDXL layout); a one-encoder (SD1.x/SD2.x) embedding does not fit it.",
         )
     for encoder, tensor in vectors.items():
         width = int(tensor.shape[1])
@@ -189,6 +244,12 @@ def check_against(vectors: Mapping[str, torch.Tensor], architecture: Architectur
                 detail={"component": encoder, "width": width, "expected": widths[encoder]},
                 hint="Use an embedding made for this base model's family.",
             )
+
+
+def _wanted(architecture: Architecture) -> list[str]:
+    """The file parts the base family takes (``clip_l``, ``clip_g`` …), for messages."""
+    parts, _ = parts_of(architecture)
+    return [part for part, encoder in parts.items() if part != encoder and part != "single"]
 
 
 def summary(canonical: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], str]:

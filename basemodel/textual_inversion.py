@@ -7,13 +7,16 @@ its vectors. diffusers' ``load_textual_inversion`` gets there by adding tokens t
 the prompt is tokenized the way the tokenizer splits around added tokens (the text between names
 tokenized on its own, one position per vector where a name stood, then truncated and padded as the
 pipeline does), and while the text encoders run, a forward hook on each encoder's token embedding
-writes the vectors at those positions. The tokenizer, the embedding table and every other request are
-untouched, and the result equals diffusers' with the same file and token.
+writes the vectors at those positions (on the encoders the family's ``embedding_parts`` feed: the
+CLIPs; T5 on SD3 and Flux reads the names as plain words, as in diffusers). The tokenizer, the
+embedding table and every other request are untouched, and the result equals diffusers' with the same
+file and token.
 
 The placeholder id at those positions is the tokenizer's start token: never the end token (CLIP pools
 its output at the first end token) and below it (checkpoints whose config still has the pre-2023
-``eos_token_id`` 2 pool at the highest id). So the pooled output (SDXL's ``text_embeds``) is read at the
-end token, as in A1111 and ComfyUI; diffusers on such a legacy config reads it at its added token's id
+``eos_token_id`` 2 pool at the highest id). So the pooled output (SDXL's and SD3's ``text_embeds``,
+Flux's ``pooled_projections``) is read at the end token, as in A1111 and ComfyUI; diffusers on such a
+legacy config reads it at its added token's id
 instead (the tiny test models and current configs are not affected).
 """
 
@@ -76,6 +79,15 @@ def split(text: str, embeddings: Mapping[str, Embedding]) -> list[str | Embeddin
     return pieces
 
 
+def plain(text: str, embeddings: Mapping[str, Embedding]) -> str:
+    """``text`` with each embedding written as its bare name (ComfyUI's ``embedding:`` and a file
+    extension dropped): what the encoders that take no embeddings (T5) read, as diffusers' pipelines
+    give them the prompt with the token as a plain word."""
+    if not names_any(text, embeddings):
+        return text
+    return pattern(embeddings).sub(lambda match: match["name"], text)
+
+
 def names_any(text: str, embeddings: Mapping[str, Embedding]) -> bool:
     return bool(embeddings) and bool(text) and pattern(embeddings).search(text) is not None
 
@@ -95,7 +107,7 @@ def token_row(
         if isinstance(piece, str):
             body += tokenizer(piece, add_special_tokens=False).input_ids if piece.strip() else []
             continue
-        for vector in piece.vectors[component]:
+        for vector in piece.vectors.get(component, ()):
             marks.append((len(body) + 1, vector))  # + 1: after the start token
             body.append(start)
     body = body[: length - 2]
@@ -129,7 +141,8 @@ def encode_text(
     family: ModelFamily, pipe: Any, text: str, embeddings: Mapping[str, Embedding]
 ) -> dict[str, torch.Tensor] | None:
     """``family.training_text`` of ``text`` with the embeddings it names in place (one row); None when
-    it names none (the caller encodes it as usual)."""
+    it names none (the caller encodes it as usual). The encoders no embedding reaches (T5 on SD3 and
+    Flux: ``frozen_text_encoders``) read the text with the names as plain words (``plain``)."""
     if not names_any(text, embeddings):
         return None
     pieces = split(text, embeddings)
@@ -140,4 +153,9 @@ def encode_text(
             ids, marks = token_row(getattr(pipe, attribute), pieces, component)
             tokens[component] = ids.to(encoder.device)
             stack.enter_context(substituting(encoder.get_input_embeddings(), marks))
+        if family.frozen_text_encoders:
+            for component, ids in family.tokenize(pipe, [plain(text, embeddings)]).items():
+                encoder = getattr(pipe, component, None)
+                if component not in tokens and encoder is not None:
+                    tokens[component] = ids.to(encoder.device)
         return family.training_text(pipe, tokens)

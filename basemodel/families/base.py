@@ -151,6 +151,13 @@ class ModelFamily:
     kohya_version: ClassVar[str]
     # whether textual-inversion embeddings (``basemodel.textual_inversion``) can be used in its prompts
     embeddings: ClassVar[bool] = True
+    # textual inversion: the text encoder that takes each part of an embedding file (``single``: a
+    # one-encoder file, A1111's ``emb_params`` or diffusers' ``learned_embeds``; ``clip_l`` / ``clip_g``:
+    # A1111's SDXL parts); every encoder named here must get vectors (``adapters.embedding``)
+    embedding_parts: ClassVar[Mapping[str, str]] = {"single": "text_encoder", "clip_l": "text_encoder"}
+    # parts of a file it drops: vectors for an encoder it lacks that still fit a file's other parts
+    # (Flux: SDXL files' ``clip_g``); T5 vectors (ComfyUI's ``t5xxl``) are dropped on every family
+    embedding_dropped: ClassVar[frozenset[str]] = frozenset()
     # whether ``loraswap train`` supports it yet
     trainable: ClassVar[bool] = False
     # the tensors ``training_text`` returns (what the trainer's embedding cache holds per caption)

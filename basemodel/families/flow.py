@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from basemodel.errors import ValidationFailed
 from basemodel.families.base import DenoiserInputs, ModelFamily
+from basemodel.textual_inversion import encode_text
+
+if TYPE_CHECKING:
+    from basemodel.textual_inversion import Embedding
 
 
 def calculate_shift(
@@ -62,19 +65,17 @@ class FlowMatchFamily(ModelFamily):
     flow_matching: ClassVar[bool] = True
     default_scheduler: ClassVar[str] = "euler"
     image_modes: ClassVar[frozenset[str]] = frozenset({"img2img"})
-    embeddings: ClassVar[bool] = False  # textual inversion on their CLIP encoders: not yet
 
-    @staticmethod
-    def refuse_embeddings(embeddings: Any) -> None:
-        """Registration refuses embeddings on these families; a prompt can still name one registered for
-        another base in a shared registry."""
-        if embeddings:
-            raise ValidationFailed(
-                f"textual-inversion embeddings ({', '.join(sorted(embeddings))}) are not supported on "
-                "SD3 or Flux base models yet",
-                detail={"field": "prompt", "embeddings": sorted(embeddings)},
-                hint="Remove the embedding names from the prompt.",
-            )
+    # T5 takes no textual inversion: a prompt's embedding names reach it as plain words, as in diffusers
+    def embedded_text(
+        self, pipe: Any, text: str, embeddings: Mapping[str, Embedding] | None, rows: int
+    ) -> dict[str, torch.Tensor] | None:
+        """``training_text`` of ``text`` with the embeddings it names in place on the CLIP encoders
+        (``basemodel.textual_inversion``), repeated to ``rows``; None when it names none."""
+        found = encode_text(self, pipe, text, embeddings or {})
+        if found is None:
+            return None
+        return {key: value.repeat(rows, *[1] * (value.dim() - 1)) for key, value in found.items()}
 
     @staticmethod
     def prediction_type(scheduler_config: Any) -> str:

@@ -100,8 +100,8 @@ class SdapiController(Controller):
         summary="A1111 embedding list: every textual-inversion embedding's latest live version.",
         description=(
             "`loaded` maps each embedding's id (what a prompt writes, or `embedding:id`) to its `vectors`, "
-            "`shape` (vector width; SDXL: both encoders' summed) and the checkpoint it was registered "
-            "against; `skipped` is always empty."
+            "`shape` (vector width; SDXL, SD3: both CLIPs' summed; Flux: CLIP-L's) and the checkpoint it "
+            "was registered against; `skipped` is always empty."
         ),
         responses=ROUTE_ERRORS["sdapi_store"],
     )

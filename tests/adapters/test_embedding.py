@@ -106,3 +106,19 @@ def test_prompts_name_embeddings_as_a1111_and_comfyui_write_them(base_model: Any
     assert ids.shape == (1, tokenizer.model_max_length) and [p for p, _ in marks] == [2, 3, 4, 6, 7, 8]
     long = token_row(tokenizer, ["a " * 73, emb["neg"]], "text_encoder")[1]
     assert [p for p, _ in long] == [74, 75]  # truncated with the prompt: 75 tokens between start and end
+
+
+def test_t5_vectors_are_dropped_and_a_t5_only_file_is_refused() -> None:
+    """ComfyUI's SD3/Flux files may carry ``t5xxl`` vectors: no T5 takes embeddings, so they are dropped
+    beside CLIP parts, and a file with nothing else is refused with its own reason."""
+    clip_l, clip_g, t5 = vectors(2, 8, 1), vectors(2, 12, 2), vectors(2, 16, 3)
+    canonical, info = normalise({"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5}, None)
+    assert info.kind == "embedding" and sorted(canonical) == [
+        "text_encoder.embedding",
+        "text_encoder_2.embedding",
+    ]
+    assert torch.equal(canonical["text_encoder.embedding"], clip_l)
+    for key in ("t5xxl", "t5"):
+        with pytest.raises(AdapterInvalid) as only_t5:
+            normalise({key: t5}, None)
+        assert only_t5.value.reason == "t5_only" and "T5" in str(only_t5.value)

@@ -47,6 +47,9 @@ class Flux(FlowMatchFamily):
     text_encoders = ("text_encoder",)
     frozen_text_encoders = {"text_encoder_2": "T5"}
     tokenizers = ("tokenizer",)
+    # CLIP-L takes SD1-style files and SDXL files' clip_l; T5 takes none
+    embedding_parts = {"single": "text_encoder", "clip_l": "text_encoder"}
+    embedding_dropped = frozenset({"clip_g"})
     default_resolution = 1024
     default_guidance = 3.5
     context_width = 4096  # T5-XXL
@@ -150,8 +153,8 @@ class Flux(FlowMatchFamily):
         device: torch.device | None = None,
         embeddings: Mapping[str, Embedding] | None = None,
     ) -> Conditioning:
-        """``FluxPipeline.encode_prompt`` for the prompt, and for the negative prompt under true CFG."""
-        self.refuse_embeddings(embeddings)
+        """``FluxPipeline.encode_prompt`` for the prompt, and for the negative prompt under true CFG; a
+        prompt naming ``embeddings`` gets their vectors on CLIP-L (T5 reads the names as words)."""
         device = device or pipe.transformer.device
         embedded = (
             {"guidance": torch.full([num_images], guidance_scale, device=device, dtype=torch.float32)}
@@ -160,10 +163,13 @@ class Flux(FlowMatchFamily):
         )
 
         def one(text: str) -> DenoiserInputs:
+            found = self.embedded_text(pipe, text, embeddings, num_images)
             hidden, pooled, text_ids = pipe.encode_prompt(
                 prompt=text,
                 device=device,
                 num_images_per_prompt=num_images,
+                prompt_embeds=found["hidden"] if found else None,
+                pooled_prompt_embeds=found["pooled_projections"] if found else None,
                 max_sequence_length=self.max_sequence_length(pipe),
             )
             added = {"pooled_projections": pooled, **embedded}

@@ -46,6 +46,7 @@ class SD3(FlowMatchFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     frozen_text_encoders = {"text_encoder_3": "T5"}
     tokenizers = ("tokenizer", "tokenizer_2")
+    embedding_parts = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # A1111's SDXL files
     default_resolution = 1024
     default_guidance = 7.0
     context_width = 4096  # T5-XXL (the CLIPs' 2048 are padded to it)
@@ -141,8 +142,10 @@ class SD3(FlowMatchFamily):
         device: torch.device | None = None,
         embeddings: Mapping[str, Embedding] | None = None,
     ) -> Conditioning:
-        """``StableDiffusion3Pipeline.encode_prompt`` (every encoder gets the same prompt)."""
-        self.refuse_embeddings(embeddings)
+        """``StableDiffusion3Pipeline.encode_prompt`` (every encoder gets the same prompt); a prompt
+        naming ``embeddings`` gets their vectors on both CLIPs (T5 reads the names as words)."""
+        embedded = self.embedded_text(pipe, prompt, embeddings, num_images)
+        against = self.embedded_text(pipe, negative_prompt, embeddings, num_images) if guidance else None
         cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
             prompt=prompt,
             prompt_2=None,
@@ -151,6 +154,10 @@ class SD3(FlowMatchFamily):
             num_images_per_prompt=num_images,
             do_classifier_free_guidance=guidance,
             negative_prompt=negative_prompt or None,
+            prompt_embeds=embedded["hidden"] if embedded else None,
+            pooled_prompt_embeds=embedded["pooled_projections"] if embedded else None,
+            negative_prompt_embeds=against["hidden"] if against else None,
+            negative_pooled_prompt_embeds=against["pooled_projections"] if against else None,
             max_sequence_length=SEQUENCE,
         )
         positive = DenoiserInputs(cond, {"pooled_projections": pooled})

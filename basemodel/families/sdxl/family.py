@@ -37,6 +37,7 @@ class SDXL(ModelFamily):
     )
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
+    embedding_parts = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # A1111's SDXL files
     default_resolution = 1024
     context_width = 2048
     kohya_prefixes = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
