@@ -66,7 +66,7 @@ def main(base_url: str) -> None:
             started = time.perf_counter()
             response = http.request(method, path)
             seconds = time.perf_counter() - started
-            text = response.text if response.status_code != 200 else ""
+            text = response.text
             print(json.dumps({"status": response.status_code, "seconds": seconds, "text": text}), flush=True)
 
 
