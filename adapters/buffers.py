@@ -57,14 +57,15 @@ class BufferPool:
         """A contiguous ``uint8`` CPU tensor of ``nbytes`` (its contents undefined), 64-byte aligned."""
         if nbytes < self.min_bytes or not self.enabled:
             return torch.empty(nbytes, dtype=torch.uint8)
-        with self._lock:
+        with self._lock:  # one check per buffer held: ~0.2 µs each
             self.stats.taken += 1
             free = [buffer for buffer in self._buffers if _free(buffer)]
             fits = [b for b in free if nbytes <= b.numel() <= nbytes * FIT]
-            if fits:
+            chosen = min(fits, key=torch.Tensor.numel) if fits else None
+            self._release([b for b in free if b is not chosen], room=0 if chosen is not None else nbytes)
+            if chosen is not None:
                 self.stats.reused += 1
-                return min(fits, key=torch.Tensor.numel)[:nbytes]  # a view: the buffer is now in use
-            self._release(free, room=nbytes)
+                return chosen[:nbytes]  # a view: the buffer is now in use
             buffer = torch.empty(nbytes, dtype=torch.uint8)
             self._buffers.append(buffer)
             self.stats.buffers = len(self._buffers)
@@ -72,7 +73,8 @@ class BufferPool:
 
     def _release(self, free: list[torch.Tensor], room: int) -> None:
         """Drop the oldest free buffers until the free ones left and a new one of ``room`` bytes fit
-        ``max_free_bytes`` (the new one is counted because its memory outlives its first use)."""
+        ``max_free_bytes`` (a new buffer is counted because its memory outlives its first use). Memory
+        freed by evictions is given back here, at the next ``take``."""
         free_bytes = sum(b.numel() for b in free)
         for buffer in free:
             if free_bytes + room <= self.max_free_bytes:
@@ -80,6 +82,7 @@ class BufferPool:
             self._buffers.remove(buffer)
             free_bytes -= buffer.numel()
             self.stats.released += 1
+        self.stats.buffers = len(self._buffers)
         self.stats.free_bytes = free_bytes
 
     def clear(self) -> None:

@@ -62,3 +62,12 @@ def test_small_buffers_and_a_zero_limit_are_plain_allocations() -> None:
         first = pool.take(size).data_ptr()
         pool.take(size)
         assert pool.stats.taken == 0 and pool.stats.buffers == 0, first
+
+
+def test_free_memory_beyond_the_limit_is_released_even_when_a_buffer_fits() -> None:
+    pool = BufferPool(5 * MIB)
+    taken = [pool.take(2 * MIB) for _ in range(6)]  # all in use: 12 MiB held
+    del taken  # all free: 12 MiB, over the 5 MiB limit
+    reused = pool.take(2 * MIB)  # one fits; of the other five free buffers only two stay
+    assert pool.stats.reused == 1 and pool.stats.released == 3
+    assert pool.stats.buffers == 3 and pool.stats.free_bytes == 4 * MIB and reused.numel() == 2 * MIB
