@@ -76,12 +76,15 @@ class BufferPool:
         ``max_free_bytes`` (a new buffer is counted because its memory outlives its first use). Memory
         freed by evictions is given back here, at the next ``take``."""
         free_bytes = sum(b.numel() for b in free)
+        dropped: set[int] = set()  # by identity: ``==`` on tensors compares their values
         for buffer in free:
             if free_bytes + room <= self.max_free_bytes:
                 break
-            self._buffers.remove(buffer)
+            dropped.add(id(buffer))
             free_bytes -= buffer.numel()
             self.stats.released += 1
+        if dropped:
+            self._buffers = [b for b in self._buffers if id(b) not in dropped]
         self.stats.buffers = len(self._buffers)
         self.stats.free_bytes = free_bytes
 
