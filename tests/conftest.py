@@ -42,6 +42,7 @@ LONGEST_FILES_FIRST = (
     "tests/training/test_sdxl.py",
     "tests/reliability/test_fuzz_api.py",
     "tests/service/test_dora_serving.py",
+    "tests/training/test_dora.py",
     "tests/loadtests/test_load_harness.py",
     "tests/service/test_lifecycle.py",
     "tests/service/test_lora_paths.py",
@@ -50,6 +51,8 @@ LONGEST_FILES_FIRST = (
     "tests/service/test_embeddings.py",
     "tests/service/test_flux.py",
     "tests/service/test_sd3.py",
+    "tests/service/test_dora_transformers_serving.py",
+    "tests/basemodel/test_single_file_mmdit.py",
 )
 
 
