@@ -26,7 +26,7 @@ from service.lora.cache import AdapterCache
 from service.lora.weights import DeviceAdapter
 
 from .fixtures import Bench, assert_no_peft_layers, phase
-from .timing import columns, median, medians, paired, repeat, rotated, stopwatch, time_repeats, timed
+from .timing import columns, median, medians, paired, repeat, rotated_mirrored, stopwatch, time_repeats, timed
 
 SAMPLE_KEYS = (
     "read_bytes",
@@ -66,7 +66,9 @@ def bench_cold(bench: Bench) -> None:
 
 def cold_round(bench: Bench, cache: AdapterCache, rep: int) -> dict[str, float]:
     """One round over adapter ``rep mod n``: the references, ours (verified before / first read) and
-    diffusers, in an order that rotates, then where our cold load's time goes."""
+    diffusers, in an order that rotates and runs backwards every other round (so no variant always
+    follows the same one: diffusers' load + unload leaves the caches cold for whatever runs next), then
+    where our cold load's time goes."""
     device = bench.device
     index = rep % len(bench.versions)
     version, blob, file = bench.versions[index], bench.blob(bench.versions[index]), bench.files[index]
@@ -79,7 +81,7 @@ def cold_round(bench: Bench, cache: AdapterCache, rep: int) -> dict[str, float]:
         lambda: {"previous_path": timed(partial(previous_path, bench, version), device)},
         partial(cold_diffusers, bench.pipe, file, device),
     ]
-    for job in rotated(rep, jobs):
+    for job in rotated_mirrored(rep, jobs):
         row.update(job())
     return row | cold_breakdown(bench, version)
 

@@ -3,7 +3,8 @@ server on the benchmark's pipeline, from a client in its own process (``http_cli
 does not share the server's interpreter lock), for a cold adapter (device and host tiers emptied first;
 the file in the local store, its bytes verified earlier in this process — and again as a first read, its
 BLAKE3 computed too) and for one already resident, against diffusers' ``load_lora_weights`` +
-``unload_lora_weights`` of the same file in the same process, rounds rotated (``timing.rounds``)."""
+``unload_lora_weights`` of the same file in the same process, rounds rotated and mirrored every other
+round (``timing.rotated_mirrored``: no variant always follows diffusers' load + unload)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from service.engine.runtime import Runtime
 from .cold import cold_diffusers
 from .fixtures import Bench, assert_no_peft_layers, phase
 from .http_client import RemoteClient
-from .timing import median, medians, paired, rotated, rounds
+from .timing import median, medians, paired, rotated_mirrored, rounds
 
 RESIDENT_TARGET_S = 0.002  # a preload of a resident adapter: ≤2 ms round trip
 COLD_TARGET = 20.0  # cold preload ≥20× faster than diffusers' load + unload (issue 21)
@@ -129,7 +130,7 @@ def bench_preload(bench: Bench) -> None:
             ("resident_after_gc", partial(resident, state, collect=True)),
             ("diffusers_load_unload", partial(diffusers, state)),
         ]
-        samples = rounds(variants, s.cold_repeats, order=rotated, warmup=1)
+        samples = rounds(variants, s.cold_repeats, order=rotated_mirrored, warmup=1)
         assert_no_peft_layers(bench)
         med = medians(samples)
         out.update(
