@@ -69,6 +69,11 @@ class TrainConfig(BaseModel):
     base_model: str = Field(
         "tiny-sd", description="'tiny-sd', a local diffusers folder or a .safetensors file"
     )
+    base_components: Path | None = Field(
+        None,
+        description="a diffusers folder supplying what a single-file SD3/Flux checkpoint lacks (text "
+        "encoders, tokenizers, VAE), as 'serve --base-components'",
+    )
     base_model_sha256: str | None = Field(
         None, description="refuse to train unless the base model's fingerprint starts with this"
     )

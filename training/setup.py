@@ -192,7 +192,9 @@ def caption_rules(config: TrainConfig) -> CaptionRules:
 def prepare_run(config: TrainConfig, models_dir: Path) -> RunSetup:
     """Load and check the base, prepare the data, inject the LoRA (seeded), set precision."""
     torch.manual_seed(config.seed)
-    base = load_base_model(config.base_model, models_dir, device=config.device, dtype="fp32")
+    base = load_base_model(
+        config.base_model, models_dir, device=config.device, dtype="fp32", components=config.base_components
+    )
     check_base(config, base)
     config = for_family(config, base.family)
     pipe = base.pipe

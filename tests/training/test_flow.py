@@ -327,3 +327,29 @@ def test_schnell_and_sd3_without_t5_train(loraswap_home: Path, flow_data: Path, 
         evaluation = result.report["evaluation"] if result.report else {}
         assert evaluation["initial_val_loss"] is not None and evaluation["final_val_loss"] is not None
         assert "train_guidance" not in result.plan["objective"]
+
+
+def test_flux_trains_from_a_single_file_completed_by_a_components_folder(
+    loraswap_home: Path, flow_data: Path, tmp_path: Path
+) -> None:
+    """`train --base-model flux1-dev.safetensors --base-components FOLDER`: BFL's transformer-only file,
+    the rest from a diffusers folder, as `serve` takes them; the run is the folder's run."""
+    from safetensors.torch import save_file
+
+    from basemodel.families.flux import single_file as flux_file
+
+    pipe = build_tiny_flux_pipeline()
+    folder = tmp_path / "flux-folder"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    save_file(flux_file.to_single_file(pipe, all_in_one=False), str(tmp_path / "flux1-dev.safetensors"))
+    runs = {}
+    for name, base in (("file", str(tmp_path / "flux1-dev.safetensors")), ("folder", str(folder))):
+        components = folder if name == "file" else None
+        config = make_config(
+            flow_data, tmp_path / name, **FAST_FLOW, base_model=base, base_components=components, steps=2
+        )
+        runs[name] = train(config, models_dir=loraswap_home / "models", echo=lambda *_: None)
+    file_run, folder_run = (load_file(str(runs[name].adapter_path)) for name in ("file", "folder"))
+    assert file_run.keys() == folder_run.keys()  # the same weights and seed: the same trained adapter
+    assert all(torch.equal(file_run[key], folder_run[key]) for key in file_run)
+    assert runs["file"].report is not None and runs["file"].report["base_model"]["family"] == "flux"
