@@ -249,30 +249,10 @@ SIZES[("tiny-sdxl", False)] = SIZES[("tiny-sdxl", True)]
 # DEFAULT_PHASES). The Flux-shaped transformer (2 double + 4 single blocks, 1.3 B parameters) is 5 GiB
 # in fp32 and attends over 512 T5 tokens + the image's, so one step at 128 px takes about half a minute
 # on one thread of the shared 2-core machine: the CPU request rows run 128 px, 1 step, on the fused path.
-_MMDIT = Sizes(
-    rank=16,
-    adapters=64,
-    resident=(1, 4, 16, 64),
-    cold_repeats=3,
-    hotswap_repeats=2,
-    set_adapters_calls=3,
-    switch_loops=20000,
-    switch_samples=8,
-    acquire_loops=2000,
-    request_px=128,
+_MMDIT = replace(
+    SIZES[("sdxl", False)],  # the sdxl shape's sizes, but one step per request, four requests per side
     request_steps=1,
     request_repeats=4,  # two rounds once read as a 0.64× fused request (machine noise)
-    forward_repeats=1,
-    no_hooks=False,
-    mixed_requests=4,
-    mixed_px=128,
-    mixed_steps=1,
-    mixed_repeats=1,
-    mem_adapters=50,
-    mem_device_slots=8,
-    mem_swaps=500,
-    mem_forward=False,
-    mem_forward_px=64,
     request_path="fused",
     # Flux-shaped: the 44 targeted Linears hold 906 M weights (3.4 GiB fp32); SD3.5 medium's 337: 1.46 B
     fuse_budget_mb=16 * 1024,
