@@ -77,6 +77,28 @@ VAE_ATTENTION = {
 }
 
 
+def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``AdaLayerNormContinuous`` takes (scale, shift), BFL's and SAI's final layers (shift,
+    scale)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def renamed(key: str, table: Mapping[str, str], error: str, full: str | None = None) -> str:
+    """``key`` with the first matching prefix of ``table`` replaced; ``error`` (with ``{}`` for the key:
+    ``full``, the whole key, when ``key`` is a block-relative part) when none matches."""
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise NotSupported(error.format(full or key))
+
+
+def fused(parts: Mapping[str, Mapping[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Fused single-file tensors (qkv, linear1) from diffusers' parts: name → place → tensor, concatenated
+    in place order."""
+    return {key: torch.cat([pieces[place] for place in sorted(pieces)]) for key, pieces in parts.items()}
+
+
 def _rename(key: str, prefixes: Mapping[str, str], inner: Mapping[str, str] | None = None) -> str | None:
     for old in sorted(prefixes, key=len, reverse=True):
         if key.startswith(old):

@@ -20,8 +20,9 @@ from collections.abc import Mapping
 
 import torch
 
-from basemodel.errors import NotSupported
+from basemodel.single_file_export import fused, renamed, swap_halves
 
+UNNAMED = "Flux transformer weight {} has no BFL single-file name"
 TOP = {
     "time_text_embed.timestep_embedder.linear_1.": "time_in.in_layer.",
     "time_text_embed.timestep_embedder.linear_2.": "time_in.out_layer.",
@@ -74,23 +75,17 @@ BLOCKS = {
 }
 
 
-def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``AdaLayerNormContinuous`` takes (scale, shift), BFL's final layer (shift, scale)."""
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
 def transformer_to_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers Flux transformer state dict → BFL's names (no ``model.diffusion_model.`` prefix)."""
     out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, torch.Tensor]] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
     for key, tensor in state.items():
         if key.startswith("norm_out.linear."):
             out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = swap_halves(tensor)
             continue
         kind, _, rest = key.partition(".")
         if kind not in BLOCKS:
-            out[_renamed(key, TOP)] = tensor
+            out[renamed(key, TOP, UNNAMED)] = tensor
             continue
         blocks, table, fused_parts = BLOCKS[kind]
         index, _, name = rest.partition(".")
@@ -98,16 +93,7 @@ def transformer_to_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         part, _, suffix = name.rpartition(".")  # attn.to_q, weight|bias
         if part in fused_parts:
             target, place = fused_parts[part]
-            fused.setdefault(f"{prefix}{target}.{suffix}", {})[place] = tensor
+            parts.setdefault(f"{prefix}{target}.{suffix}", {})[place] = tensor
             continue
-        out[prefix + _renamed(name, table, key)] = tensor
-    for key, parts in fused.items():
-        out[key] = torch.cat([parts[place] for place in sorted(parts)])
-    return out
-
-
-def _renamed(key: str, table: Mapping[str, str], full: str | None = None) -> str:
-    for old, new in table.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    raise NotSupported(f"Flux transformer weight {full or key} has no BFL single-file name")
+        out[prefix + renamed(name, table, UNNAMED, key)] = tensor
+    return out | fused(parts)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from basemodel.errors import NotSupported
-from basemodel.families.flux.export import swap_halves
+from basemodel.single_file_export import fused, renamed, swap_halves
 
+UNNAMED = "SD3 transformer weight {} has no SAI single-file name"
 TOP = {
     "pos_embed.pos_embed": "pos_embed",
     "pos_embed.proj.": "x_embedder.proj.",
@@ -70,31 +70,22 @@ def transformer_to_sai(
     """A diffusers SD3 transformer state dict → SAI's names (no ``model.diffusion_model.`` prefix)."""
     last = int(config["num_layers"]) - 1
     out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, torch.Tensor]] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
     for key, tensor in state.items():
         if key.startswith("norm_out.linear."):
             out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = swap_halves(tensor)
             continue
         if not key.startswith("transformer_blocks."):
-            out[_renamed(key, TOP)] = tensor
+            out[renamed(key, TOP, UNNAMED)] = tensor
             continue
         index, _, name = key.removeprefix("transformer_blocks.").partition(".")
         prefix = f"joint_blocks.{index}."
         part, _, suffix = name.rpartition(".")
         if part in FUSED:
             target, place = FUSED[part]
-            fused.setdefault(f"{prefix}{target}.{suffix}", {})[place] = tensor
+            parts.setdefault(f"{prefix}{target}.{suffix}", {})[place] = tensor
             continue
         if int(index) == last and part == "norm1_context.linear":  # the pre-only block's AdaLN-continuous
             tensor = swap_halves(tensor)
-        out[prefix + _renamed(name, BLOCK, key)] = tensor
-    for key, parts in fused.items():
-        out[key] = torch.cat([parts[place] for place in sorted(parts)])
-    return out
-
-
-def _renamed(key: str, table: Mapping[str, str], full: str | None = None) -> str:
-    for old, new in table.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    raise NotSupported(f"SD3 transformer weight {full or key} has no SAI single-file name")
+        out[prefix + renamed(name, BLOCK, UNNAMED, key)] = tensor
+    return out | fused(parts)
