@@ -88,12 +88,6 @@ class BufferPool:
         self.stats.buffers = len(self._buffers)
         self.stats.free_bytes = free_bytes
 
-    def clear(self) -> None:
-        """Forget every buffer (those in use stay valid: their holders keep the memory)."""
-        with self._lock:
-            self._buffers.clear()
-            self.stats.buffers = 0
-
 
 def _free(buffer: torch.Tensor) -> bool:
     """Whether only the pool refers to ``buffer``'s memory: no other tensor or view of its storage
