@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from adapters.format import (
 )
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata, parse_header_metadata
+from adapters.opening import LoadedAdapter, OpenChecks, open_buffer, open_file
 from adapters.pictures import (
     CheckedPicture,
     Picture,
@@ -42,7 +42,8 @@ from adapters.pictures import (
     check_pictures,
     picture_key,
 )
-from adapters.prepare import Prepared, check_open_compatible, prepare
+from adapters.prepare import Prepared, prepare
+from adapters.readahead import OpenFile
 from adapters.records import (
     AdapterSummary,
     AdapterVersion,
@@ -56,15 +57,7 @@ from adapters.records import (
 from adapters.refs import AdapterRef, parse_ref, validate_id
 from adapters.sources import KeyMissing, LocalStore, Store, open_settings_store
 from adapters.sources.breaker import unwrap
-from adapters.validate import check_canonical
-from adapters.views import (
-    FileTensors,
-    as_buffer,
-    blake3_hex,
-    check_finite_region,
-    file_views,
-    sha256_hex,
-)
+from adapters.views import as_buffer, blake3_hex
 from basemodel.errors import ConfigError, LoraswapError
 
 if TYPE_CHECKING:
@@ -85,57 +78,6 @@ def check_storable(data: bytes, record: AdapterVersion, limits: Limits) -> None:
         raise AdapterInvalid(
             f"the version record would not read back: {exc}", reason="unreadable_record"
         ) from None
-
-
-def verify_digest(version: AdapterVersion, buffer: torch.Tensor) -> None:
-    """The bytes of ``version`` are the bytes registered: BLAKE3 when its record has one, else sha256
-    (the content id; records written before BLAKE3 was recorded). A mismatch names the version; a BLAKE3
-    mismatch on bytes whose sha256 is the record's (a damaged record, not a damaged file) passes."""
-    algorithm, expected = ("blake3", version.blake3) if version.blake3 else ("sha256", version.sha256)
-    actual = blake3_hex(buffer) if algorithm == "blake3" else sha256_hex(buffer)
-    if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
-        # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
-        log.warning("the record of %s has a BLAKE3 that is not its file's; verified by sha256", version.ref)
-        return
-    if actual != expected:
-        raise AdapterCorrupt(
-            f"{version.ref} is corrupt: its file (sha256 {version.sha256[:12]}…) fails its recorded "
-            f"{algorithm} (expected {expected[:12]}…, read {actual[:12]}…); nothing is served from it",
-            reason="sha256_mismatch",
-            detail={
-                "adapter_id": version.adapter_id,
-                "version": version.version,
-                "algorithm": algorithm,
-                "expected": expected,
-                "actual": actual,
-            },
-            hint="Re-register the adapter (or restore its blob from a backup); 'loraswap adapters verify' "
-            "lists every such version.",
-        )
-
-
-@dataclass(frozen=True)
-class LoadedAdapter:
-    """A version opened from the store: verified canonical tensors and their metadata.
-
-    ``files`` (set by ``Registry.open_data``) holds the tensors as views of the file read, so
-    ``materialise`` can convert them to the model's dtype a run of tensors at a time.
-    """
-
-    version: AdapterVersion
-    tensors: dict[str, torch.Tensor]
-    metadata: AdapterMetadata
-    files: FileTensors | None = None
-
-    def materialise(
-        self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region)."""
-        if self.files is not None:
-            return self.files.materialise(device, dtype, non_blocking=non_blocking)
-        return {
-            k: t.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, t in self.tensors.items()
-        }
 
 
 class Registry:
@@ -437,24 +379,22 @@ class Registry:
     def open_data(
         self, version: AdapterVersion, data: bytes | torch.Tensor, *, verify: bool = True
     ) -> LoadedAdapter:
-        """Verify and parse ``data`` (bytes, or a ``uint8`` buffer from ``adapters.views.read_file``) as the
-        file of ``version``, in one pass: the hash, the header, the shapes (from the header, on views of
-        the buffer: nothing is copied), then every value; the tensors are views of ``data``.
+        """Verify and parse ``data`` (bytes, or a ``uint8`` buffer) as the file of ``version``, in one
+        pass: the hash, the header, the shapes (from the header, on views of the buffer: nothing is
+        copied), then every value; the tensors are views of ``data`` (``adapters.opening``).
 
         ``verify=False`` is for callers that verified these exact bytes before in this process (a cache
         tier that checks the file's size and mtime); every other check still runs.
         """
-        buffer = as_buffer(data)
-        if verify:
-            verify_digest(version, buffer)
-        if self.base is not None:
-            check_open_compatible(version, self.base, self.strict_base)
-        limits = Limits(max_bytes=buffer.numel(), max_header_bytes=self.limits.max_header_bytes)
-        files, header = file_views(buffer, limits)
-        check_canonical(files.tensors, self.base.architecture if self.base else None, finite=False)
-        check_finite_region(files)
-        metadata = parse_header_metadata(header) or AdapterMetadata()
-        return LoadedAdapter(version=version, tensors=files.tensors, metadata=metadata, files=files)
+        return open_buffer(version, as_buffer(data), self._open_checks(), verify=verify)
+
+    def open_file(self, version: AdapterVersion, file: OpenFile, *, verify: bool = True) -> LoadedAdapter:
+        """``open_data`` for a local file opened by ``adapters.readahead`` and not read yet: the read
+        runs on a reader thread while the header is parsed; the checks and the result are the same."""
+        return open_file(version, file, self._open_checks(), verify=verify)
+
+    def _open_checks(self) -> OpenChecks:
+        return OpenChecks(self.base, self.strict_base, self.limits.max_header_bytes)
 
     # -- deletion -----------------------------------------------------------------------------
 

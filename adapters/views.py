@@ -17,7 +17,7 @@ import functools
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,11 +128,15 @@ class FileTensors:
         return out
 
 
-def file_views(buffer: torch.Tensor, limits: Limits) -> tuple[FileTensors, dict[str, str]]:
+def file_views(
+    buffer: torch.Tensor, limits: Limits, *, ready: Callable[[], None] = lambda: None
+) -> tuple[FileTensors, dict[str, str]]:
     """Parse and check ``buffer``'s header (``read_header``'s checks) and view its tensors, copying none.
 
     Returns the views and the header's ``__metadata__``. Data whose start is not aligned for its dtype
-    (a writer that does not pad its header) is copied once into an aligned buffer first.
+    (a writer that does not pad its header) is copied once into an aligned buffer first. Only the header
+    bytes need to be in ``buffer`` when this is called: ``ready()`` returns once the rest is (a read
+    still in progress, ``adapters.readahead``), and is called before any copy reads it.
     """
     data = _view(buffer)
     header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
@@ -143,6 +147,7 @@ def file_views(buffer: torch.Tensor, limits: Limits) -> tuple[FileTensors, dict[
     start = 8 + header_len
     region_bytes = buffer[start:]
     if start % 8:
+        ready()
         region_bytes = region_bytes.clone()
     dtypes = {entry["dtype"] for entry in entries.values()}
     if len(dtypes) == 1:
@@ -155,6 +160,7 @@ def file_views(buffer: torch.Tensor, limits: Limits) -> tuple[FileTensors, dict[
         }
         spans = dict(sorted(spans.items(), key=lambda item: item[1][0]))  # file order: they tile the region
         return FileTensors(_split(region, spans), region, spans), metadata
+    ready()
     tensors = {}
     for name, entry in entries.items():
         begin, end = entry["data_offsets"]

@@ -30,11 +30,12 @@ from torch import nn
 from adapters import tempfiles
 from adapters.buffers import BufferPool
 from adapters.errors import AdapterCorrupt
+from adapters.readahead import ReadAhead
 from adapters.records import AdapterVersion, blob_key
 from adapters.registry import LoadedAdapter, Registry
 from adapters.sources.breaker import unwrap
 from adapters.sources.local import LocalStore
-from adapters.views import Stamp, as_buffer, read_file
+from adapters.views import Stamp, as_buffer
 from service.lora.weights import DeviceAdapter
 from service.metrics import Metrics
 
@@ -202,6 +203,8 @@ class AdapterCache:
         # CPU memory has no caching allocator: recycle the read buffers and converted tensors of evicted
         # adapters for the next cold load (CUDA's device and page-locked host allocators already do)
         self.buffers = BufferPool(budgets.pool_bytes) if device.type == "cpu" else None
+        # a cold load's file arrives on a reader thread while its header is parsed (``adapters.readahead``)
+        self.reader = ReadAhead()
         self._lock = threading.Lock()
         self._inflight: dict[CacheKey, asyncio.Future[DeviceAdapter]] = {}
         self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="loraswap-load")
@@ -371,15 +374,14 @@ class AdapterCache:
         """
         pin = self.device.type == "cuda"  # page-locked host memory makes the device upload async
         local = self._local_path(version)
-        stamped = read_file(local, pin=pin, pool=self.buffers) if local is not None else None
-        if stamped is not None:
-            buffer, stamp = stamped
+        opened = self.reader.open(local, pin=pin, pool=self.buffers) if local is not None else None
+        if opened is not None:
             self._hit("disk")
             if self.disk is not None:
                 self.disk.touch(version.sha256)
-            verify = self._verified.get(version.sha256) != stamp
+            verify = self._verified.get(version.sha256) != opened.stamp
             try:
-                loaded = self.registry.open_data(version, buffer, verify=verify)
+                loaded = self.registry.open_file(version, opened, verify=verify)
             except AdapterCorrupt as exc:
                 self._corrupt(exc, "disk" if self.disk is not None else "store")
                 if self.disk is None:
@@ -387,7 +389,7 @@ class AdapterCache:
                 log.warning("%s; removing the disk tier's copy and fetching it again", exc.message)
                 self.disk.remove(version.sha256)
             else:
-                self._verified[version.sha256] = stamp
+                self._verified[version.sha256] = opened.stamp
                 return loaded, "disk"
         if self.disk is None:  # a local store whose blob is gone: let the registry raise its error
             return self._open_from_store(version, pin), "disk"
@@ -463,3 +465,4 @@ class AdapterCache:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.reader.shutdown()

@@ -1,0 +1,139 @@
+"""A stored version's bytes opened in one pass: the hash, the header, the shapes, then every value.
+
+``open_buffer`` opens bytes already in memory (a store's blob); ``open_file`` opens a file still being
+read (``adapters.readahead``): the header is parsed and the tensors are viewed while the rest arrives on a
+reader thread, which hashes it and checks the values; the names and shapes are checked once the bytes are
+in. Both run the same checks, and a hash mismatch is reported before any other finding. The tensors are
+views of the bytes read: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from adapters.errors import AdapterCorrupt
+from adapters.format import Limits
+from adapters.identity import BaseIdentity
+from adapters.metadata import AdapterMetadata, parse_header_metadata
+from adapters.prepare import check_open_compatible
+from adapters.readahead import OpenFile
+from adapters.records import AdapterVersion
+from adapters.validate import check_canonical
+from adapters.views import FileTensors, blake3_hex, check_finite_region, file_views, sha256_hex
+
+__all__ = ["LoadedAdapter", "OpenChecks", "open_buffer", "open_file", "verify_digest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A version opened from the store: verified canonical tensors and their metadata.
+
+    ``files`` holds the tensors as views of the file read, so ``materialise`` can convert them to the
+    model's dtype a run of tensors at a time.
+    """
+
+    version: AdapterVersion
+    tensors: dict[str, torch.Tensor]
+    metadata: AdapterMetadata
+    files: FileTensors | None = None
+
+    def materialise(
+        self, device: torch.device, dtype: torch.dtype, *, non_blocking: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The tensors on ``device`` in ``dtype`` (converted per run of the file's data region)."""
+        if self.files is not None:
+            return self.files.materialise(device, dtype, non_blocking=non_blocking)
+        return {
+            k: t.to(device=device, dtype=dtype, non_blocking=non_blocking) for k, t in self.tensors.items()
+        }
+
+
+@dataclass(frozen=True)
+class OpenChecks:
+    """What an open checks the bytes against: the base model (when known) and the header's size bound."""
+
+    base: BaseIdentity | None
+    strict_base: bool
+    max_header_bytes: int
+
+
+def verify_digest(version: AdapterVersion, buffer: torch.Tensor) -> None:
+    """The bytes of ``version`` are the bytes registered: BLAKE3 when its record has one, else sha256
+    (the content id; records written before BLAKE3 was recorded). A mismatch names the version; a BLAKE3
+    mismatch on bytes whose sha256 is the record's (a damaged record, not a damaged file) passes."""
+    algorithm, expected = ("blake3", version.blake3) if version.blake3 else ("sha256", version.sha256)
+    actual = blake3_hex(buffer) if algorithm == "blake3" else sha256_hex(buffer)
+    if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
+        # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
+        log.warning("the record of %s has a BLAKE3 that is not its file's; verified by sha256", version.ref)
+        return
+    if actual != expected:
+        raise AdapterCorrupt(
+            f"{version.ref} is corrupt: its file (sha256 {version.sha256[:12]}…) fails its recorded "
+            f"{algorithm} (expected {expected[:12]}…, read {actual[:12]}…); nothing is served from it",
+            reason="sha256_mismatch",
+            detail={
+                "adapter_id": version.adapter_id,
+                "version": version.version,
+                "algorithm": algorithm,
+                "expected": expected,
+                "actual": actual,
+            },
+            hint="Re-register the adapter (or restore its blob from a backup); 'loraswap adapters verify' "
+            "lists every such version.",
+        )
+
+
+def open_buffer(
+    version: AdapterVersion, buffer: torch.Tensor, checks: OpenChecks, *, verify: bool = True
+) -> LoadedAdapter:
+    """``buffer`` (a ``uint8`` tensor) as the file of ``version``: hash, header, shapes, values."""
+    if verify:
+        verify_digest(version, buffer)
+    if checks.base is not None:
+        check_open_compatible(version, checks.base, checks.strict_base)
+    files, header = file_views(buffer, _limits(buffer, checks))
+    check_canonical(files.tensors, checks.base.architecture if checks.base else None, finite=False)
+    check_finite_region(files)
+    metadata = parse_header_metadata(header) or AdapterMetadata()
+    return LoadedAdapter(version=version, tensors=files.tensors, metadata=metadata, files=files)
+
+
+def open_file(
+    version: AdapterVersion, file: OpenFile, checks: OpenChecks, *, verify: bool = True
+) -> LoadedAdapter:
+    """``file`` (opened, not yet read) as the file of ``version``, its read overlapped with the header
+    work: the same checks as ``open_buffer``, and the hash's verdict first."""
+    if checks.base is not None:
+        try:
+            check_open_compatible(version, checks.base, checks.strict_base)
+        except BaseException:
+            file.discard()
+            raise
+    file.start(
+        max_header_bytes=checks.max_header_bytes,
+        verify=(lambda buffer: verify_digest(version, buffer)) if verify else None,
+    )
+    try:
+        files, header = file_views(file.buffer, _limits(file.buffer, checks), ready=file.wait_read)
+        if not verify:  # the reader thread is free once the bytes are in: the values are checked there
+            file.after_read(lambda: check_finite_region(files))
+        metadata = parse_header_metadata(header) or AdapterMetadata()
+        file.wait_read()  # the structure checks read a few values (alphas, DoRA groups)
+        check_canonical(files.tensors, checks.base.architecture if checks.base else None, finite=False)
+        if verify:  # the reader thread is hashing: the values are checked here meanwhile
+            check_finite_region(files)
+    except BaseException:
+        file.finish()  # bytes that are not the registered ones: that is the finding, not their header
+        raise
+    file.finish()
+    return LoadedAdapter(version=version, tensors=files.tensors, metadata=metadata, files=files)
+
+
+def _limits(buffer: torch.Tensor, checks: OpenChecks) -> Limits:
+    return Limits(max_bytes=buffer.numel(), max_header_bytes=checks.max_header_bytes)

@@ -1,0 +1,154 @@
+"""A cold load's file read on a second thread, while the caller parses the header it already has.
+
+``ReadAhead.open`` opens a file and takes a buffer of its size (``fstat`` only, on the caller's thread).
+``OpenFile.start`` reads the safetensors header (8 bytes and the length they declare) into that buffer on
+the caller's thread and hands the rest of the file to one of the reader's threads: the read, then the
+hash (``verify``), then whatever the caller queued (``after_read``: the value check). ``readinto``, BLAKE3
+and torch's reductions release the GIL, so on a second core the data arrives while the caller parses the
+header, makes the views and checks the names; nothing may read a value before ``wait_read`` returns.
+``finish`` waits for the worker and raises its error first: a file whose bytes are not the ones registered
+is ``AdapterCorrupt``, whatever else its header got wrong.
+
+Every byte the caller checks is a byte of the buffer, and the buffer is what is hashed: the header is
+read into it, not beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from adapters.buffers import BufferPool
+from adapters.errors import AdapterCorrupt
+from adapters.views import Stamp
+
+__all__ = ["OpenFile", "ReadAhead"]
+
+log = logging.getLogger(__name__)
+
+# how long a worker waits for its caller to queue the value check: callers always do (``finish``), so
+# this only bounds a worker whose caller died between ``start`` and ``finish``
+HANDOFF_TIMEOUT_S = 60.0
+
+
+class ReadAhead:
+    """Reader threads shared by every cold load of one cache (two: one load's read, the next's)."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraswap-read")
+
+    def open(self, path: Path, *, pin: bool = False, pool: BufferPool | None = None) -> OpenFile | None:
+        """``path`` opened with a buffer of its size (page-locked if ``pin``, else from ``pool`` when
+        given) and its stamp; None when it does not exist. Nothing is read yet."""
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115  # closed by the worker (or on error here)
+        except FileNotFoundError:
+            return None
+        try:
+            info = os.fstat(fh.fileno())
+            if pool is not None and not pin:
+                buffer = pool.take(info.st_size)
+            else:
+                buffer = torch.empty(info.st_size, dtype=torch.uint8, pin_memory=pin)
+        except BaseException:
+            fh.close()
+            raise
+        return OpenFile(path, fh, buffer, (info.st_ino, info.st_size, info.st_mtime_ns), self._executor)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+class OpenFile:
+    """One file being read into ``buffer``: ``start``, then (queue checks, ``wait_read``) ``finish``."""
+
+    def __init__(
+        self, path: Path, fh: BinaryIO, buffer: torch.Tensor, stamp: Stamp, executor: ThreadPoolExecutor
+    ) -> None:
+        self.path = path
+        self.buffer = buffer
+        self.stamp = stamp
+        self._fh = fh
+        self._executor = executor
+        self._read = threading.Event()
+        self._queued = threading.Event()
+        self._after: Callable[[], object] | None = None
+        self._job: Future[None] | None = None
+
+    def start(self, *, max_header_bytes: int, verify: Callable[[torch.Tensor], None] | None) -> None:
+        """Read the header here and the rest on a reader thread, which then runs ``verify(buffer)``.
+
+        A header length past ``max_header_bytes`` or past the file is read whole here (the caller's
+        header checks then refuse it as they would any such file)."""
+        view = memoryview(self.buffer.numpy())  # type: ignore[arg-type]  # ndarray: buffer protocol
+        size = len(view)
+        try:
+            got = _read_into(self._fh, view, 0, min(size, 8))
+            declared = int.from_bytes(view[:8], "little") if got == 8 else size
+            head_end = 8 + declared if declared <= max_header_bytes and 8 + declared <= size else size
+            got += _read_into(self._fh, view, got, head_end)
+        except BaseException:
+            self._fh.close()
+            self._read.set()
+            raise
+        self._job = self._executor.submit(self._work, view, got, verify)
+
+    def discard(self) -> None:
+        """Close a file that will not be read (before ``start``)."""
+        self._fh.close()
+        self._read.set()
+
+    def wait_read(self) -> None:
+        """Return once every byte is in the buffer (or the read has failed: ``finish`` raises why)."""
+        self._read.wait()
+
+    def after_read(self, check: Callable[[], object]) -> None:
+        """Run ``check`` on the reader thread once the bytes are in and verified (at most one)."""
+        self._after = check
+        self._queued.set()
+
+    def finish(self) -> None:
+        """Wait for the reader thread; raise its error (the read, the hash, then the queued check)."""
+        self._queued.set()
+        if self._job is not None:
+            self._job.result()
+
+    def _work(self, view: memoryview, done: int, verify: Callable[[torch.Tensor], None] | None) -> None:
+        size = len(view)
+        try:
+            done += _read_into(self._fh, view, done, size)
+        finally:
+            self._fh.close()
+            self._read.set()
+        if done < size:
+            raise AdapterCorrupt(
+                f"{self.path.name} changed while it was read: {done} of the {size} bytes it had when "
+                "opened; nothing is served from it",
+                reason="short_read",
+                detail={"read": done, "size": size},
+            )
+        if verify is not None:
+            verify(self.buffer)
+        if not self._queued.wait(HANDOFF_TIMEOUT_S):
+            log.warning("a cold load of %s queued nothing in %.0f s", self.path.name, HANDOFF_TIMEOUT_S)
+            return
+        if self._after is not None:
+            self._after()
+
+
+def _read_into(fh: BinaryIO, view: memoryview, start: int, end: int) -> int:
+    """Bytes ``[start, end)`` of ``fh``'s next bytes into ``view``; how many arrived (fewer at EOF)."""
+    done = start
+    while done < end:
+        got = fh.readinto(view[done:end])
+        if not got:
+            break
+        done += got
+    return done - start

@@ -1,0 +1,167 @@
+"""The cold load's overlapped read (``adapters/readahead.py`` + ``Registry.open_file``): the same result
+and the same findings as reading first, with a hash mismatch reported before any other finding."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from adapters import opening
+from adapters.errors import AdapterCorrupt, AdapterInvalid
+from adapters.identity import BaseIdentity
+from adapters.readahead import ReadAhead
+from adapters.records import blob_key
+from adapters.registry import Registry
+from adapters.sources import LocalStore
+from adapters.views import as_buffer
+from tests.adapters.conftest import save_bytes
+from tests.adapters.factory import LoraCase, kohya_layout
+from tests.adapters.test_views import TENSORS, _unaligned
+
+
+@pytest.fixture
+def reader() -> Any:
+    ahead = ReadAhead()
+    yield ahead
+    ahead.shutdown()
+
+
+@pytest.fixture
+def stored(tmp_path: Path, base_identity: BaseIdentity, lora_case: LoraCase) -> tuple[Registry, Any, Path]:
+    """A kohya file registered in a local store, and the path of its stored file."""
+    store = LocalStore(tmp_path / "store")
+    registry = Registry(store, base_identity, max_rank=64)
+    version = registry.register(save_bytes(kohya_layout(lora_case), {"ss_steps": "7"}), "ahead")
+    path = store.local_path(blob_key(version.sha256))
+    assert path is not None
+    return registry, version, path
+
+
+def _open(reader: ReadAhead, registry: Registry, version: Any, path: Path, **kw: Any) -> Any:
+    opened = reader.open(path)
+    assert opened is not None
+    return registry.open_file(version, opened, **kw)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_an_overlapped_open_equals_opening_the_bytes(
+    stored: tuple[Registry, Any, Path], reader: ReadAhead, verify: bool
+) -> None:
+    registry, version, path = stored
+    loaded = _open(reader, registry, version, path, verify=verify)
+    expected = registry.open_data(version, path.read_bytes())
+    assert loaded.tensors.keys() == expected.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], t) for k, t in expected.tensors.items())
+    assert loaded.metadata == expected.metadata
+
+
+def test_a_corrupt_file_is_corrupt_before_anything_else(
+    stored: tuple[Registry, Any, Path], reader: ReadAhead
+) -> None:
+    """Bytes that fail their hash AND whose header is broken: the hash is the finding (the cache
+    removes a corrupt disk copy and fetches it again; a header error would not)."""
+    registry, version, path = stored
+    data = bytearray(path.read_bytes())
+    data[8:10] = b"[]"  # the header no longer parses as an object
+    path.write_bytes(bytes(data))
+    with pytest.raises(AdapterInvalid):
+        registry.open_data(version, bytes(data), verify=False)  # a header finding on its own
+    with pytest.raises(AdapterCorrupt, match="blake3"):
+        _open(reader, registry, version, path)
+
+
+def test_a_file_that_shrinks_after_it_is_opened_is_corrupt(
+    stored: tuple[Registry, Any, Path], reader: ReadAhead
+) -> None:
+    registry, version, path = stored
+    opened = reader.open(path)
+    assert opened is not None
+    os.truncate(path, path.stat().st_size - 100)
+    with pytest.raises(AdapterCorrupt) as err:
+        registry.open_file(version, opened, verify=False)  # even a file "verified before" is refused
+    assert err.value.reason == "short_read"
+
+
+def test_values_are_checked_on_the_reader_thread_and_reported(
+    stored: tuple[Registry, Any, Path], reader: ReadAhead, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bytes-verified-before open checks the values on the reader thread; a NaN is still a 422."""
+    registry, version, path = stored
+    data = bytearray(path.read_bytes())
+    dtype = {
+        e["dtype"]
+        for k, e in json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).items()
+        if k != "__metadata__"
+    }
+    data[-4:] = {"F16": b"\x00\x7e\x00\x7e", "F32": b"\x00\x00\xc0\x7f"}[dtype.pop()]  # NaN last
+    path.write_bytes(bytes(data))
+    threads: list[str] = []
+    check = opening.check_finite_region
+
+    def recording(files: Any) -> None:
+        threads.append(threading.current_thread().name)
+        check(files)
+
+    monkeypatch.setattr(opening, "check_finite_region", recording)
+    with pytest.raises(AdapterInvalid, match="finite"):
+        _open(reader, registry, version, path, verify=False)
+    assert threads and threads[0].startswith("loraswap-read")
+
+
+def test_an_unaligned_file_waits_for_its_bytes(tmp_path: Path, reader: ReadAhead) -> None:
+    """Views of data at an odd offset are copied: that copy waits for the read."""
+    from adapters.views import file_views
+
+    half = {k: v.half() for k, v in TENSORS.items()}
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(_unaligned(half))
+    opened = reader.open(path)
+    assert opened is not None
+    opened.start(max_header_bytes=1 << 20, verify=None)
+    waited: list[bool] = []
+
+    def ready() -> None:
+        opened.wait_read()
+        waited.append(True)
+
+    files, _ = file_views(opened.buffer, opening.Limits(max_bytes=opened.buffer.numel()), ready=ready)
+    opened.finish()
+    assert waited and all(torch.equal(files.tensors[k], t) for k, t in half.items())
+
+
+@pytest.mark.parametrize("header", [b"\xff" * 8, (10 << 20).to_bytes(8, "little"), b"\x04"])
+def test_a_header_length_past_the_limit_or_the_file_is_read_whole(
+    tmp_path: Path, reader: ReadAhead, header: bytes
+) -> None:
+    """A length the header checks will refuse is not trusted for the split: the file is read here."""
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(header + b"{}" * 5)
+    opened = reader.open(path)
+    assert opened is not None
+    opened.start(max_header_bytes=1 << 20, verify=None)
+    opened.finish()
+    assert bytes(opened.buffer.numpy()) == path.read_bytes()
+
+
+def test_no_file_is_left_open(tmp_path: Path, reader: ReadAhead) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(safetensors.torch.save({k: v.half() for k, v in TENSORS.items()}))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        started = reader.open(path)
+        assert started is not None
+        started.start(max_header_bytes=1 << 20, verify=None)
+        started.finish()
+        discarded = reader.open(path)
+        assert discarded is not None
+        discarded.discard()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert reader.open(tmp_path / "missing") is None
+    assert bytes(as_buffer(path.read_bytes()).numpy()) == bytes(started.buffer.numpy())
