@@ -9,9 +9,13 @@ views of the bytes read: nothing is copied.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
+import blake3
 import torch
 
 from adapters.errors import AdapterCorrupt
@@ -21,10 +25,18 @@ from adapters.metadata import AdapterMetadata, parse_header_metadata
 from adapters.prepare import check_open_compatible
 from adapters.readahead import OpenFile
 from adapters.records import AdapterVersion
-from adapters.validate import check_canonical
-from adapters.views import FileTensors, blake3_hex, check_finite_region, file_views, sha256_hex
+from adapters.validate import check_canonical, check_finite, check_lora_shapes
+from adapters.views import FileTensors, check_finite_region, file_views, sha256_hex
 
-__all__ = ["LoadedAdapter", "OpenChecks", "open_buffer", "open_file", "verify_digest"]
+__all__ = [
+    "DigestCheck",
+    "LoadedAdapter",
+    "OpenChecks",
+    "ValueCheck",
+    "open_buffer",
+    "open_file",
+    "verify_digest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +78,77 @@ def verify_digest(version: AdapterVersion, buffer: torch.Tensor) -> None:
     """The bytes of ``version`` are the bytes registered: BLAKE3 when its record has one, else sha256
     (the content id; records written before BLAKE3 was recorded). A mismatch names the version; a BLAKE3
     mismatch on bytes whose sha256 is the record's (a damaged record, not a damaged file) passes."""
-    algorithm, expected = ("blake3", version.blake3) if version.blake3 else ("sha256", version.sha256)
-    actual = blake3_hex(buffer) if algorithm == "blake3" else sha256_hex(buffer)
-    if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
-        # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
-        log.warning("the record of %s has a BLAKE3 that is not its file's; verified by sha256", version.ref)
-        return
-    if actual != expected:
-        raise AdapterCorrupt(
-            f"{version.ref} is corrupt: its file (sha256 {version.sha256[:12]}…) fails its recorded "
-            f"{algorithm} (expected {expected[:12]}…, read {actual[:12]}…); nothing is served from it",
-            reason="sha256_mismatch",
-            detail={
-                "adapter_id": version.adapter_id,
-                "version": version.version,
-                "algorithm": algorithm,
-                "expected": expected,
-                "actual": actual,
-            },
-            hint="Re-register the adapter (or restore its blob from a backup); 'loraswap adapters verify' "
-            "lists every such version.",
-        )
+    check = DigestCheck(version)
+    check.feed(memoryview(buffer.numpy()), 0, buffer.numel())  # type: ignore[arg-type]
+    check.finish(buffer)
+
+
+class DigestCheck:
+    """``verify_digest`` fed a piece at a time (``adapters.readahead.Consumer``)."""
+
+    def __init__(self, version: AdapterVersion) -> None:
+        self.version = version
+        self.algorithm = "blake3" if version.blake3 else "sha256"
+        self._hash: Any = blake3.blake3() if version.blake3 else hashlib.sha256()
+
+    def feed(self, data: memoryview, start: int, end: int) -> None:
+        self._hash.update(data[start:end])
+
+    def finish(self, buffer: torch.Tensor) -> None:
+        version, algorithm = self.version, self.algorithm
+        expected = version.blake3 if version.blake3 else version.sha256
+        actual = self._hash.hexdigest()
+        if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
+            # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
+            log.warning("the record of %s has a BLAKE3 that is not its file's; sha256 verified", version.ref)
+            return
+        if actual != expected:
+            raise AdapterCorrupt(
+                f"{version.ref} is corrupt: its file (sha256 {version.sha256[:12]}…) fails its recorded "
+                f"{algorithm} (expected {expected[:12]}…, read {actual[:12]}…); nothing is served from it",
+                reason="sha256_mismatch",
+                detail={
+                    "adapter_id": version.adapter_id,
+                    "version": version.version,
+                    "algorithm": algorithm,
+                    "expected": expected,
+                    "actual": actual,
+                },
+                hint="Re-register the adapter (or restore its blob from a backup); 'loraswap adapters "
+                "verify' lists every such version.",
+            )
+
+
+class ValueCheck:
+    """``check_finite_region`` fed a piece at a time: one sum per piece of the data region that has
+    arrived (``adapters.readahead.Consumer``). A non-finite partial sum (a NaN or an inf, or finite
+    values overflowing it) is settled by the exact per-tensor check, which names the tensors."""
+
+    def __init__(self, files: FileTensors, buffer: torch.Tensor) -> None:
+        self.files = files
+        region = files.region
+        # where the region's values start in the buffer; a region copied out of it (a data region that
+        # was not aligned) was copied after the whole file had arrived, so all of it is there
+        storage = buffer.untyped_storage().data_ptr()
+        shared = region is not None and region.untyped_storage().data_ptr() == storage
+        self._origin = region.data_ptr() - buffer.data_ptr() if region is not None and shared else 0
+        self._size = region.element_size() if region is not None else 1
+        self._done = 0  # values [0, _done) of the region are summed
+        self._finite = True
+
+    def feed(self, data: memoryview, start: int, end: int) -> None:
+        region = self.files.region
+        if region is None:
+            return
+        upto = min(region.numel(), max(0, (end - self._origin) // self._size))
+        if upto > self._done:
+            self._finite &= math.isfinite(float(region[self._done : upto].sum()))
+            self._done = upto
+
+    def finish(self, buffer: torch.Tensor) -> None:
+        self.feed(memoryview(b""), 0, buffer.numel())
+        if self.files.region is None or not self._finite:
+            check_finite(self.files.tensors)
 
 
 def open_buffer(
@@ -117,15 +179,18 @@ def open_file(
             raise
     file.start(
         max_header_bytes=checks.max_header_bytes,
-        verify=(lambda buffer: verify_digest(version, buffer)) if verify else None,
+        verify=DigestCheck(version) if verify else None,
     )
     try:
         files, header = file_views(file.buffer, _limits(file.buffer, checks), ready=file.wait_read)
-        if not verify:  # the reader thread is free once the bytes are in: the values are checked there
-            file.after_read(lambda: check_finite_region(files))
+        if not verify:  # the reader thread sums the values as they arrive (and would hash them otherwise)
+            file.stream_to(ValueCheck(files, file.buffer))
         metadata = parse_header_metadata(header) or AdapterMetadata()
-        file.wait_read()  # the structure checks read a few values (alphas, DoRA groups)
-        check_canonical(files.tensors, checks.base.architecture if checks.base else None, finite=False)
+        architecture = checks.base.architecture if checks.base else None
+        checked = check_lora_shapes(files.tensors, architecture)  # reads no value: runs during the read
+        file.wait_read()
+        if not checked:  # the other kinds' structure checks read a few values (alphas, DoRA groups)
+            check_canonical(files.tensors, architecture, finite=False)
         if verify:  # the reader thread is hashing: the values are checked here meanwhile
             check_finite_region(files)
     except BaseException:

@@ -235,6 +235,21 @@ def check_canonical(
     return CanonicalSummary(ranks=ranks, dtype=dtypes.pop(), kind=kind)
 
 
+def check_lora_shapes(tensors: Mapping[str, torch.Tensor], architecture: Architecture | None) -> bool:
+    """``check_canonical(finite=False)`` for a plain LoRA (``lora_A``/``lora_B`` pairs), whose checks read
+    names, shapes and dtypes and no value, so it may run on views of a file whose bytes are still
+    arriving (``adapters.opening``; tested on meta tensors). False, having checked nothing, for the
+    other kinds: embeddings, LyCORIS and DoRA checks read a few values (alphas, DoRA groups)."""
+    from adapters import embedding  # imports this module's checks
+
+    if not tensors or embedding.is_canonical(tensors):
+        return False
+    if any(key.rsplit(".", 1)[-1] in LYCORIS_ROLES for key in tensors):
+        return False
+    check_canonical(tensors, architecture, finite=False)
+    return True
+
+
 def check_kind_modules(
     kind: str,
     modules: Mapping[str, Mapping[str, torch.Tensor]],

@@ -20,7 +20,7 @@ from adapters.readahead import ReadAhead
 from adapters.records import blob_key
 from adapters.registry import Registry
 from adapters.sources import LocalStore
-from adapters.views import as_buffer
+from adapters.views import as_buffer, file_views
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import LoraCase, kohya_layout
 from tests.adapters.test_views import TENSORS, _unaligned
@@ -89,36 +89,66 @@ def test_a_file_that_shrinks_after_it_is_opened_is_corrupt(
     assert err.value.reason == "short_read"
 
 
-def test_values_are_checked_on_the_reader_thread_and_reported(
-    stored: tuple[Registry, Any, Path], reader: ReadAhead, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_values_are_checked_on_the_reader_thread_as_they_arrive(
+    stored: tuple[Registry, Any, Path],
+    reader: ReadAhead,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
 ) -> None:
-    """A bytes-verified-before open checks the values on the reader thread; a NaN is still a 422."""
+    """A bytes-verified-before open sums the values on the reader thread; a NaN anywhere is still a 422
+    naming its tensor, and a clean file passes."""
     registry, version, path = stored
-    data = bytearray(path.read_bytes())
-    dtype = {
-        e["dtype"]
-        for k, e in json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).items()
-        if k != "__metadata__"
-    }
-    data[-4:] = {"F16": b"\x00\x7e\x00\x7e", "F32": b"\x00\x00\xc0\x7f"}[dtype.pop()]  # NaN last
+    clean = path.read_bytes()
+    data = bytearray(clean)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    header.pop("__metadata__", None)
+    name, entry = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])[
+        0 if where == "first" else -1
+    ]
+    nan = {"F16": b"\x00\x7e", "F32": b"\x00\x00\xc0\x7f", "BF16": b"\xc0\x7f"}[entry["dtype"]]
+    at = 8 + int.from_bytes(data[:8], "little") + entry["data_offsets"][0]
+    data[at : at + len(nan)] = nan
     path.write_bytes(bytes(data))
     threads: list[str] = []
-    check = opening.check_finite_region
+    feed = opening.ValueCheck.feed
 
-    def recording(files: Any) -> None:
+    def recording(self: Any, *args: Any) -> None:
         threads.append(threading.current_thread().name)
-        check(files)
+        feed(self, *args)
 
-    monkeypatch.setattr(opening, "check_finite_region", recording)
-    with pytest.raises(AdapterInvalid, match="finite"):
+    monkeypatch.setattr(opening.ValueCheck, "feed", recording)
+    with pytest.raises(AdapterInvalid, match="finite") as err:
         _open(reader, registry, version, path, verify=False)
-    assert threads and threads[0].startswith("loraswap-read")
+    assert name.rsplit(".", 1)[0] in err.value.message
+    assert threads and all(t.startswith("loraswap-read") for t in threads)
+    path.write_bytes(clean)
+    assert _open(reader, registry, version, path, verify=False).tensors
+
+
+@pytest.mark.parametrize("nan_at", [None, 0, 17, 35])
+def test_the_value_check_fed_in_pieces(nan_at: int | None) -> None:
+    """``ValueCheck`` sums only what has arrived, whatever the pieces (odd sizes, split values)."""
+    half = {k: v.half() for k, v in TENSORS.items()}
+    if nan_at is not None:
+        flat = half["b.lora_B.weight"].view(-1)
+        flat[nan_at % flat.numel()] = float("nan")
+    buffer = as_buffer(safetensors.torch.save(half))
+    files, _ = file_views(buffer, opening.Limits(max_bytes=buffer.numel()))
+    check = opening.ValueCheck(files, buffer)
+    data = memoryview(buffer.numpy())
+    for start in range(0, buffer.numel(), 7):
+        check.feed(data, start, min(buffer.numel(), start + 7))
+        assert check._done <= (start + 7) // 2  # never a value whose bytes have not all arrived
+    if nan_at is None:
+        check.finish(buffer)
+    else:
+        with pytest.raises(AdapterInvalid, match=r"b\.lora_B"):
+            check.finish(buffer)
 
 
 def test_an_unaligned_file_waits_for_its_bytes(tmp_path: Path, reader: ReadAhead) -> None:
     """Views of data at an odd offset are copied: that copy waits for the read."""
-    from adapters.views import file_views
-
     half = {k: v.half() for k, v in TENSORS.items()}
     path = tmp_path / "odd.safetensors"
     path.write_bytes(_unaligned(half))
