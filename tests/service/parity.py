@@ -62,7 +62,8 @@ def weights_written(
 
     def weight(module: str) -> torch.Tensor:
         component, path = module.split(".", 1)
-        target: torch.Tensor = components[component].get_submodule(path).weight
+        target = components[component].get_submodule(path).weight
+        assert isinstance(target, torch.Tensor)
         return target
 
     saved: dict[str, torch.Tensor] = {}
