@@ -23,19 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from basemodel.errors import BaseModelError
-from basemodel.families.base import (
-    Conditioning,
-    DenoiserCall,
-    DenoiserInputs,
-    ModelFamily,
-    ModelSignals,
-    UNetInputs,
-)
+from basemodel.families.base import ModelFamily
 from basemodel.families.flux import Flux
 from basemodel.families.sd1 import SD1
 from basemodel.families.sd2 import SD2
 from basemodel.families.sd3 import SD3
 from basemodel.families.sdxl import SDXL
+from basemodel.families.values import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals, UNetInputs
 
 __all__ = [
     "FAMILIES",

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from basemodel.families.base import DenoiserInputs, ModelFamily
+from basemodel.families.base import ModelFamily
+from basemodel.families.values import DenoiserInputs
 from basemodel.textual_inversion import encode_text
 
 if TYPE_CHECKING:

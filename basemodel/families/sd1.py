@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from basemodel.families.base import Conditioning, DenoiserInputs, ModelFamily, ModelSignals
+from basemodel.families.base import ModelFamily
+from basemodel.families.values import Conditioning, DenoiserInputs, ModelSignals
 from basemodel.textual_inversion import Embedding, encode_text
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from basemodel.families.base import ModelSignals
 from basemodel.families.sd1 import SD1
+from basemodel.families.values import ModelSignals
 
 V_PREDICTION = "v_prediction"
 

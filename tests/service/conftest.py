@@ -14,10 +14,16 @@ import httpx
 import pytest
 import uvicorn
 
+from adapters.identity import BaseIdentity
+from adapters.registry import Registry
+from adapters.sources import open_store
 from basemodel.loader import BaseModel, load_base_model
 from basemodel.settings import Settings
 from loadtests.loopback import listening_socket, port_of, uvicorn_in_thread
 from service.app import create_app
+
+# the shared parity checks' asserts report their values as a test module's do
+pytest.register_assert_rewrite("tests.service.parity")
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
@@ -112,6 +118,12 @@ def start_server(loraswap_home: Any, base_model: Any) -> Iterator[Callable[..., 
 @pytest.fixture
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     return start_server()
+
+
+@pytest.fixture
+def registry(base_model: Any, tmp_path: Path) -> Registry:
+    """An empty local store in ``tmp_path / "store"`` for tiny-sd."""
+    return Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
 
 
 @pytest.fixture(scope="module")

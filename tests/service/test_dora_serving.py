@@ -6,7 +6,6 @@ paths, and a mixed batch of DoRA rows (PEFT at two weights) and a LoRA row equal
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,15 +15,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from adapters.identity import BaseIdentity
 from adapters.registry import Registry
-from adapters.sources import open_store
-from service.engine.sampler import generators_for
-from service.engine.schedulers import make_scheduler
 from tests.adapters import dora_factory as df
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
 from tests.adapters.lycoris_factory import kohya_name
+from tests.service.parity import assert_batch_equals_alone, draw, sd_pipeline, weights_written
 from tests.service.test_hotswap import REQUEST, generate, pixels
 
 SCALES = {"dora-in": 0.8, "dora-out": 1.0, "dora-peft": 0.6}
@@ -53,46 +49,14 @@ def dora_weights(
 
 @cache
 def _pipe(model_dir: Path) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    return pipe
+    return sd_pipeline(model_dir)
 
 
-def with_weights(model_dir: Path, replaced: Mapping[str, torch.Tensor], **overrides: Any) -> np.ndarray:
+def with_weights(model_dir: Path, replaced: Mapping[str, torch.Tensor]) -> np.ndarray:
     """Plain diffusers with the given modules' weights replaced, run like the server runs a request."""
-    request = {**REQUEST, **overrides}
     pipe = _pipe(model_dir)
-    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    saved = {}
-    with torch.no_grad():
-        for module, weight in replaced.items():
-            component, path = module.split(".", 1)
-            target = components[component].get_submodule(path)
-            saved[module] = target.weight.detach().clone()
-            target.weight.copy_(weight.to(target.weight.dtype))
-    try:
-        image = pipe(
-            request["prompt"],
-            negative_prompt=request["negative_prompt"],
-            num_inference_steps=request["steps"],
-            guidance_scale=request["guidance_scale"],
-            generator=generators_for(request["seed"], 1),
-            output_type="pil",
-        ).images[0]
-    finally:
-        with torch.no_grad():
-            for module, weight in saved.items():
-                component, path = module.split(".", 1)
-                components[component].get_submodule(path).weight.copy_(weight)
-    return np.asarray(image, dtype=np.int16)
-
-
-@pytest.fixture
-def registry(base_model: Any, tmp_path: Path) -> Registry:
-    return Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
+    with weights_written({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, replaced):
+        return draw(pipe)
 
 
 @pytest.mark.parametrize("path", ["hooked", "fused"])
@@ -134,21 +98,7 @@ def test_mixed_batch_of_dora_and_lora_rows_equals_each_alone(
         {"prompt": "a green star", "seed": 3, "adapters": [{"id": "dora-peft", "scale": 0.6}]},
         {"prompt": "a red circle", "seed": 4, "adapters": [{"id": "dora-peft", "scale": 1.0}]},
     ]
-    alone_server = start_server(store=registry.store.uri, max_batch_size=1)
-    alone = [generate(alone_server, **r) for r in requests]
-    alone_server.stop()
-    server = start_server(store=registry.store.uri, max_batch_size=4, batch_window_ms=2000)
-    for r in requests:  # resident first, so that no cold load splits the batch
-        generate(server, **{**r, "steps": 1})
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        batched = list(pool.map(lambda r: generate(server, **r), requests))
-    with server.client() as http:
-        metrics = http.get("/metrics").text
-    sizes = [line for line in metrics.splitlines() if line.startswith('loraswap_batch_size_bucket{le="1.0"}')]
-    count = [line for line in metrics.splitlines() if line.startswith("loraswap_batch_size_count")]
-    assert float(sizes[0].split()[-1]) < float(count[0].split()[-1]), "the requests were not batched"
-    for one, many in zip(alone, batched, strict=True):
-        assert np.abs(pixels(one["images"][0]) - pixels(many["images"][0])).max() <= 2
+    assert_batch_equals_alone(start_server, requests, window_ms=2000, store=registry.store.uri)
 
 
 def test_a_dora_without_direction_on_this_base_is_a_typed_error(
@@ -193,21 +143,9 @@ def test_peft_dora_on_the_unet_equals_diffusers_load_lora_weights(
     path.write_bytes(save_bytes(tensors))
     registry.register(path.read_bytes(), "peft-unet")
     server = start_server(store=registry.store.uri)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_model_dir, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe = sd_pipeline(tiny_model_dir)
     pipe.load_lora_weights(str(path), adapter_name="dora")
     for scale in (1.0, 0.6):
         served = pixels(generate(server, adapters=[{"id": "peft-unet", "scale": scale}])["images"][0])
         pipe.set_adapters(["dora"], [scale])
-        image = pipe(
-            REQUEST["prompt"],
-            negative_prompt=REQUEST["negative_prompt"],
-            num_inference_steps=REQUEST["steps"],
-            guidance_scale=REQUEST["guidance_scale"],
-            generator=generators_for(REQUEST["seed"], 1),
-            output_type="pil",
-        ).images[0]
-        assert np.abs(served - np.asarray(image, dtype=np.int16)).max() <= 1, scale
+        assert np.abs(served - draw(pipe)).max() <= 1, scale

@@ -8,7 +8,6 @@ weight 1 and another weight; a mixed batch of DoRA and LoRA rows equals each req
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from service.engine.sampler import generators_for
 from service.engine.schedulers import make_scheduler
 from tests.adapters import dora_factory as df
 from tests.adapters.conftest import save_bytes
+from tests.service.parity import assert_batch_equals_alone, weights_written
 from tests.service.test_hotswap import pixels
 
 REQUESTS = {
@@ -93,14 +93,7 @@ class Family:
         """The request in plain diffusers with the given modules' weights written in by hand."""
         request = {**REQUESTS[self.name], **overrides}
         pipe = _pipe(self.name, self.model.ref.path)
-        modules = dict(pipe.transformer.named_modules())
-        saved = {}
-        with torch.no_grad():
-            for module, weight in replaced.items():
-                target = modules[module.removeprefix("transformer.")]
-                saved[module] = target.weight.detach().clone()
-                target.weight.copy_(weight.to(target.weight.dtype))
-        try:
+        with weights_written({"transformer": pipe.transformer}, replaced):
             image = pipe(
                 request["prompt"],
                 num_inference_steps=request["steps"],
@@ -110,10 +103,6 @@ class Family:
                 generator=generators_for(request["seed"], 1),
                 output_type="pil",
             ).images[0]
-        finally:
-            with torch.no_grad():
-                for module, weight in saved.items():
-                    modules[module.removeprefix("transformer.")].weight.copy_(weight)
         return np.asarray(image, dtype=np.int16)
 
 
@@ -169,23 +158,21 @@ def test_mixed_batch_of_transformer_dora_and_lora_rows_equals_each_alone(
         {**request, "prompt": "a green star", "seed": 3, "adapters": [{"id": "peft", "scale": 0.6}]},
         {**request, "prompt": "a red circle", "seed": 4, "adapters": [{"id": "kohya-out", "scale": 1.0}]},
     ]
-    store = registry.store.uri
-    alone_server = start_server(loader=lambda _: family.model, store=store, max_batch_size=1)
-    alone = [generate(alone_server, r) for r in requests]
-    alone_server.stop()
-    server = start_server(loader=lambda _: family.model, store=store, max_batch_size=4, batch_window_ms=2000)
-    with server.client() as http:  # resident first, so that no cold load splits the batch
-        for file in ("kohya-in", "style", "peft", "kohya-out"):
-            assert http.post(f"/v1/adapters/{file}/preload").status_code == 200
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        batched = list(pool.map(lambda r: generate(server, r), requests))
-    with server.client() as http:
-        metrics = http.get("/metrics").text
-    sizes = [line for line in metrics.splitlines() if line.startswith('loraswap_batch_size_bucket{le="1.0"}')]
-    count = [line for line in metrics.splitlines() if line.startswith("loraswap_batch_size_count")]
-    assert float(sizes[0].split()[-1]) < float(count[0].split()[-1]), "the requests were not batched"
-    for one, many in zip(alone, batched, strict=True):
-        assert np.abs(pixels(one["images"][0]) - pixels(many["images"][0])).max() <= 2
+
+    def preload(server: Any) -> None:
+        with server.client() as http:
+            for file in ("kohya-in", "style", "peft", "kohya-out"):
+                assert http.post(f"/v1/adapters/{file}/preload").status_code == 200
+
+    assert_batch_equals_alone(
+        start_server,
+        requests,
+        window_ms=2000,
+        send=generate,
+        warm=preload,
+        loader=lambda _: family.model,
+        store=registry.store.uri,
+    )
 
 
 def test_merge_bakes_a_fused_dora_in(loraswap_home: Path, tmp_path: Path) -> None:

@@ -4,23 +4,18 @@ a LoHa row and a LoRA row equals each served alone."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
-from adapters.identity import BaseIdentity
 from adapters.registry import Registry
-from adapters.sources import open_store
-from service.engine.sampler import generators_for
-from service.engine.schedulers import make_scheduler
 from tests.adapters import lycoris_factory as lf
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
+from tests.service.parity import assert_batch_equals_alone, draw, sd_pipeline
 from tests.service.test_hotswap import REQUEST, generate, pixels
 
 
@@ -47,24 +42,14 @@ def lycoris_files(base_model: Any) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-@pytest.fixture
-def registry(base_model: Any, tmp_path: Path) -> Registry:
-    return Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
-
-
 def merged_by_hand(
     model_dir: Path,
     parts: list[tuple[dict[str, torch.Tensor], float]],
     shapes: dict[str, tuple[int, ...]],
-    **overrides: Any,
 ) -> np.ndarray:
     """Plain diffusers with ``W + Σ scale·ΔW`` (ΔW from ``lycoris_factory.reference_deltas``) written into
     the weights, run like the server runs a request (DDIM, diffusers' seeding)."""
-    request = {**REQUEST, **overrides}
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd_pipeline(model_dir)
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     with torch.no_grad():
         for tensors, scale in parts:
@@ -74,16 +59,7 @@ def merged_by_hand(
                 target.weight += (scale * delta).to(target.weight.dtype)
                 if bias is not None:
                     target.bias += (scale * bias).to(target.bias.dtype)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    image = pipe(
-        request["prompt"],
-        negative_prompt=request["negative_prompt"],
-        num_inference_steps=request["steps"],
-        guidance_scale=request["guidance_scale"],
-        generator=generators_for(request["seed"], 1),
-        output_type="pil",
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
+    return draw(pipe)
 
 
 def test_lycoris_kinds_match_a_merged_by_hand_reference(
@@ -122,21 +98,7 @@ def test_mixed_batch_of_loha_and_lora_rows_equals_each_alone(
         {"prompt": "a red circle", "seed": 1, "adapters": [{"id": "hada", "scale": 0.8}]},
         {"prompt": "a blue square", "seed": 2, "adapters": [{"id": "style", "scale": 0.9}]},
     ]
-    alone_server = start_server(store=registry.store.uri, max_batch_size=1)
-    alone = [generate(alone_server, **r) for r in requests]
-    alone_server.stop()
-    server = start_server(store=registry.store.uri, max_batch_size=2, batch_window_ms=1500)
-    for r in requests:  # resident first, so that no cold load splits the batch
-        generate(server, **{**r, "steps": 1})
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        batched = list(pool.map(lambda r: generate(server, **r), requests))
-    with server.client() as http:
-        metrics = http.get("/metrics").text
-    sizes = [line for line in metrics.splitlines() if line.startswith('loraswap_batch_size_bucket{le="1.0"}')]
-    count = [line for line in metrics.splitlines() if line.startswith("loraswap_batch_size_count")]
-    assert float(sizes[0].split()[-1]) < float(count[0].split()[-1]), "the two requests were not batched"
-    for one, many in zip(alone, batched, strict=True):
-        assert np.abs(pixels(one["images"][0]) - pixels(many["images"][0])).max() <= 2
+    assert_batch_equals_alone(start_server, requests, window_ms=1500, store=registry.store.uri)
 
 
 def test_device_bytes_count_the_dense_delta(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL
 from safetensors import safe_open
 
 from adapters.delta import module_delta
@@ -20,44 +20,28 @@ from adapters.identity import BaseIdentity
 from adapters.kinds import ROLE_KIND, group
 from adapters.merge import MergeItem, merge_adapters, parse_item
 from adapters.registry import Registry
-from adapters.sources import open_store
 from basemodel.errors import ConfigError
 from basemodel.loader import load_base_model
 from basemodel.single_file import load_single_file
 from service.cli import main
-from service.engine.sampler import generators_for
-from service.engine.schedulers import make_scheduler
 from tests.adapters import lycoris_factory as lf
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, make_case
-from tests.service.test_hotswap import REQUEST, generate, pixels
+from tests.service.parity import draw, prepared, sd_pipeline
+from tests.service.test_hotswap import generate, pixels
 
 ADAPTERS = [{"id": "style", "scale": 0.7}, {"id": "hada", "scale": 0.5}]
 
 
 @pytest.fixture
-def env(loraswap_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_model: Any) -> Registry:
-    store = tmp_path / "store"
+def env(
+    registry: Registry, loraswap_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_model: Any
+) -> Registry:
     monkeypatch.setenv("LORASWAP_HOME", str(loraswap_home))
-    monkeypatch.setenv("LORASWAP_STORE", f"file://{store}")
-    registry = Registry(open_store(str(store)), BaseIdentity.from_base_model(base_model))
+    monkeypatch.setenv("LORASWAP_STORE", f"file://{tmp_path / 'store'}")  # the registry's store
     registry.register(save_bytes(diffusers_layout(make_case(base_model.pipe))), "style")
     registry.register(save_bytes(lf.loha_file(dict(base_model.architecture.modules))), "hada")
     return registry
-
-
-def plain_diffusers(pipe: Any) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    image = pipe(
-        REQUEST["prompt"],
-        negative_prompt=REQUEST["negative_prompt"],
-        num_inference_steps=REQUEST["steps"],
-        guidance_scale=REQUEST["guidance_scale"],
-        generator=generators_for(REQUEST["seed"], 1),
-        output_type="pil",
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
 
 
 def test_merged_models_give_the_servers_images(
@@ -79,8 +63,7 @@ def test_merged_models_give_the_servers_images(
     assert record["created_at"]
 
     # Plain diffusers, and the server with --base-model PATH (no adapters), give the same images.
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    assert np.abs(plain_diffusers(pipe) - served).max() <= 1
+    assert np.abs(draw(sd_pipeline(folder)) - served).max() <= 1
     merged = load_base_model(str(folder), loraswap_home / "models", device="cpu", dtype="fp32")
     assert merged.architecture.architecture_id == base.architecture_id
     assert np.abs(pixels(generate(start_server(loader=lambda _: merged))["images"][0]) - served).max() <= 1
@@ -96,7 +79,7 @@ def test_merged_models_give_the_servers_images(
     assert json.loads(header["loraswap_merge"])["adapters"] == record["adapters"]
     assert header["modelspec.architecture"] == "stable-diffusion-v1"
     pipe = load_single_file(single, torch.float32, config_dir=tiny_model_dir)
-    assert np.abs(plain_diffusers(pipe) - served).max() <= 1
+    assert np.abs(draw(prepared(pipe)) - served).max() <= 1
 
 
 def test_math_is_fp32_and_cast_once(env: Registry, loraswap_home: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from service.engine.schedulers import make_scheduler
 from tests.adapters import dora_factory as df
 from tests.adapters import lycoris_factory as lf
 from tests.adapters.conftest import save_bytes
+from tests.service.parity import weights_written
 from tests.service.test_sdxl import REQUEST, images, sdxl  # noqa: F401  (sdxl: a fixture)
 
 TARGETS = [
@@ -119,19 +120,8 @@ def draw(pipe: StableDiffusionXLPipeline, **overrides: Any) -> list[np.ndarray]:
 def with_weights(model_dir: Path, replaced: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
     pipe = _xl_pipe(model_dir)
     components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    saved: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        try:
-            for module, weight in replaced.items():
-                component, path = module.split(".", 1)
-                target = components[component].get_submodule(path).weight
-                saved[module] = target.detach().clone()
-                target.copy_(weight.to(target.dtype))
-            return draw(pipe)
-        finally:
-            for module, weight in saved.items():
-                component, path = module.split(".", 1)
-                components[component].get_submodule(path).weight.copy_(weight)
+    with weights_written(components, replaced):
+        return draw(pipe)
 
 
 def max_diff(ours: list[np.ndarray], theirs: list[np.ndarray]) -> int:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.training.conftest import make_config
+from tests.training.resume import assert_resume_matches, final_adapter
 from training.checkpoint import (
     CHECKPOINTS,
     LATEST,
@@ -128,38 +128,11 @@ RESUME_OPTIONS: dict[str, Any] = {
 }
 
 
-def _final_adapter(output: Path) -> dict[str, torch.Tensor]:
-    return load_file(resolve_resume("latest", output) / "adapter.safetensors")
-
-
 def test_resumed_run_reaches_the_same_weights(loraswap_home: Path, synth_dir: Path, tmp_path: Path) -> None:
     models = loraswap_home / "models"
-    quiet = {"models_dir": models, "echo": lambda *_: None}
-    straight = train(make_config(synth_dir, tmp_path / "straight", **RESUME_OPTIONS), **quiet)
-    assert straight.loop is not None and straight.loop.step == 6 and not straight.interrupted
-
-    def stop_at_3(trainer: Any) -> None:
-        if trainer.step == 3:
-            trainer.request_stop()  # what Ctrl-C does
-
-    cut = train(make_config(synth_dir, tmp_path / "cut", **RESUME_OPTIONS), on_step=stop_at_3, **quiet)
-    assert cut.interrupted and cut.loop is not None and cut.loop.step == 3
-    assert resolve_resume("latest", tmp_path / "cut").name == "step-00000003"
-    resumed = train(make_config(synth_dir, tmp_path / "cut", resume="latest", **RESUME_OPTIONS), **quiet)
-    assert resumed.loop is not None and resumed.loop.step == 6
-
-    a, b = _final_adapter(tmp_path / "straight"), _final_adapter(tmp_path / "cut")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-    assert any(float(v.abs().sum()) > 0 for k, v in a.items() if "lora_B" in k)
-
-    def rows(output: Path) -> list[dict[str, Any]]:
-        lines = (output / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
-
-    assert rows(tmp_path / "straight") == rows(tmp_path / "cut")  # no duplicated or missing steps
-    assert resumed.loop.final_val_loss == pytest.approx(straight.loop.final_val_loss, abs=1e-6)
+    run = assert_resume_matches(synth_dir, tmp_path, RESUME_OPTIONS, models_dir=models, stop_at=3)
+    assert run.straight.loop is not None and run.straight.loop.step == 6 and not run.straight.interrupted
+    assert any(float(v.abs().sum()) > 0 for k, v in run.adapter.items() if "lora_B" in k)
 
 
 def test_resume_refuses_a_different_run(loraswap_home: Path, synth_dir: Path, tmp_path: Path) -> None:
@@ -188,6 +161,6 @@ def test_resume_at_an_epoch_boundary_reaches_the_same_weights(
     state = json.loads((resolve_resume("latest", tmp_path / "cut") / "state.json").read_text())
     assert (state["epoch"], state["position"]) == (1, 0)
     train(make_config(synth_dir, tmp_path / "cut", resume="latest", **options), **quiet)
-    a, b = _final_adapter(tmp_path / "straight"), _final_adapter(tmp_path / "cut")
+    a, b = final_adapter(tmp_path / "straight"), final_adapter(tmp_path / "cut")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

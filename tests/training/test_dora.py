@@ -27,13 +27,12 @@ from adapters.metadata import AdapterMetadata, parse_header_metadata
 from adapters.normalise import normalise
 from basemodel.loader import load_base_model
 from service.cli import build_parser, main
-from service.engine.sampler import generators_for
-from service.engine.schedulers import make_scheduler
 from tests.adapters import dora_factory as df
 from tests.adapters.lycoris_factory import kohya_name
 from tests.service import test_flux, test_sd3
 from tests.service.conftest import start_server  # noqa: F401  (fixture)
-from tests.service.test_hotswap import REQUEST, generate, pixels
+from tests.service.parity import draw, sd_pipeline
+from tests.service.test_hotswap import generate, pixels
 from tests.training.conftest import make_config
 from tests.training.test_flow import FLUX_TARGETS
 from training.cli import resolve_config
@@ -100,28 +99,6 @@ def peft_merged_pipeline(trainer: Trainer, model_dir: Path) -> StableDiffusionPi
     return sd_pipeline(model_dir, unet=unet, text_encoder=encoder)
 
 
-def sd_pipeline(model_dir: Path, **components: Any) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, **components, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)  # as the server runs the request
-    return pipe
-
-
-def render(pipe: StableDiffusionPipeline) -> np.ndarray:
-    """The server's default request (``test_hotswap.REQUEST``) in plain diffusers."""
-    image = pipe(
-        REQUEST["prompt"],
-        negative_prompt=REQUEST["negative_prompt"],
-        num_inference_steps=REQUEST["steps"],
-        guidance_scale=REQUEST["guidance_scale"],
-        generator=generators_for(REQUEST["seed"], 1),
-        output_type="pil",
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
-
-
 def test_dora_export_is_served_as_peft_trained_it(
     dora_run: DoraRun, start_server: Any, tiny_model_dir: Path
 ) -> None:
@@ -144,7 +121,7 @@ def test_dora_export_is_served_as_peft_trained_it(
     assert body["adapters"][0]["version"] == 1
     served = pixels(body["images"][0])
     base = pixels(generate(server)["images"][0])
-    reference = render(peft_merged_pipeline(dora_run.trainer, tiny_model_dir))
+    reference = draw(peft_merged_pipeline(dora_run.trainer, tiny_model_dir))
     assert np.abs(served - reference).max() <= 1
     assert np.abs(served - base).mean() > 2, "the trained DoRA changes the image"
 
@@ -177,8 +154,8 @@ def test_dora_export_inspects_as_dora_and_loads_in_diffusers(
         loaded = layer.lora_magnitude_vector["dora"].weight
         name = f"{component}.{'text_model.' if component == 'text_encoder' else ''}{module}"
         torch.testing.assert_close(loaded, tensors[key.format(name)].to(loaded.dtype), rtol=0, atol=0)
-    trained = render(peft_merged_pipeline(dora_run.trainer, tiny_model_dir))
-    assert np.abs(render(pipe) - trained).max() <= 1
+    trained = draw(peft_merged_pipeline(dora_run.trainer, tiny_model_dir))
+    assert np.abs(draw(pipe) - trained).max() <= 1
 
 
 def test_dora_export_converts_to_kohya_with_per_row_dora_scale(

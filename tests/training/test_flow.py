@@ -28,7 +28,7 @@ from basemodel.loader import BaseModel, load_base_model
 from tests.service import test_flux, test_sd3
 from tests.service.conftest import start_server  # noqa: F401  (fixture)
 from tests.training.conftest import make_config
-from training.checkpoint import resolve_resume
+from tests.training.resume import assert_resume_matches
 from training.conditioning import Conditioner
 from training.data.synth import synth_dataset
 from training.errors import TrainConfigError
@@ -244,29 +244,8 @@ RESUME: dict[str, Any] = FAST_FLOW | {
 def test_sd3_resume_reaches_the_same_weights(loraswap_home: Path, flow_data: Path, tmp_path: Path) -> None:
     """SD3 with both CLIP LoRAs and T5 recomputed per step: stopped at step 2 and resumed, the run
     ends with the weights, metrics and validation loss of an uninterrupted one."""
-    quiet: dict[str, Any] = {"models_dir": loraswap_home / "models", "echo": lambda *_: None}
-    straight = train(make_config(flow_data, tmp_path / "straight", **RESUME), **quiet)
-
-    def stop_at_2(trainer: Any) -> None:
-        if trainer.step == 2:
-            trainer.request_stop()
-
-    cut = train(make_config(flow_data, tmp_path / "cut", **RESUME), on_step=stop_at_2, **quiet)
-    assert cut.interrupted and cut.loop is not None and cut.loop.step == 2
-    resumed = train(make_config(flow_data, tmp_path / "cut", resume="latest", **RESUME), **quiet)
-    assert resumed.loop is not None and resumed.loop.step == 3 and straight.loop is not None
-    a = load_file(resolve_resume("latest", tmp_path / "straight") / "adapter.safetensors")
-    b = load_file(resolve_resume("latest", tmp_path / "cut") / "adapter.safetensors")
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-
-    def rows(output: Path) -> list[dict[str, Any]]:
-        lines = (output / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
-
-    assert rows(tmp_path / "straight") == rows(tmp_path / "cut")
-    assert resumed.loop.final_val_loss == pytest.approx(straight.loop.final_val_loss, abs=1e-6)
+    run = assert_resume_matches(flow_data, tmp_path, RESUME, models_dir=loraswap_home / "models", stop_at=2)
+    assert any(k.startswith("text_encoder_2.") for k in run.adapter)
 
 
 def test_sd3_transformer_lora_trains_registers_and_serves(

@@ -27,6 +27,7 @@ from tests.basemodel.test_families import build_tiny_sd2
 from tests.service.conftest import start_server  # noqa: F401  (fixture)
 from tests.service.test_sdxl import diffusers_reference, images, max_diff
 from tests.training.conftest import make_config
+from tests.training.resume import assert_resume_matches
 from training.checkpoint import resolve_resume
 from training.conditioning import Conditioner
 from training.data.buckets import crop_geometry, resize_crop
@@ -187,29 +188,8 @@ RESUME: dict[str, Any] = FAST_XL | {
 
 
 def test_sdxl_resume_reaches_the_same_weights(loraswap_home: Path, mixed_data: Path, tmp_path: Path) -> None:
-    quiet = {"models_dir": loraswap_home / "models", "echo": lambda *_: None}
-    straight = train(make_config(mixed_data, tmp_path / "straight", **RESUME), **quiet)
-
-    def stop_at_2(trainer: Any) -> None:
-        if trainer.step == 2:
-            trainer.request_stop()
-
-    cut = train(make_config(mixed_data, tmp_path / "cut", **RESUME), on_step=stop_at_2, **quiet)
-    assert cut.interrupted and cut.loop is not None and cut.loop.step == 2
-    resumed = train(make_config(mixed_data, tmp_path / "cut", resume="latest", **RESUME), **quiet)
-    assert resumed.loop is not None and resumed.loop.step == 3 and straight.loop is not None
-    a = load_file(resolve_resume("latest", tmp_path / "straight") / "adapter.safetensors")
-    b = load_file(resolve_resume("latest", tmp_path / "cut") / "adapter.safetensors")
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
-
-    def rows(output: Path) -> list[dict[str, Any]]:
-        lines = (output / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
-
-    assert rows(tmp_path / "straight") == rows(tmp_path / "cut")
-    assert resumed.loop.final_val_loss == pytest.approx(straight.loop.final_val_loss, abs=1e-6)
+    run = assert_resume_matches(mixed_data, tmp_path, RESUME, models_dir=loraswap_home / "models", stop_at=2)
+    assert any(k.startswith("text_encoder_2.") for k in run.adapter)
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from basemodel.families.base import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals
 from basemodel.families.flow import FlowMatchFamily, dynamic_mu, set_flow_timesteps
 from basemodel.families.flux import lora_keys
 from basemodel.families.lora_tables import CommunityLayout
+from basemodel.families.values import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals
 
 if TYPE_CHECKING:
     from basemodel.textual_inversion import Embedding

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from basemodel.families.base import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals
 from basemodel.families.flow import FlowMatchFamily, dynamic_mu, set_flow_timesteps
 from basemodel.families.lora_tables import CommunityLayout
 from basemodel.families.sd3 import lora_keys
+from basemodel.families.values import Conditioning, DenoiserCall, DenoiserInputs, ModelSignals
 
 if TYPE_CHECKING:
     from basemodel.textual_inversion import Embedding

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from basemodel.errors import BaseModelError
-from basemodel.families.base import Conditioning, DenoiserInputs, ModelFamily, ModelSignals
+from basemodel.families.base import ModelFamily
+from basemodel.families.values import Conditioning, DenoiserInputs, ModelSignals
 from basemodel.textual_inversion import Embedding, encode_text
 
 TEXT_TIME = "text_time"
