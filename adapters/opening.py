@@ -120,13 +120,19 @@ class DigestCheck:
 
 
 class ValueCheck:
-    """``check_finite_region`` fed a piece at a time: one sum per piece of the data region that has
-    arrived (``adapters.readahead.Consumer``). A non-finite partial sum (a NaN or an inf, or finite
-    values overflowing it) is settled by the exact per-tensor check, which names the tensors."""
+    """``check_finite_region`` over values ``[first, stop)`` of the data region (all of it by default),
+    fed a piece at a time: one sum per piece that has arrived (``adapters.readahead.Consumer``). A
+    non-finite partial sum (a NaN or an inf, or finite values overflowing it) is settled by the exact
+    per-tensor check, which names the tensors."""
 
-    def __init__(self, files: FileTensors, buffer: torch.Tensor) -> None:
+    def __init__(
+        self, files: FileTensors, buffer: torch.Tensor, *, first: int = 0, stop: int | None = None
+    ) -> None:
         self.files = files
         region = files.region
+        if region is not None:
+            region = region[first:stop]
+        self._region = region
         # where the region's values start in the buffer; a region copied out of it (a data region that
         # was not aligned) was copied after the whole file had arrived, so all of it is there
         storage = buffer.untyped_storage().data_ptr()
@@ -137,7 +143,7 @@ class ValueCheck:
         self._finite = True
 
     def feed(self, data: memoryview, start: int, end: int) -> None:
-        region = self.files.region
+        region = self._region
         if region is None:
             return
         upto = min(region.numel(), max(0, (end - self._origin) // self._size))
@@ -147,7 +153,7 @@ class ValueCheck:
 
     def finish(self, buffer: torch.Tensor) -> None:
         self.feed(memoryview(b""), 0, buffer.numel())
-        if self.files.region is None or not self._finite:
+        if self._region is None or not self._finite:
             check_finite(self.files.tensors)
 
 
@@ -183,16 +189,19 @@ def open_file(
     )
     try:
         files, header = file_views(file.buffer, _limits(file.buffer, checks), ready=file.wait_read)
-        if not verify:  # the reader thread sums the values as they arrive (and would hash them otherwise)
-            file.stream_to(ValueCheck(files, file.buffer))
+        # without a hash to compute, the reader thread sums the second half of the values once they are
+        # in and this thread the first (both sums release the GIL); with one, this thread sums them all
+        half = files.region.numel() // 2 if files.region is not None and not verify else 0
+        if not verify:
+            file.stream_to(ValueCheck(files, file.buffer, first=half))
         metadata = parse_header_metadata(header) or AdapterMetadata()
         architecture = checks.base.architecture if checks.base else None
         checked = check_lora_shapes(files.tensors, architecture)  # reads no value: runs during the read
         file.wait_read()
         if not checked:  # the other kinds' structure checks read a few values (alphas, DoRA groups)
             check_canonical(files.tensors, architecture, finite=False)
-        if verify:  # the reader thread is hashing: the values are checked here meanwhile
-            check_finite_region(files)
+        if half or verify:
+            ValueCheck(files, file.buffer, stop=half or None).finish(file.buffer)
     except BaseException:
         file.finish()  # bytes that are not the registered ones: that is the finding, not their header
         raise

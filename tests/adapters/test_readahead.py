@@ -14,12 +14,13 @@ import safetensors.torch
 import torch
 
 from adapters import opening
-from adapters.errors import AdapterCorrupt, AdapterInvalid
+from adapters.errors import AdapterCorrupt, AdapterIncompatible, AdapterInvalid
 from adapters.identity import BaseIdentity
 from adapters.readahead import ReadAhead
 from adapters.records import blob_key
 from adapters.registry import Registry
 from adapters.sources import LocalStore
+from adapters.validate import check_lora_shapes
 from adapters.views import as_buffer, file_views
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import LoraCase, kohya_layout
@@ -96,8 +97,8 @@ def test_values_are_checked_on_the_reader_thread_as_they_arrive(
     monkeypatch: pytest.MonkeyPatch,
     where: str,
 ) -> None:
-    """A bytes-verified-before open sums the values on the reader thread; a NaN anywhere is still a 422
-    naming its tensor, and a clean file passes."""
+    """A bytes-verified-before open sums half the values on the reader thread; a NaN in either half is
+    still a 422 naming its tensor, and a clean file passes."""
     registry, version, path = stored
     clean = path.read_bytes()
     data = bytearray(clean)
@@ -121,7 +122,8 @@ def test_values_are_checked_on_the_reader_thread_as_they_arrive(
     with pytest.raises(AdapterInvalid, match="finite") as err:
         _open(reader, registry, version, path, verify=False)
     assert name.rsplit(".", 1)[0] in err.value.message
-    assert threads and all(t.startswith("loraswap-read") for t in threads)
+    # the reader thread sums the second half of the values, this thread the first
+    assert {t.split("_")[0] for t in threads} == {"MainThread", "loraswap-read"}
     path.write_bytes(clean)
     assert _open(reader, registry, version, path, verify=False).tensors
 
@@ -195,3 +197,20 @@ def test_no_file_is_left_open(tmp_path: Path, reader: ReadAhead) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
     assert reader.open(tmp_path / "missing") is None
     assert bytes(as_buffer(path.read_bytes()).numpy()) == bytes(started.buffer.numpy())
+
+
+def test_a_plain_lora_s_structure_is_checked_without_reading_a_value(
+    stored: tuple[Registry, Any, Path], base_identity: BaseIdentity
+) -> None:
+    """``check_lora_shapes`` runs while the bytes are still arriving: on meta tensors (which have no
+    values to read: any read raises) it checks a plain LoRA whole, and still refuses a wrong shape."""
+    registry, version, _ = stored
+    loaded = registry.open(version)
+    meta = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in loaded.tensors.items()}
+    assert check_lora_shapes(meta, base_identity.architecture)
+    name = next(k for k in meta if k.endswith("lora_B.weight"))
+    wrong = dict(meta, **{name: torch.empty(meta[name].shape[0] + 1, meta[name].shape[1], device="meta")})
+    with pytest.raises(AdapterIncompatible, match="shapes"):
+        check_lora_shapes(wrong, base_identity.architecture)
+    lycoris = {k.replace("lora_A.weight", "hada_w1_a"): t for k, t in meta.items()}
+    assert not check_lora_shapes(lycoris, base_identity.architecture)  # other kinds: not checked here
