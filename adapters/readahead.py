@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import FileIO
 from pathlib import Path
@@ -110,6 +111,7 @@ class OpenFile:
             self._read.set()
             raise
         self._job = self._executor.submit(self._work, view, got, verify)
+        time.sleep(0)  # let the reader take the GIL and start its read now (~0.15 ms sooner on SD1.5)
 
     def discard(self) -> None:
         """Close a file that will not be read (before ``start``)."""

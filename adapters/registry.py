@@ -33,7 +33,7 @@ from adapters.format import (
 )
 from adapters.identity import BaseIdentity
 from adapters.metadata import AdapterMetadata, coerce_metadata, parse_header_metadata
-from adapters.opening import LoadedAdapter, OpenChecks, open_buffer, open_file
+from adapters.opening import HeaderMemo, LoadedAdapter, OpenChecks, open_buffer, open_file
 from adapters.pictures import (
     CheckedPicture,
     Picture,
@@ -103,6 +103,7 @@ class Registry:
         self.max_rank = max_rank
         self.limits = limits
         self.picture_limits = picture_limits or PictureLimits()
+        self._headers = HeaderMemo()  # headers that passed an open_file's checks (adapters.opening)
 
     @classmethod
     def from_settings(
@@ -391,7 +392,7 @@ class Registry:
     def open_file(self, version: AdapterVersion, file: OpenFile, *, verify: bool = True) -> LoadedAdapter:
         """``open_data`` for a local file opened by ``adapters.readahead`` and not read yet: the read
         runs on a reader thread while the header is parsed; the checks and the result are the same."""
-        return open_file(version, file, self._open_checks(), verify=verify)
+        return open_file(version, file, self._open_checks(), verify=verify, memo=self._headers)
 
     def _open_checks(self) -> OpenChecks:
         return OpenChecks(self.base, self.strict_base, self.limits.max_header_bytes)

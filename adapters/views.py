@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 import torch
@@ -31,12 +32,16 @@ from adapters.validate import check_finite
 
 __all__ = [
     "FileTensors",
+    "Layout",
     "Stamp",
     "as_buffer",
     "blake3_hex",
     "check_finite_region",
     "file_views",
+    "head_of",
+    "parse_layout",
     "read_file",
+    "view_layout",
 ]
 
 Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of a file as read
@@ -128,45 +133,80 @@ class FileTensors:
         return out
 
 
-def file_views(
-    buffer: torch.Tensor, limits: Limits, *, ready: Callable[[], None] = lambda: None
-) -> tuple[FileTensors, dict[str, str]]:
-    """Parse and check ``buffer``'s header (``read_header``'s checks) and view its tensors, copying none.
+@dataclass(frozen=True)
+class Layout:
+    """A file's header, parsed and checked (``read_header``): where its tensors lie. A pure function of
+    the header's bytes (``head``) and the file's size, so a file with the same two has the same layout."""
 
-    Returns the views and the header's ``__metadata__``. Data whose start is not aligned for its dtype
-    (a writer that does not pad its header) is copied once into an aligned buffer first. Only the header
-    bytes need to be in ``buffer`` when this is called: ``ready()`` returns once the rest is (a read
-    still in progress, ``adapters.readahead``), and is called before any copy reads it.
-    """
+    head: bytes
+    size: int
+    entries: dict[str, dict[str, Any]]
+    metadata: dict[str, str]
+    spans: dict[str, tuple[int, int, tuple[int, ...]]]  # one dtype: element offset, count, shape
+
+    @property
+    def start(self) -> int:
+        return len(self.head)
+
+
+def head_of(buffer: torch.Tensor, limits: Limits) -> bytes:
+    """The bytes of ``buffer``'s header as ``parse_layout`` reads them (at most one past the limit)."""
     data = _view(buffer)
     header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
-    head_end = min(len(data), 8 + min(header_len, limits.max_header_bytes + 1))
-    entries, metadata = read_header(bytes(data[:head_end]), limits, size=len(data))
+    return bytes(data[: min(len(data), 8 + min(header_len, limits.max_header_bytes + 1))])
+
+
+def parse_layout(head: bytes, size: int, limits: Limits) -> Layout:
+    """Parse and check the header ``head`` of a ``size``-byte file (``read_header``'s checks)."""
+    entries, metadata = read_header(head, limits, size=size)
     if not entries:
         raise AdapterInvalid("the file contains no tensors", reason="empty")
-    start = 8 + header_len
-    region_bytes = buffer[start:]
-    if start % 8:
-        ready()
-        region_bytes = region_bytes.clone()
+    spans = {}
     dtypes = {entry["dtype"] for entry in entries.values()}
     if len(dtypes) == 1:
-        dtype = TORCH_DTYPES[dtypes.pop()]
-        size = torch.empty((), dtype=dtype).element_size()
-        region = region_bytes.view(dtype)
+        item = torch.empty((), dtype=TORCH_DTYPES[dtypes.pop()]).element_size()
         spans = {
-            name: (entry["data_offsets"][0] // size, math.prod(entry["shape"]), tuple(entry["shape"]))
+            name: (entry["data_offsets"][0] // item, math.prod(entry["shape"]), tuple(entry["shape"]))
             for name, entry in entries.items()
         }
-        spans = dict(sorted(spans.items(), key=lambda item: item[1][0]))  # file order: they tile the region
-        return FileTensors(_split(region, spans), region, spans), metadata
+        spans = dict(sorted(spans.items(), key=lambda kv: kv[1][0]))  # file order: they tile the region
+    return Layout(head, size, entries, metadata, spans)
+
+
+def view_layout(
+    buffer: torch.Tensor, layout: Layout, *, ready: Callable[[], None] = lambda: None
+) -> FileTensors:
+    """The tensors of ``layout`` as views of ``buffer`` (a file whose header is ``layout.head``).
+
+    Data whose start is not aligned for its dtype (a writer that does not pad its header) is copied once
+    into an aligned buffer first. Only the header bytes need to be in ``buffer`` when this is called:
+    ``ready()`` returns once the rest is (a read still in progress, ``adapters.readahead``), and is
+    called before any copy reads it.
+    """
+    region_bytes = buffer[layout.start :]
+    if layout.start % 8:
+        ready()
+        region_bytes = region_bytes.clone()
+    if layout.spans:
+        dtype = TORCH_DTYPES[next(iter(layout.entries.values()))["dtype"]]
+        region = region_bytes.view(dtype)
+        return FileTensors(_split(region, layout.spans), region, layout.spans)
     ready()
     tensors = {}
-    for name, entry in entries.items():
+    for name, entry in layout.entries.items():
         begin, end = entry["data_offsets"]
         raw = region_bytes[begin:end].clone()  # mixed dtypes (refused later as such): aligned copies
         tensors[name] = raw.view(TORCH_DTYPES[entry["dtype"]]).view(tuple(entry["shape"]))
-    return FileTensors(tensors, None, {}), metadata
+    return FileTensors(tensors, None, {})
+
+
+def file_views(
+    buffer: torch.Tensor, limits: Limits, *, ready: Callable[[], None] = lambda: None
+) -> tuple[FileTensors, dict[str, str]]:
+    """Parse and check ``buffer``'s header and view its tensors, copying none (``parse_layout`` then
+    ``view_layout``): the views and the header's ``__metadata__``."""
+    layout = parse_layout(head_of(buffer, limits), buffer.numel(), limits)
+    return view_layout(buffer, layout, ready=ready), layout.metadata
 
 
 def _chunks(

@@ -214,3 +214,37 @@ def test_a_plain_lora_s_structure_is_checked_without_reading_a_value(
         check_lora_shapes(wrong, base_identity.architecture)
     lycoris = {k.replace("lora_A.weight", "hada_w1_a"): t for k, t in meta.items()}
     assert not check_lora_shapes(lycoris, base_identity.architecture)  # other kinds: not checked here
+
+
+def test_a_header_that_passed_is_not_parsed_again_and_a_changed_one_is(
+    stored: tuple[Registry, Any, Path], reader: ReadAhead, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header memo: the same header bytes skip the parse and the structure checks; different bytes
+    under the same content id (a file changed behind a matching stamp) are parsed and checked again."""
+    registry, version, path = stored
+    parsed: list[int] = []
+    parse = opening.parse_layout
+
+    def counting(*args: Any) -> Any:
+        parsed.append(1)
+        return parse(*args)
+
+    monkeypatch.setattr(opening, "parse_layout", counting)
+    first = _open(reader, registry, version, path, verify=False)
+    again = _open(reader, registry, version, path, verify=False)
+    assert len(parsed) == 1
+    assert all(torch.equal(first.tensors[k], t) for k, t in again.tensors.items())
+    assert again.metadata == first.metadata and again.metadata is not first.metadata
+
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    name = next(k for k, e in header.items() if k != "__metadata__" and len(e["shape"]) == 2)
+    rows, cols = header[name]["shape"]
+    header[name]["shape"] = [cols, rows]  # same bytes, transposed: a shape the base refuses
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    assert len(text) == length
+    path.write_bytes(data[:8] + text + data[8 + length :])
+    with pytest.raises(AdapterIncompatible, match="shapes"):
+        _open(reader, registry, version, path, verify=False)
+    assert len(parsed) == 2
