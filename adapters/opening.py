@@ -29,6 +29,7 @@ from adapters.readahead import OpenFile
 from adapters.records import AdapterVersion
 from adapters.validate import check_canonical, check_finite, check_lora_shapes
 from adapters.views import (
+    TORCH_DTYPES,
     FileTensors,
     Layout,
     check_finite_region,
@@ -202,16 +203,17 @@ def open_file(
         except BaseException:
             file.discard()
             raise
-    file.start(
-        max_header_bytes=checks.max_header_bytes,
-        verify=DigestCheck(version) if verify else None,
-    )
+    file.read_head(max_header_bytes=checks.max_header_bytes)
     limits = _limits(file.buffer, checks)
     architecture = checks.base.architecture if checks.base else None
+    size = file.buffer.numel()
+    head = head_of(file.buffer, limits)
+    known = memo.get(version.sha256, head, size, checks) if memo is not None else None
+    # a header known to pass leaves this thread free at once: it reads the first half of the values
+    # itself while the reader thread reads the second (two copies out of the page cache at a time)
+    keep = _half_bytes(known.layout) if known is not None else 0
+    file.hand_over(DigestCheck(version) if verify else None, keep=keep)
     try:
-        head = head_of(file.buffer, limits)
-        size = file.buffer.numel()
-        known = memo.get(version.sha256, head, size, checks) if memo is not None else None
         layout = known.layout if known is not None else parse_layout(head, size, limits)
         files = view_layout(file.buffer, layout, ready=file.wait_read)
         # without a hash to compute, the reader thread sums the second half of the values once they are
@@ -224,6 +226,8 @@ def open_file(
         else:
             metadata = parse_header_metadata(layout.metadata) or AdapterMetadata()
             checked = check_lora_shapes(files.tensors, architecture)  # reads no value: during the read
+        if keep:
+            file.read_kept()
         file.wait_read()
         if not checked:  # the other kinds' structure checks read a few values (alphas, DoRA groups)
             check_canonical(files.tensors, architecture, finite=False)
@@ -275,6 +279,14 @@ class HeaderMemo:
             self._entries.move_to_end(sha256)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
+
+
+def _half_bytes(layout: Layout) -> int:
+    """The bytes of the first half of a one-dtype layout's values (0 for mixed dtypes)."""
+    if not layout.spans:
+        return 0
+    item = TORCH_DTYPES[next(iter(layout.entries.values()))["dtype"]].itemsize
+    return (layout.size - layout.start) // item // 2 * item
 
 
 def _limits(buffer: torch.Tensor, checks: OpenChecks) -> Limits:

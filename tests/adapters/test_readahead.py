@@ -156,7 +156,8 @@ def test_an_unaligned_file_waits_for_its_bytes(tmp_path: Path, reader: ReadAhead
     path.write_bytes(_unaligned(half))
     opened = reader.open(path)
     assert opened is not None
-    opened.start(max_header_bytes=1 << 20, verify=None)
+    opened.read_head(max_header_bytes=1 << 20)
+    opened.hand_over(None)
     waited: list[bool] = []
 
     def ready() -> None:
@@ -177,7 +178,8 @@ def test_a_header_length_past_the_limit_or_the_file_is_read_whole(
     path.write_bytes(header + b"{}" * 5)
     opened = reader.open(path)
     assert opened is not None
-    opened.start(max_header_bytes=1 << 20, verify=None)
+    opened.read_head(max_header_bytes=1 << 20)
+    opened.hand_over(None)
     opened.finish()
     assert bytes(opened.buffer.numpy()) == path.read_bytes()
 
@@ -189,7 +191,8 @@ def test_no_file_is_left_open(tmp_path: Path, reader: ReadAhead) -> None:
     for _ in range(5):
         started = reader.open(path)
         assert started is not None
-        started.start(max_header_bytes=1 << 20, verify=None)
+        started.read_head(max_header_bytes=1 << 20)
+        started.hand_over(None)
         started.finish()
         discarded = reader.open(path)
         assert discarded is not None
