@@ -82,7 +82,7 @@ class TierStats:
 
 
 class DiskTier:
-    """Verified local copies of remote blobs (``<sha256>.safetensors``), LRU by mtime.
+    """Verified local copies of remote blobs (``<sha256>.safetensors``), LRU by access time.
 
     Entry count and bytes are kept as running totals (one directory scan at start-up), so publishing
     metrics never lists the directory. A copy is written to a temporary file that names its writer
@@ -149,12 +149,14 @@ class DiskTier:
             self.entries -= 1
             self.nbytes -= size
 
-    def touch(self, sha256: str) -> None:
+    def touch(self, sha256: str, mtime_ns: int) -> None:
+        """Mark a copy used now: LRU by access time, set here. Its mtime stays ``mtime_ns`` (what it
+        was when read): the stamp a verified copy was recorded with must still match it next time."""
         with contextlib.suppress(FileNotFoundError):
-            os.utime(self.path(sha256))  # LRU by mtime
+            os.utime(self.path(sha256), ns=(time.time_ns(), mtime_ns))
 
     def _evict(self) -> int:
-        files = sorted(self._files(), key=lambda f: f.stat().st_mtime_ns)
+        files = sorted(self._files(), key=lambda f: f.stat().st_atime_ns)
         evicted = 0
         while self.nbytes > self.budget and len(files) > 1:
             victim = files.pop(0)
@@ -378,7 +380,7 @@ class AdapterCache:
         if opened is not None:
             self._hit("disk")
             if self.disk is not None:
-                self.disk.touch(version.sha256)
+                self.disk.touch(version.sha256, opened.stamp[2])
             verify = self._verified.get(version.sha256) != opened.stamp
             try:
                 loaded = self.registry.open_file(version, opened, verify=verify)

@@ -143,6 +143,49 @@ def test_a_modified_blob_is_verified_again(
     cache.close()
 
 
+def test_a_disk_tier_copy_is_hashed_once_per_process_and_stays_lru(
+    base_model: Any,
+    manager: LoRAModelManager,
+    lora_bytes: list[bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    moto_endpoint: str,
+    s3_bucket: str,
+) -> None:
+    """Marking a disk-tier copy used must not change the stamp it was verified with: cold loads after
+    the first hash nothing (they used to re-hash every time, the touch having moved the mtime), and the
+    least recently used copy is still the one evicted."""
+    from adapters import opening
+
+    hashed: list[str] = []
+
+    class Counting(opening.DigestCheck):
+        def finish(self, buffer: torch.Tensor) -> None:
+            hashed.append(self.version.adapter_id)
+            super().finish(buffer)
+
+    monkeypatch.setattr(opening, "DigestCheck", Counting)
+    store = open_store(f"s3://{s3_bucket}/fleet", s3_endpoint_url=moto_endpoint)  # a disk tier in front
+    registry = Registry(store, BaseIdentity.from_base_model(base_model))
+    versions = [registry.register(data, f"a{i}") for i, data in enumerate(lora_bytes)]
+    cache = make_cache(registry, manager, tmp_path, device_bytes=1 << 30)
+    assert cache.disk is not None
+    for _ in range(4):
+        cache.load_blocking(versions[0])
+        cache.drop(lambda key: True)
+    # the store's copy on the first load, the disk tier's on its first read here, then never again
+    assert hashed == ["a0", "a0"]
+    cache.load_blocking(versions[1])
+    cache.load_blocking(versions[2])  # a2 and a1 are newer than a0 (a write sets the access time)
+    cache.drop(lambda key: True)
+    cache.load_blocking(versions[0])  # a0 used last: a1 is now the least recently used copy
+    cache.disk.budget = cache.disk.nbytes - 1
+    assert cache.disk._evict() == 1
+    assert not cache.disk.path(versions[1].sha256).exists()
+    assert cache.disk.path(versions[0].sha256).exists() and cache.disk.path(versions[2].sha256).exists()
+    cache.close()
+
+
 def test_stale_disk_tier_temp_files_are_swept_when_the_cache_opens(
     base_model: Any,
     manager: LoRAModelManager,
