@@ -273,6 +273,10 @@ class HeaderMemo:
         same = against.base is checks.base and against.max_header_bytes == checks.max_header_bytes
         return known if same and known.layout.size == size and known.layout.head == head else None
 
+    def forget(self, sha256: str) -> None:
+        with self._lock:
+            self._entries.pop(sha256, None)
+
     def put(self, sha256: str, known: Checked, checks: OpenChecks) -> None:
         with self._lock:
             self._entries[sha256] = (known, checks)

@@ -394,6 +394,10 @@ class Registry:
         runs on a reader thread while the header is parsed; the checks and the result are the same."""
         return open_file(version, file, self._open_checks(), verify=verify, memo=self._headers)
 
+    def forget_header(self, sha256: str) -> None:
+        """Drop a remembered checked header (``open_file``'s memo): the next open parses it again."""
+        self._headers.forget(sha256)
+
     def _open_checks(self) -> OpenChecks:
         return OpenChecks(self.base, self.strict_base, self.limits.max_header_bytes)
 

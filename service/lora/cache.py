@@ -273,6 +273,13 @@ class AdapterCache:
             self._publish()
         return dropped
 
+    def forget_reads(self, version: AdapterVersion) -> None:
+        """Forget that this process read ``version``'s file (its verified stamp and its checked header):
+        its next cold load is a first read again (benchmarks)."""
+        with self._lock:
+            self._verified.pop(version.sha256, None)
+        self.registry.forget_header(version.sha256)
+
     def resident(self) -> list[CacheKey]:
         with self._lock:
             return list(self._device)
