@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from adapters.metadata import AdapterMetadata, parse_header_metadata
 from adapters.prepare import check_open_compatible
 from adapters.readahead import OpenFile
 from adapters.records import AdapterVersion
-from adapters.validate import check_canonical, check_finite, check_lora_shapes
+from adapters.validate import check_canonical, check_lora_shapes
 from adapters.views import (
     TORCH_DTYPES,
     FileTensors,
@@ -46,7 +45,6 @@ __all__ = [
     "HeaderMemo",
     "LoadedAdapter",
     "OpenChecks",
-    "ValueCheck",
     "open_buffer",
     "open_file",
     "verify_digest",
@@ -133,44 +131,6 @@ class DigestCheck:
             )
 
 
-class ValueCheck:
-    """``check_finite_region`` over values ``[first, stop)`` of the data region (all of it by default),
-    fed a piece at a time: one sum per piece that has arrived (``adapters.readahead.Consumer``). A
-    non-finite partial sum (a NaN or an inf, or finite values overflowing it) is settled by the exact
-    per-tensor check, which names the tensors."""
-
-    def __init__(
-        self, files: FileTensors, buffer: torch.Tensor, *, first: int = 0, stop: int | None = None
-    ) -> None:
-        self.files = files
-        region = files.region
-        if region is not None:
-            region = region[first:stop]
-        self._region = region
-        # where the region's values start in the buffer; a region copied out of it (a data region that
-        # was not aligned) was copied after the whole file had arrived, so all of it is there
-        storage = buffer.untyped_storage().data_ptr()
-        shared = region is not None and region.untyped_storage().data_ptr() == storage
-        self._origin = region.data_ptr() - buffer.data_ptr() if region is not None and shared else 0
-        self._size = region.element_size() if region is not None else 1
-        self._done = 0  # values [0, _done) of the region are summed
-        self._finite = True
-
-    def feed(self, data: memoryview, start: int, end: int) -> None:
-        region = self._region
-        if region is None:
-            return
-        upto = min(region.numel(), max(0, (end - self._origin) // self._size))
-        if upto > self._done:
-            self._finite &= math.isfinite(float(region[self._done : upto].sum()))
-            self._done = upto
-
-    def finish(self, buffer: torch.Tensor) -> None:
-        self.feed(memoryview(b""), 0, buffer.numel())
-        if self._region is None or not self._finite:
-            check_finite(self.files.tensors)
-
-
 def open_buffer(
     version: AdapterVersion, buffer: torch.Tensor, checks: OpenChecks, *, verify: bool = True
 ) -> LoadedAdapter:
@@ -192,11 +152,14 @@ def open_file(
     checks: OpenChecks,
     *,
     verify: bool = True,
+    values: bool = True,
     memo: HeaderMemo | None = None,
 ) -> LoadedAdapter:
     """``file`` (opened, not yet read) as the file of ``version``, its read overlapped with the header
     work: the same checks as ``open_buffer``, and the hash's verdict first. A header in ``memo`` (the
-    same bytes passed before) is not parsed and checked again."""
+    same bytes passed before) is not parsed and checked again. ``values=False`` (with ``verify=False``)
+    is for bytes this process verified and checked before (the same file, by its stamp): the hash's
+    check and the value check then both rest on that stamp."""
     if checks.base is not None:
         try:
             check_open_compatible(version, checks.base, checks.strict_base)
@@ -216,23 +179,16 @@ def open_file(
     try:
         layout = known.layout if known is not None else parse_layout(head, size, limits)
         files = view_layout(file.buffer, layout, ready=file.wait_read)
-        # without a hash to compute, the reader thread sums the second half of the values once they are
-        # in and this thread the first (both sums release the GIL); with one, this thread sums them all
-        half = files.region.numel() // 2 if files.region is not None and not verify else 0
-        if not verify:
-            file.stream_to(ValueCheck(files, file.buffer, first=half))
         if known is not None:
             metadata, checked = known.metadata.model_copy(), known.lora_checked
         else:
             metadata = parse_header_metadata(layout.metadata) or AdapterMetadata()
             checked = check_lora_shapes(files.tensors, architecture)  # reads no value: during the read
-        if keep:
-            file.read_kept()
         file.wait_read()
         if not checked:  # the other kinds' structure checks read a few values (alphas, DoRA groups)
             check_canonical(files.tensors, architecture, finite=False)
-        if half or verify:
-            ValueCheck(files, file.buffer, stop=half or None).finish(file.buffer)
+        if values or verify:  # while the reader thread hashes
+            check_finite_region(files)
     except BaseException:
         file.finish()  # bytes that are not the registered ones: that is the finding, not their header
         raise

@@ -1,22 +1,25 @@
-"""A cold load's file read on a second thread, while the caller parses the header it already has.
+"""A cold load's file read on a second thread, while the caller works on the header it already has.
 
 ``ReadAhead.open`` opens a file and takes a buffer of its size (``fstat`` only, on the caller's thread).
-``OpenFile.start`` reads the safetensors header (8 bytes and the length they declare) into that buffer on
-the caller's thread and hands the rest of the file to one of the reader's threads, which reads it and
-feeds it to the hash (``verify``) and to what the caller queued once it had parsed the header
-(``stream_to``: the value check). ``readinto``, BLAKE3 and torch's reductions release the GIL, so on a
-second core the data arrives while the caller parses the header, makes the views and checks the names;
-the caller reads no value before ``wait_read`` returns.
-``finish`` waits for the worker and raises its error first: a file whose bytes are not the ones registered
-is ``AdapterCorrupt``, whatever else its header got wrong.
+``OpenFile.read_head`` reads the safetensors header (8 bytes and the length they declare) into that
+buffer on the caller's thread; ``hand_over`` gives the rest of the file to one of the reader's threads,
+which reads it and then feeds it to the hash (``verify``). ``preadv`` and BLAKE3 release the GIL, so on a
+second core the data arrives while the caller parses the header, makes the views and checks the names.
+A caller with nothing to parse (a header known to pass) keeps a share of the bytes to read itself
+(``read_kept``): two copies out of the page cache at a time. The caller reads no value before
+``wait_read`` returns, and ``finish`` raises the reader's error before the caller's own: a file whose
+bytes are not the ones registered is ``AdapterCorrupt``, whatever else its header got wrong.
 
 Every byte the caller checks is a byte of the buffer, and the buffer is what is hashed: the header is
 read into it, not beside it.
+
+The reader reads its share in one call: a thread that needs the GIL back (after each piece of a read in
+pieces) waits up to the interpreter's switch interval (5 ms) for it while the caller runs Python, which
+made an SDXL load 1.5x slower, not faster.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -31,13 +34,7 @@ from adapters.buffers import BufferPool
 from adapters.errors import AdapterCorrupt
 from adapters.views import Stamp
 
-__all__ = ["OpenFile", "ReadAhead"]
-
-log = logging.getLogger(__name__)
-
-# how long a worker waits for its caller to queue the value check: callers always do (``finish``), so
-# this only bounds a worker whose caller died between ``start`` and ``finish``
-HANDOFF_TIMEOUT_S = 60.0
+__all__ = ["Consumer", "OpenFile", "ReadAhead"]
 
 
 class ReadAhead:
@@ -69,18 +66,18 @@ class ReadAhead:
 
 
 class Consumer(Protocol):
-    """A check of the bytes that runs on the reader thread."""
+    """A check of the bytes that runs on the reader thread once they are all in (the hash)."""
 
     def feed(self, data: memoryview, start: int, end: int) -> None:
-        """Bytes ``[start, end)`` of ``data`` (the whole buffer) have just arrived."""
+        """Bytes ``[start, end)`` of ``data`` (the whole buffer)."""
 
     def finish(self, buffer: torch.Tensor) -> None:
         """Every byte is in ``buffer``: give the verdict (raise)."""
 
 
 class OpenFile:
-    """One file being read into ``buffer``: ``read_head``, ``hand_over`` (and ``read_kept``), then
-    (``stream_to``, ``wait_read``) ``finish``."""
+    """One file being read into ``buffer``: ``read_head``, ``hand_over``, (``read_kept``, ``wait_read``),
+    then ``finish``."""
 
     def __init__(
         self, path: Path, fh: FileIO, buffer: torch.Tensor, stamp: Stamp, executor: ThreadPoolExecutor
@@ -93,11 +90,9 @@ class OpenFile:
         self._view = memoryview(buffer.numpy())  # type: ignore[arg-type]  # ndarray: buffer protocol
         self._executor = executor
         self._read = threading.Event()
-        self._queued = threading.Event()
         self._kept = threading.Event()
         self._kept_bytes = 0  # what the caller keeps to read itself (``read_kept``)
         self._kept_got: int | None = None  # what it read (None: it gave up before reading)
-        self._consumer: Consumer | None = None
         self._job: Future[None] | None = None
 
     def read_head(self, *, max_header_bytes: int) -> None:
@@ -147,22 +142,13 @@ class OpenFile:
         self.read_kept()
         self._read.wait()
 
-    def stream_to(self, consumer: Consumer) -> None:
-        """Feed ``consumer`` the bytes on the reader thread once they are in and hashed (at most one)."""
-        self._consumer = consumer
-        self._queued.set()
-
     def finish(self) -> None:
-        """Wait for the reader thread; raise its error (the read, the hash, then the consumer's)."""
-        self._queued.set()
+        """Wait for the reader thread; raise its error (the read, then the hash)."""
         self._kept.set()  # a caller that gave up before reading its share: the reader stops there
         if self._job is not None:
             self._job.result()
 
     def _work(self, start: int, verify: Consumer | None) -> None:
-        """The reader's share in one read: a reader thread that needs the GIL again (after each piece of
-        a read in pieces, or to feed a check as it arrives) waits up to the interpreter's switch interval
-        (5 ms) for it while the caller parses, which made an SDXL load 1.5x slower, not faster."""
         view, size = self._view, len(self._view)
         try:
             got = _pread_into(self._fh, view, start, size)
@@ -183,12 +169,6 @@ class OpenFile:
         if verify is not None:
             verify.feed(view, 0, size)
             verify.finish(self.buffer)
-        if not self._queued.wait(HANDOFF_TIMEOUT_S):
-            log.warning("a cold load of %s queued nothing in %.0f s", self.path.name, HANDOFF_TIMEOUT_S)
-            return
-        if self._consumer is not None:
-            self._consumer.feed(view, 0, size)
-            self._consumer.finish(self.buffer)
 
 
 def _pread_into(fh: FileIO, view: memoryview, start: int, end: int) -> int:

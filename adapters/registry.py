@@ -389,10 +389,13 @@ class Registry:
         """
         return open_buffer(version, as_buffer(data), self._open_checks(), verify=verify)
 
-    def open_file(self, version: AdapterVersion, file: OpenFile, *, verify: bool = True) -> LoadedAdapter:
+    def open_file(
+        self, version: AdapterVersion, file: OpenFile, *, verify: bool = True, values: bool = True
+    ) -> LoadedAdapter:
         """``open_data`` for a local file opened by ``adapters.readahead`` and not read yet: the read
-        runs on a reader thread while the header is parsed; the checks and the result are the same."""
-        return open_file(version, file, self._open_checks(), verify=verify, memo=self._headers)
+        runs on a reader thread while the header is parsed; the checks and the result are the same
+        (``values=False``: bytes verified and checked before in this process, ``opening.open_file``)."""
+        return open_file(version, file, self._open_checks(), verify=verify, values=values, memo=self._headers)
 
     def forget_header(self, sha256: str) -> None:
         """Drop a remembered checked header (``open_file``'s memo): the next open parses it again."""

@@ -375,9 +375,11 @@ class AdapterCache:
     def _read(self, version: AdapterVersion) -> tuple[LoadedAdapter, str]:
         """Bytes from the disk tier (or a local store), else the store; read once, verified and parsed.
 
-        A local file's hash (``Registry.open_data``: BLAKE3, or sha256 for older records) is checked on
-        its first read in this process and again whenever the file read is not the one verified (other
-        inode, size or mtime); every read still runs the registry's structural and value checks. A disk
+        A local file's hash (``Registry.open_file``: BLAKE3, or sha256 for older records) and its values
+        are checked on its first read in this process and again whenever the file read is not the one
+        verified (other inode, size or mtime): the issue's rule, no check dropped for bytes not verified
+        in this process. Every read runs the header and structure checks (a header whose exact bytes
+        passed before is not parsed again: the same bytes give the same verdict). A disk
         tier copy that fails its hash is removed and fetched again; a store file that fails it raises
         ``AdapterCorrupt`` naming the version. Both are counted in ``loraswap_adapter_corrupt_total``.
         """
@@ -390,7 +392,8 @@ class AdapterCache:
                 self.disk.touch(version.sha256, opened.stamp[2])
             verify = self._verified.get(version.sha256) != opened.stamp
             try:
-                loaded = self.registry.open_file(version, opened, verify=verify)
+                # the same file as one verified and checked here before: neither hash nor values again
+                loaded = self.registry.open_file(version, opened, verify=verify, values=verify)
             except AdapterCorrupt as exc:
                 self._corrupt(exc, "disk" if self.disk is not None else "store")
                 if self.disk is None:
