@@ -15,7 +15,7 @@ import builtins
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -390,12 +390,27 @@ class Registry:
         return open_buffer(version, as_buffer(data), self._open_checks(), verify=verify)
 
     def open_file(
-        self, version: AdapterVersion, file: OpenFile, *, verify: bool = True, values: bool = True
+        self,
+        version: AdapterVersion,
+        file: OpenFile,
+        *,
+        verify: bool = True,
+        values: bool = True,
+        meanwhile: Callable[[dict[str, torch.Tensor]], object] | None = None,
     ) -> LoadedAdapter:
         """``open_data`` for a local file opened by ``adapters.readahead`` and not read yet: the read
         runs on a reader thread while the header is parsed; the checks and the result are the same
-        (``values=False``: bytes verified and checked before in this process, ``opening.open_file``)."""
-        return open_file(version, file, self._open_checks(), verify=verify, values=values, memo=self._headers)
+        (``values=False``: bytes verified and checked before in this process; ``meanwhile``: work on
+        the views while the bytes arrive; ``opening.open_file``)."""
+        return open_file(
+            version,
+            file,
+            self._open_checks(),
+            verify=verify,
+            values=values,
+            memo=self._headers,
+            meanwhile=meanwhile,
+        )
 
     def forget_header(self, sha256: str) -> None:
         """Drop a remembered checked header (``open_file``'s memo): the next open parses it again."""

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from adapters.registry import LoadedAdapter, Registry
 from adapters.sources.breaker import unwrap
 from adapters.sources.local import LocalStore
 from adapters.views import Stamp, as_buffer
-from service.lora.weights import DeviceAdapter
+from service.lora.weights import DeviceAdapter, NeedsValues
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,10 @@ class DiskTier:
             self.nbytes -= size
             evicted += 1
         return evicted
+
+
+def _adapter_key(version: AdapterVersion) -> str:
+    return f"{version.adapter_id}@{version.version}"
 
 
 class AdapterCache:
@@ -334,10 +339,16 @@ class AdapterCache:
             if host is not None:
                 self._host.move_to_end(key)
         started = time.perf_counter()
+        non_blocking = self.device.type == "cuda"
+        # on a CPU model LoRA pairs stay views of the file read, in its dtype (``DeviceAdapter.build``)
+        compact = self.device.type == "cpu"
+        built: list[DeviceAdapter] = []
         if host is None:
             self._miss("device")
             self._miss("host")
-            loaded, source = self._read(version)  # on CUDA, read into page-locked memory
+            # a compact build reads no value: it runs while the file's bytes are still arriving
+            meanwhile = partial(self._build_views, version, built) if compact else None
+            loaded, source = self._read(version, meanwhile)  # on CUDA, read into page-locked memory
             host = _HostEntry(loaded, sum(t.nbytes for t in loaded.tensors.values()))
             with self._lock:
                 if key not in self._host:
@@ -348,23 +359,23 @@ class AdapterCache:
             self._miss("device")
             self._hit("host")
             source = "host"
-        non_blocking = self.device.type == "cuda"
-        # on a CPU model LoRA pairs stay views of the file read, in its dtype (``DeviceAdapter.build``)
-        compact = self.device.type == "cpu"
-        if compact:
-            tensors = host.loaded.tensors
+        if built:
+            adapter = built[0]
         else:
-            tensors = host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking)
-        adapter = DeviceAdapter.build(
-            f"{version.adapter_id}@{version.version}",
-            tensors,
-            self.targets,
-            self.device,
-            self.dtype,
-            non_blocking=non_blocking,
-            base_weight=self.base_weight,
-            compact=compact,
-        )
+            if compact:
+                tensors = host.loaded.tensors
+            else:
+                tensors = host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking)
+            adapter = DeviceAdapter.build(
+                _adapter_key(version),
+                tensors,
+                self.targets,
+                self.device,
+                self.dtype,
+                non_blocking=non_blocking,
+                base_weight=self.base_weight,
+                compact=compact,
+            )
         self.metrics.adapter_load.labels(source=source).observe(time.perf_counter() - started)
         with self._lock:
             self._insert_device(key, adapter, version.scale_default).pinned |= pin
@@ -372,7 +383,30 @@ class AdapterCache:
             self._publish()
         return adapter
 
-    def _read(self, version: AdapterVersion) -> tuple[LoadedAdapter, str]:
+    def _build_views(
+        self, version: AdapterVersion, built: list[DeviceAdapter], tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """A compact device entry built from a file's views while its bytes still arrive (none when the
+        build would read a value: ``NeedsValues``); it is used once the file has passed every check."""
+        with contextlib.suppress(NeedsValues):
+            built.append(
+                DeviceAdapter.build(
+                    _adapter_key(version),
+                    tensors,
+                    self.targets,
+                    self.device,
+                    self.dtype,
+                    base_weight=self.base_weight,
+                    compact=True,
+                    views_only=True,
+                )
+            )
+
+    def _read(
+        self,
+        version: AdapterVersion,
+        meanwhile: Callable[[dict[str, torch.Tensor]], object] | None = None,
+    ) -> tuple[LoadedAdapter, str]:
         """Bytes from the disk tier (or a local store), else the store; read once, verified and parsed.
 
         A local file's hash (``Registry.open_file``: BLAKE3, or sha256 for older records) and its values
@@ -393,7 +427,9 @@ class AdapterCache:
             verify = self._verified.get(version.sha256) != opened.stamp
             try:
                 # the same file as one verified and checked here before: neither hash nor values again
-                loaded = self.registry.open_file(version, opened, verify=verify, values=verify)
+                loaded = self.registry.open_file(
+                    version, opened, verify=verify, values=verify, meanwhile=meanwhile
+                )
             except AdapterCorrupt as exc:
                 self._corrupt(exc, "disk" if self.disk is not None else "store")
                 if self.disk is None:
