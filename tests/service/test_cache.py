@@ -313,3 +313,43 @@ def test_cold_loads_recycle_memory_only_once_nothing_uses_it(
     assert same(third, fresh(2))
     assert cache.buffers.stats.taken == 3 and cache.buffers.stats.reused == 1  # the third read
     cache.close()
+
+
+def test_a_build_from_views_reads_no_value(
+    base_model: Any, manager: LoRAModelManager, lora_bytes: list[bytes], tmp_path: Path
+) -> None:
+    """A cold load builds a compact adapter while the file's bytes still arrive: ``views_only`` may only
+    view the tensors (every torch call it makes is recorded), and whatever would read a value (a dtype
+    conversion, a LyCORIS delta, embedding vectors) raises ``NeedsValues`` before doing it."""
+    from torch.overrides import TorchFunctionMode
+
+    from service.lora.weights import DeviceAdapter, NeedsValues
+
+    class Calls(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.names.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    registry = Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
+    tensors = registry.open(registry.register(lora_bytes[0], "a")).tensors
+    half = {k: t.half() for k, t in tensors.items()}
+    cpu = torch.device("cpu")
+    with Calls() as calls:
+        adapter = DeviceAdapter.build(
+            "a", half, manager.targets, cpu, torch.float32, compact=True, views_only=True
+        )
+    assert adapter.modules and calls.names
+    views = {"contiguous", "is_contiguous", "is_floating_point", "flatten", "__getitem__", "__get__", "dim"}
+    views.add("empty")  # torch.empty(0, device=...): where the layers live, read from no tensor
+    assert calls.names <= views, calls.names - views
+    for layer in adapter.modules.values():  # the very tensors given: nothing copied
+        assert any(layer.down.data_ptr() == t.data_ptr() for t in half.values())  # type: ignore[union-attr]
+    with pytest.raises(NeedsValues):  # an fp32 file on a bf16 model: a conversion
+        DeviceAdapter.build("a", tensors, manager.targets, cpu, torch.bfloat16, compact=True, views_only=True)
+    loha = {"unet.x.hada_w1_a": torch.zeros(2, 2)}
+    with pytest.raises(NeedsValues):
+        DeviceAdapter.build("a", loha, manager.targets, cpu, torch.float32, compact=True, views_only=True)
