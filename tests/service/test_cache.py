@@ -241,7 +241,7 @@ def test_disk_tier_copies_are_fsynced_file_then_folder(
 ) -> None:
     """A copy in the disk tier is durable: its bytes are fsynced before the rename, the folder after it
     (it was renamed unsynced, so a power loss could leave an empty or partial entry under a sha256 name)."""
-    from service.lora.cache import DiskTier
+    from service.lora.disk_tier import DiskTier
 
     tier = DiskTier(tmp_path / "disk", budget=1 << 20)
     synced: list[str] = []
