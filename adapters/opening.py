@@ -1,10 +1,12 @@
 """A stored version's bytes opened in one pass: the hash, the header, the shapes, then every value.
 
-``open_buffer`` opens bytes already in memory (a store's blob); ``open_file`` opens a file still being
-read (``adapters.readahead``): the header is parsed and the tensors are viewed while the rest arrives on a
-reader thread, which hashes it and checks the values; the names and shapes are checked once the bytes are
-in. Both run the same checks, and a hash mismatch is reported before any other finding. The tensors are
-views of the bytes read: nothing is copied.
+``open_buffer`` opens bytes already in memory (a store's blob). ``open_file`` opens a file still being
+read (``adapters.readahead``): the header is parsed, the tensors are viewed and a plain LoRA's names and
+shapes are checked while the rest arrives on a reader thread, which then hashes it; the values are summed
+here once the bytes are in. Both run the same checks, and a hash mismatch is reported before any other
+finding. Two things are not repeated for bytes that passed before: a header whose exact bytes passed
+(``HeaderMemo``), and, for a file this process verified and checked (``values=False``, the cache's
+stamp), the hash and the value sum. The tensors are views of the bytes read: nothing is copied.
 """
 
 from __future__ import annotations
