@@ -99,11 +99,6 @@ def sd1_files(base_model: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
     }
 
 
-@pytest.fixture
-def registry(base_model: Any, tmp_path: Path) -> Registry:
-    return Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
-
-
 def test_sd1_embeddings_match_load_textual_inversion(
     start_server: Any,
     base_model: Any,

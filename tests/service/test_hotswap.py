@@ -13,14 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from adapters.identity import BaseIdentity
 from adapters.registry import Registry
-from adapters.sources import open_store
-from service.engine.sampler import generators_for
-from service.engine.schedulers import make_scheduler
 from tests.adapters.conftest import save_bytes
 from tests.adapters.factory import diffusers_layout, kohya_layout, ldm_kohya_layout, make_case
 from tests.service.test_lifecycle import metric_samples, value
@@ -53,11 +48,6 @@ def lora_files(base_model: Any) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture
-def registry(base_model: Any, tmp_path: Path) -> Registry:
-    return Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
-
-
 def pixels(image: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(image["png_base64"]))), dtype=np.int16)
 
@@ -77,25 +67,14 @@ def diffusers_reference(
     ``sgm_names``: pass the UNet config, as diffusers' SDXL pipeline does itself, so that its loader
     maps kohya LDM/SGM names (``lora_unet_input_blocks_…``); the SD1 pipeline does not do it alone.
     """
-    request = {**REQUEST, **overrides}
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    from tests.service.parity import draw, sd_pipeline  # here: parity imports this module
+
+    pipe = sd_pipeline(model_dir)
     extra = {"unet_config": pipe.unet.config} if sgm_names else {}
     for path, name, _ in files:
         pipe.load_lora_weights(str(path), adapter_name=name, **extra)
     pipe.set_adapters([name for _, name, _ in files], [weight for _, _, weight in files])
-    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
-    image = pipe(
-        request["prompt"],
-        negative_prompt=request["negative_prompt"],
-        num_inference_steps=request["steps"],
-        guidance_scale=request["guidance_scale"],
-        generator=generators_for(request["seed"], 1),
-        output_type="pil",
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
+    return draw(pipe, **overrides)
 
 
 def stored_file(registry: Registry, ref: str, tmp_path: Path) -> Path:

@@ -121,11 +121,6 @@ def inpainting(loraswap_home: Path) -> BaseModel:
     return load_base_model("tiny-sd-inpaint-random", loraswap_home / "models", device="cpu", dtype="fp32")
 
 
-@pytest.fixture
-def registry(base_model: Any, tmp_path: Path) -> Registry:
-    return Registry(open_store(str(tmp_path / "store")), BaseIdentity.from_base_model(base_model))
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m"])
 def test_img2img_matches_diffusers(server: Any, base_model: Any, scheduler: str) -> None:
     body = post(server, init_image=b64(picture()), num_images=2, scheduler=scheduler)
