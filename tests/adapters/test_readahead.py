@@ -219,3 +219,31 @@ def test_a_header_that_passed_is_not_parsed_again_and_a_changed_one_is(
     with pytest.raises(AdapterIncompatible, match="shapes"):
         _open(reader, registry, version, path, verify=False)
     assert len(parsed) == 2
+
+
+def test_the_header_memo_keeps_what_its_budget_allows(tmp_path: Path) -> None:
+    """Bounded by an estimate of its memory: the least recently used headers go first; ``forget``
+    gives their bytes back; a header over the whole budget is not kept."""
+    from adapters.views import parse_layout
+
+    half = {k: v.half() for k, v in TENSORS.items()}
+    data = safetensors.torch.save(half)
+    head = data[: 8 + int.from_bytes(data[:8], "little")]
+    layout = parse_layout(head, len(data), opening.Limits(max_bytes=len(data)))
+    known = opening.Checked(layout, opening.AdapterMetadata(), True)
+    checks = opening.OpenChecks(None, False, 1 << 20)
+    cost = len(head) + 750 * len(layout.entries)
+    memo = opening.HeaderMemo(max_bytes=2 * cost)
+    for sha in "abc":
+        memo.put(sha, known, checks)
+    assert memo.nbytes == 2 * cost
+    assert memo.get("a", head, len(data), checks) is None  # the oldest went
+    assert memo.get("c", head, len(data), checks) and memo.get("b", head, len(data), checks) is known
+    memo.put("d", known, checks)  # "b" was used after "c": "c" goes
+    assert memo.get("c", head, len(data), checks) is None and memo.get("b", head, len(data), checks)
+    memo.forget("b")
+    assert memo.nbytes == cost
+    assert memo.get("d", head, len(data), opening.OpenChecks(None, False, 1)) is None  # other limits
+    tiny = opening.HeaderMemo(max_bytes=cost - 1)
+    tiny.put("a", known, checks)
+    assert tiny.nbytes == 0 and tiny.get("a", head, len(data), checks) is None
