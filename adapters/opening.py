@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
 import torch
 
 from adapters.errors import AdapterCorrupt
@@ -33,6 +32,7 @@ from adapters.validate import check_canonical, check_lora_shapes
 from adapters.views import (
     FileTensors,
     Layout,
+    blake3_hasher,
     check_finite_region,
     file_views,
     head_of,
@@ -107,15 +107,17 @@ class DigestCheck:
     def __init__(self, version: AdapterVersion) -> None:
         self.version = version
         self.algorithm = "blake3" if version.blake3 else "sha256"
-        self._hash: Any = blake3.blake3() if version.blake3 else hashlib.sha256()
+        self._hash: Any = None if version.blake3 else hashlib.sha256()
 
     def feed(self, data: memoryview, start: int, end: int) -> None:
+        if self._hash is None:  # BLAKE3 on every core for a large file (``views.blake3_hasher``)
+            self._hash = blake3_hasher(end - start)
         self._hash.update(data[start:end])
 
     def finish(self, buffer: torch.Tensor) -> None:
         version, algorithm = self.version, self.algorithm
         expected = version.blake3 if version.blake3 else version.sha256
-        actual = self._hash.hexdigest()
+        actual = (self._hash or blake3_hasher(0)).hexdigest()
         if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
             # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
             log.warning("the record of %s has a BLAKE3 that is not its file's; sha256 verified", version.ref)

@@ -35,6 +35,7 @@ __all__ = [
     "Layout",
     "Stamp",
     "as_buffer",
+    "blake3_hasher",
     "blake3_hex",
     "check_finite_region",
     "file_views",
@@ -49,12 +50,22 @@ Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of a file as read
 # is a fresh mmap that page-faults on every use (76-130 ms measured), 1 MiB pieces reuse heap memory
 # (40-56 ms); a 12.8 MB SD1.5 region converts as fast either way.
 CHUNK_ELEMENTS = 1 << 18
+BLAKE3_THREADS_BYTES = 8 << 20
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def blake3_hex(data: bytes | bytearray | memoryview | torch.Tensor) -> str:
     """BLAKE3 of ``data`` (a ``uint8`` tensor is hashed in place, without a copy)."""
-    return blake3.blake3(_memory(data)).hexdigest()
+    memory = _memory(data)
+    return blake3_hasher(memoryview(memory).nbytes).update(memory).hexdigest()
+
+
+def blake3_hasher(size: int) -> blake3.blake3:
+    """A BLAKE3 hasher for ``size`` bytes: from ``BLAKE3_THREADS_BYTES`` on, on every core (the same
+    digest; 45 MB hashed in 3.7 ms instead of 9.0 ms on cpu-2c, 13 MB in 1.1 instead of 1.9 ms; 6 MB
+    was slower that way, 0.96 against 0.84 ms)."""
+    threads = blake3.blake3.AUTO if size >= BLAKE3_THREADS_BYTES else 1
+    return blake3.blake3(max_threads=threads)
 
 
 def sha256_hex(data: bytes | bytearray | memoryview | torch.Tensor) -> str:
