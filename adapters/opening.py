@@ -181,13 +181,13 @@ def open_file(
     limits = _limits(file.buffer, checks)
     architecture = checks.base.architecture if checks.base else None
     size = file.buffer.numel()
-    head = head_of(file.buffer, limits)
-    known = memo.get(version.sha256, head, size, checks) if memo is not None else None
-    # a header known to pass leaves this thread free at once: it reads a share of the values itself
-    # while the reader thread reads the rest (two copies out of the page cache at a time)
-    keep = _share_bytes(known.layout) if known is not None else 0
-    file.hand_over(DigestCheck(version) if verify else None, keep=keep)
     try:
+        head = head_of(file.buffer, limits)
+        known = memo.get(version.sha256, head, size, checks) if memo is not None else None
+        # a header known to pass leaves this thread free at once: it reads a share of the values itself
+        # while the reader thread reads the rest (two copies out of the page cache at a time)
+        keep = _share_bytes(known.layout) if known is not None else 0
+        file.hand_over(DigestCheck(version) if verify else None, keep=keep)
         layout = known.layout if known is not None else parse_layout(head, size, limits)
         files = view_layout(file.buffer, layout, ready=file.wait_read)
         if known is not None:

@@ -145,8 +145,10 @@ class OpenFile:
     def finish(self) -> None:
         """Wait for the reader thread; raise its error (the read, then the hash)."""
         self._kept.set()  # a caller that gave up before reading its share: the reader stops there
-        if self._job is not None:
-            self._job.result()
+        if self._job is None:  # never handed over: nothing else will close the file
+            self.discard()
+            return
+        self._job.result()
 
     def _work(self, start: int, verify: Consumer | None) -> None:
         view, size = self._view, len(self._view)
