@@ -34,7 +34,7 @@ SAI's layout; ``basemodel.families.flux.single_file.to_single_file``: ComfyUI's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -97,6 +97,45 @@ def fused(parts: Mapping[str, Mapping[int, torch.Tensor]]) -> dict[str, torch.Te
     """Fused single-file tensors (qkv, linear1) from diffusers' parts: name → place → tensor, concatenated
     in place order."""
     return {key: torch.cat([pieces[place] for place in sorted(pieces)]) for key, pieces in parts.items()}
+
+
+# a transformer block kind's layout in a single file: (its blocks' prefix there, the rename table of a
+# block's parts, its fused parts: diffusers part → (the fused tensor, its place in it))
+BlockLayout = tuple[str, Mapping[str, str], Mapping[str, tuple[str, int]]]
+
+
+def transformer_to_single_file(
+    state: Mapping[str, torch.Tensor],
+    top: Mapping[str, str],
+    blocks: Mapping[str, BlockLayout],
+    unnamed: str,
+    adjust: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A diffusers MMDiT transformer's state dict → a single file's names (no ``model.diffusion_model.``
+    prefix): the final AdaLN's halves swapped, top-level keys renamed by ``top``, ``<kind>.<i>.<name>``
+    by ``blocks[kind]``, fused parts concatenated; ``adjust(index, part, tensor)`` may change a block's
+    unfused tensor first (SD3's pre-only block). ``unnamed`` is the error for a key no table names."""
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key.startswith("norm_out.linear."):
+            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = swap_halves(tensor)
+            continue
+        kind, _, rest = key.partition(".")
+        if kind not in blocks:
+            out[renamed(key, top, unnamed)] = tensor
+            continue
+        prefix, table, fused_parts = blocks[kind]
+        index, _, name = rest.partition(".")
+        part, _, suffix = name.rpartition(".")  # attn.to_q, weight|bias
+        if part in fused_parts:
+            target, place = fused_parts[part]
+            parts.setdefault(f"{prefix}.{index}.{target}.{suffix}", {})[place] = tensor
+            continue
+        if adjust is not None:
+            tensor = adjust(int(index), part, tensor)
+        out[f"{prefix}.{index}." + renamed(name, table, unnamed, key)] = tensor
+    return out | fused(parts)
 
 
 def _rename(key: str, prefixes: Mapping[str, str], inner: Mapping[str, str] | None = None) -> str | None:

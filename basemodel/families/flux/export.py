@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from basemodel.single_file_export import fused, renamed, swap_halves
+from basemodel.single_file_export import transformer_to_single_file
 
 UNNAMED = "Flux transformer weight {} has no BFL single-file name"
 TOP = {
@@ -77,23 +77,4 @@ BLOCKS = {
 
 def transformer_to_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers Flux transformer state dict → BFL's names (no ``model.diffusion_model.`` prefix)."""
-    out: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        if key.startswith("norm_out.linear."):
-            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = swap_halves(tensor)
-            continue
-        kind, _, rest = key.partition(".")
-        if kind not in BLOCKS:
-            out[renamed(key, TOP, UNNAMED)] = tensor
-            continue
-        blocks, table, fused_parts = BLOCKS[kind]
-        index, _, name = rest.partition(".")
-        prefix = f"{blocks}.{index}."
-        part, _, suffix = name.rpartition(".")  # attn.to_q, weight|bias
-        if part in fused_parts:
-            target, place = fused_parts[part]
-            parts.setdefault(f"{prefix}{target}.{suffix}", {})[place] = tensor
-            continue
-        out[prefix + renamed(name, table, UNNAMED, key)] = tensor
-    return out | fused(parts)
+    return transformer_to_single_file(state, TOP, BLOCKS, UNNAMED)

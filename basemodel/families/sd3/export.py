@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from basemodel.single_file_export import fused, renamed, swap_halves
+from basemodel.single_file_export import swap_halves, transformer_to_single_file
 
 UNNAMED = "SD3 transformer weight {} has no SAI single-file name"
 TOP = {
@@ -69,23 +69,10 @@ def transformer_to_sai(
 ) -> dict[str, torch.Tensor]:
     """A diffusers SD3 transformer state dict → SAI's names (no ``model.diffusion_model.`` prefix)."""
     last = int(config["num_layers"]) - 1
-    out: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        if key.startswith("norm_out.linear."):
-            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = swap_halves(tensor)
-            continue
-        if not key.startswith("transformer_blocks."):
-            out[renamed(key, TOP, UNNAMED)] = tensor
-            continue
-        index, _, name = key.removeprefix("transformer_blocks.").partition(".")
-        prefix = f"joint_blocks.{index}."
-        part, _, suffix = name.rpartition(".")
-        if part in FUSED:
-            target, place = FUSED[part]
-            parts.setdefault(f"{prefix}{target}.{suffix}", {})[place] = tensor
-            continue
-        if int(index) == last and part == "norm1_context.linear":  # the pre-only block's AdaLN-continuous
-            tensor = swap_halves(tensor)
-        out[prefix + renamed(name, BLOCK, UNNAMED, key)] = tensor
-    return out | fused(parts)
+
+    def pre_only(index: int, part: str, tensor: torch.Tensor) -> torch.Tensor:
+        # the last block is pre-only: its context AdaLN is the continuous kind, (shift, scale) in SAI's file
+        return swap_halves(tensor) if index == last and part == "norm1_context.linear" else tensor
+
+    blocks = {"transformer_blocks": ("joint_blocks", BLOCK, FUSED)}
+    return transformer_to_single_file(state, TOP, blocks, UNNAMED, adjust=pre_only)
