@@ -11,13 +11,12 @@ stamp), the hash and the value sum. The tensors are views of the bytes read: not
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import torch
 
@@ -32,7 +31,7 @@ from adapters.validate import check_canonical, check_lora_shapes
 from adapters.views import (
     FileTensors,
     Layout,
-    blake3_hasher,
+    blake3_hex,
     check_finite_region,
     file_views,
     head_of,
@@ -47,7 +46,6 @@ SHARE_BYTES_PER_TENSOR = 10 << 10
 
 __all__ = [
     "Checked",
-    "DigestCheck",
     "HeaderMemo",
     "LoadedAdapter",
     "OpenChecks",
@@ -96,47 +94,27 @@ def verify_digest(version: AdapterVersion, buffer: torch.Tensor) -> None:
     """The bytes of ``version`` are the bytes registered: BLAKE3 when its record has one, else sha256
     (the content id; records written before BLAKE3 was recorded). A mismatch names the version; a BLAKE3
     mismatch on bytes whose sha256 is the record's (a damaged record, not a damaged file) passes."""
-    check = DigestCheck(version)
-    check.feed(memoryview(buffer.numpy()), 0, buffer.numel())  # type: ignore[arg-type]
-    check.finish(buffer)
-
-
-class DigestCheck:
-    """``verify_digest`` fed a piece at a time (``adapters.readahead.Consumer``)."""
-
-    def __init__(self, version: AdapterVersion) -> None:
-        self.version = version
-        self.algorithm = "blake3" if version.blake3 else "sha256"
-        self._hash: Any = None if version.blake3 else hashlib.sha256()
-
-    def feed(self, data: memoryview, start: int, end: int) -> None:
-        if self._hash is None:  # BLAKE3 on every core for a large file (``views.blake3_hasher``)
-            self._hash = blake3_hasher(end - start)
-        self._hash.update(data[start:end])
-
-    def finish(self, buffer: torch.Tensor) -> None:
-        version, algorithm = self.version, self.algorithm
-        expected = version.blake3 if version.blake3 else version.sha256
-        actual = (self._hash or blake3_hasher(0)).hexdigest()
-        if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
-            # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
-            log.warning("the record of %s has a BLAKE3 that is not its file's; sha256 verified", version.ref)
-            return
-        if actual != expected:
-            raise AdapterCorrupt(
-                f"{version.ref} is corrupt: its file (sha256 {version.sha256[:12]}…) fails its recorded "
-                f"{algorithm} (expected {expected[:12]}…, read {actual[:12]}…); nothing is served from it",
-                reason="sha256_mismatch",
-                detail={
-                    "adapter_id": version.adapter_id,
-                    "version": version.version,
-                    "algorithm": algorithm,
-                    "expected": expected,
-                    "actual": actual,
-                },
-                hint="Re-register the adapter (or restore its blob from a backup); 'loraswap adapters "
-                "verify' lists every such version.",
-            )
+    algorithm, expected = ("blake3", version.blake3) if version.blake3 else ("sha256", version.sha256)
+    actual = blake3_hex(buffer) if algorithm == "blake3" else sha256_hex(buffer)
+    if actual != expected and algorithm == "blake3" and sha256_hex(buffer) == version.sha256:
+        # the file is the content its id names: the record's BLAKE3 is what is wrong (fsck reports it)
+        log.warning("the record of %s has a BLAKE3 that is not its file's; sha256 verified", version.ref)
+        return
+    if actual != expected:
+        raise AdapterCorrupt(
+            f"{version.ref} is corrupt: its file (sha256 {version.sha256[:12]}…) fails its recorded "
+            f"{algorithm} (expected {expected[:12]}…, read {actual[:12]}…); nothing is served from it",
+            reason="sha256_mismatch",
+            detail={
+                "adapter_id": version.adapter_id,
+                "version": version.version,
+                "algorithm": algorithm,
+                "expected": expected,
+                "actual": actual,
+            },
+            hint="Re-register the adapter (or restore its blob from a backup); 'loraswap adapters verify' "
+            "lists every such version.",
+        )
 
 
 def open_buffer(
@@ -187,7 +165,7 @@ def open_file(
         # a header known to pass leaves this thread free at once: it reads a share of the values itself
         # while the reader thread reads the rest (two copies out of the page cache at a time)
         keep = _share_bytes(known.layout) if known is not None else 0
-        file.hand_over(DigestCheck(version) if verify else None, keep=keep)
+        file.hand_over(partial(verify_digest, version) if verify else None, keep=keep)
         layout = known.layout if known is not None else parse_layout(head, size, limits)
         files = view_layout(file.buffer, layout, ready=file.wait_read)
         if known is not None:

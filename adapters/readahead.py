@@ -3,7 +3,7 @@
 ``ReadAhead.open`` opens a file and takes a buffer of its size (``fstat`` only, on the caller's thread).
 ``OpenFile.read_head`` reads the safetensors header (8 bytes and the length they declare) into that
 buffer on the caller's thread; ``hand_over`` gives the rest of the file to one of the reader's threads,
-which reads it and then feeds it to the hash (``verify``). ``preadv`` and BLAKE3 release the GIL, so on a
+which reads it and then hashes it (``verify``). ``preadv`` and BLAKE3 release the GIL, so on a
 second core the data arrives while the caller parses the header, makes the views and checks the names.
 A caller with nothing to parse (a header known to pass) keeps a share of the bytes to read itself
 (``read_kept``): two copies out of the page cache at a time. The caller reads no value before
@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import FileIO
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -34,7 +34,7 @@ from adapters.buffers import BufferPool
 from adapters.errors import AdapterCorrupt
 from adapters.views import Stamp
 
-__all__ = ["Consumer", "OpenFile", "ReadAhead"]
+__all__ = ["OpenFile", "ReadAhead"]
 
 
 class ReadAhead:
@@ -63,16 +63,6 @@ class ReadAhead:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False)
-
-
-class Consumer(Protocol):
-    """A check of the bytes that runs on the reader thread once they are all in (the hash)."""
-
-    def feed(self, data: memoryview, start: int, end: int) -> None:
-        """Bytes ``[start, end)`` of ``data`` (the whole buffer)."""
-
-    def finish(self, buffer: torch.Tensor) -> None:
-        """Every byte is in ``buffer``: give the verdict (raise)."""
 
 
 class OpenFile:
@@ -110,8 +100,8 @@ class OpenFile:
             self.discard()
             raise
 
-    def hand_over(self, verify: Consumer | None, *, keep: int = 0) -> None:
-        """Read the rest on a reader thread, which then feeds it all to ``verify``; with ``keep``, the
+    def hand_over(self, verify: Callable[[torch.Tensor], None] | None, *, keep: int = 0) -> None:
+        """Read the rest on a reader thread, which then runs ``verify(buffer)``; with ``keep``, the
         next ``keep`` bytes after the header are the caller's to read (``read_kept``), the reader's
         the ones after them, both at once."""
         self._kept_bytes = max(0, min(keep, len(self._view) - self.head_end))
@@ -150,7 +140,7 @@ class OpenFile:
             return
         self._job.result()
 
-    def _work(self, start: int, verify: Consumer | None) -> None:
+    def _work(self, start: int, verify: Callable[[torch.Tensor], None] | None) -> None:
         view, size = self._view, len(self._view)
         try:
             got = _pread_into(self._fh, view, start, size)
@@ -169,8 +159,7 @@ class OpenFile:
                 detail={"read": done, "size": size},
             )
         if verify is not None:
-            verify.feed(view, 0, size)
-            verify.finish(self.buffer)
+            verify(self.buffer)
 
 
 def _pread_into(fh: FileIO, view: memoryview, start: int, end: int) -> int:
