@@ -77,10 +77,6 @@ class TierStats:
     nbytes: dict[str, int] = field(default_factory=dict)
 
 
-def _adapter_key(version: AdapterVersion) -> str:
-    return f"{version.adapter_id}@{version.version}"
-
-
 class AdapterCache:
     def __init__(
         self,
@@ -269,21 +265,11 @@ class AdapterCache:
             source = "host"
         if built:
             adapter = built[0]
+        elif compact:
+            adapter = self._build(version, host.loaded.tensors, compact=True)
         else:
-            if compact:
-                tensors = host.loaded.tensors
-            else:
-                tensors = host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking)
-            adapter = DeviceAdapter.build(
-                _adapter_key(version),
-                tensors,
-                self.targets,
-                self.device,
-                self.dtype,
-                non_blocking=non_blocking,
-                base_weight=self.base_weight,
-                compact=compact,
-            )
+            tensors = host.loaded.materialise(self.device, self.dtype, non_blocking=non_blocking)
+            adapter = self._build(version, tensors, non_blocking=non_blocking)
         self.metrics.adapter_load.labels(source=source).observe(time.perf_counter() - started)
         with self._lock:
             self._insert_device(key, adapter, version.scale_default).pinned |= pin
@@ -291,24 +277,20 @@ class AdapterCache:
             self._publish()
         return adapter
 
+    def _build(self, version: AdapterVersion, tensors: dict[str, torch.Tensor], **how: bool) -> DeviceAdapter:
+        """``DeviceAdapter.build`` of ``version`` for this cache's modules, device and dtype."""
+        key = f"{version.adapter_id}@{version.version}"
+        return DeviceAdapter.build(
+            key, tensors, self.targets, self.device, self.dtype, base_weight=self.base_weight, **how
+        )
+
     def _build_views(
         self, version: AdapterVersion, built: list[DeviceAdapter], tensors: dict[str, torch.Tensor]
     ) -> None:
         """A compact device entry built from a file's views while its bytes still arrive (none when the
         build would read a value: ``NeedsValues``); it is used once the file has passed every check."""
         with contextlib.suppress(NeedsValues):
-            built.append(
-                DeviceAdapter.build(
-                    _adapter_key(version),
-                    tensors,
-                    self.targets,
-                    self.device,
-                    self.dtype,
-                    base_weight=self.base_weight,
-                    compact=True,
-                    views_only=True,
-                )
-            )
+            built.append(self._build(version, tensors, compact=True, views_only=True))
 
     def _read(
         self,
