@@ -32,7 +32,7 @@ import torch
 
 from adapters.buffers import BufferPool
 from adapters.errors import AdapterCorrupt
-from adapters.views import Stamp
+from adapters.views import Stamp, new_buffer
 
 __all__ = ["OpenFile", "ReadAhead"]
 
@@ -52,10 +52,7 @@ class ReadAhead:
             return None
         try:
             info = os.fstat(fh.fileno())
-            if pool is not None and not pin:
-                buffer = pool.take(info.st_size)
-            else:
-                buffer = torch.empty(info.st_size, dtype=torch.uint8, pin_memory=pin)
+            buffer = new_buffer(info.st_size, pin=pin, pool=pool)
         except BaseException:
             fh.close()
             raise

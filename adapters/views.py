@@ -40,6 +40,7 @@ __all__ = [
     "check_finite_region",
     "file_views",
     "head_of",
+    "new_buffer",
     "parse_layout",
     "read_file",
     "view_layout",
@@ -83,6 +84,14 @@ def _view(buffer: torch.Tensor) -> memoryview:
     return memoryview(buffer.numpy())  # type: ignore[arg-type]  # ndarray implements the buffer protocol
 
 
+def new_buffer(size: int, *, pin: bool = False, pool: BufferPool | None = None) -> torch.Tensor:
+    """An uninitialised ``uint8`` buffer of ``size`` bytes for a file read: page-locked if ``pin``, else
+    from ``pool`` when given."""
+    if pool is not None and not pin:
+        return pool.take(size)
+    return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+
+
 def read_file(
     path: Path, *, pin: bool = False, pool: BufferPool | None = None
 ) -> tuple[torch.Tensor, Stamp] | None:
@@ -92,10 +101,7 @@ def read_file(
     try:
         with open(path, "rb", buffering=0) as fh:
             info = os.fstat(fh.fileno())
-            if pool is not None and not pin:
-                buffer = pool.take(info.st_size)
-            else:
-                buffer = torch.empty(info.st_size, dtype=torch.uint8, pin_memory=pin)
+            buffer = new_buffer(info.st_size, pin=pin, pool=pool)
             view = _view(buffer)
             done = 0
             while done < info.st_size:
